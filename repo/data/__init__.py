@@ -1,0 +1,5 @@
+"""Preference data: records and validation, loaders, label tables, simulation."""
+
+from repo.data.errors import DataError
+
+__all__ = ["DataError"]

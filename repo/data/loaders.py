@@ -1,0 +1,284 @@
+"""Load preference data in TRL's layout into validated :class:`PreferenceData`.
+
+Sources: a :class:`datasets.Dataset` (or a ``DatasetDict`` plus ``split``), a path to
+JSON / JSONL (optionally ``.gz``) / Parquet read through ``datasets`` (local files
+only, never the hub), or a list of dicts (read as is, without Arrow's type
+unification, so a bad value is reported at its row).
+
+Layouts (TRL's preference formats):
+
+* **standard**: ``prompt``, ``chosen``, ``rejected`` strings;
+* **conversational**: ``prompt`` a list of ``{"role", "content"}`` messages,
+  ``chosen`` / ``rejected`` lists of (usually one) assistant messages;
+* **implicit prompt**: no prompt column; ``chosen`` / ``rejected`` are full texts
+  or conversations and the prompt is their shared prefix.  For conversations the
+  prefix is the longest run of shared messages that is followed, in both, by an
+  assistant message (no such split: ``DataError`` reason ``"no_shared_prompt"``);
+  for strings it is the longest common character prefix, less one trailing space
+  (as ``trl.extract_prompt`` does).  Used when ``prompt_column=None``, or when the
+  default ``"prompt"`` column is absent.
+
+Optional columns: annotator id, item id, and a position column saying whether
+chosen was shown first (bool, or int 0/1); with it, A is the response shown first
+and ``shown_order=True``, otherwise A/B is the label-independent hash order.
+Validation and the skip/error policy: see :mod:`repo.data.records`.
+Rows are numbered from 0 in source order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from repo.data.errors import DataError
+from repo.data.records import (
+    OnEmpty,
+    OnIdentical,
+    OnInvalid,
+    PreferenceData,
+    RecordCollector,
+    Text,
+    check_id,
+    check_text,
+)
+
+__all__ = ["load_preferences", "read_dataset", "iter_rows", "check_row", "split_shared_prompt"]
+
+_JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_BATCH = 1024
+
+Source = datasets.Dataset | datasets.DatasetDict | str | os.PathLike | Sequence[Mapping[str, Any]]
+
+
+def read_dataset(path: str | os.PathLike, *, cache_dir: str | None = None) -> datasets.Dataset:
+    """Read a local JSON / JSONL(.gz) / Parquet file with ``datasets`` (no hub access)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    name = path.name.lower()
+    if name.endswith(_PARQUET_SUFFIXES):
+        return datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir)
+    if name.endswith(_JSON_SUFFIXES):
+        return datasets.Dataset.from_json(str(path), cache_dir=cache_dir)
+    raise ValueError(
+        f"unsupported data file {path.name!r}: expected one of "
+        f"{', '.join(_JSON_SUFFIXES + _PARQUET_SUFFIXES)}"
+    )
+
+
+def _pick_split(data: datasets.DatasetDict, split: str | None) -> datasets.Dataset:
+    if split is None:
+        if len(data) != 1:
+            raise ValueError(f"the DatasetDict has splits {list(data)}; pass split=")
+        return next(iter(data.values()))
+    if split not in data:
+        raise ValueError(f"no split {split!r}; available: {list(data)}")
+    return data[split]
+
+
+def iter_rows(
+    source: Source, *, split: str | None = None
+) -> tuple[list[str], Iterator[tuple[int, Mapping[str, Any]]]]:
+    """``(columns, iterator of (row, mapping))`` for any supported source.
+
+    For a list of dicts the columns are the union of the keys (a key absent from
+    a row reads as null there); its rows are yielded as given, so check that each
+    is a mapping (:func:`check_row`).
+    """
+    if isinstance(source, datasets.DatasetDict):
+        source = _pick_split(source, split)
+    elif split is not None:
+        raise ValueError("split= applies to a DatasetDict source only")
+    if isinstance(source, (str, os.PathLike)):
+        source = read_dataset(source)
+    if isinstance(source, datasets.Dataset):
+        ds = source
+
+        def dataset_rows() -> Iterator[tuple[int, Mapping[str, Any]]]:
+            i = 0
+            for batch in ds.iter(batch_size=_BATCH):
+                cols = list(batch)
+                for values in zip(*(batch[c] for c in cols), strict=True):
+                    yield i, dict(zip(cols, values, strict=True))
+                    i += 1
+
+        return list(ds.column_names), dataset_rows()
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        rows = list(source)
+        columns: dict[str, None] = {}
+        for row in rows:
+            if isinstance(row, Mapping):
+                columns.update(dict.fromkeys(row))
+
+        return list(columns), enumerate(rows)
+    raise TypeError(
+        "source must be a datasets.Dataset / DatasetDict, a path to a JSON, JSONL or "
+        f"Parquet file, or a list of dicts; got {type(source).__name__}"
+    )
+
+
+def check_row(row: Any, *, row_index: int) -> Mapping[str, Any]:
+    """A row must be a mapping (column -> value)."""
+    if not isinstance(row, Mapping):
+        raise DataError(
+            f"row must be a mapping, got {type(row).__name__}",
+            row=row_index,
+            field=None,
+            reason="type",
+        )
+    return row
+
+
+def _position(value: Any, *, row: int, field: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(int(value))
+    raise DataError(
+        f"position must be a bool or 0/1 (chosen shown first), got {value!r}",
+        row=row,
+        field=field,
+        reason="missing" if value is None else "bad_position",
+    )
+
+
+def split_shared_prompt(chosen: Text, rejected: Text, *, row: int = 0) -> tuple[Text, Text, Text]:
+    """Implicit-prompt layout: ``(prompt, chosen_response, rejected_response)``.
+
+    Strings: longest common prefix, less one trailing space (TRL's rule).
+    Conversations: the longest shared message prefix followed by an assistant
+    message in both; ``DataError`` (reason ``"no_shared_prompt"``) if there is none.
+    """
+    if isinstance(chosen, str):
+        n = len(os.path.commonprefix([chosen, rejected]))
+        if n > 0 and chosen[n - 1] == " ":
+            n -= 1
+        return chosen[:n], chosen[n:], rejected[n:]
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n >= 0:
+        if (
+            n < len(chosen)
+            and n < len(rejected)
+            and chosen[n]["role"] == "assistant"
+            and rejected[n]["role"] == "assistant"
+        ):
+            return chosen[:n], chosen[n:], rejected[n:]
+        n -= 1
+    raise DataError(
+        "chosen and rejected share no prompt followed by an assistant message in both",
+        row=row,
+        field="chosen/rejected",
+        reason="no_shared_prompt",
+    )
+
+
+def _require(columns: Sequence[str], needed: Sequence[str]) -> None:
+    for column in needed:
+        if column not in columns:
+            raise DataError(
+                f"missing column (columns: {', '.join(columns) or 'none'})",
+                row=None,
+                field=column,
+                reason="missing_column",
+            )
+
+
+def load_preferences(
+    source: Source,
+    *,
+    split: str | None = None,
+    prompt_column: str | None = "prompt",
+    chosen_column: str = "chosen",
+    rejected_column: str = "rejected",
+    annotator_column: str | None = None,
+    item_column: str | None = None,
+    position_column: str | None = None,
+    on_invalid: OnInvalid = "error",
+    on_empty: OnEmpty = "skip",
+    on_identical: OnIdentical = "skip",
+) -> PreferenceData:
+    """Load and validate preference pairs in TRL's layout (see the module docstring).
+
+    ``prompt_column=None`` (or the default ``"prompt"`` being absent) selects the
+    implicit-prompt layout.  ``position_column`` holds whether chosen was shown
+    first.  Policies: ``on_invalid`` for malformed rows, ``on_empty`` and
+    ``on_identical`` as in :mod:`repo.data.records`.
+    """
+    collector = RecordCollector(on_invalid=on_invalid, on_empty=on_empty, on_identical=on_identical)
+    columns, rows = iter_rows(source, split=split)
+    implicit = prompt_column is None or (prompt_column == "prompt" and "prompt" not in columns)
+    needed = [chosen_column, rejected_column]
+    needed += [] if implicit else [prompt_column]
+    needed += [c for c in (annotator_column, item_column, position_column) if c is not None]
+    _require(columns, needed)
+
+    for i, row in rows:
+        try:
+            row = check_row(row, row_index=i)
+            annotator = item = chosen_first = None
+            if annotator_column is not None:
+                annotator = check_id(
+                    row.get(annotator_column),
+                    row=i,
+                    field=annotator_column,
+                    what="annotator id",
+                    null_reason="null_annotator",
+                )
+            if item_column is not None:
+                item = check_id(row.get(item_column), row=i, field=item_column, what="item id")
+            if position_column is not None:
+                chosen_first = _position(row.get(position_column), row=i, field=position_column)
+            if implicit:
+                chosen = check_text(
+                    row.get(chosen_column), row=i, field=chosen_column, what="chosen"
+                )
+                kind = str if isinstance(chosen, str) else list
+                rejected = check_text(
+                    row.get(rejected_column),
+                    row=i,
+                    field=rejected_column,
+                    kind=kind,
+                    what="rejected",
+                )
+                prompt: Text = "" if kind is str else []
+                if chosen != rejected:
+                    prompt, chosen, rejected = split_shared_prompt(chosen, rejected, row=i)
+            else:
+                prompt = check_text(
+                    row.get(prompt_column), row=i, field=prompt_column, what="prompt"
+                )
+                kind = str if isinstance(prompt, str) else list
+                chosen = check_text(
+                    row.get(chosen_column), row=i, field=chosen_column, kind=kind, what="chosen"
+                )
+                rejected = check_text(
+                    row.get(rejected_column),
+                    row=i,
+                    field=rejected_column,
+                    kind=kind,
+                    what="rejected",
+                )
+        except DataError as error:
+            collector.invalid(error)
+            continue
+        collector.add_pair(
+            prompt=prompt,
+            chosen=chosen,
+            rejected=rejected,
+            row=i,
+            annotator=annotator,
+            item=item,
+            chosen_first=chosen_first,
+            chosen_field=chosen_column,
+            rejected_field=rejected_column,
+            item_field=item_column or "item",
+        )
+    return collector.result()

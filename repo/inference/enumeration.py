@@ -1,0 +1,147 @@
+"""Exact posterior of the enumerated latents, and the marginal likelihood.
+
+For a noise model with discrete latents ``z`` (and any others, such as a spam
+indicator) marked ``infer={"enumerate": "parallel"}``, Pyro's
+:class:`~pyro.infer.TraceEnum_ELBO` sums them out exactly by variable
+elimination. One trace of the model gives both
+
+* the posterior marginals ``p(z_i | o)`` of every enumerated site
+  (:meth:`TraceEnum_ELBO.compute_marginals`' computation), and
+* the pointwise marginal log-likelihood ``log p(o_i) = log sum_z p(z) p(o_i | z)``
+  of every truth unit ``i`` (all other plates and enumerated sites contracted),
+  which model comparison (PSIS-LOO) needs and the EM convergence test sums.
+
+The pointwise contraction mirrors Pyro's own ``_compute_marginals`` with the
+target ordinal set to the ``items`` plate rather than a site's ordinal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.infer import TraceEnum_ELBO
+from pyro.infer.traceenum_elbo import _compute_marginals, _compute_model_factors
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
+from torch import Tensor
+
+ITEMS = "items"
+"""Name of the plate over truth units that every noise model declares."""
+
+MAX_PLATE_NESTING = 2
+
+
+@contextmanager
+def local_params(validate: bool = False) -> Iterator[None]:
+    """Run Pyro with module-local parameters (no global param store).
+
+    Two noise models of one class would otherwise share their parameters through
+    Pyro's global param store under the same name. Validation of distribution
+    arguments is off by default: inputs are validated once, on the way in.
+    """
+    with pyro.settings.context(
+        module_local_params=True,
+        validate_distributions_pyro=validate,
+        validate_distributions_torch=validate,
+    ):
+        yield
+
+
+def _empty_guide(*args, **kwargs) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class EnumPosterior:
+    """Posterior marginals and the pointwise marginal log-likelihood.
+
+    :param marginals: site name -> probabilities over the site's values, the value
+        axis last (a Bernoulli site gives ``(..., 2)``: ``[p(0), p(1)]``).
+    :param log_likelihood: ``(I,)`` log-likelihood of each truth unit's labels with
+        every latent summed out.
+    """
+
+    marginals: dict[str, Tensor]
+    log_likelihood: Tensor
+
+
+def _trace(model: Callable, args: tuple, kwargs: dict):
+    elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
+    return next(elbo._get_traces(model, _empty_guide, args, kwargs))
+
+
+def _items_ordinal(model_trace) -> frozenset:
+    return frozenset({model_trace.plate_to_symbol[ITEMS]})
+
+
+def _pointwise(model_trace, guide_trace, num_items: int) -> Tensor:
+    marginal_costs, log_factors, ordering, sum_dims, _ = _compute_model_factors(
+        model_trace, guide_trace
+    )
+    items_symbol = model_trace.plate_to_symbol[ITEMS]
+    ring = LogRing()
+    total = torch.zeros(num_items)
+    terms = []
+    if log_factors:
+        target = frozenset({items_symbol})
+        terms.append(contract_to_tensor(log_factors, sum_dims, target_ordinal=target))
+    for costs in marginal_costs.values():
+        terms.extend(costs)
+    for term in terms:
+        # Sum every plate but ``items``; ``items`` becomes the last dim.
+        plates = [d for d in term._pyro_dims if d != items_symbol]
+        term = ring.sumproduct([term], set(plates)) if plates else term
+        value = packed.unpack(term, model_trace.symbol_to_dim)
+        if items_symbol in term._pyro_dims:
+            value = value.reshape(-1)
+        else:  # a site outside the items plate is not pointwise
+            continue
+        total = total.to(value.dtype) + value
+    return total
+
+
+def enumerate_posterior(model: Callable, *args, **kwargs) -> EnumPosterior:
+    """Posterior marginals and pointwise log-likelihood from one trace of ``model``.
+
+    ``model`` must declare its truth units in a plate named ``"items"`` (dim -2)
+    and mark its discrete latents for parallel enumeration.
+    """
+    with local_params():
+        model_trace, guide_trace = _trace(model, args, kwargs)
+        dists = _compute_marginals(model_trace, guide_trace)
+        marginals = {}
+        for name, d in dists.items():
+            if isinstance(d, pyro.distributions.Bernoulli):
+                p1 = d.probs
+                marginals[name] = torch.stack([1 - p1, p1], dim=-1)
+            else:
+                marginals[name] = d.probs
+        log_likelihood = _pointwise(model_trace, guide_trace, _items_size(model_trace))
+    return EnumPosterior(marginals=marginals, log_likelihood=log_likelihood)
+
+
+def _items_size(model_trace) -> int:
+    for site in model_trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.name == ITEMS:
+                return frame.size
+    raise ValueError(f"the noise model declares no plate named {ITEMS!r}")
+
+
+def marginal_log_likelihood(model: Callable, *args, **kwargs) -> Tensor:
+    """``log p(o)`` with every enumerated latent summed out, differentiable.
+
+    The negative of :meth:`TraceEnum_ELBO.differentiable_loss` with an empty guide:
+    its gradient in any parameter equals the gradient of EM's expected
+    complete-data log-likelihood at the current posterior (Fisher's identity).
+    """
+    elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
+    with local_params():
+        return -elbo.differentiable_loss(model, _empty_guide, *args, **kwargs)

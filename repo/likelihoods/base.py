@@ -1,0 +1,242 @@
+r"""The preference likelihood induced by a pairwise preference loss.
+
+A preference loss :math:`L(A \succ B)` scores the statement "A is preferred to
+B" (low is good). The Boltzmann construction turns any such loss into a
+probability model of the *true* preference by normalising
+:math:`\exp(-L)` over the two orders of the pair:
+
+.. math::
+
+    p(A \succ^* B \mid x, \theta)
+        = \frac{e^{-L(A \succ B)}}{e^{-L(A \succ B)} + e^{-L(B \succ A)}}
+        = \sigma(s), \qquad s = L(B \succ A) - L(A \succ B).
+
+:math:`s` is the induced preference logit that the noise models of
+:mod:`repo.noise` consume (``z ~ Bernoulli(logits=s)``). A loss is
+*likelihood-style* when :math:`e^{-L(A \succ B)} + e^{-L(B \succ A)} = 1`
+identically, i.e. :math:`L(A \succ B) = -\log\sigma(s)` is already a negative
+log-likelihood (DPO: Bradley-Terry on the implicit reward).
+
+Given the E-step posterior :math:`w = p(z = 1 \mid \text{labels})` that
+"A preferred" is the true preference, the policy M-step minimises one of
+
+.. math::
+
+    \text{nll:}\quad & -\big[w \log\sigma(s) + (1 - w)\log\sigma(-s)\big]
+        \quad\text{(the EM derivation's soft-label cross-entropy)}, \\
+    \text{mixture:}\quad & w\,L(A \succ B) + (1 - w)\,L(B \succ A)
+        \quad\text{(keeps the loss's own shape)}.
+
+For a likelihood-style loss the two are the same function. Otherwise they
+differ by :math:`\log\big(e^{-L(A \succ B)} + e^{-L(B \succ A)}\big)` (see
+:meth:`PreferenceLikelihood.log_normaliser`), which depends on
+:math:`\theta`, so their gradients differ too. ``w`` is a fixed soft target:
+no gradient flows through it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repo.likelihoods.stats import PairLogps
+
+__all__ = ["PreferenceLikelihood", "InducedLikelihood", "Variant", "VARIANTS"]
+
+Variant = Literal["nll", "mixture"]
+VARIANTS: tuple[str, ...] = ("nll", "mixture")
+
+
+def check_positive(name: str, value: float) -> float:
+    """Return ``float(value)`` if it is a finite real number > 0, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_in_range(
+    name: str, value: float, low: float, high: float, *, high_inclusive: bool
+) -> float:
+    """Return ``float(value)`` if ``low <= value <= high`` (or ``< high``), else raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    ok = (
+        math.isfinite(value)
+        and low <= value
+        and (value <= high if high_inclusive else value < high)
+    )
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+class PreferenceLikelihood:
+    r"""Base class: a pairwise preference loss and the likelihood it induces.
+
+    Subclasses implement :meth:`loss` (the family's loss of "A preferred") and
+    :meth:`rewards`; they may override :meth:`logits` with a closed form (the
+    generic :math:`s = L(B \succ A) - L(A \succ B)` costs two loss
+    evaluations). Instances hold hyper-parameters only, no trainable
+    parameters.
+
+    Class attributes:
+
+    - ``name``: the registry name (:func:`repo.likelihoods.get_likelihood`);
+    - ``needs_reference``: whether :class:`PairLogps` must carry reference log-probs;
+    - ``default_variant``: the policy-loss variant used when none is given.
+    """
+
+    name: str = "preference"
+    needs_reference: bool = False
+    default_variant: str = "mixture"
+
+    # ------------------------------------------------------------------ the family
+    def loss(self, stats: PairLogps) -> Tensor:
+        r"""The family's loss :math:`L(A \succ B)` per pair, shape ``(B,)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement loss()")
+
+    def rewards(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
+        """Implicit rewards of A and B as TRL reports them (detached, for metrics)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement rewards()")
+
+    @property
+    def likelihood_style(self) -> bool:
+        r"""True when :math:`e^{-L(A \succ B)} + e^{-L(B \succ A)} = 1` identically."""
+        return False
+
+    # ------------------------------------------------------------------ induced model
+    def logits(self, stats: PairLogps) -> Tensor:
+        r"""Induced preference logit :math:`s = L(B \succ A) - L(A \succ B)`, shape ``(B,)``.
+
+        :math:`\sigma(s) = p(A \succ^* B)`. Generic: two loss evaluations.
+        """
+        self.check_stats(stats)
+        return self.loss(stats.swap()) - self.loss(stats)
+
+    def log_normaliser(self, stats: PairLogps) -> Tensor:
+        r""":math:`\log(e^{-L(A \succ B)} + e^{-L(B \succ A)})`; zero iff likelihood-style."""
+        self.check_stats(stats)
+        return torch.logaddexp(-self.loss(stats), -self.loss(stats.swap()))
+
+    def policy_loss(
+        self, stats: PairLogps, w: Tensor | float, variant: str | None = None
+    ) -> Tensor:
+        r"""Per-pair policy M-step loss given the posterior ``w`` that "A preferred" is true.
+
+        :param stats: the pair statistics.
+        :param w: posterior probability in ``[0, 1]`` (tensor broadcastable to ``(B,)``,
+            or a float); treated as a constant (detached).
+        :param variant: ``"nll"`` (induced negative log-likelihood,
+            :math:`-[w\log\sigma(s) + (1-w)\log\sigma(-s)]`) or ``"mixture"``
+            (:math:`w L(A \succ B) + (1-w) L(B \succ A)`); ``None`` uses
+            ``self.default_variant``.
+        :return: tensor of shape ``(B,)``; reduce (mean) in the caller.
+        """
+        variant = self.resolve_variant(variant)
+        self.check_stats(stats)
+        ref = stats.policy_a
+        w_t = torch.as_tensor(w, dtype=ref.dtype, device=ref.device).detach()
+        if variant == "nll":
+            s = self.logits(stats)
+            return -(w_t * F.logsigmoid(s) + (1.0 - w_t) * F.logsigmoid(-s))
+        return w_t * self.loss(stats) + (1.0 - w_t) * self.loss(stats.swap())
+
+    # ------------------------------------------------------------------ helpers
+    def resolve_variant(self, variant: str | None) -> str:
+        """``variant`` checked against :data:`VARIANTS`, or the default when ``None``."""
+        if variant is None:
+            return self.default_variant
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown policy-loss variant {variant!r}; expected one of {VARIANTS}")
+        return variant
+
+    def check_stats(self, stats: PairLogps) -> None:
+        """Raise ``ValueError`` when the family needs reference log-probs that are missing."""
+        if self.needs_reference and not stats.has_reference:
+            raise ValueError(
+                f"{type(self).__name__} needs reference-model log-probabilities "
+                "(PairLogps.reference_a / reference_b), got None"
+            )
+
+    def hparams(self) -> dict[str, Any]:
+        """Hyper-parameters, for configs and run records."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"
+
+
+class InducedLikelihood(PreferenceLikelihood):
+    r"""The likelihood induced by a user-supplied pairwise loss.
+
+    ``fn(stats)`` returns :math:`L(A \succ B)` per pair (shape ``(B,)``); the
+    induced logit is the generic :math:`L(B \succ A) - L(A \succ B)`, obtained by
+    calling ``fn`` on :meth:`PairLogps.swap`. Nothing else is needed for a new
+    loss to be used with the noise models and EM.
+
+    :param fn: the loss of "A preferred", a function of :class:`PairLogps`.
+    :param needs_reference: whether ``fn`` reads the reference log-probs.
+    :param likelihood_style: declare that :math:`e^{-L(A \succ B)} + e^{-L(B \succ A)} = 1`
+        (check it numerically with :meth:`log_normaliser`).
+    :param default_variant: ``"nll"`` or ``"mixture"``; ``None`` picks ``"nll"`` for a
+        likelihood-style loss (the two coincide) and ``"mixture"`` otherwise (keeps
+        the loss's shape, which its hyper-parameters were tuned for).
+    :param rewards_fn: ``stats -> (reward_A, reward_B)`` for metrics; by default the
+        implicit log-ratios :math:`r = \log\pi_\theta - \log\pi_{\mathrm{ref}}` when
+        reference log-probs are present, else the summed policy log-probs.
+    :param name: a name for records.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[PairLogps], Tensor],
+        *,
+        needs_reference: bool = False,
+        likelihood_style: bool = False,
+        default_variant: str | None = None,
+        rewards_fn: Callable[[PairLogps], tuple[Tensor, Tensor]] | None = None,
+        name: str = "induced",
+    ) -> None:
+        if not callable(fn):
+            raise ValueError(f"InducedLikelihood: fn must be callable, got {fn!r}")
+        self.fn = fn
+        self.needs_reference = bool(needs_reference)
+        self._likelihood_style = bool(likelihood_style)
+        if default_variant is None:
+            default_variant = "nll" if likelihood_style else "mixture"
+        if default_variant not in VARIANTS:
+            raise ValueError(
+                f"unknown policy-loss variant {default_variant!r}; expected one of {VARIANTS}"
+            )
+        self.default_variant = default_variant
+        self.rewards_fn = rewards_fn
+        self.name = name
+
+    @property
+    def likelihood_style(self) -> bool:
+        return self._likelihood_style
+
+    def loss(self, stats: PairLogps) -> Tensor:
+        self.check_stats(stats)
+        return self.fn(stats)
+
+    def rewards(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
+        if self.rewards_fn is not None:
+            ra, rb = self.rewards_fn(stats)
+        elif stats.has_reference:
+            ra, rb = stats.log_ratio_a, stats.log_ratio_b
+        else:
+            ra, rb = stats.policy_a, stats.policy_b
+        return ra.detach(), rb.detach()
+
+    def hparams(self) -> dict[str, Any]:
+        return {"fn": getattr(self.fn, "__name__", repr(self.fn)), "name": self.name}

@@ -1,0 +1,152 @@
+r"""CPO (Xu et al., 2024) and its induced likelihood.
+
+Reference-free, on summed log-probabilities :math:`\ell_y = \log\pi_\theta(y \mid x)`,
+with :math:`\Delta = \ell_A - \ell_B`: a DPO-like preference term without
+reference plus a behaviour-cloning negative log-likelihood (NLL, "SFT") term on
+the preferred response, weighted by :math:`\lambda` (``nll_weight``; TRL's
+``cpo_alpha``, 1 in the CPO paper):
+
+.. math::
+
+    L_{\mathrm{CPO}}(A \succ B) = -\log\sigma(\beta\Delta) - \lambda\,\ell_A .
+
+Induced logit: the preference terms give :math:`\beta\Delta` (they are
+likelihood-style) and the one-sided NLL term enters as a difference,
+
+.. math::
+
+    s = L(B \succ A) - L(A \succ B) = (\beta + \lambda)\,\Delta
+    \quad (= (\beta + 1)(\ell_A - \ell_B) \text{ for } \lambda = 1).
+
+With ``nll_length_normalized=True`` the NLL term is the per-token mean
+:math:`-\lambda\,\ell_A/|A|` (as TRL computes it) and
+:math:`s = \beta\Delta + \lambda(\ell_A/|A| - \ell_B/|B|)`; the
+:math:`(\beta + 1)\Delta` form then no longer holds.
+
+CPO is likelihood-style only when :math:`\lambda = 0`. The EM derivation's
+"nll" policy step is the soft-label logistic loss on :math:`s`: the literal
+RE-CPO has no one-sided SFT term left. With ``keep_sft_term=True`` the "nll"
+step adds it back, weighted by the posterior:
+
+.. math::
+
+    -\big[w\log\sigma(s) + (1 - w)\log\sigma(-s)\big]
+    + \lambda\big[w\,(-\ell_A) + (1 - w)\,(-\ell_B)\big].
+
+The "mixture" step needs no option: since the preference term is
+likelihood-style,
+
+.. math::
+
+    w L(A \succ B) + (1 - w) L(B \succ A)
+    = -\big[w\log\sigma(\beta\Delta) + (1 - w)\log\sigma(-\beta\Delta)\big]
+    + \lambda\big[w\,(-\ell_A) + (1 - w)\,(-\ell_B)\big],
+
+i.e. soft-label CPO preference loss plus the w-weighted SFT term.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from repo.likelihoods.base import PreferenceLikelihood, check_positive
+from repo.likelihoods.stats import PairLogps
+
+__all__ = ["CPOLikelihood"]
+
+
+class CPOLikelihood(PreferenceLikelihood):
+    r"""CPO: :math:`L(A \succ B) = -\log\sigma(\beta\Delta) - \lambda\ell_A`.
+
+    Induced logit :math:`s = (\beta + \lambda)\Delta`, :math:`\Delta = \ell_A - \ell_B`.
+
+    :param beta: preference-term inverse temperature (> 0).
+    :param nll_weight: :math:`\lambda >= 0`, weight of CPO's NLL (behaviour-cloning)
+        term on the preferred response (TRL's ``cpo_alpha``; default 1 as in CPO).
+        Not to be confused with the ``"nll"`` policy-loss variant.
+    :param keep_sft_term: in the ``"nll"`` variant, add the SFT term weighted by the
+        posterior, :math:`\lambda[w(-\ell_A) + (1-w)(-\ell_B)]` (default ``False``: the
+        literal EM step). No effect on ``"mixture"``, which contains it already.
+    :param nll_length_normalized: use the mean-token NLL :math:`-\ell_y/|y|` (TRL)
+        instead of the summed one (CPO paper, RE-PO paper; default ``False``).
+
+    Default policy-loss variant: ``"mixture"``. It is CPO's own loss at
+    :math:`w = 1`, so CPO's published :math:`(\beta, \lambda)` keep their
+    meaning, and it keeps the SFT term (CPO's guard against the likelihood of
+    both responses drifting down), now weighted by :math:`w` so that a label
+    believed flipped clones the other response. The "nll" step instead trains a
+    reference-free logistic model with temperature :math:`\beta + \lambda`
+    (about 11 times sharper than :math:`\beta` at CPO's :math:`\beta = 0.1`) on
+    summed log-probs, and drops the SFT term unless ``keep_sft_term``.
+    """
+
+    name = "cpo"
+    needs_reference = False
+    default_variant = "mixture"
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        nll_weight: float = 1.0,
+        keep_sft_term: bool = False,
+        nll_length_normalized: bool = False,
+    ) -> None:
+        self.beta = check_positive("beta", beta)
+        if isinstance(nll_weight, bool) or not isinstance(nll_weight, int | float):
+            raise ValueError(f"nll_weight must be a real number, got {nll_weight!r}")
+        if not math.isfinite(nll_weight) or nll_weight < 0:
+            raise ValueError(f"nll_weight must be finite and >= 0, got {nll_weight!r}")
+        self.nll_weight = float(nll_weight)
+        self.keep_sft_term = bool(keep_sft_term)
+        self.nll_length_normalized = bool(nll_length_normalized)
+
+    @property
+    def likelihood_style(self) -> bool:
+        return self.nll_weight == 0.0
+
+    def _sft_logps(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
+        """The log-probabilities the NLL term reads (summed, or per-token means)."""
+        if self.nll_length_normalized:
+            return stats.policy_mean_a, stats.policy_mean_b
+        return stats.policy_a, stats.policy_b
+
+    def loss(self, stats: PairLogps) -> Tensor:
+        sft_a, _ = self._sft_logps(stats)
+        return (
+            -F.logsigmoid(self.beta * (stats.policy_a - stats.policy_b)) - self.nll_weight * sft_a
+        )
+
+    def logits(self, stats: PairLogps) -> Tensor:
+        sft_a, sft_b = self._sft_logps(stats)
+        return self.beta * (stats.policy_a - stats.policy_b) + self.nll_weight * (sft_a - sft_b)
+
+    def policy_loss(
+        self, stats: PairLogps, w: Tensor | float, variant: str | None = None
+    ) -> Tensor:
+        variant = self.resolve_variant(variant)
+        out = super().policy_loss(stats, w, variant)
+        if variant == "nll" and self.keep_sft_term and self.nll_weight > 0:
+            ref = stats.policy_a
+            w_t = torch.as_tensor(w, dtype=ref.dtype, device=ref.device).detach()
+            sft_a, sft_b = self._sft_logps(stats)
+            out = out - self.nll_weight * (w_t * sft_a + (1.0 - w_t) * sft_b)
+        return out
+
+    policy_loss.__doc__ = PreferenceLikelihood.policy_loss.__doc__
+
+    def rewards(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
+        r"""TRL's rewards: :math:`\beta\,\ell_A`, :math:`\beta\,\ell_B` (summed; detached)."""
+        return (self.beta * stats.policy_a).detach(), (self.beta * stats.policy_b).detach()
+
+    def hparams(self) -> dict[str, Any]:
+        return {
+            "beta": self.beta,
+            "nll_weight": self.nll_weight,
+            "keep_sft_term": self.keep_sft_term,
+            "nll_length_normalized": self.nll_length_normalized,
+        }

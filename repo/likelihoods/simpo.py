@@ -1,0 +1,94 @@
+r"""SimPO (Meng et al., 2024) and its induced likelihood.
+
+Reference-free, on mean token log-probabilities. With
+:math:`D = \beta\big(\log\pi_\theta(A)/|A| - \log\pi_\theta(B)/|B|\big)` and target
+margin :math:`\gamma \ge 0`:
+
+.. math::
+
+    L_{\mathrm{SimPO}}(A \succ B) = -\log\sigma(D - \gamma).
+
+Induced model (:math:`\sigma` the logistic function):
+
+.. math::
+
+    p(A \succ^* B) = \frac{\sigma(D - \gamma)}{\sigma(D - \gamma) + \sigma(-D - \gamma)},
+    \qquad s = \log\sigma(D - \gamma) - \log\sigma(-D - \gamma).
+
+At :math:`\gamma = 0` the denominator is 1: SimPO is then likelihood-style and
+:math:`s = D` (Bradley-Terry on the length-normalised log-probability). For
+:math:`\gamma > 0` it is not; :math:`s` is odd in :math:`D`, with slope
+:math:`2\sigma(\gamma)` at :math:`D = 0` and :math:`s \approx D \pm \gamma` for
+:math:`|D| \gg \gamma`.
+
+``gamma`` here is the margin inside the sigmoid, TRL's ``simpo_gamma``; the
+SimPO paper's code states it as ``gamma_beta_ratio`` :math:`= \gamma/\beta`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from repo.likelihoods.base import PreferenceLikelihood, check_positive
+from repo.likelihoods.stats import PairLogps
+
+__all__ = ["SimPOLikelihood"]
+
+
+class SimPOLikelihood(PreferenceLikelihood):
+    r"""SimPO: :math:`L(A \succ B) = -\log\sigma(D - \gamma)` on mean token log-probs.
+
+    :param beta: reward scale on the mean token log-probability (> 0); the SimPO
+        paper uses 2.0 to 2.5.
+    :param gamma: target reward margin (>= 0, absolute, inside the sigmoid;
+        default 0.5, TRL's ``simpo_gamma`` default).
+
+    Default policy-loss variant: ``"mixture"``,
+    :math:`w L(A \succ B) + (1 - w) L(B \succ A)`. At :math:`w = 1` it is SimPO's
+    own loss, margin :math:`\gamma` included, so the published
+    :math:`(\beta, \gamma)` keep their meaning; the "nll" variant replaces the
+    margin by the induced logit's symmetric reshaping (it trains towards
+    :math:`s = \mathrm{logit}(w)` and has no margin). At :math:`\gamma = 0` the
+    two coincide.
+    """
+
+    name = "simpo"
+    needs_reference = False
+    default_variant = "mixture"
+
+    def __init__(self, beta: float = 2.0, gamma: float = 0.5) -> None:
+        self.beta = check_positive("beta", beta)
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float):
+            raise ValueError(f"gamma must be a real number, got {gamma!r}")
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma must be finite and >= 0, got {gamma!r}")
+        self.gamma = float(gamma)
+
+    @property
+    def likelihood_style(self) -> bool:
+        return self.gamma == 0.0
+
+    def _margin(self, stats: PairLogps) -> Tensor:
+        r""":math:`D = \beta` times the difference of mean token log-probabilities."""
+        return self.beta * (stats.policy_mean_a - stats.policy_mean_b)
+
+    def loss(self, stats: PairLogps) -> Tensor:
+        return -F.logsigmoid(self._margin(stats) - self.gamma)
+
+    def logits(self, stats: PairLogps) -> Tensor:
+        d = self._margin(stats)
+        return F.logsigmoid(d - self.gamma) - F.logsigmoid(-d - self.gamma)
+
+    def rewards(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
+        r"""TRL's rewards: :math:`\beta \log\pi_\theta(y)/|y|` for A and B (detached)."""
+        return (
+            (self.beta * stats.policy_mean_a).detach(),
+            (self.beta * stats.policy_mean_b).detach(),
+        )
+
+    def hparams(self) -> dict[str, Any]:
+        return {"beta": self.beta, "gamma": self.gamma}

@@ -1,0 +1,172 @@
+"""The base class of annotator noise models.
+
+A noise model is a Pyro program for the observed labels ``o`` given a scorer's
+preference logits ``s`` (one per truth unit)::
+
+    z_i  ~ Bernoulli(logits = s_i)                  # true preference, enumerated
+    o_ij ~ p(o_ij | z_i, annotator parameters)      # the noise process
+
+Subclasses write :meth:`NoiseModel.model` with the truth units in a plate named
+``"items"`` (dim -2) and the label slots in a plate ``"slots"`` (dim -1) under
+``poutine.mask(mask=data.mask)``. That program is all EM, MAP, NUTS and SVI need.
+
+Annotator parameters are :class:`~pyro.nn.PyroParam` (point estimates: EM, MAP
+under a prior) and become :class:`~pyro.nn.PyroSample` (full Bayes) through
+:meth:`NoiseModel.bayesian`, on the same class.
+
+Two optional hooks make EM faster where the model is conjugate:
+:meth:`sufficient_statistics` (additive over labels, so mini-batches and ranks can
+sum them) and :meth:`m_step` (the closed-form maximiser given the statistics).
+Without them EM takes gradient steps on the enumerated marginal likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroModule, PyroParam, PyroSample
+from torch import Tensor
+
+from repo.inference.enumeration import EnumPosterior
+from repo.noise.layout import LabelData
+
+EPS = 1e-6
+"""Probability parameters are kept inside ``[EPS, 1 - EPS]``."""
+
+
+def beta_map(successes: Tensor, trials: Tensor, prior: dist.Beta | None) -> Tensor:
+    """Mode of a Bernoulli probability: ``(S + a - 1) / (N + a + b - 2)``.
+
+    With no prior this is the maximum-likelihood ``S / N``. The result is clamped to
+    ``[EPS, 1 - EPS]``; annotators with no (soft) trials get 0.5 or the prior mode.
+    """
+    a = b = torch.ones((), dtype=successes.dtype)
+    if prior is not None:
+        a = prior.concentration1.to(successes.dtype)
+        b = prior.concentration0.to(successes.dtype)
+    num = successes + a - 1
+    den = trials + a + b - 2
+    value = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, 0.5))
+    return value.clamp(EPS, 1 - EPS)
+
+
+def agree_logits(z: Tensor, logit_correct: Tensor) -> Tensor:
+    """``logit p(o = 1 | z)`` for a channel that reports ``z`` with probability
+    ``sigmoid(logit_correct)``: ``(2 z - 1) logit_correct``."""
+    return (2 * z - 1) * logit_correct
+
+
+class NoiseModel(PyroModule):
+    """A Pyro model of labels given preference logits; see the module docstring.
+
+    :param num_annotators: ``K``.
+    :param prior: an optional ``Beta(a, b)`` prior on the model's reliability
+        parameters (:attr:`reliability_names`): MAP under EM, the prior under
+        full Bayes.
+    """
+
+    #: per-annotator probabilities that ``prior`` applies to.
+    reliability_names: tuple[str, ...] = ()
+    #: whether the model reads the A/B position (bias towards A or B).
+    reads_position: bool = False
+    #: whether the model has a latent true preference ``z`` (all but Boltzmann).
+    has_truth: bool = True
+    #: the name the CLI and result files use.
+    name: str = ""
+
+    def __init__(self, num_annotators: int, prior: dist.Beta | None = None) -> None:
+        super().__init__()
+        if num_annotators < 1:
+            raise ValueError(f"num_annotators must be >= 1, got {num_annotators}")
+        self.num_annotators = num_annotators
+        self.prior = prior
+
+    # -- declaring parameters ------------------------------------------------
+    def _probability(self, name: str, init: float | Tensor) -> None:
+        """Declare a per-annotator probability ``(K,)`` kept in ``[EPS, 1 - EPS]``."""
+        value = torch.as_tensor(init, dtype=torch.float64).expand(self.num_annotators).clone()
+        setattr(self, name, PyroParam(value, constraint=constraints.interval(EPS, 1 - EPS)))
+
+    def priors(self) -> dict[str, dist.Distribution]:
+        """Priors of the point parameters: used for MAP and by :meth:`bayesian`."""
+        if self.prior is None:
+            return {}
+        k = self.num_annotators
+        return {n: self.prior.expand([k]).to_event(1) for n in self.reliability_names}
+
+    def log_prior(self) -> Tensor:
+        """``sum log p(param)`` of the point parameters under :meth:`priors`."""
+        total = torch.zeros((), dtype=torch.float64)
+        for name, prior in self.priors().items():
+            total = total + prior.log_prob(getattr(self, name)).sum()
+        return total
+
+    def bayesian(self) -> NoiseModel:
+        """Turn every parameter with a prior into a random variable (PyroSample)."""
+        priors = self.priors()
+        if not priors:
+            raise ValueError(
+                f"{type(self).__name__} has no prior: give one (e.g. prior=Beta(2, 1)) "
+                "before asking for full Bayes"
+            )
+        for name, prior in priors.items():
+            delattr(self, name)
+            setattr(self, name, PyroSample(prior))
+        return self
+
+    # -- the probabilistic program ------------------------------------------
+    def model(self, logits: Tensor, data: LabelData) -> None:
+        """The Pyro program ``p(z, o | s)``; see the module docstring."""
+        raise NotImplementedError
+
+    def forward(self, logits: Tensor, data: LabelData) -> None:
+        return self.model(logits, data)
+
+    def e_step_model(self) -> Callable[[Tensor, LabelData], None]:
+        """The program whose enumeration gives the E-step (the model itself, unless a
+        continuous latent must be held at its current value)."""
+        return self.model
+
+    # -- EM hooks -------------------------------------------------------------
+    def sufficient_statistics(
+        self, data: LabelData, marginals: dict[str, Tensor]
+    ) -> dict[str, Tensor] | None:
+        """Additive statistics of the posterior for the closed-form M-step, or None."""
+        return None
+
+    def m_step(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Closed-form maximiser (MAP under :attr:`prior`) from summed statistics."""
+        raise NotImplementedError
+
+    def objective(self, logits: Tensor, data: LabelData, posterior: EnumPosterior) -> Tensor:
+        """What EM increases: the marginal log-likelihood plus the log prior."""
+        return posterior.log_likelihood.sum() + self.log_prior()
+
+    # -- reading the fit ----------------------------------------------------
+    def truth_posterior(self, logits: Tensor, marginals: dict[str, Tensor]) -> Tensor:
+        """``p(z_i = 1 | o)`` per truth unit ``(I,)``."""
+        if "z" in marginals:
+            return marginals["z"][..., 1].reshape(-1)
+        return torch.sigmoid(logits)
+
+    def label_correct(
+        self, logits: Tensor, data: LabelData, marginals: dict[str, Tensor]
+    ) -> Tensor:
+        """``w_ij = p(z_i = o_ij | o)``, the posterior that each label is correct."""
+        q1 = self.truth_posterior(logits, marginals).unsqueeze(-1)
+        return data.label * q1 + (1 - data.label) * (1 - q1)
+
+    def implied_eta(self, logits: Tensor, data: LabelData) -> Tensor:
+        """``p(o_ij = z_i)`` before seeing the label ``(I, S)``: the model's reliability."""
+        raise NotImplementedError
+
+    def annotator_parameters(self) -> dict[str, Tensor]:
+        """The model's own per-annotator parameters by name, each ``(K,)``."""
+        return {}
+
+    def population_parameters(self) -> dict[str, Tensor]:
+        """Parameters shared by all annotators (hierarchical models)."""
+        return {}

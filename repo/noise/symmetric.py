@@ -1,0 +1,64 @@
+"""Symmetric flip (one-coin): the paper's noise model.
+
+Each annotator ``k`` reports the true preference with probability ``eta_k`` and the
+reverse otherwise, whatever the truth::
+
+    z_i  ~ Bernoulli(sigmoid(s_i))
+    o_ij ~ Bernoulli(z_i eta_k + (1 - z_i)(1 - eta_k)),   k = k_ij
+
+The E-step gives ``w_ij = p(z_i = o_ij | o)``; per-label truth reduces it to the
+paper's closed form ``p eta / (p eta + (1 - p)(1 - eta))`` with ``p = sigmoid(s)``
+for ``o = 1``. The M-step is ``eta_k = sum_j w_j / n_k`` over annotator ``k``'s
+labels (the mode ``(sum w + a - 1) / (n_k + a + b - 2)`` under a Beta(a, b) prior).
+The model is invariant to swapping A and B.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor
+
+from repo.noise.base import NoiseModel, agree_logits, beta_map
+from repo.noise.layout import LabelData
+
+
+class SymmetricFlip(NoiseModel):
+    """One reliability ``eta_k`` per annotator (one global eta when ``K = 1``)."""
+
+    reliability_names = ("eta",)
+    name = "symmetric"
+
+    def __init__(
+        self, num_annotators: int, eta_init: float = 0.9, prior: dist.Beta | None = None
+    ) -> None:
+        super().__init__(num_annotators, prior)
+        self._probability("eta", eta_init)
+
+    def model(self, logits: Tensor, data: LabelData) -> None:
+        logit_eta = torch.logit(self.eta)
+        with pyro.plate("items", data.num_units, dim=-2):
+            z = pyro.sample(
+                "z",
+                dist.Bernoulli(logits=logits.unsqueeze(-1)),
+                infer={"enumerate": "parallel"},
+            )
+            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.mask):
+                label_logits = agree_logits(z, logit_eta[data.annotator])
+                pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
+
+    def sufficient_statistics(self, data, marginals):
+        q1 = marginals["z"][..., 1]
+        w = data.label * q1 + (1 - data.label) * (1 - q1)
+        return {"n": data.label_counts(), "correct": data.per_annotator_sum(w)}
+
+    def m_step(self, stats):
+        return {"eta": beta_map(stats["correct"], stats["n"], self.prior)}
+
+    def implied_eta(self, logits, data):
+        return self.eta.detach()[data.annotator]
+
+    def annotator_parameters(self):
+        return {"eta": self.eta.detach()}

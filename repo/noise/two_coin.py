@@ -1,0 +1,79 @@
+"""Class-conditional flip (two-coin): a reliability for each true class.
+
+Annotator ``k`` reports the truth with probability ``eta_a_k`` when A is truly
+better and ``eta_b_k`` when B is::
+
+    z_i  ~ Bernoulli(sigmoid(s_i))
+    o_ij ~ Bernoulli(z_i eta_a_k + (1 - z_i)(1 - eta_b_k))
+
+``eta_a != eta_b`` is a bias towards one position (or one class, for binary
+labels). The model reads the A/B order, so it needs an order the annotator saw or
+one chosen independently of the label. M-step (closed form, weighted by the
+posterior ``q_i = p(z_i = 1 | o)``)::
+
+    eta_a_k = sum_j q_i o_j / sum_j q_i,   eta_b_k = sum_j (1 - q_i)(1 - o_j) / sum_j (1 - q_i)
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor
+
+from repo.noise.base import NoiseModel, beta_map
+from repo.noise.layout import LabelData
+
+
+class TwoCoin(NoiseModel):
+    """Per-annotator ``eta_a`` (truth A) and ``eta_b`` (truth B)."""
+
+    reliability_names = ("eta_a", "eta_b")
+    reads_position = True
+    name = "two-coin"
+
+    def __init__(
+        self, num_annotators: int, eta_init: float = 0.9, prior: dist.Beta | None = None
+    ) -> None:
+        super().__init__(num_annotators, prior)
+        self._probability("eta_a", eta_init)
+        self._probability("eta_b", eta_init)
+
+    def model(self, logits: Tensor, data: LabelData) -> None:
+        logit_a, logit_b = torch.logit(self.eta_a), torch.logit(self.eta_b)
+        with pyro.plate("items", data.num_units, dim=-2):
+            z = pyro.sample(
+                "z",
+                dist.Bernoulli(logits=logits.unsqueeze(-1)),
+                infer={"enumerate": "parallel"},
+            )
+            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.mask):
+                k = data.annotator
+                label_logits = z * logit_a[k] - (1 - z) * logit_b[k]
+                pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
+
+    def sufficient_statistics(self, data, marginals):
+        q1 = marginals["z"][..., 1].expand_as(data.label)
+        o = data.label
+        return {
+            "n": data.label_counts(),
+            "truth_a": data.per_annotator_sum(q1),
+            "correct_a": data.per_annotator_sum(q1 * o),
+            "truth_b": data.per_annotator_sum(1 - q1),
+            "correct_b": data.per_annotator_sum((1 - q1) * (1 - o)),
+        }
+
+    def m_step(self, stats):
+        return {
+            "eta_a": beta_map(stats["correct_a"], stats["truth_a"], self.prior),
+            "eta_b": beta_map(stats["correct_b"], stats["truth_b"], self.prior),
+        }
+
+    def implied_eta(self, logits, data):
+        p = torch.sigmoid(logits).unsqueeze(-1)
+        k = data.annotator
+        return p * self.eta_a.detach()[k] + (1 - p) * self.eta_b.detach()[k]
+
+    def annotator_parameters(self):
+        return {"eta_a": self.eta_a.detach(), "eta_b": self.eta_b.detach()}

@@ -1,0 +1,1 @@
+"""Data files shipped with re-po (read through :mod:`importlib.resources`)."""

@@ -1,0 +1,118 @@
+"""Scorers: the preference logits ``s_i = logit p(A >* B | x_i)`` of truth units.
+
+A scorer is any :class:`~pyro.nn.PyroModule` mapping a :class:`LabelData` to one
+logit per truth unit. The noise models only see these logits, which is what makes
+the noise layer testable in seconds with fixed numbers and reusable with a policy.
+
+* :class:`FixedLogits`: numbers given (a reward model's, a frozen policy's).
+* :class:`ClassPrior`: one learned logit for every unit, ``s_i = logit pi``: pure
+  crowd aggregation, identifiable only when units share truth across labels.
+* :class:`BradleyTerry`: learned object scores ``u``, ``s_i = u_{a_i} - u_{b_i}``
+  (Crowd-BT when paired with a flip model), centred for identifiability, with a
+  ``Normal(0, prior_scale)`` prior so that an object that always wins stays finite.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroParam
+from torch import Tensor
+
+from repo.noise.layout import LabelData
+
+
+class Scorer(PyroModule):
+    """Base class: ``forward(data) -> logits (I,)``, float64."""
+
+    #: whether the logits differ between units (a class prior's do not).
+    per_unit: bool = True
+
+    def forward(self, data: LabelData) -> Tensor:
+        raise NotImplementedError
+
+    def log_prior(self) -> Tensor:
+        return torch.zeros((), dtype=torch.float64)
+
+    def sufficient_statistics(self, data: LabelData, truth: Tensor) -> dict[str, Tensor] | None:
+        """Statistics for a closed-form update from ``p(z_i = 1 | o)``; None if none."""
+        return None
+
+    def m_step(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class FixedLogits(Scorer):
+    """Logits given as numbers, one per global unit index."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        logits = torch.as_tensor(logits, dtype=torch.float64)
+        if logits.dim() != 1:
+            raise ValueError(f"logits must be 1-D, got shape {tuple(logits.shape)}")
+        if not torch.isfinite(logits).all():
+            bad = int(torch.nonzero(~torch.isfinite(logits))[0])
+            raise ValueError(f"logit {bad} is not finite ({float(logits[bad])})")
+        self.register_buffer("logits", logits)
+
+    def forward(self, data: LabelData) -> Tensor:
+        return self.logits[data.unit]
+
+
+class ClassPrior(Scorer):
+    """``s_i = logit pi`` for every unit; ``pi`` = the share of units whose truth is A.
+
+    Closed-form M-step: ``pi = mean_i p(z_i = 1 | o)``.
+    """
+
+    per_unit = False
+
+    def __init__(self, pi_init: float = 0.5) -> None:
+        super().__init__()
+        self.logit_pi = PyroParam(torch.logit(torch.tensor(pi_init, dtype=torch.float64)))
+
+    def forward(self, data: LabelData) -> Tensor:
+        return self.logit_pi.expand(data.num_units)
+
+    def sufficient_statistics(self, data, truth):
+        return {
+            "truth_a": truth.sum(),
+            "units": torch.tensor(float(truth.numel()), dtype=truth.dtype),
+        }
+
+    def m_step(self, stats):
+        pi = (stats["truth_a"] / stats["units"]).clamp(1e-6, 1 - 1e-6)
+        return {"logit_pi": torch.logit(pi)}
+
+
+class BradleyTerry(Scorer):
+    """Object scores ``u`` with ``s_i = u_{a_i} - u_{b_i}`` (``u`` centred).
+
+    :param object_a: ``(U,)`` object shown as A in each unit.
+    :param object_b: ``(U,)`` object shown as B.
+    :param num_objects: number of objects.
+    :param prior_scale: sd of the Normal prior on the centred scores.
+    """
+
+    def __init__(
+        self, object_a: Tensor, object_b: Tensor, num_objects: int, prior_scale: float = 5.0
+    ) -> None:
+        super().__init__()
+        self.register_buffer("object_a", torch.as_tensor(object_a, dtype=torch.long))
+        self.register_buffer("object_b", torch.as_tensor(object_b, dtype=torch.long))
+        self.prior_scale = prior_scale
+        self.scores = PyroParam(torch.zeros(num_objects, dtype=torch.float64))
+
+    def centred(self) -> Tensor:
+        """``u - mean(u)``: the identified scores."""
+        return self.scores - self.scores.mean()
+
+    def forward(self, data: LabelData) -> Tensor:
+        u = self.centred()
+        return u[self.object_a[data.unit]] - u[self.object_b[data.unit]]
+
+    def log_prior(self) -> Tensor:
+        scale = torch.tensor(self.prior_scale, dtype=torch.float64)
+        return (
+            dist.Normal(torch.zeros((), dtype=torch.float64), scale).log_prob(self.centred()).sum()
+        )
