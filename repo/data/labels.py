@@ -239,7 +239,7 @@ def encode_labels(
                 reason="values",
             )
         if len(values) > 2:
-            third = next(i for i, v in enumerate(raw) if v not in values[-2:])
+            third = raw.index(min(values, key=raw.count))  # the rarest value's first row
             raise DataError(
                 f"label value {raw[third]!r} outside the format's set: the binary format "
                 f"takes two values and this table has {values!r} (a tie value? use tie_value)",

@@ -96,7 +96,7 @@ class EM:
     def _probe(self) -> None:
         logits, posterior = self._posterior()
         self.noise_closed = (
-            self.noise.sufficient_statistics(self.data, posterior.marginals) is not None
+            self.noise.sufficient_statistics(self.data, posterior.marginals, logits) is not None
         )
         truth = self.noise.truth_posterior(logits, posterior.marginals)
         self.scorer_closed = self.scorer.sufficient_statistics(self.data, truth) is not None
@@ -128,7 +128,7 @@ class EM:
         """Closed-form updates, then L-BFGS on the rest."""
         marginals = posterior.marginals
         if self.noise_closed:
-            stats = self.noise.sufficient_statistics(self.data, marginals)
+            stats = self.noise.sufficient_statistics(self.data, marginals, logits)
             for name, value in self.noise.m_step(stats).items():
                 set_value(self.noise, name, value)
         if self.scorer_closed and _has_parameters(self.scorer):
@@ -298,7 +298,7 @@ def fit_minibatch_em(
                 logits = scorer(batch).detach()
                 posterior = enumerate_posterior(noise.e_step_model(), logits, batch)
             if em.noise_closed:
-                stats = noise.sufficient_statistics(batch, posterior.marginals)
+                stats = noise.sufficient_statistics(batch, posterior.marginals, logits)
                 ema_update(noise, noise.m_step(stats), stats["n"] > 0, alpha)
             if em.scorer_closed and _has_parameters(scorer):
                 truth = noise.truth_posterior(logits, posterior.marginals)

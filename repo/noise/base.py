@@ -132,9 +132,13 @@ class NoiseModel(PyroModule):
 
     # -- EM hooks -------------------------------------------------------------
     def sufficient_statistics(
-        self, data: LabelData, marginals: dict[str, Tensor]
+        self, data: LabelData, marginals: dict[str, Tensor], logits: Tensor
     ) -> dict[str, Tensor] | None:
-        """Additive statistics of the posterior for the closed-form M-step, or None."""
+        """Statistics of the posterior for the closed-form M-step, or None.
+
+        Per-annotator statistics are sums over labels, so mini-batches and ranks
+        can add them up; ``n`` (labels per annotator) is always among them.
+        """
         return None
 
     def m_step(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -9,18 +9,22 @@ The symmetric flip with each annotator's reliability drawn from a population::
 Annotators with few labels borrow strength from the others. Maximising jointly over
 ``(x_k, mu, sigma)`` is degenerate (the likelihood grows without bound as
 ``sigma -> 0`` with every ``x_k = mu``), so EM here is *marginal* empirical Bayes:
-``x_k`` is integrated out and only ``(mu, sigma)`` are point estimates. EM is
-variational (mean field ``q(z) q(x)``), each factor exact given the other:
+``x_k`` is integrated out by adaptive Gauss-Hermite quadrature and only
+``(mu, sigma)`` are point estimates. The E-step over ``x_k`` is
 
-* ``q(z)``: enumeration with ``x_k`` held at ``E_q[x_k]`` (for a flip channel the
-  ratio ``exp E[log eta] / exp E[log(1 - eta)] = exp E[x]``, so this is exact);
-* ``q(x_k) ∝ eta^W_k (1 - eta)^(n_k - W_k) Normal(x; mu, sigma)`` with
-  ``W_k = sum_j w_j``, by adaptive Gauss-Hermite quadrature around its mode;
-* ``mu = mean_k E[x_k]``, ``sigma^2 = mean_k E[(x_k - mu)^2]``.
+    q(x_k) ∝ Normal(x_k; mu, sigma) prod_j l_j(x_k)
 
-The objective, which never decreases, is the evidence lower bound
-``sum_i (E_q log p(z_i | s_i) + H(q(z_i))) + sum_k log Z_k`` with ``Z_k`` the
-quadrature normaliser of ``q(x_k)``. The reported ``eta_k`` is ``E_q[sigmoid(x_k)]``.
+* per-label truth: ``l_j(x) = p_j sigmoid(x) + (1 - p_j) sigmoid(-x)`` with
+  ``p_j = p(z_j = o_j | s_j)``: ``z`` summed out exactly, so EM climbs the exact
+  marginal likelihood ``sum_k log Z_k`` (``Z_k`` the normaliser of ``q(x_k)``);
+* shared truth (annotators coupled through ``z_i``): mean field ``q(z) q(x)``,
+  ``l_j(x) = sigmoid(x)^w_j sigmoid(-x)^(1 - w_j)``, with ``q(z)`` from enumeration
+  at ``x_k = E_q[x_k]`` (for a flip channel ``exp E[log eta] / exp E[log(1 - eta)]
+  = exp E[x]``, so that update is exact too); the objective is the evidence bound
+  ``sum_i (E_q log p(z_i | s_i) + H(q(z_i))) + sum_k log Z_k``.
+
+M-step: ``mu = mean_k E[x_k]``, ``sigma^2 = mean_k E[(x_k - mu)^2]``. Neither
+objective ever decreases. The reported ``eta_k`` is ``E_q[sigmoid(x_k)]``.
 """
 
 from __future__ import annotations
@@ -95,39 +99,87 @@ class HierarchicalFlip(NoiseModel):
     def e_step_model(self):
         return poutine.condition(self.model, data={"logit_eta": self.post_loc})
 
-    def sufficient_statistics(self, data, marginals):
-        q1 = marginals["z"][..., 1]
-        w = data.label * q1 + (1 - data.label) * (1 - q1)
-        return {"n": data.label_counts(), "correct": data.per_annotator_sum(w)}
+    def _label_log_lik(self, x: Tensor, data: LabelData, logits: Tensor) -> Tensor:
+        """Per-label truth: ``log(p_j sigmoid(x) + (1 - p_j) sigmoid(-x))`` summed per
+        annotator, with ``p_j = p(z_j = o_j | s_j)``; ``x`` is ``(K,)`` or ``(K, Q)``."""
+        k = data.annotator[:, 0]
+        signed = torch.where(data.label[:, 0] > 0.5, logits, -logits)
+        lp, lq = _log_sigmoid(signed), _log_sigmoid(-signed)
+        xk = x[k]
+        if xk.dim() == 2:
+            lp, lq = lp.unsqueeze(-1), lq.unsqueeze(-1)
+        value = torch.logaddexp(lp + _log_sigmoid(xk), lq + _log_sigmoid(-xk))
+        out = torch.zeros(x.shape, dtype=value.dtype)
+        return out.index_add_(0, k, value)
 
-    def _quadrature(self, correct: Tensor, n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Nodes ``x (K, Q)``, normalised posterior weights ``(K, Q)`` and ``log Z (K,)``
-        of ``q(x_k) ∝ sigmoid(x)^W (1 - sigmoid(x))^(n - W) Normal(x; mu, sigma)``."""
+    def _label_derivatives(self, x: Tensor, data: LabelData, logits: Tensor):
+        """First and second derivatives in ``x_k`` of :meth:`_label_log_lik`."""
+        k = data.annotator[:, 0]
+        signed = torch.where(data.label[:, 0] > 0.5, logits, -logits)
+        p = torch.sigmoid(signed)
+        e = torch.sigmoid(x[k])
+        f = (1 - p) + (2 * p - 1) * e
+        df = (2 * p - 1) * e * (1 - e)
+        d2f = df * (1 - 2 * e)
+        g = df / f
+        h = d2f / f - g**2
+        zero = torch.zeros(x.shape, dtype=x.dtype)
+        return zero.index_add(0, k, g), zero.index_add(0, k, h)
+
+    def sufficient_statistics(self, data, marginals, logits):
+        """The log-likelihood of each annotator's labels at quadrature nodes.
+
+        Per-label truth: exact (``z`` summed out label by label). Shared truth: the
+        expected complete-data log-likelihood ``W log sigmoid(x) + (n - W) log
+        sigmoid(-x)`` under ``q(z)`` (mean field). Nodes: Gauss-Hermite around the
+        mode of ``q(x_k)`` at the current ``(mu, sigma)``, scaled by its curvature.
+        """
         mu, sigma = self.mu.detach(), self.sigma.detach()
-        x = torch.full_like(correct, float(mu))
+        n = data.label_counts()
+        exact = not data.shared_truth
+        if not exact:
+            q1 = marginals["z"][..., 1]
+            w = data.label * q1 + (1 - data.label) * (1 - q1)
+            correct = data.per_annotator_sum(w)
+        x = self.post_loc.clone()
         for _ in range(50):  # Newton for the mode of a strictly concave function
-            p = torch.sigmoid(x)
-            grad = correct - n * p - (x - mu) / sigma**2
-            hess = -n * p * (1 - p) - 1 / sigma**2
+            if exact:
+                grad, hess = self._label_derivatives(x, data, logits)
+            else:
+                p = torch.sigmoid(x)
+                grad, hess = correct - n * p, -n * p * (1 - p)
+            grad = grad - (x - mu) / sigma**2
+            hess = hess - 1 / sigma**2
             step = (grad / hess).clamp(-2.0, 2.0)
             x = x - step
-            if float(step.abs().max()) < 1e-10:
+            if float(step.abs().max()) < 1e-9:
                 break
-        p = torch.sigmoid(x)
-        scale = (n * p * (1 - p) + 1 / sigma**2).rsqrt()
+        if exact:
+            _, hess = self._label_derivatives(x, data, logits)
+        else:
+            p = torch.sigmoid(x)
+            hess = -n * p * (1 - p)
+        scale = (-hess + 1 / sigma**2).clamp_min(1e-12).rsqrt()
         nodes = x.unsqueeze(-1) + np.sqrt(2.0) * scale.unsqueeze(-1) * self.nodes
-        log_f = (
-            correct.unsqueeze(-1) * _log_sigmoid(nodes)
-            + (n - correct).unsqueeze(-1) * _log_sigmoid(-nodes)
-            + dist.Normal(mu, sigma).log_prob(nodes)
-        )
-        log_terms = log_f + self.nodes**2 + self.log_weights
-        log_z = torch.logsumexp(log_terms, -1) + torch.log(np.sqrt(2.0) * scale)
-        weights = torch.softmax(log_terms, -1)
-        return nodes, weights, log_z
+        if exact:
+            log_lik = self._label_log_lik(nodes, data, logits)
+        else:
+            log_lik = correct.unsqueeze(-1) * _log_sigmoid(nodes) + (n - correct).unsqueeze(
+                -1
+            ) * _log_sigmoid(-nodes)
+        return {"n": n, "nodes": nodes, "scale": scale, "log_lik": log_lik}
+
+    def _quadrature(self, stats: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Normalised weights of ``q(x_k)`` at the nodes ``(K, Q)`` and ``log Z_k``."""
+        nodes = stats["nodes"]
+        prior = dist.Normal(self.mu.detach(), self.sigma.detach()).log_prob(nodes)
+        log_terms = stats["log_lik"] + prior + self.nodes**2 + self.log_weights
+        log_z = torch.logsumexp(log_terms, -1) + torch.log(np.sqrt(2.0) * stats["scale"])
+        return torch.softmax(log_terms, -1), log_z
 
     def m_step(self, stats):
-        nodes, weights, _ = self._quadrature(stats["correct"], stats["n"])
+        weights, _ = self._quadrature(stats)
+        nodes = stats["nodes"]
         mean = (weights * nodes).sum(-1)
         second = (weights * nodes**2).sum(-1)
         self.post_loc = mean
@@ -137,12 +189,16 @@ class HierarchicalFlip(NoiseModel):
         return {"mu": mu, "sigma": sigma}
 
     def objective(self, logits, data, posterior):
+        """Per-label truth: the exact marginal log-likelihood ``sum_k log Z_k``.
+        Shared truth: the evidence lower bound of the module docstring."""
+        stats = self.sufficient_statistics(data, posterior.marginals, logits)
+        _, log_z = self._quadrature(stats)
+        if not data.shared_truth:
+            return log_z.sum()
         q1 = posterior.marginals["z"][..., 1].reshape(-1).clamp(1e-300, 1)
         q0 = (1 - q1).clamp(1e-300, 1)
         prior_term = q1 * _log_sigmoid(logits) + q0 * _log_sigmoid(-logits)
         entropy = -(q1 * q1.log() + q0 * q0.log())
-        stats = self.sufficient_statistics(data, posterior.marginals)
-        _, _, log_z = self._quadrature(stats["correct"], stats["n"])
         return (prior_term + entropy).sum() + log_z.sum()
 
     def implied_eta(self, logits, data):

@@ -68,7 +68,7 @@ class Spammer(NoiseModel):
                 probs = c * z + (1 - c) * bias[k]
                 pyro.sample("o", dist.Bernoulli(probs=probs), obs=data.label)
 
-    def sufficient_statistics(self, data, marginals):
+    def sufficient_statistics(self, data, marginals, logits):
         honest = marginals["honest"][..., 1].reshape(data.label.shape)
         spam = 1 - honest
         return {

@@ -49,7 +49,7 @@ class SymmetricFlip(NoiseModel):
                 label_logits = agree_logits(z, logit_eta[data.annotator])
                 pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
 
-    def sufficient_statistics(self, data, marginals):
+    def sufficient_statistics(self, data, marginals, logits):
         q1 = marginals["z"][..., 1]
         w = data.label * q1 + (1 - data.label) * (1 - q1)
         return {"n": data.label_counts(), "correct": data.per_annotator_sum(w)}

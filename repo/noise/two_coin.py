@@ -53,7 +53,7 @@ class TwoCoin(NoiseModel):
                 label_logits = z * logit_a[k] - (1 - z) * logit_b[k]
                 pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
 
-    def sufficient_statistics(self, data, marginals):
+    def sufficient_statistics(self, data, marginals, logits):
         q1 = marginals["z"][..., 1].expand_as(data.label)
         o = data.label
         return {
