@@ -49,6 +49,17 @@ def _unconstrained(model: NoiseModel) -> list[tuple[str, Tensor]]:
     return [(name, getattr(model, name + "_unconstrained")) for name in model._pyro_params]
 
 
+MAX_FULL_HESSIAN = 300
+"""Largest number of parameters for which the full (coupled) Hessian is formed."""
+
+
+def block_diagonal(model: NoiseModel, data: LabelData) -> bool:
+    """Whether the information is taken block-diagonal per annotator: exact when
+    annotators do not share latents, an approximation beyond MAX_FULL_HESSIAN."""
+    exact = not data.shared_truth or not model.has_truth
+    return exact or len(model._pyro_params) * data.num_annotators > MAX_FULL_HESSIAN
+
+
 def observed_information(
     model: NoiseModel, logits: Tensor, data: LabelData, *, include_prior: bool = True
 ) -> tuple[list[str], Tensor]:
@@ -57,6 +68,9 @@ def observed_information(
     :returns: the parameter names (each a ``(K,)`` block, in this order) and the
         ``(P K, P K)`` information matrix (block-diagonal per annotator under
         per-label truth, with zeros between annotators).
+
+    Under shared truth with more than :data:`MAX_FULL_HESSIAN` parameters the
+    cross-annotator terms are dropped (the per-annotator blocks are still exact).
     """
     params = _unconstrained(model)
     names = [n for n, _ in params]
@@ -73,8 +87,7 @@ def observed_information(
         flat_grad = torch.cat([g.reshape(-1) for g in grads])
         total = flat_grad.numel()
         hessian = torch.zeros(total, total, dtype=torch.float64)
-        independent = not data.shared_truth or not model.has_truth
-        if independent:  # one product per parameter group gives every block
+        if block_diagonal(model, data):  # one product per parameter group gives every block
             group = torch.arange(total) // k
             annotator = torch.arange(total) % k
             for g in range(len(leaves)):
@@ -135,7 +148,7 @@ def laplace_draws(
         return _empirical_bayes_draws(model, logits, data, method, num_draws, generator, start)
     names, information = observed_information(model, logits, data, include_prior=include_prior)
     k, groups = data.num_annotators, len(names)
-    independent = not data.shared_truth or not model.has_truth
+    independent = block_diagonal(model, data)
     cov, improper = _laplace_covariance(information, k, groups, independent)
     centre = torch.cat([getattr(model, n + "_unconstrained").detach().reshape(-1) for n in names])
     normal = torch.randn(num_draws, centre.numel(), generator=generator, dtype=torch.float64)
@@ -162,6 +175,8 @@ def laplace_draws(
             "unconstrained_sd": {n: sd[g].numpy().tolist() for g, n in enumerate(names)},
             "improper_annotators": torch.nonzero(improper).reshape(-1).tolist(),
             "num_draws": num_draws,
+            "hessian": "block-diagonal" if independent else "full",
+            "cross_annotator_terms_dropped": independent and data.shared_truth and model.has_truth,
         },
     )
 
