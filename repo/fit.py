@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,21 @@ class NoiseFit:
             "labels": _records(self.labels),
         }
 
+    def to_inference_data(self, log_likelihood: bool = True):
+        """ArviZ data of the attached posterior (:mod:`repo.diagnostics`)."""
+        from repo.diagnostics.inference_data import to_inference_data
+
+        if self.posterior is None:
+            raise ValueError("this fit has no posterior attached")
+        units = self.items["id"].tolist() if self.data.shared_truth else None
+        return to_inference_data(
+            self.posterior,
+            annotator_ids=self.annotators["id"].astype(str).tolist(),
+            unit_ids=units,
+            model_name=self.model,
+            log_likelihood=log_likelihood,
+        )
+
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise :meth:`to_dict`; write it to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=1)
@@ -276,6 +292,7 @@ def fit_noise(
         if progress:
             print(f"[re-po] EM iteration {iteration}: objective {value:.6f}", file=sys.stderr)
 
+    em_start = time.perf_counter()
     result = fit_em(
         noise,
         scorer,
@@ -285,12 +302,15 @@ def fit_noise(
         accelerate=accelerate,
         callback=report,
     )
+    em_seconds = time.perf_counter() - em_start
     fit = summarise(noise, scorer, data, labels, result, prior=prior)
     fit.trajectory = trajectory
     if progress and method != "em":
         print(f"[re-po] {method}: sampling the posterior ...", file=sys.stderr)
     posterior = infer(method, noise, scorer, data, bayes)
-    return attach_posterior(fit, posterior, labels)
+    fit = attach_posterior(fit, posterior, labels)
+    fit.inference["em_seconds"] = em_seconds
+    return fit
 
 
 def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabels) -> NoiseFit:

@@ -36,10 +36,8 @@ def group(data, name: str):
 
 
 def attrs(data) -> dict:
-    """Attributes of the whole object (stored on the posterior group in 0.x)."""
-    if ARVIZ_MAJOR >= 1:  # pragma: no cover
-        return dict(data.attrs)
-    return dict(data.posterior.attrs)
+    """Attributes of the whole object (InferenceData.attrs, DataTree.attrs)."""
+    return dict(data.attrs)
 
 
 def to_netcdf(data, path: str | Path) -> None:
