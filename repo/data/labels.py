@@ -14,7 +14,10 @@ Three layouts (the ``format``), each a table with a header:
 
 Policies, stated once:
 
-* ties: rows whose label equals ``tie_value`` are dropped and counted;
+* ties (binary): rows whose label equals ``tie_value`` are dropped and counted.
+  By default (``tie_value="auto"``) the values 0, 1, 2 are read as PandaLM codes
+  them (0 a tie, 1 and 2 a preference), and a value ``tie`` (any case) beside two
+  others is a tie; ``tie_value=None`` recognises no tie;
 * duplicate ``(annotator, item)`` labels (binary; scored with items): an error
   naming both rows, unless ``duplicates="first"`` keeps the first;
 * rows are numbered from 0 in file order, header excluded.
@@ -241,10 +244,14 @@ def encode_labels(
     table: pd.DataFrame,
     fmt: str,
     *,
-    tie_value: str | None = None,
+    tie_value: str | None = "auto",
     duplicates: str = "error",
 ) -> EncodedLabels:
-    """Validate ``table`` in layout ``fmt`` and encode it; see the module docstring."""
+    """Validate ``table`` in layout ``fmt`` and encode it; see the module docstring.
+
+    :param tie_value: binary only: the label value of a tie, ``"auto"`` or None.
+    :param duplicates: ``"error"`` or ``"first"`` (keep the first label).
+    """
     if duplicates not in ("error", "first"):
         raise ValueError(f"duplicates must be 'error' or 'first', got {duplicates!r}")
     _check_columns(table, fmt)
@@ -254,6 +261,8 @@ def encode_labels(
 
     if fmt == "binary":
         raw = _ids(table, "label")
+        if tie_value == "auto":
+            tie_value = _auto_tie_value(raw)
         if tie_value is not None:
             keep = np.array([v != str(tie_value) for v in raw])
             dropped["tie"] = int((~keep).sum())
@@ -275,7 +284,7 @@ def encode_labels(
             third = next(i for i, v in enumerate(raw) if v not in kept)
             raise DataError(
                 f"label value {raw[third]!r} outside the format's set: the binary format "
-                f"takes two values and this table has {values!r} (a tie value? use tie_value)",
+                f"takes two values and this table has {values!r} (a tie? name it with tie_value)",
                 row=int(rows[third]),
                 field="label",
                 reason="values",
@@ -376,6 +385,19 @@ def encode_labels(
         has_annotators=has_annotators,
         dropped={k: v for k, v in dropped.items() if v},
     )
+
+
+def _auto_tie_value(raw: list[str]) -> str | None:
+    """The tie value under the ``"auto"`` policy: ``0`` when the label values are
+    exactly 0, 1 and 2 (0 tie; PandaLM's coding), ``tie`` (any case) when it is one
+    of three values; otherwise none."""
+    values = set(raw)
+    if len(values) != 3:
+        return None
+    if values == {"0", "1", "2"}:
+        return "0"
+    ties = [v for v in values if v.strip().lower() == "tie"]
+    return ties[0] if ties else None
 
 
 def _value_order(value: str) -> tuple[int, float | str]:
