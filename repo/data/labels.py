@@ -14,7 +14,10 @@ Three layouts (the ``format``), each a table with a header:
 
 Policies, stated once:
 
-* ties: rows whose label equals ``tie_value`` are dropped and counted;
+* ties (binary): rows whose label equals ``tie_value`` are dropped and counted.
+  By default (``tie_value="auto"``) the values 0, 1, 2 are read as PandaLM codes
+  them (0 a tie, 1 and 2 a preference), and a value ``tie`` (any case) beside two
+  others is a tie; ``tie_value=None`` recognises no tie;
 * duplicate ``(annotator, item)`` labels (binary; scored with items): an error
   naming both rows, unless ``duplicates="first"`` keeps the first;
 * rows are numbered from 0 in file order, header excluded.
@@ -124,37 +127,67 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and value.strip() == ""
 
 
+def _id_text(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _missing_mask(column: pd.Series) -> np.ndarray:
+    """Vectorised :func:`_is_missing` over a column."""
+    missing = column.isna().to_numpy()
+    if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
+        blank = column.str.strip().eq("").fillna(False).to_numpy(dtype=bool)
+        missing = missing | blank
+    return missing
+
+
+def _all_text(column: pd.Series) -> bool:
+    return pd.api.types.infer_dtype(column, skipna=False) == "string"
+
+
 def _ids(table: pd.DataFrame, column: str) -> list[str]:
-    """The column as id strings; a missing id is an error naming its row."""
-    out = []
-    for row, value in enumerate(table[column].tolist()):
-        if _is_missing(value):
-            raise DataError("missing id", row=row, field=column, reason="missing")
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        out.append(str(value).strip())
-    return out
+    """The column as id strings; a missing id is an error naming its row.
+
+    Integral floats (JSON integers in a column with a null) are written as
+    integers, so ids round-trip whatever file format carried them.
+    """
+    values = table[column]
+    missing = _missing_mask(values)
+    if missing.any():
+        raise DataError("missing id", row=int(np.argmax(missing)), field=column, reason="missing")
+    if pd.api.types.is_integer_dtype(values.dtype):
+        return values.astype(str).tolist()
+    if _all_text(values):
+        return values.str.strip().tolist()
+    return [_id_text(v) for v in values.tolist()]
 
 
 def _codes(ids: list[str]) -> tuple[np.ndarray, list[str]]:
-    uniques, codes = np.unique(np.asarray(ids, dtype=object).astype(str), return_inverse=True)
+    """Integer codes of ``ids`` in the sorted order of the distinct ids."""
+    codes, uniques = pd.factorize(np.asarray(ids, dtype=object), sort=True)
     return codes.astype(np.int64), [str(u) for u in uniques]
 
 
 def _floats(table: pd.DataFrame, column: str) -> np.ndarray:
-    out = np.empty(table.shape[0], dtype=np.float64)
-    for row, value in enumerate(table[column].tolist()):
-        if _is_missing(value):
+    """The column as finite floats; the first bad cell is an error naming its row."""
+    values = table[column]
+    missing = _missing_mask(values)
+    numbers = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(dtype=np.float64)
+    bad = missing | ~np.isfinite(numbers)
+    if bad.any():
+        row = int(np.argmax(bad))
+        value = values.iloc[row]
+        if missing[row]:
             raise DataError("missing value", row=row, field=column, reason="missing")
         try:
-            out[row] = float(value)
+            float(value)
         except (TypeError, ValueError):
             raise DataError(
                 f"not a number: {value!r}", row=row, field=column, reason="type"
             ) from None
-        if not math.isfinite(out[row]):
-            raise DataError(f"not finite: {value!r}", row=row, field=column, reason="nonfinite")
-    return out
+        raise DataError(f"not finite: {value!r}", row=row, field=column, reason="nonfinite")
+    return numbers
 
 
 def _check_columns(table: pd.DataFrame, fmt: str) -> None:
@@ -211,10 +244,14 @@ def encode_labels(
     table: pd.DataFrame,
     fmt: str,
     *,
-    tie_value: str | None = None,
+    tie_value: str | None = "auto",
     duplicates: str = "error",
 ) -> EncodedLabels:
-    """Validate ``table`` in layout ``fmt`` and encode it; see the module docstring."""
+    """Validate ``table`` in layout ``fmt`` and encode it; see the module docstring.
+
+    :param tie_value: binary only: the label value of a tie, ``"auto"`` or None.
+    :param duplicates: ``"error"`` or ``"first"`` (keep the first label).
+    """
     if duplicates not in ("error", "first"):
         raise ValueError(f"duplicates must be 'error' or 'first', got {duplicates!r}")
     _check_columns(table, fmt)
@@ -224,6 +261,8 @@ def encode_labels(
 
     if fmt == "binary":
         raw = _ids(table, "label")
+        if tie_value == "auto":
+            tie_value = _auto_tie_value(raw)
         if tie_value is not None:
             keep = np.array([v != str(tie_value) for v in raw])
             dropped["tie"] = int((~keep).sum())
@@ -239,10 +278,13 @@ def encode_labels(
                 reason="values",
             )
         if len(values) > 2:
-            third = raw.index(min(values, key=raw.count))  # the rarest value's first row
+            # The format's set: the two most frequent values (first seen wins ties).
+            counts = pd.Series(raw).value_counts(sort=False)
+            kept = counts.sort_values(ascending=False, kind="stable").index[:2]
+            third = next(i for i, v in enumerate(raw) if v not in kept)
             raise DataError(
                 f"label value {raw[third]!r} outside the format's set: the binary format "
-                f"takes two values and this table has {values!r} (a tie value? use tie_value)",
+                f"takes two values and this table has {values!r} (a tie? name it with tie_value)",
                 row=int(rows[third]),
                 field="label",
                 reason="values",
@@ -315,19 +357,19 @@ def encode_labels(
     keep = np.arange(len(score))
     if "item" in table.columns:
         item, item_ids = _codes(_ids(table, "item"))
-        first_score: dict[int, int] = {}
-        for row, code in enumerate(item.tolist()):
-            if code in first_score:
-                if score[row] != score[first_score[code]]:
-                    raise DataError(
-                        f"score {score[row]!r} differs from {score[first_score[code]]!r} at row "
-                        f"{first_score[code]} for the same item: an item has one score",
-                        row=row,
-                        field="score",
-                        reason="inconsistent",
-                    )
-            else:
-                first_score[code] = row
+        first = np.zeros(len(item_ids), dtype=np.int64)
+        first[item[::-1]] = np.arange(len(item))[::-1]  # each item's first row
+        differs = score != score[first[item]]
+        if differs.any():
+            row = int(np.argmax(differs))
+            at = int(first[item[row]])
+            raise DataError(
+                f"score {score[row]!r} differs from {score[at]!r} at row {at} for the same "
+                "item: an item has one score",
+                row=row,
+                field="score",
+                reason="inconsistent",
+            )
         if has_annotators:
             keep = _check_duplicates(annotator, item, rows, duplicates)
             dropped["duplicate"] = int(len(score) - keep.shape[0])
@@ -343,6 +385,19 @@ def encode_labels(
         has_annotators=has_annotators,
         dropped={k: v for k, v in dropped.items() if v},
     )
+
+
+def _auto_tie_value(raw: list[str]) -> str | None:
+    """The tie value under the ``"auto"`` policy: ``0`` when the label values are
+    exactly 0, 1 and 2 (0 tie; PandaLM's coding), ``tie`` (any case) when it is one
+    of three values; otherwise none."""
+    values = set(raw)
+    if len(values) != 3:
+        return None
+    if values == {"0", "1", "2"}:
+        return "0"
+    ties = [v for v in values if v.strip().lower() == "tie"]
+    return ties[0] if ties else None
 
 
 def _value_order(value: str) -> tuple[int, float | str]:
