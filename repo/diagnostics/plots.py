@@ -57,7 +57,9 @@ def plot_forest(
     ax.set_yticks(y, labels, fontsize=7 if len(frame) > 20 else 9)
     ax.set_xlabel("eta (probability that a label is correct)")
     ax.set_xlim(max(0.0, float(frame["eta_lo90"].min()) - 0.05), 1.0)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.12 - 2.0 / height / 10), ncol=3, fontsize=8
+    )
     ax.set_title(title or "Annotator reliability")
     return figure
 

@@ -8,7 +8,8 @@ class-prior scorer at its EM estimate, a policy's logits as given) and returns a
 * ``"em"``: the EM estimate with its Laplace posterior (:mod:`repo.inference.laplace`);
 * ``"map"``: the posterior mode by SVI with an AutoDelta guide, with the Laplace
   posterior there;
-* ``"nuts"``: NUTS (:mod:`repo.inference.nuts`);
+* ``"nuts"``: NUTS (:mod:`repo.inference.nuts`), its chains started near the EM
+  estimate and its diagonal metric at the Laplace variances (``precondition``);
 * ``"svi"``: mean-field Normal SVI (:mod:`repo.inference.svi`).
 
 Full Bayes needs a proper prior on every parameter. Flip models without one get
@@ -42,7 +43,7 @@ from repo.inference.draws import (
     implied_eta_draws,
     load_draw,
 )
-from repo.inference.laplace import laplace_draws
+from repo.inference.laplace import laplace_draws, laplace_variances
 from repo.inference.nuts import run_nuts
 from repo.inference.svi import run_map, run_svi
 from repo.noise.base import NoiseModel
@@ -66,6 +67,8 @@ class BayesSettings:
     jit_compile: bool = True
     target_accept: float = 0.8
     max_tree_depth: int = 10
+    precondition: bool = True
+    adapt_mass_matrix: bool = True
     svi_steps: int = 3000
     svi_lr: float = 0.05
     svi_draws: int = 1000
@@ -174,6 +177,9 @@ def infer(
         draws.info["optimisation"] = info
         draws.seconds["optimisation"] = info["seconds"]
     elif method == "nuts":
+        inverse_mass = None
+        if settings.precondition:
+            inverse_mass = laplace_variances(point_model, logits, data)
         draws = run_nuts(
             bayes_model,
             logits,
@@ -186,6 +192,8 @@ def infer(
             target_accept=settings.target_accept,
             max_tree_depth=settings.max_tree_depth,
             init=start,
+            inverse_mass=inverse_mass,
+            adapt_mass_matrix=settings.adapt_mass_matrix,
             kernel_options=settings.kernel_options,
         )
     else:

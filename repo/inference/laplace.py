@@ -23,10 +23,9 @@ Directions with no curvature (an annotator with no labels and no prior) have no
 Laplace posterior: their draws are NaN and their ids are listed.
 
 The hierarchical model under EM is marginal empirical Bayes: ``x_k = logit eta_k``
-is integrated out by quadrature at the estimated ``(mu, sigma)``. Its draws come
-from ``Normal(E_q[x_k], Var_q[x_k])`` with the quadrature posterior ``q(x_k)``;
-``(mu, sigma)`` are plug-in values (their uncertainty is not propagated, and they
-get no draws).
+is integrated out on a grid at the estimated ``(mu, sigma)``. Its draws come from
+the grid posterior ``q(x_k)`` itself; ``(mu, sigma)`` are plug-in values (their
+uncertainty is not propagated, and they get no draws).
 """
 
 from __future__ import annotations
@@ -128,6 +127,25 @@ def _laplace_covariance(information: Tensor, k: int, groups: int, independent: b
     return torch.cholesky_inverse(chol), improper
 
 
+def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dict[str, Tensor]:
+    """Marginal variances of the unconstrained parameters under the Laplace
+    approximation at the model's current point (1 where it is improper); the
+    hierarchical model's ``logit_eta`` takes its grid posterior's variance.
+
+    Used to start NUTS's diagonal inverse mass matrix near the posterior's scales.
+    """
+    if isinstance(model, HierarchicalFlip):
+        return {"logit_eta": model.post_scale.clamp_min(1e-3) ** 2}
+    names, information = observed_information(model, logits, data)
+    k = data.num_annotators
+    cov, improper = _laplace_covariance(information, k, len(names), block_diagonal(model, data))
+    variances = torch.diagonal(cov).reshape(len(names), k).clone()
+    variances[:, improper] = 1.0
+    bad = ~torch.isfinite(variances) | (variances <= 0)
+    variances[bad] = 1.0
+    return {name: variances[g] for g, name in enumerate(names)}
+
+
 def laplace_draws(
     model: NoiseModel,
     logits: Tensor,
@@ -190,27 +208,26 @@ def _empirical_bayes_draws(
     generator: torch.Generator,
     start: float,
 ) -> PosteriorDraws:
-    """Hierarchical model: ``x_k`` drawn from the quadrature posterior's moments."""
+    """Hierarchical model: ``x_k`` drawn from its grid posterior ``q(x_k)``
+    (a grid point by its weight, then uniform within the grid cell)."""
     with torch.no_grad():
         posterior = enumerate_posterior(model.e_step_model(), logits, data)
-        stats = model.sufficient_statistics(data, posterior.marginals, logits)
-        weights, _ = model._quadrature(stats)
-        nodes = stats["nodes"]
-        mean = (weights * nodes).sum(-1)
-        var = (weights * (nodes - mean.unsqueeze(-1)) ** 2).sum(-1)
-        normal = torch.randn(num_draws, mean.numel(), generator=generator, dtype=torch.float64)
-        x = mean + var.sqrt() * normal
-    k = data.num_annotators
+        log_lik = model.grid_log_likelihood(logits, data, posterior.marginals)
+        mu, sigma = model.mu.detach(), model.sigma.detach()
+        weights = torch.softmax(log_lik + model.log_population(mu, sigma), -1)  # (K, G)
+        index = torch.multinomial(weights, num_draws, replacement=True, generator=generator)
+        spacing = float(model.grid[1] - model.grid[0])
+        jitter = torch.rand(index.shape, generator=generator, dtype=torch.float64) - 0.5
+        x = (model.grid[index] + spacing * jitter).T  # (draws, K)
     return PosteriorDraws(
         method=method,
         samples={"logit_eta": x.numpy()[None]},
-        point={"logit_eta": mean.numpy()},
+        point={"logit_eta": model.post_loc.numpy().copy()},
         seconds={"total": time.perf_counter() - start},
         info={
-            "approximation": "empirical Bayes (quadrature posterior of logit eta_k; "
-            "mu and sigma plug-in)",
+            "approximation": "empirical Bayes (grid posterior of logit eta_k at the "
+            "estimated mu and sigma, which are plug-in values)",
             "num_draws": num_draws,
             "improper_annotators": [],
-            "num_annotators": k,
         },
     )

@@ -43,6 +43,36 @@ class DivergenceWarning(UserWarning):
     """NUTS reported divergent transitions: the posterior summaries may be biased."""
 
 
+class PreconditionedNUTS(NUTS):
+    """NUTS whose diagonal inverse mass matrix starts at given values.
+
+    :param inverse_mass: site name -> unconstrained variances (the site's shape),
+        e.g. from the Laplace approximation at the EM estimate; sites not given
+        start at 1. With ``adapt_mass_matrix=False`` warm-up only tunes the step size.
+    """
+
+    def __init__(self, *args, inverse_mass: dict[str, Tensor], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial_inverse_mass = inverse_mass
+
+    def _initialize_adapter(self) -> None:
+        super()._initialize_adapter()
+        adapter = self._adapter.mass_matrix_adapter
+        current = dict(adapter.inverse_mass_matrix)
+        for sites, matrix in current.items():
+            if matrix.dim() != 1:  # dense blocks keep Pyro's start
+                continue
+            parts = []
+            for name in sites:
+                ones = torch.ones_like(self.initial_params[name]).reshape(-1)
+                value = self.initial_inverse_mass.get(name)
+                parts.append(ones if value is None else value.reshape(-1).to(ones))
+            current[sites] = torch.cat(parts)
+        adapter.inverse_mass_matrix = current
+        if self._adapter.adapt_step_size:
+            self._adapter.reset_step_size_adaptation(self._initial_params)
+
+
 def check_sampler_settings(num_chains: int, warmup: int, draws: int, data: LabelData) -> None:
     """Raise ValueError for settings or data a chain cannot be run or diagnosed on."""
     if num_chains < 1:
@@ -74,6 +104,8 @@ def run_nuts(
     max_tree_depth: int = 10,
     init: dict[str, Tensor] | None = None,
     init_jitter: float = 0.5,
+    inverse_mass: dict[str, Tensor] | None = None,
+    adapt_mass_matrix: bool = True,
     kernel_options: dict | None = None,
     progress: bool = False,
 ) -> PosteriorDraws:
@@ -82,6 +114,10 @@ def run_nuts(
     :param bayes_model: a noise model after :meth:`NoiseModel.bayesian`.
     :param logits: ``(I,)`` fixed preference logits of the truth units.
     :param init: point values (constrained) by site name to start the chains near.
+    :param inverse_mass: unconstrained variances by site name to start the diagonal
+        inverse mass matrix at (:class:`PreconditionedNUTS`).
+    :param adapt_mass_matrix: adapt the mass matrix in warm-up windows (Stan's
+        schedule); without it warm-up tunes only the step size.
     :param kernel_options: further keyword arguments of :class:`pyro.infer.NUTS`
         (e.g. ``step_size``, ``adapt_step_size``, ``adapt_mass_matrix``).
     :returns: draws ``(num_chains, draws, ...)`` with per-draw ``diverging``,
@@ -118,13 +154,18 @@ def run_nuts(
         seconds = {"setup": setup_seconds, "warmup": 0.0, "sampling": 0.0}
         for chain in range(num_chains):
             pyro.set_rng_seed(seed + chain)
-            kernel = NUTS(
+            options = dict(
                 potential_fn=potential_fn,
                 transforms=transforms,
                 target_accept_prob=target_accept,
                 max_tree_depth=max_tree_depth,
+                adapt_mass_matrix=adapt_mass_matrix,
                 **(kernel_options or {}),
             )
+            if inverse_mass:
+                kernel = PreconditionedNUTS(inverse_mass=inverse_mass, **options)
+            else:
+                kernel = NUTS(**options)
             record: dict[str, list[float]] = {"diverging": [], "lp": [], "step_size": []}
             clock = {"start": time.perf_counter(), "sampling": None}
 
@@ -174,6 +215,8 @@ def run_nuts(
             "jit_compile": jit_compile,
             "target_accept": target_accept,
             "max_tree_depth": max_tree_depth,
+            "adapt_mass_matrix": adapt_mass_matrix,
+            "preconditioned": bool(inverse_mass),
         },
     )
     if result.num_divergences:
