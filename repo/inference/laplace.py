@@ -132,10 +132,13 @@ def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dic
     approximation at the model's current point (1 where it is improper); the
     hierarchical model's ``logit_eta`` takes its grid posterior's variance.
 
-    Used to start NUTS's diagonal inverse mass matrix near the posterior's scales.
+    Used to start NUTS's diagonal inverse mass matrix near the posterior's scales,
+    so the values are kept in ``[1e-6, 1]``: an estimate on the boundary of the
+    parameter space (``eta = 1 - EPS``) has no curvature and would otherwise give an
+    unbounded scale; 1 is the scale NUTS starts from without a preconditioner.
     """
     if isinstance(model, HierarchicalFlip):
-        return {"logit_eta": model.post_scale.clamp_min(1e-3) ** 2}
+        return {"logit_eta": (model.post_scale**2).clamp(1e-6, 1.0)}
     names, information = observed_information(model, logits, data)
     k = data.num_annotators
     cov, improper = _laplace_covariance(information, k, len(names), block_diagonal(model, data))
@@ -143,7 +146,7 @@ def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dic
     variances[:, improper] = 1.0
     bad = ~torch.isfinite(variances) | (variances <= 0)
     variances[bad] = 1.0
-    return {name: variances[g] for g, name in enumerate(names)}
+    return {name: variances[g].clamp(1e-6, 1.0) for g, name in enumerate(names)}
 
 
 def laplace_draws(

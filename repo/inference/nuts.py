@@ -39,6 +39,11 @@ MIN_DRAWS = 4
 """Split R-hat halves every chain: fewer draws than this cannot be diagnosed."""
 
 
+INIT_BOUND = 6.0
+"""Chains start within ``[-6, 6]`` in unconstrained space: an estimate on the boundary
+(``eta = 1 - EPS`` is 13.8 on the logit scale) is pulled in to where the mass is."""
+
+
 class DivergenceWarning(UserWarning):
     """NUTS reported divergent transitions: the posterior summaries may be biased."""
 
@@ -144,6 +149,7 @@ def run_nuts(
             for name, value in init.items():
                 if name in transforms:
                     centre = transforms[name](torch.as_tensor(value, dtype=torch.float64))
+                    centre = centre.clamp(-INIT_BOUND, INIT_BOUND)
                     noise = torch.randn(
                         (num_chains, *centre.shape), generator=generator, dtype=torch.float64
                     )
