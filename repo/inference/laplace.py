@@ -19,8 +19,10 @@ The Hessian is assembled from Hessian-vector products (double backward through
 (and for the Boltzmann model) annotators do not interact, so ``I`` is
 block-diagonal with one ``P x P`` block per annotator (``P`` parameters each) and
 ``P`` products give every block; under shared truth the full matrix takes ``K P``.
-Directions with no curvature (an annotator with no labels and no prior) have no
-Laplace posterior: their draws are NaN and their ids are listed.
+Directions with (almost) no curvature (an estimate on the boundary, an annotator
+with no labels and no prior) have no proper Laplace posterior: their curvature is
+floored at :data:`MIN_CURVATURE` (a wide, finite approximation) and their
+annotators are listed in ``info["improper_annotators"]``.
 
 The hierarchical model under EM is marginal empirical Bayes: ``x_k = logit eta_k``
 is integrated out on a grid at the estimated ``(mu, sigma)``. Its draws come from
@@ -105,26 +107,37 @@ def observed_information(
     return names, -hessian.detach()
 
 
+MIN_CURVATURE = 1e-2
+"""Eigenvalues of the information below this are raised to it (an sd of 10 on the
+unconstrained scale): a direction the data do not inform (an estimate on the
+boundary, an annotator with no labels and no prior) gets a wide, finite Laplace
+posterior instead of none."""
+
+
+def _floored_inverse(block: Tensor) -> tuple[Tensor, bool]:
+    """``block^{-1}`` with eigenvalues floored at MIN_CURVATURE; whether any was."""
+    block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+    values, vectors = torch.linalg.eigh(block)
+    floored = bool((values < MIN_CURVATURE).any())
+    values = values.clamp_min(MIN_CURVATURE)
+    return (vectors / values) @ vectors.T, floored
+
+
 def _laplace_covariance(information: Tensor, k: int, groups: int, independent: bool):
-    """Covariance ``I^{-1}`` and a mask of annotators whose block is not positive."""
+    """Covariance ``I^{-1}`` and a mask of annotators with a floored curvature."""
     total = information.shape[0]
     improper = torch.zeros(k, dtype=torch.bool)
+    if not independent:
+        cov, floored = _floored_inverse(information)
+        improper[:] = floored
+        return cov, improper
     cov = torch.zeros((total, total), dtype=torch.float64)
-    if independent:
-        for a in range(k):
-            idx = torch.arange(groups) * k + a
-            block = information[idx][:, idx]
-            chol, bad = torch.linalg.cholesky_ex(block)
-            if int(bad) or not torch.isfinite(block).all():
-                improper[a] = True
-                continue
-            cov[idx.unsqueeze(-1), idx] = torch.cholesky_inverse(chol)
-        return cov, improper
-    chol, bad = torch.linalg.cholesky_ex(information)
-    if int(bad) or not torch.isfinite(information).all():
-        improper[:] = True
-        return cov, improper
-    return torch.cholesky_inverse(chol), improper
+    for a in range(k):
+        idx = torch.arange(groups) * k + a
+        block, floored = _floored_inverse(information[idx][:, idx])
+        cov[idx.unsqueeze(-1), idx] = block
+        improper[a] = floored
+    return cov, improper
 
 
 def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dict[str, Tensor]:
@@ -144,8 +157,6 @@ def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dic
     cov, improper = _laplace_covariance(information, k, len(names), block_diagonal(model, data))
     variances = torch.diagonal(cov).reshape(len(names), k).clone()
     variances[:, improper] = 1.0
-    bad = ~torch.isfinite(variances) | (variances <= 0)
-    variances[bad] = 1.0
     return {name: variances[g].clamp(1e-6, 1.0) for g, name in enumerate(names)}
 
 
@@ -173,12 +184,8 @@ def laplace_draws(
     cov, improper = _laplace_covariance(information, k, groups, independent)
     centre = torch.cat([getattr(model, n + "_unconstrained").detach().reshape(-1) for n in names])
     normal = torch.randn(num_draws, centre.numel(), generator=generator, dtype=torch.float64)
-    ok = ~improper.repeat(groups)
-    u = torch.full((num_draws, centre.numel()), float("nan"), dtype=torch.float64)
-    if ok.any():
-        sub = cov[ok][:, ok]
-        chol = torch.linalg.cholesky(sub + 1e-12 * torch.eye(sub.shape[0], dtype=torch.float64))
-        u[:, ok] = centre[ok] + normal[:, ok] @ chol.T
+    chol = torch.linalg.cholesky(cov + 1e-12 * torch.eye(cov.shape[0], dtype=torch.float64))
+    u = centre + normal @ chol.T
     samples, point = {}, {}
     for g, name in enumerate(names):
         constraint, _ = model._pyro_params[name]
