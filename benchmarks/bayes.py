@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyro.distributions as dist
 import torch
+from _results import record
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 
@@ -39,7 +39,6 @@ from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
 from repo.noise import LabelData, SymmetricFlip
 from repo.scorers import FixedLogits
 
-RESULTS = Path(__file__).parent / "results"
 BUDGET_S = 600.0
 
 
@@ -137,18 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures = run(10_000, 50, chains=2, warmup=150, draws=150)
     else:
         figures = run(100_000, 500, chains=4, warmup=500, draws=500)
-    result = {
-        "benchmark": "bayes",
-        "quick": args.quick,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__,
-        **figures,
-    }
-    out = args.out or RESULTS / f"bayes{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
-    return result
+    return record("bayes", args.quick, figures, args.out)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,14 @@ Run: ``python benchmarks/calibration.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from _results import record
 
 from repo.diagnostics.calibration import coverage_figures, coverage_study
 from repo.inference.bayes import BayesSettings
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,24 +46,21 @@ def main(argv: list[str] | None = None) -> dict:
         "min_ess_bulk": figures["min_ess_bulk"] >= 400,
         "em_inside90": figures["em_inside90"] >= 0.85,
     }
-    result = {
-        "benchmark": "calibration",
-        "quick": args.quick,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread",
-        "torch": torch.__version__,
-        "replications": replications,
-        "chains": chains,
-        "warmup": 100,
-        "draws": draws,
-        "wall_s": time.perf_counter() - start,
-        **figures,
-        "targets": targets,
-        "targets_met": all(targets.values()),
-    }
-    out = args.out or RESULTS / f"calibration{'-quick' if args.quick else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    result = record(
+        "calibration",
+        args.quick,
+        {
+            "replications": replications,
+            "chains": chains,
+            "warmup": 100,
+            "draws": draws,
+            "wall_s": time.perf_counter() - start,
+            **figures,
+            "targets": targets,
+            "targets_met": all(targets.values()),
+        },
+        args.out,
+    )
     return result
 
 

@@ -32,12 +32,7 @@ F64 = torch.float64
 FAST = BayesSettings(num_chains=2, warmup=100, draws=100, laplace_draws=400)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fitted(name, sim, k, shared=False, prior=None):

@@ -50,6 +50,17 @@ def _beta(a: float, b: float) -> dist.Beta:
     return dist.Beta(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
 
 
+def _fit_pool(counts, prior, settings, seed):
+    """Simulate a pool from ``seed``, fit EM then NUTS: (true eta, EM model, result)."""
+    rng = np.random.default_rng(seed)
+    eta = rng.beta(*prior, counts.size)
+    data, scorer = simulate_pool(counts, eta, rng)
+    model = SymmetricFlip(counts.size, prior=_beta(*prior))
+    fit_em(model, scorer, data)
+    settings.seed = seed
+    return eta, model, infer("nuts", model, scorer, data, settings)
+
+
 def coverage_study(
     replications: int,
     settings: BayesSettings,
@@ -65,13 +76,7 @@ def coverage_study(
     counts = label_counts(num_annotators, min_labels, max_labels)
     rows = []
     for replication in range(replications):
-        rng = np.random.default_rng(seed + replication)
-        eta = rng.beta(*prior, num_annotators)
-        data, scorer = simulate_pool(counts, eta, rng)
-        model = SymmetricFlip(num_annotators, prior=_beta(*prior))
-        fit_em(model, scorer, data)
-        settings.seed = seed + replication
-        result = infer("nuts", model, scorer, data, settings)
+        eta, model, result = _fit_pool(counts, prior, settings, seed + replication)
         frame, _ = summarise_draws(result)
         rows.append(
             pd.DataFrame(
@@ -121,13 +126,7 @@ def sbc_ranks(
     counts = np.full(num_annotators, labels_per_annotator)
     ranks = np.empty((replications, num_annotators), dtype=int)
     for replication in range(replications):
-        rng = np.random.default_rng(seed + replication)
-        eta = rng.beta(*prior, num_annotators)
-        data, scorer = simulate_pool(counts, eta, rng)
-        model = SymmetricFlip(num_annotators, prior=_beta(*prior))
-        fit_em(model, scorer, data)
-        settings.seed = seed + replication
-        result = infer("nuts", model, scorer, data, settings)
+        eta, _, result = _fit_pool(counts, prior, settings, seed + replication)
         draws = result.draws.samples["eta"].reshape(-1, num_annotators)
         keep = np.linspace(0, draws.shape[0] - 1, thin_to).round().astype(int)
         ranks[replication] = (draws[keep] < eta).sum(0)
