@@ -336,7 +336,7 @@ def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabel
         mode = posterior.point_model
         with torch.no_grad():
             at_mode = enumerate_posterior(mode.e_step_model(), posterior.logits, data)
-        value = float(at_mode.log_likelihood.sum() + mode.log_prior())
+        value = float((at_mode.log_likelihood.sum() + mode.log_prior()).detach())
         result = EMResult(em.converged, em.iterations, value, em.trace, em.logits, at_mode)
         out = summarise(mode, scorer, data, labels, result, prior=fit.prior, method="map")
     else:

@@ -73,7 +73,7 @@ class BayesSettings:
     svi_lr: float = 0.05
     svi_draws: int = 1000
     laplace_draws: int = 2000
-    max_enumeration_draws: int | None = 1000
+    max_enumeration_draws: int | None = None
     kernel_options: dict[str, Any] = field(default_factory=dict)
 
 
