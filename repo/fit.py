@@ -251,14 +251,16 @@ def fit_noise(
     max_iter: int = 1000,
     accelerate: bool = True,
     progress: bool = False,
-    method: str = "em",
+    method: str | None = None,
     bayes: BayesSettings | None = None,
 ) -> NoiseFit:
     """Fit ``model`` to a label table by EM (MAP-EM under ``prior``), then, by
     ``method``, attach a posterior: ``"em"`` the Laplace approximation at the EM
     estimate, ``"map"`` the mode (AutoDelta) with its Laplace approximation,
     ``"nuts"`` or ``"svi"`` full Bayes with the scorer held at its EM fit
-    (:mod:`repo.inference.bayes`; ``bayes`` holds their settings).
+    (:mod:`repo.inference.bayes`; ``bayes`` holds their settings). ``None`` (the
+    default) is EM alone, with no uncertainty (the cheapest; ``re-po fit-noise``
+    defaults to ``"em"``).
 
     :param table: a DataFrame, a path (CSV, TSV, JSONL, Parquet) or a dict of
         equal-length columns.
@@ -268,7 +270,7 @@ def fit_noise(
     :param prior: ``"beta:A,B"``, a ``Beta`` or None (maximum likelihood).
     :param eta_init: initial reliability (> 0.5 breaks the label-swap symmetry).
     """
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     frame = _as_table(table)
     labels = encode_labels(frame, format, tie_value=tie_value, duplicates=duplicates)
@@ -305,6 +307,9 @@ def fit_noise(
     em_seconds = time.perf_counter() - em_start
     fit = summarise(noise, scorer, data, labels, result, prior=prior)
     fit.trajectory = trajectory
+    if method is None:
+        fit.inference = {"method": "em", "em_seconds": em_seconds}
+        return fit
     if progress and method != "em":
         print(f"[re-po] {method}: sampling the posterior ...", file=sys.stderr)
     posterior = infer(method, noise, scorer, data, bayes)

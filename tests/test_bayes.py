@@ -231,7 +231,8 @@ def test_cli_nuts_writes_every_summary(tmp_path, capsys):
 
 def test_cli_em_keeps_the_estimate_and_reports_laplace(tmp_path, capsys):
     path, _ = write_scored(tmp_path)
-    fit = fit_noise(path, format="scored", model="symmetric")
+    assert "eta_lo90" not in fit_noise(path, format="scored").annotators  # EM alone
+    fit = fit_noise(path, format="scored", model="symmetric", method="em")
     assert fit.method == "em"
     row = fit.annotators.iloc[0]
     assert row["eta"] == pytest.approx(fit.noise_model.eta.detach().numpy()[0])
