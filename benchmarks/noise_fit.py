@@ -15,6 +15,9 @@ Two measurements, each on simulated labels with known truth:
    figure is the median of the paired time ratios. Targets: ratio <= 0.5, item
    accuracy no lower than crowd-kit's minus 0.002.
 
+Torch runs on one intra-op thread (``--threads`` to change), as crowd-kit's NumPy
+does: the comparison is single-threaded on both sides, and on a shared machine a
+second thread contending with other processes slows small operations badly.
 ``--quick`` shrinks both by 10x (within a minute). The last line printed is one
 JSON object with the figures; it is also written to ``benchmarks/results/``.
 
@@ -151,7 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="10x smaller, within a minute")
     parser.add_argument("--repeats", type=int, default=3, help="paired runs against crowd-kit")
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     scale = 10 if args.quick else 1
     print(f"scale: {1_000_000 // scale} labels, {10_000 // scale} annotators", file=sys.stderr)

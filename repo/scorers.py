@@ -10,6 +10,8 @@ the noise layer testable in seconds with fixed numbers and reusable with a polic
 * :class:`BradleyTerry`: learned object scores ``u``, ``s_i = u_{a_i} - u_{b_i}``
   (Crowd-BT when paired with a flip model), centred for identifiability, with a
   ``Normal(0, prior_scale)`` prior so that an object that always wins stays finite.
+  Its M-step maximises the expected complete-data log-likelihood in ``u``, a
+  Bradley-Terry fit to the soft outcomes ``p(z_i = 1 | o)`` (L-BFGS; concave).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroParam
 from torch import Tensor
+from torch.nn.functional import logsigmoid
 
 from repo.noise.layout import LabelData
 
@@ -112,7 +115,39 @@ class BradleyTerry(Scorer):
         return u[self.object_a[data.unit]] - u[self.object_b[data.unit]]
 
     def log_prior(self) -> Tensor:
+        return self._log_prior(self.centred())
+
+    def _log_prior(self, centred: Tensor) -> Tensor:
         scale = torch.tensor(self.prior_scale, dtype=torch.float64)
-        return (
-            dist.Normal(torch.zeros((), dtype=torch.float64), scale).log_prob(self.centred()).sum()
+        return dist.Normal(torch.zeros((), dtype=torch.float64), scale).log_prob(centred).sum()
+
+    def sufficient_statistics(self, data, truth):
+        """The soft outcome ``q_i = p(z_i = 1 | o)`` of every unit, by unit."""
+        return {"unit": data.unit, "truth": truth}
+
+    def m_step(self, stats):
+        """``argmax_u sum_i [q_i log sigmoid(s_i) + (1 - q_i) log sigmoid(-s_i)] + log p(u)``,
+        ``s_i = u_{a_i} - u_{b_i}``: a concave problem, solved by L-BFGS."""
+        a, b = self.object_a[stats["unit"]], self.object_b[stats["unit"]]
+        q = stats["truth"].detach()
+        u = self.scores.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            [u],
+            max_iter=100,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-9,
+            tolerance_change=1e-12,
         )
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            centred = u - u.mean()
+            s = centred[a] - centred[b]
+            value = (q * logsigmoid(s) + (1 - q) * logsigmoid(-s)).sum()
+            loss = -(value + self._log_prior(centred)) / q.numel()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        u = u.detach()
+        return {"scores": u - u.mean()}

@@ -27,9 +27,6 @@ from repo.scorers import FixedLogits
 F64 = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def beta(a, b):
     return dist.Beta(torch.tensor(a, dtype=F64), torch.tensor(b, dtype=F64))
 

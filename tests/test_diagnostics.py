@@ -32,9 +32,6 @@ F64 = torch.float64
 FAST = BayesSettings(num_chains=2, warmup=100, draws=100, laplace_draws=400)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def fitted(name, sim, k, shared=False, prior=None):
     if shared:
         data = LabelData.from_labels(
