@@ -7,8 +7,14 @@ preference logits ``s`` (one per truth unit)::
     o_ij ~ p(o_ij | z_i, annotator parameters)      # the noise process
 
 Subclasses write :meth:`NoiseModel.model` with the truth units in a plate named
-``"items"`` (dim -2) and the label slots in a plate ``"slots"`` (dim -1) under
-``poutine.mask(mask=data.slot_mask)``. That program is all EM, MAP, NUTS and SVI need.
+``"items"``. The labels of a unit are independent given its truth; they are
+observed either as one vector, :func:`label_likelihood` (an event of ``num_slots``
+labels, padding masked; items at dim -1), or, when each label carries a latent of
+its own (the spammer's honesty), in a plate ``"slots"`` at dim -1 inside ``"items"``
+at dim -2 under ``poutine.mask(mask=data.slot_mask)``. The two read the same on
+paper and give the same posterior; the first lets Pyro's contraction work on
+``units`` rather than ``units x slots`` terms (about twice as fast). That program
+is all EM, MAP, NUTS and SVI need.
 
 Annotator parameters are :class:`~pyro.nn.PyroParam` (point estimates: EM, MAP
 under a prior) and become :class:`~pyro.nn.PyroSample` (full Bayes) through
@@ -51,6 +57,16 @@ def beta_map(successes: Tensor, trials: Tensor, prior: dist.Beta | None) -> Tens
     den = trials + a + b - 2
     value = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, 0.5))
     return value.clamp(EPS, 1 - EPS)
+
+
+def label_likelihood(label_logits: Tensor, data: LabelData) -> dist.Distribution:
+    """The labels of each truth unit as one observation: independent
+    ``Bernoulli(logits)`` per label slot, padding masked out; batch ``(..., I)``,
+    event ``(S,)``."""
+    labels = dist.Bernoulli(logits=label_logits)
+    if data.slot_mask is not True:
+        labels = labels.mask(data.mask)
+    return labels.to_event(1)
 
 
 def agree_logits(z: Tensor, logit_correct: Tensor) -> Tensor:
@@ -160,6 +176,10 @@ class NoiseModel(PyroModule):
         if "z" in marginals:
             return marginals["z"][..., 1].reshape(-1)
         return torch.sigmoid(logits)
+
+    def label_posterior(self, data: LabelData, marginals: dict[str, Tensor]) -> Tensor:
+        """``p(z_i = 1 | o)`` broadcast to the label slots ``(I, S)``."""
+        return marginals["z"][..., 1].reshape(-1, 1).expand_as(data.label)
 
     def label_correct(
         self, logits: Tensor, data: LabelData, marginals: dict[str, Tensor]

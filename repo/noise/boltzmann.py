@@ -18,12 +18,11 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
 from torch import Tensor
 
-from repo.noise.base import NoiseModel
+from repo.noise.base import NoiseModel, label_likelihood
 from repo.noise.layout import LabelData
 
 
@@ -49,10 +48,9 @@ class Boltzmann(NoiseModel):
 
     def model(self, logits: Tensor, data: LabelData) -> None:
         tau = self.tau
-        with pyro.plate("items", data.num_units, dim=-2):
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
-                label_logits = tau[data.annotator] * logits.unsqueeze(-1)
-                pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
+        with pyro.plate("items", data.num_units, dim=-1):
+            label_logits = tau[data.annotator] * logits.unsqueeze(-1)
+            pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
 
     def implied_eta(self, logits, data):
         return torch.sigmoid(self.tau.detach()[data.annotator] * logits.abs().unsqueeze(-1))

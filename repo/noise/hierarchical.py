@@ -53,7 +53,7 @@ from pyro.nn import PyroParam
 from torch import Tensor
 from torch.nn.functional import logsigmoid
 
-from repo.noise.base import NoiseModel, agree_logits
+from repo.noise.base import NoiseModel, agree_logits, label_likelihood
 from repo.noise.layout import LabelData
 
 MIN_SIGMA = 0.05
@@ -112,15 +112,10 @@ class HierarchicalFlip(NoiseModel):
         mu, sigma = self.mu, self.sigma
         with pyro.plate("annotators", self.num_annotators, dim=-1):
             logit_eta = pyro.sample("logit_eta", dist.Normal(mu, sigma))
-        with pyro.plate("items", data.num_units, dim=-2):
-            z = pyro.sample(
-                "z",
-                dist.Bernoulli(logits=logits.unsqueeze(-1)),
-                infer={"enumerate": "parallel"},
-            )
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
-                label_logits = agree_logits(z, logit_eta[..., data.annotator])
-                pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
+        with pyro.plate("items", data.num_units, dim=-1):
+            z = pyro.sample("z", dist.Bernoulli(logits=logits), infer={"enumerate": "parallel"})
+            label_logits = agree_logits(z.unsqueeze(-1), logit_eta[..., data.annotator])
+            pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
 
     def e_step_model(self):
         return poutine.condition(self.model, data={"logit_eta": self.post_loc})
@@ -137,7 +132,7 @@ class HierarchicalFlip(NoiseModel):
         """
         up, down = logsigmoid(self.grid), logsigmoid(-self.grid)
         if data.shared_truth:
-            q1 = marginals["z"][..., 1]
+            q1 = self.label_posterior(data, marginals)
             w = data.label * q1 + (1 - data.label) * (1 - q1)
             correct = data.per_annotator_sum(w).unsqueeze(-1)
             wrong = data.label_counts().unsqueeze(-1) - correct

@@ -18,10 +18,9 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, agree_logits, beta_map
+from repo.noise.base import NoiseModel, agree_logits, beta_map, label_likelihood
 from repo.noise.layout import LabelData
 
 
@@ -39,18 +38,13 @@ class SymmetricFlip(NoiseModel):
 
     def model(self, logits: Tensor, data: LabelData) -> None:
         logit_eta = torch.logit(self.eta)
-        with pyro.plate("items", data.num_units, dim=-2):
-            z = pyro.sample(
-                "z",
-                dist.Bernoulli(logits=logits.unsqueeze(-1)),
-                infer={"enumerate": "parallel"},
-            )
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
-                label_logits = agree_logits(z, logit_eta[data.annotator])
-                pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
+        with pyro.plate("items", data.num_units, dim=-1):
+            z = pyro.sample("z", dist.Bernoulli(logits=logits), infer={"enumerate": "parallel"})
+            label_logits = agree_logits(z.unsqueeze(-1), logit_eta[data.annotator])
+            pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
 
     def sufficient_statistics(self, data, marginals, logits):
-        q1 = marginals["z"][..., 1]
+        q1 = self.label_posterior(data, marginals)
         w = data.label * q1 + (1 - data.label) * (1 - q1)
         return {"n": data.label_counts(), "correct": data.per_annotator_sum(w)}
 

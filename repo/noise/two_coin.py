@@ -19,10 +19,9 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, beta_map
+from repo.noise.base import NoiseModel, beta_map, label_likelihood
 from repo.noise.layout import LabelData
 
 
@@ -42,19 +41,14 @@ class TwoCoin(NoiseModel):
 
     def model(self, logits: Tensor, data: LabelData) -> None:
         logit_a, logit_b = torch.logit(self.eta_a), torch.logit(self.eta_b)
-        with pyro.plate("items", data.num_units, dim=-2):
-            z = pyro.sample(
-                "z",
-                dist.Bernoulli(logits=logits.unsqueeze(-1)),
-                infer={"enumerate": "parallel"},
-            )
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
-                k = data.annotator
-                label_logits = z * logit_a[k] - (1 - z) * logit_b[k]
-                pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
+        with pyro.plate("items", data.num_units, dim=-1):
+            z = pyro.sample("z", dist.Bernoulli(logits=logits), infer={"enumerate": "parallel"})
+            k = data.annotator  # logit p(o = 1): logit eta_a when z = 1, -logit eta_b when 0
+            label_logits = torch.where(z.unsqueeze(-1) > 0.5, logit_a[k], -logit_b[k])
+            pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
 
     def sufficient_statistics(self, data, marginals, logits):
-        q1 = marginals["z"][..., 1].expand_as(data.label)
+        q1 = self.label_posterior(data, marginals)
         o = data.label
         return {
             "n": data.label_counts(),
