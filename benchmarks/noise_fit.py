@@ -92,10 +92,9 @@ def _ours(table: pd.DataFrame, model: str) -> tuple[float, pd.Series]:
     start = time.perf_counter()
     fit = fit_noise(table, format="binary", model=model, tol=1e-6)
     seconds = time.perf_counter() - start
-    items = fit.items.set_index("id")["posterior"]
-    predicted = items.map(lambda post: int(max(post, key=post.get)))  # the label value
-    predicted.index = predicted.index.astype(np.int64)
-    return seconds, predicted.sort_index()
+    a, b = fit.truth_values
+    predicted = np.where(fit.items[f"p_{a}"] > 0.5, int(a), int(b))  # the label value
+    return seconds, pd.Series(predicted, index=fit.items["id"].astype(np.int64)).sort_index()
 
 
 def _theirs(table: pd.DataFrame, model: str) -> tuple[float, pd.Series]:

@@ -146,6 +146,7 @@ class NoiseFit:
     inference: dict = field(default_factory=dict)
     trajectory: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    truth_values: tuple[str, str] | None = None
 
     def to_dict(self) -> dict:
         """The RESULT.json document."""
@@ -164,9 +165,21 @@ class NoiseFit:
             "population": {k: float(v) for k, v in self.population.items()},
             "dropped": dict(self.dropped),
             "annotators": _records(self.annotators),
-            "items": _records(self.items),
+            "items": self._item_records(),
             "labels": _records(self.labels),
         }
+
+    def _item_records(self) -> list[dict]:
+        """Items for RESULT.json, the ``p_<value>`` columns as one ``posterior`` dict."""
+        if self.truth_values is None:
+            return _records(self.items)
+        columns = [f"p_{value}" for value in self.truth_values]
+        rest = self.items.drop(columns=columns)
+        probabilities = self.items[columns].to_numpy().tolist()
+        records = _records(rest)
+        for record, row in zip(records, probabilities, strict=True):
+            record["posterior"] = dict(zip(self.truth_values, row, strict=True))
+        return records
 
     def to_inference_data(self, log_likelihood: bool = True):
         """ArviZ data of the attached posterior (:mod:`repo.diagnostics`)."""
@@ -404,13 +417,16 @@ def summarise(
         per_label = result.posterior.log_likelihood.unsqueeze(-1)
         frame_labels["log_likelihood"] = data.flat(per_label).numpy()
 
+    truth_values = None
     if labels.format == "pairwise":
         items = pd.DataFrame({"id": labels.object_ids, "score": scorer.centred().detach().numpy()})
     elif data.shared_truth:
-        ids = [labels.item_ids[int(u)] for u in data.unit.tolist()]
-        a, b = labels.label_values if labels.format == "binary" else ("1", "0")
-        posterior = [{a: float(p), b: float(1 - p)} for p in truth]
-        items = pd.DataFrame({"id": ids, "posterior": posterior, "log_likelihood": pointwise})
+        ids = np.asarray(labels.item_ids, dtype=object)[data.unit.numpy()]
+        truth_values = labels.label_values if labels.format == "binary" else ("1", "0")
+        a, b = truth_values
+        items = pd.DataFrame(
+            {"id": ids, f"p_{a}": truth, f"p_{b}": 1 - truth, "log_likelihood": pointwise}
+        )
     else:
         items = pd.DataFrame({"id": pd.Series([], dtype=str)})
     population = {k: float(v) for k, v in noise.population_parameters().items()}
@@ -435,4 +451,5 @@ def summarise(
         scorer=scorer,
         data=data,
         em=result,
+        truth_values=truth_values,
     )

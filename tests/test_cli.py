@@ -364,10 +364,14 @@ def test_python_api_returns_data_frames():
     assert fit.annotators["n_labels"].sum() == len(table)
     assert fit.annotators["eta"].between(0, 1).all()
     assert len(fit.items) == table["item"].nunique()
+    assert list(fit.items.columns) == ["id", "p_2", "p_1", "log_likelihood"]  # 2 is "A"
+    np.testing.assert_allclose(fit.items["p_2"] + fit.items["p_1"], 1.0)
     assert fit.labels["row"].tolist() == list(range(len(table)))
     assert fit.labels["w"].between(0, 1).all()
     doc = json.loads(fit.to_json())
     assert doc["annotators"][0]["id"] == fit.annotators["id"][0]
+    first = doc["items"][0]
+    assert first["posterior"] == {"2": fit.items["p_2"][0], "1": fit.items["p_1"][0]}
     # the same table as a DataFrame gives the same fit
     again = fit_noise(table, format="binary", model="two-coin")
     np.testing.assert_allclose(again.annotators["eta"], fit.annotators["eta"])

@@ -251,9 +251,7 @@ def test_truncation_policy(tiny):
     assert pair.prompt_cut == 0 and len(pair.sequence("a")[0]) == L
     # short responses leave more room for the prompt (min(R, m) is reserved)
     pair = pt(prompt, "ok", "fine")
-    assert len(pair.prompt_ids) == L - max(
-        len(pair.response_a_ids), len(pair.response_b_ids)
-    )
+    assert len(pair.prompt_ids) == L - max(len(pair.response_a_ids), len(pair.response_b_ids))
 
     # skip and error policies name / count the record
     skip = PairTokenizer(tokenizer, L, min_response_tokens=m, prompt_overflow="skip")

@@ -17,6 +17,7 @@ logit per row; noise models read ``annotator``, ``label`` and ``mask``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ class LabelData:
     def num_labels(self) -> int:
         return int(self.mask.sum())
 
-    @property
+    @cached_property
     def slot_mask(self) -> Tensor | bool:
         """The mask for ``poutine.mask``: ``True`` when no slot is padding (so that
         masking costs nothing on rectangular data)."""
@@ -140,14 +141,21 @@ class LabelData:
         )
 
     def per_annotator_sum(self, values: Tensor) -> Tensor:
-        """``sum_j values_j`` over each annotator's labels (padding excluded): ``(K,)``."""
-        values = torch.where(self.mask, values, torch.zeros((), dtype=values.dtype))
-        out = torch.zeros(self.num_annotators, dtype=values.dtype)
-        return out.index_add_(0, self.annotator.reshape(-1), values.reshape(-1))
+        """``sum_j values_j`` over each annotator's labels (padding excluded).
+
+        ``values`` is ``(I, S)`` or ``(I, S, m)`` (several statistics at once, one
+        pass over the labels); the result is ``(K,)`` or ``(K, m)``.
+        """
+        extra = values.shape[2:]
+        mask = self.mask.reshape(self.mask.shape + (1,) * len(extra))
+        if self.slot_mask is not True:
+            values = torch.where(mask, values, torch.zeros((), dtype=values.dtype))
+        out = torch.zeros((self.num_annotators, *extra), dtype=values.dtype)
+        return out.index_add_(0, self.annotator.reshape(-1), values.reshape(-1, *extra))
 
     def label_counts(self) -> Tensor:
         """Number of labels of each annotator: ``(K,)``."""
-        return self.per_annotator_sum(torch.ones_like(self.label))
+        return self.per_annotator_sum(self.mask.to(self.label.dtype))
 
     def flat(self, values: Tensor) -> Tensor:
         """Per-slot ``values`` ``(I, S)`` in the input's label order ``(N,)``."""

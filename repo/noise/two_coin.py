@@ -48,14 +48,16 @@ class TwoCoin(NoiseModel):
             pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
 
     def sufficient_statistics(self, data, marginals, logits):
-        q1 = self.label_posterior(data, marginals)
-        o = data.label
+        q1, o = self.label_posterior(data, marginals), data.label
+        per_label = torch.stack([q1, q1 * o, (1 - q1) * (1 - o)], -1)
+        truth_a, correct_a, correct_b = data.per_annotator_sum(per_label).unbind(-1)
+        n = data.label_counts()
         return {
-            "n": data.label_counts(),
-            "truth_a": data.per_annotator_sum(q1),
-            "correct_a": data.per_annotator_sum(q1 * o),
-            "truth_b": data.per_annotator_sum(1 - q1),
-            "correct_b": data.per_annotator_sum((1 - q1) * (1 - o)),
+            "n": n,
+            "truth_a": truth_a,
+            "correct_a": correct_a,
+            "truth_b": n - truth_a,
+            "correct_b": correct_b,
         }
 
     def m_step(self, stats):

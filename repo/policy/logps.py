@@ -82,9 +82,7 @@ def _chunk_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(lg, dim=-1)
 
 
-def token_logps(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
-) -> torch.Tensor:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """``log softmax(logits)[label]`` in float32 for rows of ``logits`` (N, V) and ``labels`` (N,).
 
     Rows are processed ``chunk_size`` at a time; for non-float32 logits that need a

@@ -151,13 +151,14 @@ class PairTokenizer:
             raise ValueError("the tokenizer has no eos token")
         if max_length <= min_response_tokens:
             raise ValueError(
-                f"max_length ({max_length}) must exceed min_response_tokens "
-                f"({min_response_tokens})"
+                f"max_length ({max_length}) must exceed min_response_tokens ({min_response_tokens})"
             )
         if min_response_tokens < 1:
             raise ValueError("min_response_tokens must be at least 1")
         if prompt_overflow not in ("truncate", "skip", "error"):
-            raise ValueError(f"prompt_overflow must be truncate|skip|error, not {prompt_overflow!r}")
+            raise ValueError(
+                f"prompt_overflow must be truncate|skip|error, not {prompt_overflow!r}"
+            )
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.min_response_tokens = int(min_response_tokens)
@@ -315,9 +316,7 @@ class PairCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
-        return collate_pairs(
-            pairs, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of
-        )
+        return collate_pairs(pairs, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 def batch_to(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
