@@ -21,6 +21,7 @@ def _bayes_settings(args: argparse.Namespace):
         jit_compile=not args.no_jit,
         target_accept=args.target_accept,
         svi_steps=args.svi_steps,
+        chain_processes=args.chain_processes,
     )
 
 
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     bayes.add_argument("--chains", type=int, default=4, help="NUTS chains")
     bayes.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps per chain")
     bayes.add_argument("--draws", type=int, default=500, help="NUTS draws per chain")
+    bayes.add_argument(
+        "--chain-processes",
+        type=int,
+        default=1,
+        help="NUTS chains run at once, each in its own process (e.g. the number of cores)",
+    )
     bayes.add_argument("--seed", type=int, default=0)
     bayes.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")
     bayes.add_argument("--target-accept", type=float, default=0.8)

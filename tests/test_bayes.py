@@ -175,6 +175,23 @@ def test_divergences_are_counted_and_warned():
     assert draws.num_divergences == int(draws.sample_stats["diverging"].sum())
 
 
+def test_chains_in_processes_give_the_same_draws():
+    # A chain's draws depend on its seed alone, not on where it runs.
+    sim = simulate_labels(num_items=400, num_annotators=3, shared_truth=False, seed=12)
+    model, scorer, data = fitted("symmetric", sim, 3, prior=beta(2.0, 1.0))
+    runs = {}
+    for processes in (1, 2):
+        bayes = copy.deepcopy(model).bayesian()
+        runs[processes] = run_nuts(
+            bayes, scorer(data), data, num_chains=2, warmup=20, draws=20, seed=5,
+            chain_processes=processes,
+        )  # fmt: skip
+    np.testing.assert_allclose(runs[1].samples["eta"], runs[2].samples["eta"], atol=1e-6)
+    assert runs[2].info["chain_processes"] == 2
+    with pytest.raises(ValueError, match="chain_processes"):
+        run_nuts(bayes, scorer(data), data, num_chains=2, warmup=5, draws=5, chain_processes=0)
+
+
 def test_too_few_draws_or_labels_are_errors():
     sim = simulate_labels(num_items=50, num_annotators=2, shared_truth=False, seed=10)
     model, scorer, data = fitted("symmetric", sim, 2, prior=beta(2.0, 1.0))

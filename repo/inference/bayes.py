@@ -74,6 +74,7 @@ class BayesSettings:
     svi_draws: int = 1000
     laplace_draws: int = 2000
     max_enumeration_draws: int | None = None
+    chain_processes: int = 1
     kernel_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,6 +196,7 @@ def infer(
             inverse_mass=inverse_mass,
             adapt_mass_matrix=settings.adapt_mass_matrix,
             kernel_options=settings.kernel_options,
+            chain_processes=settings.chain_processes,
         )
     else:
         draws = run_svi(

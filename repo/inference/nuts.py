@@ -12,7 +12,8 @@ coordinates, log-Jacobian included) from the noise model itself: sites marked
 so NUTS never sees a discrete variable. With ``jit_compile`` the potential and its
 gradient are traced once by the PyTorch JIT and shared by all chains.
 
-Chains run one after the other, chain ``c`` seeded with ``seed + c`` and started
+Chains run one after the other (or ``chain_processes`` at a time, each in its own
+process on one thread), chain ``c`` seeded with ``seed + c`` and started
 from the point estimate (when given) jittered by ``Normal(0, init_jitter^2)`` in
 unconstrained space, else uniformly in ``(-2, 2)`` there (Pyro's default).
 Divergent transitions after warm-up are recorded per draw, never dropped.
@@ -20,8 +21,10 @@ Divergent transitions after warm-up are recorded per draw, never dropped.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pyro
@@ -95,6 +98,89 @@ def check_sampler_settings(num_chains: int, warmup: int, draws: int, data: Label
         )
 
 
+def _kernel(potential_fn, transforms, options: dict, inverse_mass: dict | None) -> NUTS:
+    options = dict(options, potential_fn=potential_fn, transforms=transforms)
+    if inverse_mass:
+        return PreconditionedNUTS(inverse_mass=inverse_mass, **options)
+    return NUTS(**options)
+
+
+def _potential(
+    bayes_model: NoiseModel, logits: Tensor, data: LabelData, jit_compile: bool, num_chains: int = 1
+):
+    """Initial values (a leading chain dim), potential energy and transforms of
+    ``p(theta | o)`` (Pyro's ``initialize_model``; discrete sites enumerated out)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        initial, potential_fn, transforms, _ = initialize_model(
+            bayes_model,
+            (logits, data),
+            max_plate_nesting=MAX_PLATE_NESTING,
+            jit_compile=jit_compile,
+            skip_jit_warnings=True,
+            num_chains=num_chains,
+        )
+    if num_chains == 1:  # Pyro adds the chain dimension only for several chains
+        initial = {k: v.unsqueeze(0) for k, v in initial.items()}
+    return initial, potential_fn, transforms
+
+
+def _run_chain(
+    potential_fn,
+    transforms,
+    initial: dict[str, Tensor],
+    *,
+    seed: int,
+    warmup: int,
+    draws: int,
+    options: dict,
+    inverse_mass: dict | None,
+    progress: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, list[float]], float, float]:
+    """One chain: its draws, per-draw statistics, and warm-up and sampling seconds."""
+    pyro.set_rng_seed(seed)
+    kernel = _kernel(potential_fn, transforms, options, inverse_mass)
+    record: dict[str, list[float]] = {"diverging": [], "lp": [], "step_size": []}
+    clock = {"start": time.perf_counter(), "sampling": None}
+
+    def hook(kernel, params, stage, i):
+        if stage != "Sample":
+            return
+        if clock["sampling"] is None:
+            clock["sampling"] = time.perf_counter()
+        diverged = len(kernel._divergences) > sum(record["diverging"])
+        record["diverging"].append(float(diverged))
+        record["lp"].append(-float(kernel._potential_energy_last))
+        record["step_size"].append(float(kernel.step_size))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        mcmc = MCMC(
+            kernel,
+            num_samples=draws,
+            warmup_steps=warmup,
+            initial_params=initial,
+            transforms=transforms,
+            hook_fn=hook,
+            disable_progbar=not progress,
+        )
+        mcmc.run()
+    end = time.perf_counter()
+    first = clock["sampling"] or end
+    samples = {k: v.detach().numpy().astype(np.float64) for k, v in mcmc.get_samples().items()}
+    return samples, record, first - clock["start"], end - first
+
+
+def _chain_in_process(job: dict) -> tuple:
+    """A chain in a worker process: the potential is built (and traced) there."""
+    torch.set_num_threads(1)  # one core per chain
+    with local_params():
+        _, potential_fn, transforms = _potential(
+            job["model"], job["logits"], job["data"], job["jit_compile"]
+        )
+        return _run_chain(potential_fn, transforms, job["initial"], **job["chain"])
+
+
 def run_nuts(
     bayes_model: NoiseModel,
     logits: Tensor,
@@ -112,6 +198,7 @@ def run_nuts(
     inverse_mass: dict[str, Tensor] | None = None,
     adapt_mass_matrix: bool = True,
     kernel_options: dict | None = None,
+    chain_processes: int = 1,
     progress: bool = False,
 ) -> PosteriorDraws:
     """Sample ``p(theta | o)`` by NUTS; see the module docstring.
@@ -125,25 +212,22 @@ def run_nuts(
         schedule); without it warm-up tunes only the step size.
     :param kernel_options: further keyword arguments of :class:`pyro.infer.NUTS`
         (e.g. ``step_size``, ``adapt_step_size``, ``adapt_mass_matrix``).
+    :param chain_processes: chains run at once, each in its own process on one
+        thread (1: one after another in this process). A chain's draws depend only
+        on its seed, so the result does not depend on this number.
     :returns: draws ``(num_chains, draws, ...)`` with per-draw ``diverging``,
         ``lp`` (log density in unconstrained space) and ``step_size``.
     """
     check_sampler_settings(num_chains, warmup, draws, data)
+    if chain_processes < 1:
+        raise ValueError(f"chain_processes must be >= 1, got {chain_processes}")
     logits = logits.detach()
     start = time.perf_counter()
     pyro.set_rng_seed(seed)
-    with local_params(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        initial, potential_fn, transforms, _ = initialize_model(
-            bayes_model,
-            (logits, data),
-            max_plate_nesting=MAX_PLATE_NESTING,
-            jit_compile=jit_compile,
-            skip_jit_warnings=True,
-            num_chains=num_chains,
+    with local_params():
+        initial, potential_fn, transforms = _potential(
+            bayes_model, logits, data, jit_compile, num_chains
         )
-        if num_chains == 1:  # Pyro adds the chain dimension only for several chains
-            initial = {k: v.unsqueeze(0) for k, v in initial.items()}
         if init:
             generator = torch.Generator().manual_seed(seed)
             for name, value in init.items():
@@ -154,58 +238,52 @@ def run_nuts(
                         (num_chains, *centre.shape), generator=generator, dtype=torch.float64
                     )
                     initial[name] = centre + init_jitter * noise
-        setup_seconds = time.perf_counter() - start
-        chains: list[dict[str, Tensor]] = []
-        stats: list[dict[str, list[float]]] = []
-        seconds = {"setup": setup_seconds, "warmup": 0.0, "sampling": 0.0}
-        for chain in range(num_chains):
-            pyro.set_rng_seed(seed + chain)
-            options = dict(
-                potential_fn=potential_fn,
-                transforms=transforms,
-                target_accept_prob=target_accept,
-                max_tree_depth=max_tree_depth,
-                adapt_mass_matrix=adapt_mass_matrix,
-                **(kernel_options or {}),
-            )
-            if inverse_mass:
-                kernel = PreconditionedNUTS(inverse_mass=inverse_mass, **options)
-            else:
-                kernel = NUTS(**options)
-            record: dict[str, list[float]] = {"diverging": [], "lp": [], "step_size": []}
-            clock = {"start": time.perf_counter(), "sampling": None}
-
-            def hook(kernel, params, stage, i, record=record, clock=clock):
-                if stage != "Sample":
-                    return
-                if clock["sampling"] is None:
-                    clock["sampling"] = time.perf_counter()
-                diverged = len(kernel._divergences) > sum(record["diverging"])
-                record["diverging"].append(float(diverged))
-                record["lp"].append(-float(kernel._potential_energy_last))
-                record["step_size"].append(float(kernel.step_size))
-
-            mcmc = MCMC(
-                kernel,
-                num_samples=draws,
-                warmup_steps=warmup,
-                initial_params={k: v[chain] for k, v in initial.items()},
-                transforms=transforms,
-                hook_fn=hook,
-                disable_progbar=not progress,
-            )
-            mcmc.run()
-            end = time.perf_counter()
-            first = clock["sampling"] or end
-            seconds["warmup"] += first - clock["start"]
-            seconds["sampling"] += end - first
-            chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
-            stats.append(record)
+        starts = [{k: v[chain] for k, v in initial.items()} for chain in range(num_chains)]
+        options = dict(
+            target_accept_prob=target_accept,
+            max_tree_depth=max_tree_depth,
+            adapt_mass_matrix=adapt_mass_matrix,
+            **(kernel_options or {}),
+        )
+        jobs = [
+            {
+                "seed": seed + chain,
+                "warmup": warmup,
+                "draws": draws,
+                "options": options,
+                "inverse_mass": inverse_mass,
+                "progress": progress,
+            }
+            for chain in range(num_chains)
+        ]
+        seconds = {"setup": time.perf_counter() - start, "warmup": 0.0, "sampling": 0.0}
+        if chain_processes == 1:
+            results = [
+                _run_chain(potential_fn, transforms, chain_start, **job)
+                for chain_start, job in zip(starts, jobs, strict=True)
+            ]
+        else:
+            payloads = [
+                {
+                    "model": bayes_model,
+                    "logits": logits,
+                    "data": data,
+                    "jit_compile": jit_compile,
+                    "initial": chain_start,
+                    "chain": job,
+                }
+                for chain_start, job in zip(starts, jobs, strict=True)
+            ]
+            context = multiprocessing.get_context("spawn")
+            workers = min(chain_processes, num_chains)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                results = list(pool.map(_chain_in_process, payloads))
+    for _, _, warmup_s, sampling_s in results:
+        seconds["warmup"] += warmup_s
+        seconds["sampling"] += sampling_s
     seconds["total"] = time.perf_counter() - start
-    samples = {
-        name: torch.stack([c[name] for c in chains]).numpy().astype(np.float64)
-        for name in chains[0]
-    }
+    samples = {name: np.stack([r[0][name] for r in results]) for name in results[0][0]}
+    stats = [r[1] for r in results]
     sample_stats = {key: np.array([s[key] for s in stats], dtype=np.float64) for key in stats[0]}
     sample_stats["diverging"] = sample_stats["diverging"].astype(bool)
     result = PosteriorDraws(
@@ -215,6 +293,7 @@ def run_nuts(
         seconds=seconds,
         info={
             "num_chains": num_chains,
+            "chain_processes": min(chain_processes, num_chains),
             "warmup": warmup,
             "draws": draws,
             "seed": seed,
