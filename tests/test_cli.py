@@ -42,9 +42,7 @@ def _ids(sim) -> tuple[list[str], list[str]]:
 
 def binary_table(model: str = "symmetric", seed: int = 0) -> pd.DataFrame:
     """Three labels per item from four annotators; label 2 is A, 1 is B."""
-    sim = simulate_labels(
-        num_items=40, num_annotators=4, labels_per_item=3, model=model, seed=seed
-    )
+    sim = simulate_labels(num_items=40, num_annotators=4, labels_per_item=3, model=model, seed=seed)
     annotator, item = _ids(sim)
     return pd.DataFrame({"annotator": annotator, "item": item, "label": sim.label + 1})
 
@@ -151,15 +149,7 @@ CASES = [
     ("scored-symmetric-jsonl", "scored", "symmetric", lambda: scored_table(seed=6), ".jsonl", []),
     ("scored-two-coin-parquet", "scored", "two-coin", lambda: scored_table("two-coin", 7), ".parquet", []),
     ("scored-boltzmann-csv", "scored", "boltzmann", lambda: scored_table("boltzmann", 8), ".csv", []),
-    pytest.param(
-        "scored-spammer-tsv", "scored", "spammer", lambda: scored_table("spammer", 9), ".tsv", [],
-        marks=pytest.mark.xfail(
-            raises=KeyError,
-            strict=True,
-            reason="BUG: the spammer model's E-step fails (KeyError 'c' in Pyro's "
-            "contraction) whenever the layout has one slot per truth unit",
-        ),
-    ),
+    ("scored-spammer-tsv", "scored", "spammer", lambda: scored_table("spammer", 9), ".tsv", []),
     ("scored-shared-symmetric-parquet", "scored", "symmetric", lambda: scored_table(seed=10, shared=True), ".parquet", ["--shared-truth"]),
     ("scored-shared-hierarchical-csv", "scored", "hierarchical", lambda: scored_table(seed=11, shared=True), ".csv", ["--shared-truth"]),
     ("scored-global-symmetric-csv", "scored", "symmetric", lambda: scored_table(seed=12, annotators=False), ".csv", []),
@@ -312,7 +302,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(
-    ("name", "filename", "content", "fmt", "extra", "words"), BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS]
+    ("name", "filename", "content", "fmt", "extra", "words"),
+    BAD_INPUTS,
+    ids=[case[0] for case in BAD_INPUTS],
 )
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, name, filename, content, fmt, extra, words):  # fmt: skip
     path = tmp_path / filename

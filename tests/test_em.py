@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from repo.data.simulate import simulate_labels
-from repo.inference.em import EM, fit_em, fit_minibatch_em
+from repo.inference.em import EM, fit_em, fit_minibatch_em, set_value
+from repo.inference.enumeration import enumerate_posterior
 from repo.noise import (
     Boltzmann,
     HierarchicalFlip,
@@ -118,7 +119,10 @@ def test_plain_em_never_decreases(name, shared):
         data, scorer = _per_label(sim, k)
     model = make_noise_model(name, k)
     result = fit_em(model, scorer, data, accelerate=False, tol=1e-10, max_iter=200)
-    assert len(result.trace) > 3
+    # With fixed scores the hierarchical M-step maximises the marginal likelihood
+    # itself: one step reaches the optimum (trace: start, optimum, optimum again).
+    assert len(result.trace) >= (3 if name == "hierarchical" and not shared else 4)
+    assert result.trace[-1] > result.trace[0]
     assert _non_decreasing(result.trace)
 
 
@@ -206,8 +210,16 @@ def test_position_models_do_not_collapse_to_always_a(cls):
     result = fit_em(model, scorer, data)
     pi_a = float(torch.sigmoid(scorer.logit_pi.detach()))
     assert 0.4 < pi_a < 0.6
+    truth = sim.item_truth[data.unit.numpy()]
     q1 = model.truth_posterior(result.logits, result.posterior.marginals).numpy()
-    assert ((q1 > 0.5) == sim.item_truth[data.unit.numpy()]).mean() > 0.9
+    # The Bayes-optimal accuracy here (true eta, true class prior) is 0.868 and
+    # majority vote gets 0.833: a collapsed fit would sit near 0.5.
+    oracle = SymmetricFlip(k)
+    set_value(oracle, "eta", torch.as_tensor(sim.eta))
+    zero = torch.zeros(data.num_units, dtype=torch.float64)
+    best = oracle.truth_posterior(zero, enumerate_posterior(oracle.model, zero, data).marginals)
+    best_accuracy = ((best.detach().numpy() > 0.5) == truth).mean()
+    assert ((q1 > 0.5) == truth).mean() >= best_accuracy - 0.005
     eta = _annotator_eta(model, result.logits, data)
     assert np.abs(eta - sim.eta).mean() < 0.04
 

@@ -124,37 +124,67 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and value.strip() == ""
 
 
+def _id_text(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _missing_mask(column: pd.Series) -> np.ndarray:
+    """Vectorised :func:`_is_missing` over a column."""
+    missing = column.isna().to_numpy()
+    if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
+        blank = column.str.strip().eq("").fillna(False).to_numpy(dtype=bool)
+        missing = missing | blank
+    return missing
+
+
+def _all_text(column: pd.Series) -> bool:
+    return pd.api.types.infer_dtype(column, skipna=False) == "string"
+
+
 def _ids(table: pd.DataFrame, column: str) -> list[str]:
-    """The column as id strings; a missing id is an error naming its row."""
-    out = []
-    for row, value in enumerate(table[column].tolist()):
-        if _is_missing(value):
-            raise DataError("missing id", row=row, field=column, reason="missing")
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        out.append(str(value).strip())
-    return out
+    """The column as id strings; a missing id is an error naming its row.
+
+    Integral floats (JSON integers in a column with a null) are written as
+    integers, so ids round-trip whatever file format carried them.
+    """
+    values = table[column]
+    missing = _missing_mask(values)
+    if missing.any():
+        raise DataError("missing id", row=int(np.argmax(missing)), field=column, reason="missing")
+    if pd.api.types.is_integer_dtype(values.dtype):
+        return values.astype(str).tolist()
+    if _all_text(values):
+        return values.str.strip().tolist()
+    return [_id_text(v) for v in values.tolist()]
 
 
 def _codes(ids: list[str]) -> tuple[np.ndarray, list[str]]:
-    uniques, codes = np.unique(np.asarray(ids, dtype=object).astype(str), return_inverse=True)
+    """Integer codes of ``ids`` in the sorted order of the distinct ids."""
+    codes, uniques = pd.factorize(np.asarray(ids, dtype=object), sort=True)
     return codes.astype(np.int64), [str(u) for u in uniques]
 
 
 def _floats(table: pd.DataFrame, column: str) -> np.ndarray:
-    out = np.empty(table.shape[0], dtype=np.float64)
-    for row, value in enumerate(table[column].tolist()):
-        if _is_missing(value):
+    """The column as finite floats; the first bad cell is an error naming its row."""
+    values = table[column]
+    missing = _missing_mask(values)
+    numbers = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(dtype=np.float64)
+    bad = missing | ~np.isfinite(numbers)
+    if bad.any():
+        row = int(np.argmax(bad))
+        value = values.iloc[row]
+        if missing[row]:
             raise DataError("missing value", row=row, field=column, reason="missing")
         try:
-            out[row] = float(value)
+            float(value)
         except (TypeError, ValueError):
             raise DataError(
                 f"not a number: {value!r}", row=row, field=column, reason="type"
             ) from None
-        if not math.isfinite(out[row]):
-            raise DataError(f"not finite: {value!r}", row=row, field=column, reason="nonfinite")
-    return out
+        raise DataError(f"not finite: {value!r}", row=row, field=column, reason="nonfinite")
+    return numbers
 
 
 def _check_columns(table: pd.DataFrame, fmt: str) -> None:
@@ -239,7 +269,10 @@ def encode_labels(
                 reason="values",
             )
         if len(values) > 2:
-            third = raw.index(min(values, key=raw.count))  # the rarest value's first row
+            # The format's set: the two most frequent values (first seen wins ties).
+            counts = pd.Series(raw).value_counts(sort=False)
+            kept = counts.sort_values(ascending=False, kind="stable").index[:2]
+            third = next(i for i, v in enumerate(raw) if v not in kept)
             raise DataError(
                 f"label value {raw[third]!r} outside the format's set: the binary format "
                 f"takes two values and this table has {values!r} (a tie value? use tie_value)",
@@ -315,19 +348,19 @@ def encode_labels(
     keep = np.arange(len(score))
     if "item" in table.columns:
         item, item_ids = _codes(_ids(table, "item"))
-        first_score: dict[int, int] = {}
-        for row, code in enumerate(item.tolist()):
-            if code in first_score:
-                if score[row] != score[first_score[code]]:
-                    raise DataError(
-                        f"score {score[row]!r} differs from {score[first_score[code]]!r} at row "
-                        f"{first_score[code]} for the same item: an item has one score",
-                        row=row,
-                        field="score",
-                        reason="inconsistent",
-                    )
-            else:
-                first_score[code] = row
+        first = np.zeros(len(item_ids), dtype=np.int64)
+        first[item[::-1]] = np.arange(len(item))[::-1]  # each item's first row
+        differs = score != score[first[item]]
+        if differs.any():
+            row = int(np.argmax(differs))
+            at = int(first[item[row]])
+            raise DataError(
+                f"score {score[row]!r} differs from {score[at]!r} at row {at} for the same "
+                "item: an item has one score",
+                row=row,
+                field="score",
+                reason="inconsistent",
+            )
         if has_annotators:
             keep = _check_duplicates(annotator, item, rows, duplicates)
             dropped["duplicate"] = int(len(score) - keep.shape[0])

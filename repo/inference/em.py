@@ -32,7 +32,7 @@ from pyro.distributions.transforms import biject_to
 from pyro.nn import PyroModule
 from torch import Tensor
 
-from repo.inference.enumeration import EnumPosterior, enumerate_posterior, marginal_log_likelihood
+from repo.inference.enumeration import EnumPosterior, enumerate_posterior
 from repo.noise.base import NoiseModel
 from repo.noise.layout import LabelData
 from repo.scorers import Scorer
@@ -141,7 +141,7 @@ class EM:
 
     def _negative_objective(self) -> Tensor:
         logits = self.scorer(self.data)
-        ll = marginal_log_likelihood(self.noise.model, logits, self.data)
+        ll = self.noise.marginal_log_likelihood(logits, self.data)
         return -(ll + self.noise.log_prior() + self.scorer.log_prior()) / self.data.num_labels
 
     def _gradient_m_step(self) -> None:
@@ -187,6 +187,8 @@ class EM:
             return self._fit_squarem(tol, max_iter, callback)
         logits, posterior, value = self.e_step()
         trace = [value]
+        if callback:
+            callback(1, value)
         converged = False
         iterations = 1
         while iterations < max_iter:
@@ -205,6 +207,8 @@ class EM:
     def _fit_squarem(self, tol, max_iter, callback) -> EMResult:
         logits, posterior, value = self.e_step()
         trace = [value]
+        if callback:
+            callback(1, value)
         iterations, converged = 1, False
         while iterations < max_iter:
             theta0 = self.get_state()
@@ -307,7 +311,7 @@ def fit_minibatch_em(
             if adam is not None:
                 adam.zero_grad()
                 scale = data.num_units / batch.num_units
-                ll = marginal_log_likelihood(noise.model, scorer(batch), batch) * scale
+                ll = noise.marginal_log_likelihood(scorer(batch), batch) * scale
                 loss = -(ll + noise.log_prior() + scorer.log_prior()) / data.num_labels
                 loss.backward()
                 adam.step()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro.infer import TraceEnum_ELBO
-from pyro.infer.traceenum_elbo import _compute_marginals, _compute_model_factors
+from pyro.infer.traceenum_elbo import _compute_model_factors, _find_ordinal, _make_dist
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
@@ -75,8 +75,53 @@ def _trace(model: Callable, args: tuple, kwargs: dict):
     return next(elbo._get_traces(model, _empty_guide, args, kwargs))
 
 
-def _items_ordinal(model_trace) -> frozenset:
-    return frozenset({model_trace.plate_to_symbol[ITEMS]})
+def _plate_sizes(model_trace) -> dict[str, int]:
+    """Plate symbol -> plate size, for every plate of the trace."""
+    sizes = {}
+    for site in model_trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized:
+                sizes[model_trace.plate_to_symbol[frame.name]] = frame.size
+    return sizes
+
+
+def _compute_marginals(model_trace, guide_trace) -> dict[str, pyro.distributions.Distribution]:
+    """Posterior marginals of every enumerated site.
+
+    Pyro's own ``_compute_marginals`` with one change: the contraction ring is told
+    every plate's size. Packed tensors drop plate dims of size 1, so without the
+    sizes a site inside a plate of size 1 (per-label truth has one label slot per
+    unit) cannot be broadcast back to its plates (``KeyError`` in ``LogRing``).
+    """
+    marginal_costs, log_factors, ordering, sum_dims, scale = _compute_model_factors(
+        model_trace, guide_trace
+    )
+    sizes = _plate_sizes(model_trace)
+    marginal_dists = {}
+    for name, site in model_trace.nodes.items():
+        if (
+            site["type"] != "sample"
+            or name in guide_trace.nodes
+            or site["infer"].get("_enumerate_dim") is None
+        ):
+            continue
+        enum_dim = site["infer"]["_enumerate_dim"]
+        enum_symbol = site["infer"]["_enumerate_symbol"]
+        logits = contract_to_tensor(
+            log_factors,
+            sum_dims,
+            target_ordinal=_find_ordinal(model_trace, site),
+            target_dims={enum_symbol},
+            ring=LogRing(dim_to_size=dict(sizes)),
+        )
+        logits = packed.unpack(logits, model_trace.symbol_to_dim)
+        logits = logits.unsqueeze(-1).transpose(-1, enum_dim - 1)
+        while logits.shape[0] == 1:
+            logits = logits.squeeze(0)
+        marginal_dists[name] = _make_dist(site["fn"], logits)
+    return marginal_dists
 
 
 def _pointwise(model_trace, guide_trace, num_items: int) -> Tensor:

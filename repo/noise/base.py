@@ -30,7 +30,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch import Tensor
 
-from repo.inference.enumeration import EnumPosterior
+from repo.inference.enumeration import EnumPosterior, marginal_log_likelihood
 from repo.noise.layout import LabelData
 
 EPS = 1e-6
@@ -144,6 +144,11 @@ class NoiseModel(PyroModule):
     def m_step(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         """Closed-form maximiser (MAP under :attr:`prior`) from summed statistics."""
         raise NotImplementedError
+
+    def marginal_log_likelihood(self, logits: Tensor, data: LabelData) -> Tensor:
+        """``log p(o | s)`` with every latent summed out, differentiable in the logits
+        and the point parameters: what gradient M-steps (and the policy step) climb."""
+        return marginal_log_likelihood(self.e_step_model(), logits, data)
 
     def objective(self, logits: Tensor, data: LabelData, posterior: EnumPosterior) -> Tensor:
         """What EM increases: the marginal log-likelihood plus the log prior."""

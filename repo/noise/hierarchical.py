@@ -9,27 +9,38 @@ The symmetric flip with each annotator's reliability drawn from a population::
 Annotators with few labels borrow strength from the others. Maximising jointly over
 ``(x_k, mu, sigma)`` is degenerate (the likelihood grows without bound as
 ``sigma -> 0`` with every ``x_k = mu``), so EM here is *marginal* empirical Bayes:
-``x_k`` is integrated out by adaptive Gauss-Hermite quadrature and only
-``(mu, sigma)`` are point estimates. The E-step over ``x_k`` is
+``x_k`` is integrated out and only ``(mu, sigma)`` are point estimates.
 
-    q(x_k) ∝ Normal(x_k; mu, sigma) prod_j l_j(x_k)
+The integral over ``x_k`` is a quadrature on a fixed grid ``x_1 < ... < x_G``
+(spacing ``h``; the trapezoid rule, which for smooth integrands that vanish at the
+ends is accurate far beyond its textbook order)::
+
+    Z_k(mu, sigma) = int prod_j l_j(x) Normal(x; mu, sigma) dx
+                  ~= sum_g h exp(ll_k(x_g)) Normal(x_g; mu, sigma),
+
+with ``ll_k(x_g) = sum_j log l_j(x_g)`` over annotator ``k``'s labels:
 
 * per-label truth: ``l_j(x) = p_j sigmoid(x) + (1 - p_j) sigmoid(-x)`` with
-  ``p_j = p(z_j = o_j | s_j)``: ``z`` summed out exactly, so EM climbs the exact
-  marginal likelihood ``sum_k log Z_k`` (``Z_k`` the normaliser of ``q(x_k)``);
+  ``p_j = p(z_j = o_j | s_j)``, ``z`` summed out exactly, so EM climbs the exact
+  marginal log-likelihood ``sum_k log Z_k``;
 * shared truth (annotators coupled through ``z_i``): mean field ``q(z) q(x)``,
-  ``l_j(x) = sigmoid(x)^w_j sigmoid(-x)^(1 - w_j)``, with ``q(z)`` from enumeration
-  at ``x_k = E_q[x_k]`` (for a flip channel ``exp E[log eta] / exp E[log(1 - eta)]
-  = exp E[x]``, so that update is exact too); the objective is the evidence bound
+  ``l_j(x) = sigmoid(x)^w_j sigmoid(-x)^(1 - w_j)`` with ``w_j = p(z_i = o_j)``
+  under ``q(z)``, and ``q(z)`` from enumeration at ``x_k = E_q[x_k]`` (for a flip
+  channel ``E[log sigmoid(x)] - E[log sigmoid(-x)] = E[x]``, so that update is
+  exact); the objective is the evidence bound
   ``sum_i (E_q log p(z_i | s_i) + H(q(z_i))) + sum_k log Z_k``.
 
-M-step: ``mu = mean_k E[x_k]``, ``sigma^2 = mean_k E[(x_k - mu)^2]``. Neither
-objective ever decreases. The reported ``eta_k`` is ``E_q[sigmoid(x_k)]``.
+The grid values ``ll_k(x_g)`` are sums over labels, so mini-batches and ranks can
+add them up, and they do not depend on ``(mu, sigma)``: the M-step maximises
+``sum_k log Z_k(mu, sigma)`` itself (Newton on ``(mu, log sigma)``), so with fixed
+scores one M-step reaches the marginal maximum-likelihood estimate. The posterior
+``q(x_k)`` is read off the grid; the reported ``eta_k`` is ``E_q[sigmoid(x_k)]``.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -37,19 +48,30 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
 from torch import Tensor
+from torch.nn.functional import logsigmoid
 
 from repo.noise.base import NoiseModel, agree_logits
 from repo.noise.layout import LabelData
 
 MIN_SIGMA = 1e-3
+"""The population sd is kept above this (the EB estimate can be 0: no spread)."""
+
+LABEL_CHUNK = 1 << 14
+"""Labels evaluated at once on the grid (memory ``LABEL_CHUNK x G``)."""
 
 
-def _log_sigmoid(x: Tensor) -> Tensor:
-    return torch.nn.functional.logsigmoid(x)
+def normal_log_density(x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+    """``log Normal(x; mu, sigma)``."""
+    return -0.5 * ((x - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
 
 
 class HierarchicalFlip(NoiseModel):
-    """Symmetric flip with ``logit eta_k ~ Normal(mu, sigma)``; see module docstring."""
+    """Symmetric flip with ``logit eta_k ~ Normal(mu, sigma)``; see module docstring.
+
+    :param grid_size: quadrature points ``G`` on ``[-grid_bound, grid_bound]``.
+    :param grid_bound: the grid's half-width in logit space (10: eta in
+        ``[4.5e-5, 1 - 4.5e-5]``).
+    """
 
     name = "hierarchical"
 
@@ -58,18 +80,21 @@ class HierarchicalFlip(NoiseModel):
         num_annotators: int,
         mu_init: float = 2.0,
         sigma_init: float = 1.0,
-        num_nodes: int = 24,
+        grid_size: int = 401,
+        grid_bound: float = 10.0,
     ) -> None:
         super().__init__(num_annotators, None)
         f64 = torch.float64
         self.mu = PyroParam(torch.tensor(mu_init, dtype=f64))
-        self.sigma = PyroParam(torch.tensor(sigma_init, dtype=f64), constraint=constraints.positive)
-        nodes, weights = np.polynomial.hermite.hermgauss(num_nodes)
-        self.register_buffer("nodes", torch.tensor(nodes, dtype=f64), persistent=False)
-        self.register_buffer(
-            "log_weights", torch.tensor(np.log(weights), dtype=f64), persistent=False
+        self.sigma = PyroParam(
+            torch.tensor(sigma_init, dtype=f64), constraint=constraints.greater_than(MIN_SIGMA)
         )
-        self.register_buffer("post_loc", torch.full((num_annotators,), mu_init, dtype=f64))
+        grid = torch.linspace(-grid_bound, grid_bound, grid_size, dtype=f64)
+        self.register_buffer("grid", grid, persistent=False)
+        self.log_step = math.log(float(grid[1] - grid[0]))
+        k = num_annotators
+        self.register_buffer("post_loc", torch.full((k,), mu_init, dtype=f64))
+        self.register_buffer("post_scale", torch.full((k,), sigma_init, dtype=f64))
         self.register_buffer("post_eta", torch.sigmoid(self.post_loc).clone())
 
     def priors(self):
@@ -99,113 +124,114 @@ class HierarchicalFlip(NoiseModel):
     def e_step_model(self):
         return poutine.condition(self.model, data={"logit_eta": self.post_loc})
 
-    def _label_log_lik(self, x: Tensor, data: LabelData, logits: Tensor) -> Tensor:
-        """Per-label truth: ``log(p_j sigmoid(x) + (1 - p_j) sigmoid(-x))`` summed per
-        annotator, with ``p_j = p(z_j = o_j | s_j)``; ``x`` is ``(K,)`` or ``(K, Q)``."""
-        k = data.annotator[:, 0]
-        signed = torch.where(data.label[:, 0] > 0.5, logits, -logits)
-        lp, lq = _log_sigmoid(signed), _log_sigmoid(-signed)
-        xk = x[k]
-        if xk.dim() == 2:
-            lp, lq = lp.unsqueeze(-1), lq.unsqueeze(-1)
-        value = torch.logaddexp(lp + _log_sigmoid(xk), lq + _log_sigmoid(-xk))
-        out = torch.zeros(x.shape, dtype=value.dtype)
-        return out.index_add_(0, k, value)
+    # -- the likelihood on the grid -----------------------------------------
+    def grid_log_likelihood(
+        self, logits: Tensor, data: LabelData, marginals: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        """``ll_k(x_g)`` ``(K, G)``: each annotator's log-likelihood on the grid.
 
-    def _label_derivatives(self, x: Tensor, data: LabelData, logits: Tensor):
-        """First and second derivatives in ``x_k`` of :meth:`_label_log_lik`."""
-        k = data.annotator[:, 0]
-        signed = torch.where(data.label[:, 0] > 0.5, logits, -logits)
-        p = torch.sigmoid(signed)
-        e = torch.sigmoid(x[k])
-        f = (1 - p) + (2 * p - 1) * e
-        df = (2 * p - 1) * e * (1 - e)
-        d2f = df * (1 - 2 * e)
-        g = df / f
-        h = d2f / f - g**2
-        zero = torch.zeros(x.shape, dtype=x.dtype)
-        return zero.index_add(0, k, g), zero.index_add(0, k, h)
-
-    def sufficient_statistics(self, data, marginals, logits):
-        """The log-likelihood of each annotator's labels at quadrature nodes.
-
-        Per-label truth: exact (``z`` summed out label by label). Shared truth: the
-        expected complete-data log-likelihood ``W log sigmoid(x) + (n - W) log
-        sigmoid(-x)`` under ``q(z)`` (mean field). Nodes: Gauss-Hermite around the
-        mode of ``q(x_k)`` at the current ``(mu, sigma)``, scaled by its curvature.
+        Per-label truth: exact, ``z`` summed out label by label (differentiable in
+        ``logits``). Shared truth: the expected complete-data log-likelihood under
+        ``q(z)`` (``marginals["z"]``), ``W_k log sigmoid(x) + (n_k - W_k) log sigmoid(-x)``.
         """
-        mu, sigma = self.mu.detach(), self.sigma.detach()
-        n = data.label_counts()
-        exact = not data.shared_truth
-        if not exact:
+        up, down = logsigmoid(self.grid), logsigmoid(-self.grid)
+        if data.shared_truth:
             q1 = marginals["z"][..., 1]
             w = data.label * q1 + (1 - data.label) * (1 - q1)
-            correct = data.per_annotator_sum(w)
-        x = self.post_loc.clone()
-        for _ in range(50):  # Newton for the mode of a strictly concave function
-            if exact:
-                grad, hess = self._label_derivatives(x, data, logits)
-            else:
-                p = torch.sigmoid(x)
-                grad, hess = correct - n * p, -n * p * (1 - p)
-            grad = grad - (x - mu) / sigma**2
-            hess = hess - 1 / sigma**2
-            step = (grad / hess).clamp(-2.0, 2.0)
-            x = x - step
-            if float(step.abs().max()) < 1e-9:
-                break
-        if exact:
-            _, hess = self._label_derivatives(x, data, logits)
-        else:
-            p = torch.sigmoid(x)
-            hess = -n * p * (1 - p)
-        scale = (-hess + 1 / sigma**2).clamp_min(1e-12).rsqrt()
-        nodes = x.unsqueeze(-1) + np.sqrt(2.0) * scale.unsqueeze(-1) * self.nodes
-        if exact:
-            log_lik = self._label_log_lik(nodes, data, logits)
-        else:
-            log_lik = correct.unsqueeze(-1) * _log_sigmoid(nodes) + (n - correct).unsqueeze(
-                -1
-            ) * _log_sigmoid(-nodes)
-        return {"n": n, "nodes": nodes, "scale": scale, "log_lik": log_lik}
+            correct = data.per_annotator_sum(w).unsqueeze(-1)
+            wrong = data.label_counts().unsqueeze(-1) - correct
+            return correct * up + wrong * down
+        k = data.annotator[:, 0]
+        signed = torch.where(data.label[:, 0] > 0.5, logits, -logits).unsqueeze(-1)
+        out = torch.zeros(self.num_annotators, self.grid.shape[0], dtype=logits.dtype)
+        for start in range(0, k.shape[0], LABEL_CHUNK):
+            part = slice(start, start + LABEL_CHUNK)
+            value = torch.logaddexp(logsigmoid(signed[part]) + up, logsigmoid(-signed[part]) + down)
+            out = out.index_add(0, k[part], value)
+        return out
 
-    def _quadrature(self, stats: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Normalised weights of ``q(x_k)`` at the nodes ``(K, Q)`` and ``log Z_k``."""
-        nodes = stats["nodes"]
-        prior = dist.Normal(self.mu.detach(), self.sigma.detach()).log_prob(nodes)
-        log_terms = stats["log_lik"] + prior + self.nodes**2 + self.log_weights
-        log_z = torch.logsumexp(log_terms, -1) + torch.log(np.sqrt(2.0) * stats["scale"])
-        return torch.softmax(log_terms, -1), log_z
+    def log_evidence(self, log_lik: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+        """``log Z_k(mu, sigma)`` ``(K,)`` by the trapezoid rule on the grid."""
+        log_prior = normal_log_density(self.grid, mu, sigma)
+        return torch.logsumexp(log_lik + log_prior, -1) + self.log_step
+
+    # -- EM -----------------------------------------------------------------
+    def sufficient_statistics(self, data, marginals, logits):
+        """``n`` and the grid log-likelihood ``ll_k(x_g)``: sums over labels."""
+        log_lik = self.grid_log_likelihood(logits.detach(), data, marginals)
+        return {"n": data.label_counts(), "log_lik": log_lik}
 
     def m_step(self, stats):
-        weights, _ = self._quadrature(stats)
-        nodes = stats["nodes"]
-        mean = (weights * nodes).sum(-1)
-        second = (weights * nodes**2).sum(-1)
-        self.post_loc = mean
-        self.post_eta = (weights * torch.sigmoid(nodes)).sum(-1)
-        mu = mean.mean()
-        sigma = (second - 2 * mu * mean + mu**2).mean().clamp_min(MIN_SIGMA**2).sqrt()
+        """``(mu, sigma)`` maximising ``sum_k log Z_k`` (damped Newton on
+        ``(mu, log sigma)``), and the posterior ``q(x_k)`` they imply."""
+        log_lik = stats["log_lik"]
+        theta = torch.stack([self.mu.detach(), self.sigma.detach().log()])
+
+        def objective(t: Tensor) -> Tensor:
+            sigma = t[1].exp().clamp_min(MIN_SIGMA)
+            return self.log_evidence(log_lik, t[0], sigma).sum()
+
+        value = objective(theta)
+        for _ in range(100):
+            grad = torch.autograd.functional.jacobian(objective, theta)
+            hess = torch.autograd.functional.hessian(objective, theta)
+            # Newton where the Hessian is negative definite, else gradient ascent.
+            eig = torch.linalg.eigvalsh(hess)
+            if bool((eig < 0).all()):
+                step = -torch.linalg.solve(hess, grad)
+            else:
+                step = grad / (grad.abs().max().clamp_min(1.0))
+            step = step / step.abs().max().clamp_min(1.0)  # at most 1 per coordinate
+            for _ in range(30):  # backtracking: the objective must not fall
+                candidate = objective(theta + step)
+                if candidate >= value:
+                    break
+                step = step / 2
+            else:
+                break
+            theta, gain = theta + step, float(candidate - value)
+            value = candidate
+            if gain <= 1e-13 * abs(float(value)) or float(step.abs().max()) < 1e-10:
+                break
+        mu, sigma = theta[0], theta[1].exp().clamp_min(MIN_SIGMA)
+        self._set_posterior(log_lik, mu, sigma)
         return {"mu": mu, "sigma": sigma}
+
+    def _set_posterior(self, log_lik: Tensor, mu: Tensor, sigma: Tensor) -> None:
+        weights = torch.softmax(log_lik + normal_log_density(self.grid, mu, sigma), -1)
+        mean = weights @ self.grid
+        self.post_loc = mean
+        self.post_scale = (weights @ self.grid**2 - mean**2).clamp_min(0).sqrt()
+        self.post_eta = weights @ torch.sigmoid(self.grid)
 
     def objective(self, logits, data, posterior):
         """Per-label truth: the exact marginal log-likelihood ``sum_k log Z_k``.
         Shared truth: the evidence lower bound of the module docstring."""
-        stats = self.sufficient_statistics(data, posterior.marginals, logits)
-        _, log_z = self._quadrature(stats)
+        log_lik = self.grid_log_likelihood(logits, data, posterior.marginals)
+        log_z = self.log_evidence(log_lik, self.mu, self.sigma).sum()
         if not data.shared_truth:
-            return log_z.sum()
+            return log_z
         q1 = posterior.marginals["z"][..., 1].reshape(-1).clamp(1e-300, 1)
         q0 = (1 - q1).clamp(1e-300, 1)
-        prior_term = q1 * _log_sigmoid(logits) + q0 * _log_sigmoid(-logits)
+        prior_term = q1 * logsigmoid(logits) + q0 * logsigmoid(-logits)
         entropy = -(q1 * q1.log() + q0 * q0.log())
-        return (prior_term + entropy).sum() + log_z.sum()
+        return (prior_term + entropy).sum() + log_z
+
+    def marginal_log_likelihood(self, logits, data):
+        if data.shared_truth:
+            return super().marginal_log_likelihood(logits, data)
+        log_lik = self.grid_log_likelihood(logits, data)
+        return self.log_evidence(log_lik, self.mu, self.sigma).sum()
 
     def implied_eta(self, logits, data):
         return self.post_eta[data.annotator]
 
     def annotator_parameters(self):
-        return {"eta": self.post_eta.clone(), "logit_eta_mean": self.post_loc.clone()}
+        return {
+            "eta": self.post_eta.clone(),
+            "logit_eta_mean": self.post_loc.clone(),
+            "logit_eta_sd": self.post_scale.clone(),
+        }
 
     def population_parameters(self):
         return {"mu": self.mu.detach(), "sigma": self.sigma.detach()}
