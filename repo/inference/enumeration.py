@@ -129,23 +129,22 @@ def _pointwise(model_trace, guide_trace, num_items: int) -> Tensor:
         model_trace, guide_trace
     )
     items_symbol = model_trace.plate_to_symbol[ITEMS]
-    ring = LogRing()
+    ring = LogRing(dim_to_size=_plate_sizes(model_trace))  # sizes: see _compute_marginals
     total = torch.zeros(num_items)
     terms = []
     if log_factors:
         target = frozenset({items_symbol})
-        terms.append(contract_to_tensor(log_factors, sum_dims, target_ordinal=target))
-    for costs in marginal_costs.values():
-        terms.extend(costs)
+        terms.append(contract_to_tensor(log_factors, sum_dims, target_ordinal=target, ring=ring))
+    for ordinal, costs in marginal_costs.items():
+        if items_symbol in ordinal:  # a site outside the items plate is not pointwise
+            terms.extend(costs)
     for term in terms:
-        # Sum every plate but ``items``; ``items`` becomes the last dim.
-        plates = [d for d in term._pyro_dims if d != items_symbol]
-        term = ring.sumproduct([term], set(plates)) if plates else term
-        value = packed.unpack(term, model_trace.symbol_to_dim)
-        if items_symbol in term._pyro_dims:
-            value = value.reshape(-1)
-        else:  # a site outside the items plate is not pointwise
-            continue
+        # Product-contract (add the logs over) every plate but ``items``, which becomes
+        # the last dim (packed tensors drop it when it has size 1: the value is then a
+        # scalar, broadcast below). Enumerated dims are already summed out.
+        plates = frozenset(d for d in term._pyro_dims if d != items_symbol)
+        term = ring.product(term, plates) if plates else term
+        value = packed.unpack(term, model_trace.symbol_to_dim).reshape(-1)
         total = total.to(value.dtype) + value
     return total
 

@@ -126,7 +126,10 @@ class CPOLikelihood(PreferenceLikelihood):
         return self.beta * (stats.policy_a - stats.policy_b) + self.nll_weight * (sft_a - sft_b)
 
     def auxiliary_loss(self, stats: PairLogps, w: Tensor) -> Tensor | None:
-        r"""With ``keep_sft_term``: :math:`\lambda[w(-\ell_A) + (1 - w)(-\ell_B)]`, else ``None``."""
+        r"""With ``keep_sft_term``: :math:`\lambda[w(-\ell_A) + (1 - w)(-\ell_B)]`; else ``None``.
+
+        The SFT term weighted by the posterior (see the module docstring).
+        """
         if not (self.keep_sft_term and self.nll_weight > 0):
             return None
         w_t = torch.as_tensor(w, dtype=stats.policy_a.dtype, device=stats.policy_a.device).detach()

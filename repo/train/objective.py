@@ -67,11 +67,13 @@ def gather_stats(stats: PairLogps, index: Tensor) -> PairLogps:
 def marginal_nll(noise: NoiseModel, logits: Tensor, data: LabelData) -> Tensor:
     r"""``-log p(o | s, phi)`` summed over units, differentiable in ``logits`` only.
 
-    The annotator parameters are held fixed (:func:`~repo.train.estep.frozen`).
+    The annotator parameters are held fixed (:func:`~repo.train.estep.frozen`). The
+    program is the noise model's E-step program (the model itself, or with a
+    continuous latent held at its current value, as the hierarchical model does).
     """
     s = logits.to("cpu", torch.float64)
     with frozen(noise), single_thread():
-        return -marginal_log_likelihood(noise.model, s, data)
+        return -marginal_log_likelihood(noise.e_step_model(), s, data)
 
 
 def policy_objective(

@@ -192,8 +192,9 @@ class Trainer:
         variant = config.loss.variant
         self.variant = self.likelihood.default_variant if variant == "default" else variant
         self.records = records if records is not None else load_records(config)
+        self.pair_tokenizer = self._pair_tokenizer(recipe)
         self.data = TrainingData.build(
-            self.records, self._pair_tokenizer(recipe), shared_truth=config.data.shared_truth
+            self.records, self.pair_tokenizer, shared_truth=config.data.shared_truth
         )
         self.noise = make_noise(
             config.noise.model,
@@ -726,6 +727,16 @@ class Trainer:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(weights[name])
+
+    def evaluate(self, records: PreferenceData) -> dict[str, Any]:
+        """Accuracy, margin and calibration of the current policy on ``records``
+        (see :mod:`repo.train.evaluate`)."""
+        from repo.train.evaluate import evaluate_policy
+
+        data = TrainingData.build(records, self.pair_tokenizer)
+        return evaluate_policy(
+            self.policy, self.likelihood, data, batch_size=self.config.optim.batch_size
+        )
 
     # -- the end ------------------------------------------------------------------
     def _finish(self) -> None:
