@@ -81,13 +81,19 @@ def rule_pairs(
     *,
     seed: int = 0,
     filler: tuple[int, int] = (3, 6),
+    markers: int = len(GOOD_WORDS),
 ) -> RulePairs:
     """``num_pairs`` labelled pairs (one label each); see the module docstring.
 
     :param annotator_eta: the reliability of each annotator (``K`` of them).
     :param seed: NumPy seed: the same seed gives the same rows.
     :param filler: inclusive range of filler words per response.
+    :param markers: how many of :data:`GOOD_WORDS` (and of :data:`BAD_WORDS`) are used:
+        fewer markers, more labels per marker.
     """
+    if not 1 <= markers <= min(len(GOOD_WORDS), len(BAD_WORDS)):
+        raise ValueError(f"markers must lie in 1..{len(GOOD_WORDS)}, got {markers}")
+    good, bad = GOOD_WORDS[:markers], BAD_WORDS[:markers]
     eta = np.asarray(annotator_eta, dtype=np.float64)
     if eta.ndim != 1 or eta.size == 0 or np.any((eta < 0) | (eta > 1)):
         raise ValueError(f"annotator_eta must be probabilities, got {annotator_eta!r}")
@@ -97,8 +103,8 @@ def rule_pairs(
     for i in range(num_pairs):
         prompt = f"Question {i}: " + _sentence(rng, 3, None)
         lengths = rng.integers(filler[0], filler[1] + 1, size=2)
-        better = _sentence(rng, int(lengths[0]), str(rng.choice(GOOD_WORDS)))
-        worse = _sentence(rng, int(lengths[1]), str(rng.choice(BAD_WORDS)))
+        better = _sentence(rng, int(lengths[0]), str(rng.choice(good)))
+        worse = _sentence(rng, int(lengths[1]), str(rng.choice(bad)))
         annotator = int(rng.integers(0, k))
         clean = bool(rng.random() < eta[annotator])
         chosen, rejected = (better, worse) if clean else (worse, better)

@@ -70,7 +70,7 @@ def _doc(text: str) -> dict[str, str]:
 
 @dataclass
 class ModelSection:
-    """``[model]``: the policy and its reference."""
+    """The policy and its reference."""
 
     recipe: str = field(
         default="",
@@ -82,9 +82,9 @@ class ModelSection:
     use_lora: bool = field(
         default=True,
         metadata=_doc(
-            "train a LoRA adapter with the recipe's [lora] settings (false: full fine-tuning; "
-            "then a reference needs reference = 'precompute' and a frozen copy, so only "
-            "reference-free losses are supported without LoRA)"
+            "train a LoRA adapter with the recipe's [lora] settings; false: full fine-tuning "
+            "(losses with a reference then load a second, frozen copy of the model as the "
+            "reference)"
         ),
     )
     device: str = field(
@@ -130,7 +130,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """``[data]``: the preference data and how to read it."""
+    """The preference data and how to read it."""
 
     train: str = field(
         default="",
@@ -195,7 +195,7 @@ class DataSection:
 
 @dataclass
 class LossSection:
-    """``[loss]``: the preference loss family and its hyper-parameters."""
+    """The preference loss family and its hyper-parameters."""
 
     family: str = field(
         default="dpo",
@@ -229,7 +229,7 @@ class LossSection:
 
 @dataclass
 class NoiseSection:
-    """``[noise]``: the annotator noise model."""
+    """The annotator noise model."""
 
     model: str = field(
         default="symmetric",
@@ -249,7 +249,7 @@ class NoiseSection:
 
 @dataclass
 class EMSection:
-    """``[em]``: the E-step and the annotator M-step."""
+    """The E-step and the annotator M-step."""
 
     enabled: bool = field(
         default=True,
@@ -289,7 +289,7 @@ class EMSection:
 
 @dataclass
 class OptimSection:
-    """``[optim]``: AdamW, batches and the learning-rate schedule."""
+    """AdamW, batches and the learning-rate schedule."""
 
     learning_rate: float = field(default=1e-4, metadata=_doc("peak learning rate (> 0)"))
     weight_decay: float = field(default=0.0, metadata=_doc("AdamW decoupled weight decay"))
@@ -325,7 +325,7 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    """``[run]``: the run directory, seeds, logging and checkpoints."""
+    """The run directory, seeds, logging and checkpoints."""
 
     output_dir: str = field(
         default="runs/re-po",

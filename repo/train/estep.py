@@ -255,7 +255,9 @@ class OnlineEM:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             p.grad = reduce(grad.clone()) / max(units, 1.0)
         with single_thread():
-            (-self.noise.log_prior() / max(total, 1.0)).backward()
+            log_prior = self.noise.log_prior()
+            if log_prior.requires_grad:  # MAP: the prior once over the whole data
+                (-log_prior / max(total, 1.0)).backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 

@@ -84,8 +84,17 @@ __all__ = ["Trainer", "load_records", "make_noise", "parse_prior_spec"]
 
 # config sections/fields a resumed run may change (the rest must match the checkpoint)
 _RESUMABLE = {
-    "run": {"progress", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit"},
-    "model": {"reference_cache_dir"},
+    "run": {
+        "output_dir",
+        "progress",
+        "resume",
+        "overwrite",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "posteriors",
+    },
+    "model": {"reference_cache_dir", "device"},
 }
 
 
