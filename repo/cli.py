@@ -21,7 +21,7 @@ def _fit_noise(args: argparse.Namespace) -> int:
         shared_truth=True if args.shared_truth else None,
         prior=args.prior,
         eta_init=args.eta_init,
-        tie_value=args.tie_value,
+        tie_value=None if args.tie_value.lower() == "none" else args.tie_value,
         duplicates=args.duplicates,
         tol=args.tol,
         max_iter=args.max_iter,
@@ -154,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--prior", default="none", help="'beta:A,B' (MAP-EM) or 'none'")
     fit.add_argument("--eta-init", type=float, default=0.9)
-    fit.add_argument("--tie-value", default=None, help="binary: the label value of a tie (dropped)")
+    fit.add_argument(
+        "--tie-value",
+        default="auto",
+        help="binary: the label value of a tie, dropped and counted; 'auto' (default): with "
+        "three label values, the one spelled 0 or 'tie'; 'none': no ties",
+    )
     fit.add_argument("--duplicates", default="error", choices=["error", "first"])
     fit.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood tolerance")
     fit.add_argument("--max-iter", type=int, default=1000)

@@ -219,7 +219,7 @@ def fit_noise(
     shared_truth: bool | None = None,
     prior: str | dist.Beta | None = None,
     eta_init: float = 0.9,
-    tie_value: str | None = None,
+    tie_value: str | None = "auto",
     duplicates: str = "error",
     tol: float = 1e-6,
     max_iter: int = 1000,

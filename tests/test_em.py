@@ -288,3 +288,29 @@ def test_models_of_one_class_keep_their_own_parameters():
     first, second = SymmetricFlip(5), SymmetricFlip(5, eta_init=0.6)
     fit_em(first, scorer, data)
     assert torch.allclose(second.eta.detach(), torch.full((5,), 0.6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_hierarchical_evidence_never_exceeds_the_flat_maximum(shared):
+    # log p(o | mu, sigma) = log E[p(o | eta)] <= max_eta log p(o | eta): a population
+    # narrower than the quadrature grid must not inflate the evidence (3 annotators
+    # of equal reliability drive the EB estimate of sigma to its floor).
+    k = 3
+    sim = simulate_labels(
+        num_items=900 if shared else 3000,
+        num_annotators=k,
+        labels_per_item=3 if shared else 1,
+        shared_truth=shared,
+        eta_range=(0.9, 0.9),
+        seed=16,
+    )
+    if shared:
+        data, flat_scorer, hier_scorer = _shared(sim, k), ClassPrior(), ClassPrior()
+    else:
+        data, flat_scorer = _per_label(sim, k)
+        hier_scorer = flat_scorer
+    flat = fit_em(SymmetricFlip(k), flat_scorer, data, tol=1e-10)
+    hier_model = HierarchicalFlip(k)
+    hier = fit_em(hier_model, hier_scorer, data, tol=1e-10)
+    assert float(hier_model.sigma.detach()) < 0.3
+    assert hier.objective <= flat.objective + 1e-6

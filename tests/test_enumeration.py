@@ -1,11 +1,12 @@
 """The enumeration E-step against closed forms."""
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
 from repo.inference.enumeration import enumerate_posterior, marginal_log_likelihood
-from repo.noise import LabelData, Spammer, SymmetricFlip, TwoCoin
+from repo.noise import Boltzmann, LabelData, Spammer, SymmetricFlip, TwoCoin
 
 
 def _random_labels(n, k, seed):
@@ -63,13 +64,17 @@ def test_shared_truth_posterior_equals_product_form():
     assert torch.allclose(posterior.log_likelihood, evidence.log(), atol=1e-9)
 
 
-def test_spammer_nested_enumeration_matches_brute_force():
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-label"])
+def test_spammer_nested_enumeration_matches_brute_force(shared):
+    # Per-label truth has one label slot per unit: a plate of size 1.
     g = torch.Generator().manual_seed(2)
     n, k = 400, 5
     item = torch.randint(0, 150, (n,), generator=g)
     annotator = torch.randint(0, k, (n,), generator=g)
     label = torch.randint(0, 2, (n,), generator=g).double()
-    data = LabelData.from_labels(annotator, label, item, shared_truth=True, num_annotators=k)
+    data = LabelData.from_labels(
+        annotator, label, item if shared else None, shared_truth=shared, num_annotators=k
+    )
     logits = torch.randn(data.num_units, generator=g, dtype=torch.float64)
     model = Spammer(k)
     theta = 0.3 + 0.6 * torch.rand(k, generator=g, dtype=torch.float64)
@@ -102,7 +107,57 @@ def test_spammer_nested_enumeration_matches_brute_force():
     assert float(posterior.marginals["honest"][i, s, 1]) == pytest.approx(honest, abs=1e-6)
 
 
+def test_pointwise_log_likelihood_of_two_unconnected_latents():
+    """Two independent latents per unit: no single root connects the factors, so
+    the pointwise log-likelihood is the contraction to the items plate."""
+    g = torch.Generator().manual_seed(3)
+    n = 50
+    logits_a = torch.randn(n, generator=g, dtype=torch.float64)
+    logits_b = torch.randn(n, generator=g, dtype=torch.float64)
+    obs_a = torch.randint(0, 2, (n, 1), generator=g).double()
+    obs_b = torch.randint(0, 2, (n, 1), generator=g).double()
+
+    def model():
+        with pyro.plate("items", n, dim=-2):
+            a = pyro.sample(
+                "a", dist.Bernoulli(logits=logits_a.unsqueeze(-1)), infer={"enumerate": "parallel"}
+            )
+            b = pyro.sample(
+                "b", dist.Bernoulli(logits=logits_b.unsqueeze(-1)), infer={"enumerate": "parallel"}
+            )
+            with pyro.plate("slots", 1, dim=-1):
+                pyro.sample("oa", dist.Bernoulli(probs=0.2 + 0.6 * a), obs=obs_a)
+                pyro.sample("ob", dist.Bernoulli(probs=0.9 - 0.7 * b), obs=obs_b)
+
+    posterior = enumerate_posterior(model)
+
+    def evidence(logits, obs, p1, p0):
+        prior = torch.sigmoid(logits)
+        like1 = torch.where(obs[:, 0] == 1, p1, 1 - p1)
+        like0 = torch.where(obs[:, 0] == 1, p0, 1 - p0)
+        return prior * like1 + (1 - prior) * like0
+
+    expected = evidence(logits_a, obs_a, 0.8, 0.2).log() + evidence(logits_b, obs_b, 0.2, 0.9).log()
+    assert torch.allclose(posterior.log_likelihood, expected, atol=1e-9)
+
+
+def test_pointwise_log_likelihood_without_latents():
+    g = torch.Generator().manual_seed(4)
+    annotator, label, logits, _ = _random_labels(300, 4, seed=4)
+    item = torch.randint(0, 100, (300,), generator=g)
+    data = LabelData.from_labels(annotator, label, item, shared_truth=True, num_annotators=4)
+    unit_logits = torch.randn(data.num_units, generator=g, dtype=torch.float64)
+    model = Boltzmann(4, tau_init=1.7)
+    posterior = enumerate_posterior(model.model, unit_logits, data)
+    per_label = dist.Bernoulli(logits=1.7 * unit_logits.unsqueeze(-1)).log_prob(data.label)
+    expected = torch.where(data.mask, per_label, torch.zeros_like(per_label)).sum(-1)
+    assert posterior.marginals == {}
+    assert torch.allclose(posterior.log_likelihood, expected, atol=1e-9)
+
+
 def test_beta_prior_is_a_distribution_on_reliabilities():
-    model = SymmetricFlip(4, prior=dist.Beta(torch.tensor(4.0).double(), torch.tensor(1.5).double()))
+    model = SymmetricFlip(
+        4, prior=dist.Beta(torch.tensor(4.0).double(), torch.tensor(1.5).double())
+    )
     assert set(model.priors()) == {"eta"}
     assert torch.isfinite(model.log_prior())

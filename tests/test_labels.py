@@ -288,7 +288,7 @@ def test_scored_label_outside_zero_one(bad):
 def test_binary_third_label_value_names_its_row(bad):
     table = _binary()
     table.loc[4, "label"] = bad
-    error = _raises(table, "binary")
+    error = _raises(table, "binary", tie_value=None)
     _assert_names(error, 4, "label")
     assert error.reason == "values"
     assert repr(bad) in str(error)
@@ -333,9 +333,23 @@ def test_ties_are_dropped_and_counted():
 
 
 def test_ties_without_a_tie_value_are_a_third_label_value():
-    error = _raises(_with_ties(), "binary")
+    error = _raises(_with_ties(), "binary", tie_value=None)
     _assert_names(error, 3, "label")
     assert "tie_value" in str(error)
+
+
+def test_auto_tie_value_is_zero_among_three_values():
+    labels = encode_labels(_with_ties(), "binary")  # tie_value="auto"
+    assert labels.dropped == {"tie": 2}
+    assert labels.label_values == ("2", "1")
+    spelled = _with_ties().assign(label=lambda t: t.label.replace("0", "Tie"))
+    assert encode_labels(spelled, "binary").dropped == {"tie": 2}
+    # Two values, one of them 0: a 0/1 coding, not ties.
+    zero_one = _binary().assign(label=["0", "1", "0", "1", "1", "0"])
+    assert encode_labels(zero_one, "binary").dropped == {}
+    # A 0/1 coding with a stray value: no tie to guess, an error at the stray value.
+    error = _raises(_binary().assign(label=["0", "1", "7", "1", "0", "1"]), "binary")
+    _assert_names(error, 2, "label")
 
 
 def test_every_label_a_tie():

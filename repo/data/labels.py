@@ -14,7 +14,10 @@ Three layouts (the ``format``), each a table with a header:
 
 Policies, stated once:
 
-* ties: rows whose label equals ``tie_value`` are dropped and counted;
+* ties (binary): rows whose label equals ``tie_value`` are dropped and counted.
+  By default (``tie_value="auto"``) the values 0, 1, 2 are read as PandaLM codes
+  them (0 a tie, 1 and 2 a preference), and a value ``tie`` (any case) beside two
+  others is a tie; ``tie_value=None`` recognises no tie;
 * duplicate ``(annotator, item)`` labels (binary; scored with items): an error
   naming both rows, unless ``duplicates="first"`` keeps the first;
 * rows are numbered from 0 in file order, header excluded.
@@ -166,6 +169,25 @@ def _codes(ids: list[str]) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int64), [str(u) for u in uniques]
 
 
+def _id_codes(table: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str]]:
+    """:func:`_codes` of :func:`_ids`, without writing every cell as text when the
+    column holds integers: those are coded first and only the distinct ids are
+    written, then put in text order (so every file format gives the same codes)."""
+    values = table[column]
+    if pd.api.types.is_float_dtype(values.dtype):
+        numbers = values.to_numpy()
+        if np.isfinite(numbers).all() and (numbers == np.round(numbers)).all():
+            values = values.astype(np.int64)
+    if not pd.api.types.is_integer_dtype(values.dtype):
+        return _codes(_ids(table, column))
+    codes, uniques = pd.factorize(values.to_numpy(), sort=False)
+    ids = np.asarray([str(u) for u in uniques.tolist()], dtype=object)
+    order = np.argsort(ids, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return rank[codes].astype(np.int64), ids[order].tolist()
+
+
 def _floats(table: pd.DataFrame, column: str) -> np.ndarray:
     """The column as finite floats; the first bad cell is an error naming its row."""
     values = table[column]
@@ -241,10 +263,14 @@ def encode_labels(
     table: pd.DataFrame,
     fmt: str,
     *,
-    tie_value: str | None = None,
+    tie_value: str | None = "auto",
     duplicates: str = "error",
 ) -> EncodedLabels:
-    """Validate ``table`` in layout ``fmt`` and encode it; see the module docstring."""
+    """Validate ``table`` in layout ``fmt`` and encode it; see the module docstring.
+
+    :param tie_value: binary only: the label value of a tie, ``"auto"`` or None.
+    :param duplicates: ``"error"`` or ``"first"`` (keep the first label).
+    """
     if duplicates not in ("error", "first"):
         raise ValueError(f"duplicates must be 'error' or 'first', got {duplicates!r}")
     _check_columns(table, fmt)
@@ -254,11 +280,13 @@ def encode_labels(
 
     if fmt == "binary":
         raw = _ids(table, "label")
+        if tie_value == "auto":
+            tie_value = _auto_tie_value(raw)
         if tie_value is not None:
-            keep = np.array([v != str(tie_value) for v in raw])
+            keep = np.asarray(raw, dtype=object) != str(tie_value)
             dropped["tie"] = int((~keep).sum())
             table, rows = table[keep].reset_index(drop=True), rows[keep]
-            raw = [v for v, k in zip(raw, keep, strict=True) if k]
+            raw = np.asarray(raw, dtype=object)[keep].tolist()
             if not raw:
                 raise DataError("every label is a tie", field="label", reason="empty")
         values = sorted(set(raw), key=_value_order)
@@ -275,15 +303,15 @@ def encode_labels(
             third = next(i for i, v in enumerate(raw) if v not in kept)
             raise DataError(
                 f"label value {raw[third]!r} outside the format's set: the binary format "
-                f"takes two values and this table has {values!r} (a tie value? use tie_value)",
+                f"takes two values and this table has {values!r} (a tie? name it with tie_value)",
                 row=int(rows[third]),
                 field="label",
                 reason="values",
             )
         a_value, b_value = values[1], values[0]
-        label = np.array([1 if v == a_value else 0 for v in raw], dtype=np.int64)
-        annotator, annotator_ids = _codes(_remap_rows(_ids, table, "annotator", rows))
-        item, item_ids = _codes(_remap_rows(_ids, table, "item", rows))
+        label = (np.asarray(raw, dtype=object) == a_value).astype(np.int64)
+        annotator, annotator_ids = _remap_rows(_id_codes, table, "annotator", rows)
+        item, item_ids = _remap_rows(_id_codes, table, "item", rows)
         keep = _check_duplicates(annotator, item, rows, duplicates)
         dropped["duplicate"] = int(annotator.shape[0] - keep.shape[0])
         return EncodedLabels(
@@ -299,7 +327,7 @@ def encode_labels(
         )
 
     if fmt == "pairwise":
-        annotator, annotator_ids = _codes(_ids(table, "annotator"))
+        annotator, annotator_ids = _id_codes(table, "annotator")
         winner, loser = _ids(table, "winner"), _ids(table, "loser")
         for row, (w, l) in enumerate(zip(winner, loser, strict=True)):
             if w == l:
@@ -341,13 +369,13 @@ def encode_labels(
         )
     has_annotators = "annotator" in table.columns
     if has_annotators:
-        annotator, annotator_ids = _codes(_ids(table, "annotator"))
+        annotator, annotator_ids = _id_codes(table, "annotator")
     else:
         annotator, annotator_ids = np.zeros(len(score), dtype=np.int64), [GLOBAL_ANNOTATOR]
     item = item_ids = None
     keep = np.arange(len(score))
     if "item" in table.columns:
-        item, item_ids = _codes(_ids(table, "item"))
+        item, item_ids = _id_codes(table, "item")
         first = np.zeros(len(item_ids), dtype=np.int64)
         first[item[::-1]] = np.arange(len(item))[::-1]  # each item's first row
         differs = score != score[first[item]]
@@ -378,6 +406,19 @@ def encode_labels(
     )
 
 
+def _auto_tie_value(raw: list[str]) -> str | None:
+    """The tie value under the ``"auto"`` policy: ``0`` when the label values are
+    exactly 0, 1 and 2 (0 tie; PandaLM's coding), ``tie`` (any case) when it is one
+    of three values; otherwise none."""
+    values = set(raw)
+    if len(values) != 3:
+        return None
+    if values == {"0", "1", "2"}:
+        return "0"
+    ties = [v for v in values if v.strip().lower() == "tie"]
+    return ties[0] if ties else None
+
+
 def _value_order(value: str) -> tuple[int, float | str]:
     """Numeric values sort as numbers, others as text."""
     try:
@@ -386,7 +427,7 @@ def _value_order(value: str) -> tuple[int, float | str]:
         return (1, value)
 
 
-def _remap_rows(reader, table: pd.DataFrame, column: str, rows: np.ndarray) -> list[str]:
+def _remap_rows(reader, table: pd.DataFrame, column: str, rows: np.ndarray):
     """Read ids from a filtered table, reporting errors at the original row."""
     try:
         return reader(table, column)

@@ -91,21 +91,37 @@ class EM:
     ) -> None:
         self.noise, self.scorer, self.data = noise, scorer, data
         self.lbfgs_iterations = lbfgs_iterations
-        self._probe()
+        self._closed: tuple[bool, bool] | None = None
 
-    def _probe(self) -> None:
-        logits, posterior = self._posterior()
-        self.noise_closed = (
-            self.noise.sufficient_statistics(self.data, posterior.marginals, logits) is not None
-        )
-        truth = self.noise.truth_posterior(logits, posterior.marginals)
-        self.scorer_closed = self.scorer.sufficient_statistics(self.data, truth) is not None
-        gradient = []
-        if not self.noise_closed:
-            gradient += list(self.noise.parameters())
-        if not self.scorer_closed:
-            gradient += list(self.scorer.parameters())
-        self.gradient_parameters = gradient
+    def _probe(self, logits: Tensor, posterior: EnumPosterior) -> None:
+        """Which modules offer a closed-form M-step (their statistics are not None)."""
+        marginals = posterior.marginals
+        noise = self.noise.sufficient_statistics(self.data, marginals, logits) is not None
+        truth = self.noise.truth_posterior(logits, marginals)
+        scorer = self.scorer.sufficient_statistics(self.data, truth) is not None
+        self._closed = (noise, scorer)
+
+    def _closed_form(self) -> tuple[bool, bool]:
+        if self._closed is None:
+            self._probe(*self._posterior())
+        return self._closed
+
+    @property
+    def noise_closed(self) -> bool:
+        """Whether the noise model's M-step is closed form."""
+        return self._closed_form()[0]
+
+    @property
+    def scorer_closed(self) -> bool:
+        """Whether the scorer's M-step is closed form (or it has no parameters)."""
+        return self._closed_form()[1]
+
+    @property
+    def gradient_parameters(self) -> list[Tensor]:
+        """The parameters updated by L-BFGS (those of modules with no closed form)."""
+        noise, scorer = self._closed_form()
+        gradient = [] if noise else list(self.noise.parameters())
+        return gradient + ([] if scorer else list(self.scorer.parameters()))
 
     @property
     def all_closed_form(self) -> bool:
@@ -120,6 +136,8 @@ class EM:
     def e_step(self) -> tuple[Tensor, EnumPosterior, float]:
         """The posterior at the current parameters and the objective there."""
         logits, posterior = self._posterior()
+        if self._closed is None:
+            self._probe(logits, posterior)
         with torch.no_grad():
             value = self.noise.objective(logits, self.data, posterior) + self.scorer.log_prior()
         return logits, posterior, float(value)
@@ -183,12 +201,12 @@ class EM:
         callback: Callable[[int, float], None] | None = None,
     ) -> EMResult:
         """Full-batch EM until the relative change of the objective is below ``tol``."""
-        if accelerate and self.all_closed_form:
-            return self._fit_squarem(tol, max_iter, callback)
         logits, posterior, value = self.e_step()
-        trace = [value]
         if callback:
             callback(1, value)
+        if accelerate and self.all_closed_form:
+            return self._fit_squarem(tol, max_iter, callback, (logits, posterior, value))
+        trace = [value]
         converged = False
         iterations = 1
         while iterations < max_iter:
@@ -204,11 +222,9 @@ class EM:
             value = new
         return EMResult(converged, iterations, trace[-1], trace, logits, posterior)
 
-    def _fit_squarem(self, tol, max_iter, callback) -> EMResult:
-        logits, posterior, value = self.e_step()
+    def _fit_squarem(self, tol, max_iter, callback, first) -> EMResult:
+        logits, posterior, value = first
         trace = [value]
-        if callback:
-            callback(1, value)
         iterations, converged = 1, False
         while iterations < max_iter:
             theta0 = self.get_state()

@@ -11,8 +11,9 @@ elimination. One trace of the model gives both
   of every truth unit ``i`` (all other plates and enumerated sites contracted),
   which model comparison (PSIS-LOO) needs and the EM convergence test sums.
 
-The pointwise contraction mirrors Pyro's own ``_compute_marginals`` with the
-target ordinal set to the ``items`` plate rather than a site's ordinal.
+The pointwise log-likelihood reuses the joint ``log p(z_i, o_i)`` that the
+marginal of ``z`` needs (``logsumexp`` over ``z``), or, for models without one
+root latent per unit, contracts the factors to the ``items`` plate.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 from pyro.infer.traceenum_elbo import _compute_model_factors, _find_ordinal, _make_dist
 from pyro.ops import packed
-from pyro.ops.contract import contract_to_tensor
+from pyro.ops.contract import _partition_terms, contract_to_tensor
 from pyro.ops.rings import LogRing
 from torch import Tensor
 
@@ -87,63 +88,75 @@ def _plate_sizes(model_trace) -> dict[str, int]:
     return sizes
 
 
-def _compute_marginals(model_trace, guide_trace) -> dict[str, pyro.distributions.Distribution]:
-    """Posterior marginals of every enumerated site.
+def _enumerated_sites(model_trace, guide_trace) -> list[tuple[str, dict]]:
+    return [
+        (name, site)
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and name not in guide_trace.nodes
+        and site["infer"].get("_enumerate_dim") is not None
+    ]
 
-    Pyro's own ``_compute_marginals`` with one change: the contraction ring is told
-    every plate's size. Packed tensors drop plate dims of size 1, so without the
-    sizes a site inside a plate of size 1 (per-label truth has one label slot per
-    unit) cannot be broadcast back to its plates (``KeyError`` in ``LogRing``).
+
+def _joint_logits(factors, sizes: dict[str, int], site: dict, ordinal: frozenset) -> Tensor:
+    """``log p(site = v, o)`` per plate index and value ``v``: every other
+    enumerated dim summed out. The ring is told every plate's size: packed tensors
+    drop plate dims of size 1 (per-label truth has one label slot per unit), and
+    without the sizes such a site could not be broadcast back to its plates."""
+    _, log_factors, _, sum_dims, _ = factors
+    return contract_to_tensor(
+        log_factors,
+        sum_dims,
+        target_ordinal=ordinal,
+        target_dims={site["infer"]["_enumerate_symbol"]},
+        ring=LogRing(dim_to_size=dict(sizes)),
+    )
+
+
+def _to_distribution(model_trace, site: dict, logits: Tensor):
+    """Pyro's ``_compute_marginals`` final step: unpack and normalise."""
+    enum_dim = site["infer"]["_enumerate_dim"]
+    logits = packed.unpack(logits, model_trace.symbol_to_dim)
+    logits = logits.unsqueeze(-1).transpose(-1, enum_dim - 1)
+    while logits.shape[0] == 1:
+        logits = logits.squeeze(0)
+    return _make_dist(site["fn"], logits)
+
+
+def _connected(factors) -> bool:
+    """Whether the enumerated factors form one connected component."""
+    _, log_factors, _, sum_dims, _ = factors
+    terms = [term for terms in log_factors.values() for term in terms]
+    return len(_partition_terms(LogRing(), terms, sum_dims)) <= 1
+
+
+def _pointwise(model_trace, factors, sizes, root_logits: Tensor | None, num_items: int) -> Tensor:
+    """``log p(o_i)`` per truth unit ``i``.
+
+    The enumerated factors contribute ``logsumexp_v log p(root = v, o)`` when a
+    root latent in the ``items`` plate connects them all (the joint logits of the
+    E-step, reused), else their contraction to the ``items`` plate; observed sites
+    outside every enumeration add their log-probabilities. Sites outside the
+    ``items`` plate are not pointwise and are left out.
     """
-    marginal_costs, log_factors, ordering, sum_dims, scale = _compute_model_factors(
-        model_trace, guide_trace
-    )
-    sizes = _plate_sizes(model_trace)
-    marginal_dists = {}
-    for name, site in model_trace.nodes.items():
-        if (
-            site["type"] != "sample"
-            or name in guide_trace.nodes
-            or site["infer"].get("_enumerate_dim") is None
-        ):
-            continue
-        enum_dim = site["infer"]["_enumerate_dim"]
-        enum_symbol = site["infer"]["_enumerate_symbol"]
-        logits = contract_to_tensor(
-            log_factors,
-            sum_dims,
-            target_ordinal=_find_ordinal(model_trace, site),
-            target_dims={enum_symbol},
-            ring=LogRing(dim_to_size=dict(sizes)),
-        )
-        logits = packed.unpack(logits, model_trace.symbol_to_dim)
-        logits = logits.unsqueeze(-1).transpose(-1, enum_dim - 1)
-        while logits.shape[0] == 1:
-            logits = logits.squeeze(0)
-        marginal_dists[name] = _make_dist(site["fn"], logits)
-    return marginal_dists
-
-
-def _pointwise(model_trace, guide_trace, num_items: int) -> Tensor:
-    marginal_costs, log_factors, ordering, sum_dims, _ = _compute_model_factors(
-        model_trace, guide_trace
-    )
+    marginal_costs, log_factors, _, sum_dims, _ = factors
     items_symbol = model_trace.plate_to_symbol[ITEMS]
-    ring = LogRing(dim_to_size=_plate_sizes(model_trace))  # sizes: see _compute_marginals
-    total = torch.zeros(num_items)
+    ring = LogRing(dim_to_size=dict(sizes))
     terms = []
-    if log_factors:
+    if root_logits is not None:
+        enum_dims = [d for d in root_logits._pyro_dims if d in sum_dims]
+        terms.append(ring.sumproduct([root_logits], set(enum_dims)))
+    elif log_factors:
         target = frozenset({items_symbol})
         terms.append(contract_to_tensor(log_factors, sum_dims, target_ordinal=target, ring=ring))
-    for ordinal, costs in marginal_costs.items():
-        if items_symbol in ordinal:  # a site outside the items plate is not pointwise
-            terms.extend(costs)
+    for costs in marginal_costs.values():
+        terms.extend(costs)
+    total = torch.zeros(num_items, dtype=torch.float64)
     for term in terms:
-        # Product-contract (add the logs over) every plate but ``items``, which becomes
-        # the last dim (packed tensors drop it when it has size 1: the value is then a
-        # scalar, broadcast below). Enumerated dims are already summed out.
+        if items_symbol not in term._pyro_dims:
+            continue  # a site outside the items plate is not pointwise
         plates = frozenset(d for d in term._pyro_dims if d != items_symbol)
-        term = ring.product(term, plates) if plates else term
+        term = ring.product(term, plates) if plates else term  # product over slots
         value = packed.unpack(term, model_trace.symbol_to_dim).reshape(-1)
         total = total.to(value.dtype) + value
     return total
@@ -153,19 +166,30 @@ def enumerate_posterior(model: Callable, *args, **kwargs) -> EnumPosterior:
     """Posterior marginals and pointwise log-likelihood from one trace of ``model``.
 
     ``model`` must declare its truth units in a plate named ``"items"`` (dim -2)
-    and mark its discrete latents for parallel enumeration.
+    and mark its discrete latents for parallel enumeration. The marginals are
+    Pyro's ``TraceEnum_ELBO.compute_marginals`` (one contraction per enumerated
+    site); the model's factors are computed once and shared by both results.
     """
     with local_params():
         model_trace, guide_trace = _trace(model, args, kwargs)
-        dists = _compute_marginals(model_trace, guide_trace)
-        marginals = {}
-        for name, d in dists.items():
+        factors = _compute_model_factors(model_trace, guide_trace)
+        sizes = _plate_sizes(model_trace)
+        items = frozenset({model_trace.plate_to_symbol[ITEMS]})
+        marginals, root_logits = {}, None
+        for name, site in _enumerated_sites(model_trace, guide_trace):
+            ordinal = _find_ordinal(model_trace, site)
+            logits = _joint_logits(factors, sizes, site, ordinal)
+            if ordinal == items and root_logits is None:
+                root_logits = logits
+            d = _to_distribution(model_trace, site, logits)
             if isinstance(d, pyro.distributions.Bernoulli):
-                p1 = d.probs
-                marginals[name] = torch.stack([1 - p1, p1], dim=-1)
+                marginals[name] = torch.stack([1 - d.probs, d.probs], dim=-1)
             else:
                 marginals[name] = d.probs
-        log_likelihood = _pointwise(model_trace, guide_trace, _items_size(model_trace))
+        if root_logits is not None and not _connected(factors):
+            root_logits = None
+        num_items = _items_size(model_trace)
+        log_likelihood = _pointwise(model_trace, factors, sizes, root_logits, num_items)
     return EnumPosterior(marginals=marginals, log_likelihood=log_likelihood)
 
 

@@ -12,11 +12,14 @@ Annotators with few labels borrow strength from the others. Maximising jointly o
 ``x_k`` is integrated out and only ``(mu, sigma)`` are point estimates.
 
 The integral over ``x_k`` is a quadrature on a fixed grid ``x_1 < ... < x_G``
-(spacing ``h``; the trapezoid rule, which for smooth integrands that vanish at the
-ends is accurate far beyond its textbook order)::
+with the population discretised on it, ``pi_g ∝ Normal(x_g; mu, sigma)``
+normalised over the grid (for ``sigma`` well above the spacing this is the
+trapezoid rule, accurate far beyond its textbook order for smooth integrands
+that vanish at the ends; for small ``sigma`` it stays a proper distribution, so
+the evidence cannot be inflated by a population narrower than the grid)::
 
     Z_k(mu, sigma) = int prod_j l_j(x) Normal(x; mu, sigma) dx
-                  ~= sum_g h exp(ll_k(x_g)) Normal(x_g; mu, sigma),
+                  ~= sum_g pi_g exp(ll_k(x_g)),
 
 with ``ll_k(x_g) = sum_j log l_j(x_g)`` over annotator ``k``'s labels:
 
@@ -53,8 +56,9 @@ from torch.nn.functional import logsigmoid
 from repo.noise.base import NoiseModel, agree_logits
 from repo.noise.layout import LabelData
 
-MIN_SIGMA = 1e-3
-"""The population sd is kept above this (the EB estimate can be 0: no spread)."""
+MIN_SIGMA = 0.05
+"""The population sd is kept above this, about the grid spacing (the EB estimate
+can be 0: annotators that do not differ)."""
 
 LABEL_CHUNK = 1 << 14
 """Labels evaluated at once on the grid (memory ``LABEL_CHUNK x G``)."""
@@ -86,12 +90,9 @@ class HierarchicalFlip(NoiseModel):
         super().__init__(num_annotators, None)
         f64 = torch.float64
         self.mu = PyroParam(torch.tensor(mu_init, dtype=f64))
-        self.sigma = PyroParam(
-            torch.tensor(sigma_init, dtype=f64), constraint=constraints.greater_than(MIN_SIGMA)
-        )
+        self.sigma = PyroParam(torch.tensor(sigma_init, dtype=f64), constraint=constraints.positive)
         grid = torch.linspace(-grid_bound, grid_bound, grid_size, dtype=f64)
         self.register_buffer("grid", grid, persistent=False)
-        self.log_step = math.log(float(grid[1] - grid[0]))
         k = num_annotators
         self.register_buffer("post_loc", torch.full((k,), mu_init, dtype=f64))
         self.register_buffer("post_scale", torch.full((k,), sigma_init, dtype=f64))
@@ -150,10 +151,13 @@ class HierarchicalFlip(NoiseModel):
             out = out.index_add(0, k[part], value)
         return out
 
+    def log_population(self, mu: Tensor, sigma: Tensor) -> Tensor:
+        """``log pi_g``: the population ``Normal(mu, sigma)`` discretised on the grid."""
+        return torch.log_softmax(normal_log_density(self.grid, mu, sigma), -1)
+
     def log_evidence(self, log_lik: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-        """``log Z_k(mu, sigma)`` ``(K,)`` by the trapezoid rule on the grid."""
-        log_prior = normal_log_density(self.grid, mu, sigma)
-        return torch.logsumexp(log_lik + log_prior, -1) + self.log_step
+        """``log Z_k(mu, sigma) = log sum_g pi_g exp(ll_k(x_g))`` ``(K,)``."""
+        return torch.logsumexp(log_lik + self.log_population(mu, sigma), -1)
 
     # -- EM -----------------------------------------------------------------
     def sufficient_statistics(self, data, marginals, logits):
@@ -163,13 +167,13 @@ class HierarchicalFlip(NoiseModel):
 
     def m_step(self, stats):
         """``(mu, sigma)`` maximising ``sum_k log Z_k`` (damped Newton on
-        ``(mu, log sigma)``), and the posterior ``q(x_k)`` they imply."""
+        ``(mu, log(sigma - MIN_SIGMA))``), and the posterior ``q(x_k)`` they imply."""
         log_lik = stats["log_lik"]
-        theta = torch.stack([self.mu.detach(), self.sigma.detach().log()])
+        excess = (self.sigma.detach() - MIN_SIGMA).clamp_min(1e-8)
+        theta = torch.stack([self.mu.detach(), excess.log()])  # sigma = MIN_SIGMA + e^t
 
         def objective(t: Tensor) -> Tensor:
-            sigma = t[1].exp().clamp_min(MIN_SIGMA)
-            return self.log_evidence(log_lik, t[0], sigma).sum()
+            return self.log_evidence(log_lik, t[0], MIN_SIGMA + t[1].exp()).sum()
 
         value = objective(theta)
         for _ in range(100):
@@ -193,12 +197,12 @@ class HierarchicalFlip(NoiseModel):
             value = candidate
             if gain <= 1e-13 * abs(float(value)) or float(step.abs().max()) < 1e-10:
                 break
-        mu, sigma = theta[0], theta[1].exp().clamp_min(MIN_SIGMA)
+        mu, sigma = theta[0], MIN_SIGMA + theta[1].exp()
         self._set_posterior(log_lik, mu, sigma)
         return {"mu": mu, "sigma": sigma}
 
     def _set_posterior(self, log_lik: Tensor, mu: Tensor, sigma: Tensor) -> None:
-        weights = torch.softmax(log_lik + normal_log_density(self.grid, mu, sigma), -1)
+        weights = torch.softmax(log_lik + self.log_population(mu, sigma), -1)
         mean = weights @ self.grid
         self.post_loc = mean
         self.post_scale = (weights @ self.grid**2 - mean**2).clamp_min(0).sqrt()
