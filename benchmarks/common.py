@@ -56,9 +56,10 @@ def make_policy(model: str, seed: int = 0) -> Policy:
     raise ValueError(f"unknown model {model!r}: tiny, 30m or smollm2")
 
 
-def rule_records(num_pairs: int, seed: int = 0):
-    """Noisy rule pairs (five annotators) as validated records."""
-    pairs = rule_pairs(num_pairs, [0.95, 0.9, 0.8, 0.65, 0.5], seed=seed, filler=(8, 14))
+def rule_records(num_pairs: int, seed: int = 0, filler: tuple[int, int] = (8, 14)):
+    """Noisy rule pairs (five annotators) as validated records; ``filler`` words per
+    response (about 3.5 tokens each with the tiny tokenizer)."""
+    pairs = rule_pairs(num_pairs, [0.95, 0.9, 0.8, 0.65, 0.5], seed=seed, filler=filler)
     return load_preferences(pairs.rows, annotator_column="annotator")
 
 

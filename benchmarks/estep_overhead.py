@@ -31,10 +31,12 @@ from repo.train import Trainer
 TARGET = 1.03
 
 
-def measure(model: str, steps: int, batch_size: int, family: str = "dpo") -> dict:
+def measure(
+    model: str, steps: int, batch_size: int, filler: tuple[int, int], family: str = "dpo"
+) -> dict:
     """Paired step times of RE-<family> and <family> on ``model``."""
     policy = make_policy(model)
-    records = rule_records(batch_size * (steps + 1), seed=1)
+    records = rule_records(batch_size * (steps + 1), seed=1, filler=filler)
     with tempfile.TemporaryDirectory() as tmp:
         cache = f"{tmp}/reference"
         optim = {"batch_size": batch_size, "epochs": 1}
@@ -67,6 +69,7 @@ def measure(model: str, steps: int, batch_size: int, family: str = "dpo") -> dic
         "parameters_m": round(sum(p.numel() for p in policy.lm.parameters()) / 1e6, 1),
         "family": family,
         "batch_size": batch_size,
+        "filler_words": list(filler),
         "steps": steps,
         "ratio": round(median(ratios), 4),
         "seconds_re": round(median(re_times), 4),
@@ -83,11 +86,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        runs = [("30m", 10, 4), ("tiny", 20, 8)]
+    if args.quick:  # short responses (3-6 filler words), few steps: under a minute
+        runs = [("30m", 8, 4, (3, 6)), ("tiny", 20, 8, (3, 6))]
     else:
-        runs = [("30m", 30, 8), ("tiny", 60, 8), ("smollm2", 12, 4)]
-    results = [measure(model, steps, batch) for model, steps, batch in runs]
+        runs = [("30m", 30, 8, (8, 14)), ("tiny", 60, 8, (8, 14)), ("smollm2", 12, 4, (8, 14))]
+    results = [measure(model, steps, batch, filler) for model, steps, batch, filler in runs]
     for r in results:
         print(
             f"{r['model']:>8} ({r['parameters_m']}M): RE-DPO {r['seconds_re']:.3f} s/step, "

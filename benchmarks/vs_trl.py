@@ -1,8 +1,9 @@
 """Training throughput (pairs per second) of re-po's DPO against TRL's DPOTrainer.
 
 Same model (the same random weights, LoRA r=16 on the same modules), same pairs,
-batch size, maximum length (no pair is truncated by either), precision (float32)
-and device (CPU), in one process: for each reference mode - precomputed reference
+batch size, maximum length (no pair is truncated by either), precision (float32),
+device (CPU) and no gradient checkpointing (TRL turns it on by default, which re-runs
+the forward in the backward; the full run reports that default too), in one process: for each reference mode - precomputed reference
 log-probs, or a reference forward (adapter disabled) in every step - TRL trains
 ``steps`` steps, then re-po does. The figure per mode is the median seconds
 between consecutive optimizer steps after ``warmup`` steps (data loading, forward,
@@ -32,8 +33,11 @@ TARGET = 1.0
 AIM = 1.25
 
 
-def trl_step_seconds(model: str, records, *, batch_size, max_length, steps, warmup, precompute):
-    """Median seconds per optimizer step of TRL's DPOTrainer."""
+def trl_step_seconds(
+    model: str, records, *, batch_size, max_length, steps, warmup, precompute, checkpointing=False
+):
+    """Median seconds per optimizer step of TRL's DPOTrainer (``checkpointing``: TRL's
+    default gradient checkpointing, which re-runs the forward in the backward)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -67,6 +71,7 @@ def trl_step_seconds(model: str, records, *, batch_size, max_length, steps, warm
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=0,
+            gradient_checkpointing=checkpointing,
         )
         trainer = DPOTrainer(
             base,
@@ -118,9 +123,12 @@ def main() -> None:
         raise SystemExit("vs_trl.py needs TRL: pip install 're-po[bench]'") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps, warmup = (6, 2) if args.quick else (30, 3)
-    batch_size, max_length = 8, 128
-    records = rule_records(batch_size * (steps + warmup + 1), seed=2)
+    if args.quick:  # short responses, few steps: under a minute
+        steps, warmup, batch_size, filler = 5, 2, 4, (3, 6)
+    else:
+        steps, warmup, batch_size, filler = 20, 3, 8, (8, 14)
+    max_length = 128
+    records = rule_records(batch_size * (steps + warmup + 1), seed=2, filler=filler)
     modes = {}
     for precompute in (True, False):
         common = dict(
@@ -140,6 +148,9 @@ def main() -> None:
             "repo_re_dpo_pairs_per_s": round(batch_size / t_re, 2),
             "ratio": round(t_trl / t_dpo, 3),
         }
+        if not args.quick:  # TRL's own default: gradient checkpointing on
+            t_default = trl_step_seconds(args.model, records, checkpointing=True, **common)
+            modes[name]["trl_default_checkpointing_pairs_per_s"] = round(batch_size / t_default, 2)
         print(f"{name}: {modes[name]}")
     ratios = [m["ratio"] for m in modes.values()]
     emit(
@@ -153,6 +164,7 @@ def main() -> None:
             "batch_size": batch_size,
             "max_length": max_length,
             "precision": "float32",
+            "gradient_checkpointing": False,
             "device": "cpu",
             "steps": steps,
             "trl": trl.__version__,

@@ -123,6 +123,15 @@ class ModelSection:
         default="",
         metadata=_doc("folder of the reference cache; empty: <output_dir>/reference-cache"),
     )
+    layout: Literal["auto", "shared-prompt", "concatenated"] = field(
+        default="auto",
+        metadata=_doc(
+            "batch layout: 'shared-prompt' runs one row [prompt | A | B] per pair (B masked "
+            "from A; the prompt is computed once, same log-probs), 'concatenated' the 2B rows "
+            "[prompt | A], [prompt | B]; 'auto': shared-prompt unless the model's attention "
+            "cannot take a custom mask (flash attention) or uses a sliding window"
+        ),
+    )
     gradient_checkpointing: Literal["auto", "on", "off"] = field(
         default="auto", metadata=_doc("'auto': on for CUDA, off elsewhere")
     )

@@ -19,7 +19,7 @@ pure function of (seed, epoch, step): resuming needs only the step.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -188,11 +188,17 @@ class TrainingData:
         """Labels per annotator in the whole data set, ``(K,)``."""
         return self.labels.label_counts()
 
-    def batch(self, units: Tensor) -> MicroBatch:
-        """The micro-batch of the given units: their distinct items collated once."""
+    def batch(
+        self,
+        units: Tensor,
+        collate: Callable[[list[TokenizedPair], int], dict[str, Tensor]] = collate_pairs,
+    ) -> MicroBatch:
+        """The micro-batch of the given units: their distinct items collated once
+        (``collate``: :func:`~repo.policy.tokenize.collate_pairs` or a policy's
+        :meth:`~repo.policy.Policy.collate`)."""
         labels = self.labels.subset(units)
         items, unit_item = torch.unique(labels.unit, return_inverse=True)
-        batch = collate_pairs([self.pairs[int(i)] for i in items.tolist()], self.pad_token_id)
+        batch = collate([self.pairs[int(i)] for i in items.tolist()], self.pad_token_id)
         return MicroBatch(batch=batch, labels=labels, unit_item=unit_item, units=units)
 
 

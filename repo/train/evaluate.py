@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from repo.likelihoods import PreferenceLikelihood, get_likelihood
-from repo.policy import PairTokenizer, Policy, batch_to, collate_pairs
+from repo.policy import PairTokenizer, Policy, batch_to
 from repo.train.dataset import TrainingData
 
 __all__ = ["calibration", "evaluate_policy", "evaluate_run", "item_scores", "load_run"]
@@ -52,7 +52,7 @@ def item_scores(
     try:
         for start in range(0, len(data.pairs), batch_size):
             chunk = data.pairs[start : start + batch_size]
-            batch = batch_to(collate_pairs(chunk, data.pad_token_id), policy.device)
+            batch = batch_to(policy.collate(chunk, data.pad_token_id), policy.device)
             reference = policy.reference_logps(batch) if likelihood.needs_reference else None
             stats = policy(batch).to_stats(reference)
             ra, rb = likelihood.rewards(stats)

@@ -61,7 +61,6 @@ from repo.policy import (
     ReferenceLogps,
     ResponseLogps,
     batch_to,
-    collate_pairs,
     data_fingerprint,
     load_model_and_tokenizer,
 )
@@ -196,6 +195,8 @@ class Trainer:
         self.accelerator = accelerator or self._make_accelerator(config.model.device)
         self.seed_everything(config.run.seed)
         self.policy = policy if policy is not None else self._make_policy()
+        if config.model.layout != "auto":
+            self.policy.layout = config.model.layout
         recipe = self.policy.recipe
         self.likelihood = self._make_likelihood(recipe)
         variant = config.loss.variant
@@ -382,7 +383,7 @@ class Trainer:
         scale = acc.num_processes / self.schedule.global_batch
         use_em = self.config.em.enabled
         for a, units in enumerate(micro_units):
-            micro = self.data.batch(units)
+            micro = self.data.batch(units, self.policy.collate)
             batch = batch_to(micro.batch, acc.device)
             last = a == len(micro_units) - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
@@ -473,7 +474,7 @@ class Trainer:
         size = self.config.optim.batch_size
         for start in range(0, len(mine), size):
             chunk = [self.data.pairs[i] for i in mine[start : start + size]]
-            batch = batch_to(collate_pairs(chunk, self.data.pad_token_id), acc.device)
+            batch = batch_to(self.policy.collate(chunk, self.data.pad_token_id), acc.device)
             stats = self.policy(batch).to_stats(self._reference_logps(batch))
             out[batch["index"].cpu()] = self.likelihood.logits(stats).double().cpu()
         self.model.train()
