@@ -4,7 +4,9 @@ Two trainers share one policy (LoRA): one with EM (E-step by enumeration, the
 policy step as the gradient of the marginal likelihood, the annotator M-step), one
 with the plain DPO loss. For each step ``s`` both run step ``s`` (the same units:
 their batch order depends on the seed only), in alternating order, and the ratio
-of their times is taken; the figure is the median of these paired ratios.
+of their times is taken; the figure is the median of these paired ratios, in CPU
+time of the process (one torch thread; see ``common.clock``), with the wall-time
+ratio beside it.
 
 Models: ``30m`` (a Llama of about 30M parameters with random weights built from a
 config: big enough that the forward and backward dominate, as in real use; the
@@ -13,9 +15,10 @@ target) and ``smollm2`` (SmolLM2-135M-Instruct; not in ``--quick``). The paper's
 implementation: about 1.11x on average, up to 1.40x (SimPO).
 
     python benchmarks/estep_overhead.py --quick      # 30m + tiny, under a minute
-    python benchmarks/estep_overhead.py --save       # all three; write results/
+    python benchmarks/estep_overhead.py              # all three
 
-The last line printed is one JSON object with the figures.
+The last line printed is one JSON object with the figures; it is also written
+to ``benchmarks/results/`` (``-quick`` for the quick run).
 """
 
 from __future__ import annotations
@@ -57,13 +60,15 @@ def measure(
         }
         for trainer in trainers.values():  # warm-up step (allocations, first-call costs)
             trainer.train_step(0)
-        re_times, plain_times, ratios = [], [], []
+        times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         for step in range(1, steps + 1):
             order = (True, False) if step % 2 else (False, True)
-            times = {em: timed(lambda em=em, s=step: trainers[em].train_step(s)) for em in order}
-            re_times.append(times[True])
-            plain_times.append(times[False])
-            ratios.append(times[True] / times[False])
+            for em in order:
+                times[em].append(timed(lambda em=em, s=step: trainers[em].train_step(s)))
+    cpu_ratios = [r[1] / p[1] for r, p in zip(times[True], times[False], strict=True)]
+    wall_ratios = [r[0] / p[0] for r, p in zip(times[True], times[False], strict=True)]
+    cpu = {em: median([t[1] for t in times[em]]) for em in times}
+    wall = {em: median([t[0] for t in times[em]]) for em in times}
     return {
         "model": model,
         "parameters_m": round(sum(p.numel() for p in policy.lm.parameters()) / 1e6, 1),
@@ -71,18 +76,22 @@ def measure(
         "batch_size": batch_size,
         "filler_words": list(filler),
         "steps": steps,
-        "ratio": round(median(ratios), 4),
-        "seconds_re": round(median(re_times), 4),
-        "seconds_plain": round(median(plain_times), 4),
-        "overhead_ms": round(1000 * (median(re_times) - median(plain_times)), 2),
+        "ratio": round(median(cpu_ratios), 4),
+        "ratio_wall": round(median(wall_ratios), 4),
+        "cpu_seconds_re": round(cpu[True], 4),
+        "cpu_seconds_plain": round(cpu[False], 4),
+        "wall_seconds_re": round(wall[True], 4),
+        "wall_seconds_plain": round(wall[False], 4),
+        "overhead_ms": round(1000 * (cpu[True] - cpu[False]), 2),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30m and tiny, few steps")
-    parser.add_argument("--save", action="store_true", help="write benchmarks/results/")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (CPU time = wall time at 1)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,8 +102,9 @@ def main() -> None:
     results = [measure(model, steps, batch, filler) for model, steps, batch, filler in runs]
     for r in results:
         print(
-            f"{r['model']:>8} ({r['parameters_m']}M): RE-DPO {r['seconds_re']:.3f} s/step, "
-            f"DPO {r['seconds_plain']:.3f} s/step, median paired ratio {r['ratio']:.3f}"
+            f"{r['model']:>8} ({r['parameters_m']}M): RE-DPO {r['cpu_seconds_re']:.3f} CPU s/step, "
+            f"DPO {r['cpu_seconds_plain']:.3f}, median paired ratio {r['ratio']:.3f} "
+            f"(wall: {r['ratio_wall']:.3f})"
         )
     headline = next(r for r in results if r["model"] == "30m")
     emit(
@@ -107,8 +117,7 @@ def main() -> None:
             "models": results,
             "machine": machine(),
         },
-        "estep_overhead" + ("_quick" if args.quick else ""),
-        args.save,
+        "estep_overhead",
     )
 
 

@@ -2,30 +2,40 @@
 
 Same model (the same random weights, LoRA r=16 on the same modules), same pairs,
 batch size, maximum length (no pair is truncated by either), precision (float32),
-device (CPU) and no gradient checkpointing (TRL turns it on by default, which re-runs
-the forward in the backward; the full run reports that default too), in one process: for each reference mode - precomputed reference
-log-probs, or a reference forward (adapter disabled) in every step - TRL trains
-``steps`` steps, then re-po does. The figure per mode is the median seconds
-between consecutive optimizer steps after ``warmup`` steps (data loading, forward,
-backward, optimizer and logging included; tokenisation and precomputation not),
-as pairs per second; the ratio is re-po's over TRL's (target >= 1.0, aim 1.25).
-re-po's RE-DPO (with the E-step) is reported beside it.
+device (CPU) and no gradient checkpointing (TRL turns it on by default, which
+re-runs the forward in the backward; the full run reports that default too), in
+one process. For each reference mode - precomputed reference log-probs, or a
+reference forward (adapter disabled) in every step - TRL trains ``steps`` steps,
+then re-po's DPO, then its RE-DPO; the full run repeats the blocks twice,
+alternating, so that drift in the machine's load hits every system. The figure
+per system is the median of the seconds between consecutive optimizer steps
+after ``warmup`` steps (data loading, forward, backward, optimizer and logging
+included; tokenisation and precomputation not), in CPU time of the process (one
+torch thread: what wall time is on an idle machine; see ``common.clock``; the
+wall-time ratio is reported beside it), as pairs per second; the ratio
+is re-po's DPO over TRL's (target >= 1.0, aim 1.25; the headline is the smaller
+of the two modes).
+
+re-po's edge comes from its batch layout: one row ``[prompt | A | B]`` per pair
+with B masked from A (``repo.policy.collate_shared_prompt``), so the prompt runs
+through the model once instead of twice and rows carry less padding; the
+log-probs are the same.
 
     pip install 're-po[bench]'                # TRL
     python benchmarks/vs_trl.py --quick        # under a minute
-    python benchmarks/vs_trl.py --save         # more steps; write results/
+    python benchmarks/vs_trl.py                # more steps
 
-The last line printed is one JSON object with the figures.
+The last line printed is one JSON object with the figures; it is also written
+to ``benchmarks/results/`` (``-quick`` for the quick run).
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
-from common import LORA, config, emit, machine, make_policy, median, rule_records
+from common import LORA, clock, config, emit, gaps, machine, make_policy, median, rule_records
 
 from repo.train import Trainer
 
@@ -36,8 +46,8 @@ AIM = 1.25
 def trl_step_seconds(
     model: str, records, *, batch_size, max_length, steps, warmup, precompute, checkpointing=False
 ):
-    """Median seconds per optimizer step of TRL's DPOTrainer (``checkpointing``: TRL's
-    default gradient checkpointing, which re-runs the forward in the backward)."""
+    """Seconds of each optimizer step of TRL's DPOTrainer after ``warmup`` (``checkpointing``:
+    TRL's default gradient checkpointing, which re-runs the forward in the backward)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -51,9 +61,9 @@ def trl_step_seconds(
             self.stamps: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(clock())
 
-    clock = StepClock()
+    stopwatch = StepClock()
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(
             output_dir=tmp,
@@ -79,17 +89,17 @@ def trl_step_seconds(
             train_dataset=Dataset.from_list(rows),
             processing_class=policy.tokenizer,
             peft_config=LORA.to_peft(),
-            callbacks=[clock],
+            callbacks=[stopwatch],
         )
         trainer.train()
-    gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
-    return median(gaps[warmup:])
+    return gaps(stopwatch.stamps)[warmup:]
 
 
 def repo_step_seconds(
     model: str, records, *, batch_size, max_length, steps, warmup, precompute, em
 ):
-    """Median seconds per optimizer step of re-po's trainer (DPO, or RE-DPO with ``em``)."""
+    """Seconds of each optimizer step of re-po's trainer after ``warmup`` (DPO, or RE-DPO
+    with ``em``)."""
     policy = make_policy(model)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(
@@ -102,20 +112,20 @@ def repo_step_seconds(
             optim={"batch_size": batch_size, "max_steps": steps + warmup},
         )
         trainer = Trainer(cfg, policy=policy, records=records)
-        stamps = []
+        stamps = [clock()]
         for step in range(steps + warmup):
             trainer.train_step(step)
-            stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return median(gaps[warmup - 1 :])
+            stamps.append(clock())
+    return gaps(stamps)[warmup - 1 :]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--save", action="store_true", help="write benchmarks/results/")
     parser.add_argument("--model", default="30m", choices=["tiny", "30m", "smollm2"])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (CPU time = wall time at 1)"
+    )
     args = parser.parse_args()
     try:
         import trl
@@ -129,28 +139,45 @@ def main() -> None:
         steps, warmup, batch_size, filler = 20, 3, 8, (8, 14)
     max_length = 128
     records = rule_records(batch_size * (steps + warmup + 1), seed=2, filler=filler)
+    repeats = 1 if args.quick else 2  # alternate blocks, so drift hits both sides
+    times: dict[tuple[bool, str], list[tuple[float, float]]] = {}
+    for _ in range(repeats):
+        for precompute in (True, False):
+            common = dict(
+                batch_size=batch_size,
+                max_length=max_length,
+                steps=steps,
+                warmup=warmup,
+                precompute=precompute,
+            )
+            runs = {
+                "trl": lambda c=common: trl_step_seconds(args.model, records, **c),
+                "dpo": lambda c=common: repo_step_seconds(args.model, records, em=False, **c),
+                "re_dpo": lambda c=common: repo_step_seconds(args.model, records, em=True, **c),
+            }
+            if not args.quick:  # TRL's own default: gradient checkpointing on
+                runs["trl_default"] = lambda c=common: trl_step_seconds(
+                    args.model, records, checkpointing=True, **c
+                )
+            for system, run in runs.items():
+                times.setdefault((precompute, system), []).extend(run())
     modes = {}
     for precompute in (True, False):
-        common = dict(
-            batch_size=batch_size,
-            max_length=max_length,
-            steps=steps,
-            warmup=warmup,
-            precompute=precompute,
-        )
-        t_trl = trl_step_seconds(args.model, records, **common)
-        t_dpo = repo_step_seconds(args.model, records, em=False, **common)
-        t_re = repo_step_seconds(args.model, records, em=True, **common)
+        mine = {system: t for (p, system), t in times.items() if p == precompute}
+        cpu = {system: median([x[1] for x in t]) for system, t in mine.items()}
+        wall = {system: median([x[0] for x in t]) for system, t in mine.items()}
         name = "precomputed_reference" if precompute else "reference_forward"
         modes[name] = {
-            "trl_pairs_per_s": round(batch_size / t_trl, 2),
-            "repo_dpo_pairs_per_s": round(batch_size / t_dpo, 2),
-            "repo_re_dpo_pairs_per_s": round(batch_size / t_re, 2),
-            "ratio": round(t_trl / t_dpo, 3),
+            "trl_pairs_per_s": round(batch_size / cpu["trl"], 2),
+            "repo_dpo_pairs_per_s": round(batch_size / cpu["dpo"], 2),
+            "repo_re_dpo_pairs_per_s": round(batch_size / cpu["re_dpo"], 2),
+            "ratio": round(cpu["trl"] / cpu["dpo"], 3),
+            "ratio_wall": round(wall["trl"] / wall["dpo"], 3),
         }
-        if not args.quick:  # TRL's own default: gradient checkpointing on
-            t_default = trl_step_seconds(args.model, records, checkpointing=True, **common)
-            modes[name]["trl_default_checkpointing_pairs_per_s"] = round(batch_size / t_default, 2)
+        if "trl_default" in cpu:
+            modes[name]["trl_default_checkpointing_pairs_per_s"] = round(
+                batch_size / cpu["trl_default"], 2
+            )
         print(f"{name}: {modes[name]}")
     ratios = [m["ratio"] for m in modes.values()]
     emit(
@@ -166,14 +193,14 @@ def main() -> None:
             "precision": "float32",
             "gradient_checkpointing": False,
             "device": "cpu",
-            "steps": steps,
+            "steps": steps * repeats,
+            "layout": make_policy("tiny").layout,
             "trl": trl.__version__,
             "quick": args.quick,
             "modes": modes,
             "machine": machine(),
         },
-        "vs_trl" + ("_quick" if args.quick else ""),
-        args.save,
+        "vs_trl",
     )
 
 

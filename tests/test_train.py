@@ -314,6 +314,30 @@ def test_warmup_fixes_w_at_eta_and_temperature_softens():
     assert not hot.exact
 
 
+def test_hierarchical_model_runs_its_ema_on_the_statistics():
+    """Mini-batches of a quarter of the data each, cycled: the running (scaled) grid
+    statistics approach the full data's, and so do the per-annotator posteriors."""
+    data = _labels(False, k=5, n=400, seed=3)
+    g = torch.Generator().manual_seed(4)
+    s = 2.0 * torch.randn(400, generator=g, dtype=torch.float64)
+    full = make_noise_model("hierarchical", 5)
+    em_full = OnlineEM(full, alpha=1.0, label_counts=data.label_counts())
+    em_full.e_step(s, data, step=0)
+    em_full.m_step()
+    online = make_noise_model("hierarchical", 5)
+    em = OnlineEM(online, alpha=0.2, label_counts=data.label_counts())
+    assert em.running_statistics
+    for step in range(40):
+        part = torch.arange(100) + 100 * (step % 4)
+        em.e_step(s[part], data.subset(part), step=step)
+        em.m_step()
+    got, want = online.annotator_parameters()["eta"], full.annotator_parameters()["eta"]
+    assert (got - want).abs().max() < 0.03, (got, want)
+    restored = OnlineEM(make_noise_model("hierarchical", 5), alpha=0.2)
+    restored.load_state_dict(em.state_dict())
+    assert restored._running.keys() == em._running.keys()
+
+
 def test_gradient_m_step_for_the_boltzmann_model():
     """No closed form: one Adam step per optimizer step on the marginal likelihood."""
     data = _labels(False, k=2, n=40)
@@ -478,25 +502,24 @@ def test_checkpoints_refuse_truncated_edited_and_foreign_folders(tmp_path):
     state = json.loads((good / "state.json").read_text())
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in state["files"])
 
-    truncated = tmp_path / "truncated"
-    shutil.copytree(good, truncated)
-    data = (truncated / "optimizer.safetensors").read_bytes()
-    (truncated / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
+    def damaged(name: str, file: str, damage) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(good, copy)
+        damage(copy / file)
+        return copy
+
+    def halve(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    truncated = damaged("truncated", "optimizer.safetensors", halve)
     with pytest.raises(CheckpointError, match="optimizer.safetensors does not match its sha256"):
         load_checkpoint(truncated)
-
-    pickled = tmp_path / "pickled"
-    shutil.copytree(good, pickled)
-    torch.save({"evil": 1}, pickled / "noise.safetensors")  # a pickle under a safe name
+    # a pickle under a safe name is refused before anything reads it
+    pickled = damaged("pickled", "noise.safetensors", lambda p: torch.save({"evil": 1}, p))
     with pytest.raises(CheckpointError, match="noise.safetensors"):
         load_checkpoint(pickled)
-
-    cut_json = tmp_path / "cut"
-    shutil.copytree(good, cut_json)
-    text = (cut_json / "state.json").read_text()
-    (cut_json / "state.json").write_text(text[: len(text) // 2])
     with pytest.raises(CheckpointError, match="unreadable"):
-        load_checkpoint(cut_json)
+        load_checkpoint(damaged("cut", "state.json", halve))
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -682,3 +705,9 @@ def test_trl_example_runs_re_dpo_inside_dpo_trainer(tmp_path):
     assert not torch.allclose(eta, torch.full_like(eta, 0.9))  # six M-steps moved it
     logged = [h for h in trainer.state.log_history if "w/mean" in h]
     assert logged and 0 < logged[-1]["w/mean"] < 1
+
+
+def test_example_configuration_is_valid():
+    cfg = load_config(ROOT / "examples" / "re_dpo_pandalm.toml")
+    assert cfg.data.format == "pandalm" and cfg.data.shared_truth
+    assert cfg.output_dir.resolve() == (ROOT / "runs" / "re-dpo-pandalm").resolve()

@@ -24,6 +24,13 @@ paper's. Noise models with no closed form (Boltzmann) take one Adam step on the
 step's marginal log-likelihood (gradients summed over micro-batches and processes)
 plus the log prior over the data set.
 
+The hierarchical model's per-annotator reliabilities are a posterior computed from
+whole-data statistics (its parameters are the population's ``mu, sigma``), so for it
+the EMA runs on the statistics instead: ``S_k <- (1 - alpha) S_k + alpha (N_k /
+n_{k,B}) s_{k,B}`` for the annotators seen, and the M-step reads ``S`` (stochastic
+EM in the manner of Cappe and Moulines, 2009). For the symmetric flip without a
+prior this would be the same update as the paper's.
+
 Two remedies for early, confidently wrong posteriors of reference-free losses
 (SimPO, CPO start far from :math:`p = 1/2`):
 
@@ -43,9 +50,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from repo.inference.em import ema_update
+from repo.inference.em import ema_update, set_value
 from repo.inference.enumeration import enumerate_posterior, marginal_log_likelihood
 from repo.noise.base import NoiseModel
+from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
 
 __all__ = ["EStep", "OnlineEM", "frozen", "single_thread"]
@@ -147,7 +155,9 @@ class OnlineEM:
             if self.closed_form or not list(noise.parameters())
             else torch.optim.Adam(noise.parameters(), lr=noise_lr)
         )
+        self.running_statistics = isinstance(noise, HierarchicalFlip)
         self._stats: dict[str, Tensor] | None = None
+        self._running: dict[str, Tensor] | None = None
         self._units = 0
 
     def _has_closed_form(self) -> bool:
@@ -235,17 +245,40 @@ class OnlineEM:
             stats[k] = flat[offset : offset + n].reshape(self._stats[k].shape)
             offset += n
         seen = stats["n"] > 0
+        if self.running_statistics:
+            self._running_step(stats, seen, alpha)
+            return
         if self.noise.prior is not None and self.label_counts is not None:
             stats = self._scale_to_data(stats)
         with torch.no_grad(), single_thread():
             ema_update(self.noise, self.noise.m_step(stats), seen, alpha)
 
+    def _running_step(self, stats: dict[str, Tensor], seen: Tensor, alpha: float) -> None:
+        """EMA of the statistics scaled to the data, then the M-step on them (no EMA of
+        the parameters): ``S_k <- (1 - alpha) S_k + alpha (N_k / n_k) s_k`` for the
+        annotators seen. Zero statistics are "no labels yet" (the population prior)."""
+        scaled = self._scale_to_data(stats) if self.label_counts is not None else stats
+        if self._running is None:
+            self._running = {k: torch.zeros_like(v) for k, v in scaled.items()}
+        for name, value in scaled.items():
+            old = self._running[name]
+            mask = seen.reshape(seen.shape + (1,) * (value.dim() - 1)) if value.dim() else seen
+            self._running[name] = torch.where(mask, old + alpha * (value - old), old)
+        with torch.no_grad(), single_thread():
+            for name, value in self.noise.m_step(dict(self._running)).items():
+                set_value(self.noise, name, value)
+
     def _scale_to_data(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Per-annotator sums scaled by ``N_k / n_k`` (see the module docstring)."""
+        """Per-annotator sums (leading dim ``K``) scaled by ``N_k / n_k`` (module docstring)."""
         n = stats["n"]
         factor = torch.where(n > 0, self.label_counts / n.clamp_min(1e-300), torch.zeros_like(n))
         k = self.noise.num_annotators
-        return {name: v * factor if v.shape == (k,) else v for name, v in stats.items()}
+        out = {}
+        for name, value in stats.items():
+            if value.dim() >= 1 and value.shape[0] == k:
+                value = value * factor.reshape((k,) + (1,) * (value.dim() - 1))
+            out[name] = value
+        return out
 
     def _gradient_step(self, reduce: Reduce) -> None:
         params = list(self.noise.parameters())
@@ -263,8 +296,11 @@ class OnlineEM:
 
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """The noise model's tensors (and the gradient M-step's Adam moments)."""
+        """The noise model's tensors (and the running statistics, or the gradient
+        M-step's Adam moments)."""
         state = {f"noise.{k}": v.detach().clone() for k, v in self.noise.state_dict().items()}
+        for k, v in (self._running or {}).items():
+            state[f"running.{k}"] = v.clone()
         if self.optimizer is not None:
             for i, s in self.optimizer.state_dict()["state"].items():
                 for name, value in s.items():
@@ -275,6 +311,8 @@ class OnlineEM:
         """Restore :meth:`state_dict` (strict: the same noise model and size)."""
         noise_state = {k[len("noise.") :]: v for k, v in state.items() if k.startswith("noise.")}
         self.noise.load_state_dict(noise_state, strict=True)
+        running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
+        self._running = running or None
         if self.optimizer is not None:
             adam = self.optimizer.state_dict()
             per_param: dict[int, dict[str, Tensor]] = {}

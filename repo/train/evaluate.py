@@ -18,7 +18,6 @@ reference) is compared with the label :math:`o` (1: A preferred):
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -111,15 +110,11 @@ def evaluate_policy(
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Any, Policy, PreferenceLikelihood]:
     """``(config, policy with the run's final adapter, likelihood)`` of a finished run."""
-    from repo.train.config import TrainConfig
+    from repo.train.config import load_run_config
     from repo.train.trainer import Trainer
 
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a re-po run directory (no config.json)")
-    resolved = json.loads(config_file.read_text(encoding="utf-8"))
-    config = TrainConfig.from_dict(resolved["config"], base_dir=run_dir)
+    config, resolved = load_run_config(run_dir)
     lik = resolved["likelihood"]
     hparams = {k: v for k, v in lik.items() if k not in ("family", "variant")}
     likelihood = get_likelihood(lik["family"], **hparams)
@@ -149,6 +144,7 @@ def evaluate_run(
     from repo.train.trainer import load_records
 
     config, policy, likelihood = load_run(run_dir)
+    config = config.replace("data", max_records=0)  # a training subset, not an eval one
     records = load_records(config, source=str(Path(data).resolve()))
     m = config.model
     recipe = policy.recipe

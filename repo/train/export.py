@@ -52,7 +52,7 @@ def export_run(
     :param out: the JSONL file to write (default ``<run_dir>/export-<mode>.jsonl``).
     :return: the path written and counts (``labels``, ``written``, ``flipped``).
     """
-    from repo.train.config import TrainConfig
+    from repo.train.config import load_run_config
     from repo.train.trainer import load_records
 
     if mode not in MODES:
@@ -60,11 +60,7 @@ def export_run(
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a re-po run directory (no config.json)")
-    resolved = json.loads(config_file.read_text(encoding="utf-8"))
-    config = TrainConfig.from_dict(resolved["config"], base_dir=run_dir)
+    config, _ = load_run_config(run_dir)
     records = load_records(config)
     posteriors = _read_posteriors(run_dir / "posteriors.jsonl")
     out = Path(out) if out is not None else run_dir / f"export-{mode}.jsonl"
