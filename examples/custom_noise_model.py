@@ -51,7 +51,7 @@ class DifficultyFlip(NoiseModel):
             z = pyro.sample(
                 "z", dist.Bernoulli(logits=logits.unsqueeze(-1)), infer={"enumerate": "parallel"}
             )
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.mask):
+            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
                 label_logits = agree_logits(z, self.logit_correct(logits, data))
                 pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
 

@@ -8,7 +8,7 @@ preference logits ``s`` (one per truth unit)::
 
 Subclasses write :meth:`NoiseModel.model` with the truth units in a plate named
 ``"items"`` (dim -2) and the label slots in a plate ``"slots"`` (dim -1) under
-``poutine.mask(mask=data.mask)``. That program is all EM, MAP, NUTS and SVI need.
+``poutine.mask(mask=data.slot_mask)``. That program is all EM, MAP, NUTS and SVI need.
 
 Annotator parameters are :class:`~pyro.nn.PyroParam` (point estimates: EM, MAP
 under a prior) and become :class:`~pyro.nn.PyroSample` (full Bayes) through

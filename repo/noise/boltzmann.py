@@ -50,7 +50,7 @@ class Boltzmann(NoiseModel):
     def model(self, logits: Tensor, data: LabelData) -> None:
         tau = self.tau
         with pyro.plate("items", data.num_units, dim=-2):
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.mask):
+            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
                 label_logits = tau[data.annotator] * logits.unsqueeze(-1)
                 pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
 

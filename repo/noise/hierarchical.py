@@ -118,7 +118,7 @@ class HierarchicalFlip(NoiseModel):
                 dist.Bernoulli(logits=logits.unsqueeze(-1)),
                 infer={"enumerate": "parallel"},
             )
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.mask):
+            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
                 label_logits = agree_logits(z, logit_eta[..., data.annotator])
                 pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
 

@@ -55,6 +55,12 @@ class LabelData:
     def num_labels(self) -> int:
         return int(self.mask.sum())
 
+    @property
+    def slot_mask(self) -> Tensor | bool:
+        """The mask for ``poutine.mask``: ``True`` when no slot is padding (so that
+        masking costs nothing on rectangular data)."""
+        return True if bool(self.mask.all()) else self.mask
+
     @staticmethod
     def from_labels(
         annotator: Tensor,

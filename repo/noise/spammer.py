@@ -60,7 +60,7 @@ class Spammer(NoiseModel):
                 dist.Bernoulli(logits=logits.unsqueeze(-1)),
                 infer={"enumerate": "parallel"},
             )
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.mask):
+            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
                 k = data.annotator
                 c = pyro.sample(
                     "honest", dist.Bernoulli(probs=theta[k]), infer={"enumerate": "parallel"}

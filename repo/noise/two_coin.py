@@ -48,7 +48,7 @@ class TwoCoin(NoiseModel):
                 dist.Bernoulli(logits=logits.unsqueeze(-1)),
                 infer={"enumerate": "parallel"},
             )
-            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.mask):
+            with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
                 k = data.annotator
                 label_logits = z * logit_a[k] - (1 - z) * logit_b[k]
                 pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
