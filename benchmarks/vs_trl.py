@@ -13,8 +13,10 @@ after ``warmup`` steps (data loading, forward, backward, optimizer and logging
 included; tokenisation and precomputation not), in CPU time of the process (one
 torch thread: what wall time is on an idle machine; see ``common.clock``; the
 wall-time ratio is reported beside it), as pairs per second; the ratio
-is re-po's DPO over TRL's (target >= 1.0, aim 1.25; the headline is the smaller
-of the two modes).
+is re-po's DPO over TRL's (target >= 1.0, aim 1.25; the headline is the smallest
+over reference modes and data sets). Data: synthetic rule pairs (short prompts)
+and, in the full run, pairs of the shipped HH-RLHF subsample (real multi-turn
+prompts, longer than the responses) that fit 512 tokens.
 
 re-po's edge comes from its batch layout: one row ``[prompt | A | B]`` per pair
 with B masked from A (``repo.policy.collate_shared_prompt``), so the prompt runs
@@ -119,29 +121,31 @@ def repo_step_seconds(
     return gaps(stamps)[warmup - 1 :]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default="30m", choices=["tiny", "30m", "smollm2"])
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (CPU time = wall time at 1)"
-    )
-    args = parser.parse_args()
-    try:
-        import trl
-    except ImportError:
-        raise SystemExit("vs_trl.py needs TRL: pip install 're-po[bench]'") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:  # short responses, few steps: under a minute
-        steps, warmup, batch_size, filler = 5, 2, 4, (3, 6)
-    else:
-        steps, warmup, batch_size, filler = 20, 3, 8, (8, 14)
-    max_length = 128
-    records = rule_records(batch_size * (steps + warmup + 1), seed=2, filler=filler)
-    repeats = 1 if args.quick else 2  # alternate blocks, so drift hits both sides
+def hh_records(count: int, max_length: int):
+    """The first ``count`` pairs of the shipped HH-RLHF subsample (real multi-turn
+    prompts) whose prompt and longer response fit ``max_length`` tiny-model tokens
+    with room to spare, so that neither trainer truncates anything."""
+    from repo.data.hh_rlhf import load_hh_rlhf
+    from repo.data.records import PreferenceData
+    from repo.policy import PairTokenizer
+
+    tokenizer = make_policy("tiny").tokenizer
+    measure = PairTokenizer(tokenizer, 100_000, min_response_tokens=1)
+    kept = []
+    for record in load_hh_rlhf():
+        pair = measure(record.prompt, record.response_a, record.response_b)
+        longest = max(len(pair.response_a_ids), len(pair.response_b_ids))
+        if len(pair.prompt_ids) + longest <= max_length - 8:
+            kept.append(record)
+        if len(kept) == count:
+            break
+    return PreferenceData(kept)
+
+
+def compare(model: str, records, *, batch_size, max_length, steps, warmup, repeats, default):
+    """Pairs per second of TRL, re-po DPO and re-po RE-DPO in both reference modes."""
     times: dict[tuple[bool, str], list[tuple[float, float]]] = {}
-    for _ in range(repeats):
+    for _ in range(repeats):  # alternate blocks, so drift in the load hits every system
         for precompute in (True, False):
             common = dict(
                 batch_size=batch_size,
@@ -151,13 +155,13 @@ def main() -> None:
                 precompute=precompute,
             )
             runs = {
-                "trl": lambda c=common: trl_step_seconds(args.model, records, **c),
-                "dpo": lambda c=common: repo_step_seconds(args.model, records, em=False, **c),
-                "re_dpo": lambda c=common: repo_step_seconds(args.model, records, em=True, **c),
+                "trl": lambda c=common: trl_step_seconds(model, records, **c),
+                "dpo": lambda c=common: repo_step_seconds(model, records, em=False, **c),
+                "re_dpo": lambda c=common: repo_step_seconds(model, records, em=True, **c),
             }
-            if not args.quick:  # TRL's own default: gradient checkpointing on
+            if default:  # TRL's own default: gradient checkpointing on
                 runs["trl_default"] = lambda c=common: trl_step_seconds(
-                    args.model, records, checkpointing=True, **c
+                    model, records, checkpointing=True, **c
                 )
             for system, run in runs.items():
                 times.setdefault((precompute, system), []).extend(run())
@@ -179,7 +183,41 @@ def main() -> None:
                 batch_size / cpu["trl_default"], 2
             )
         print(f"{name}: {modes[name]}")
-    ratios = [m["ratio"] for m in modes.values()]
+    return {
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "steps": steps * repeats,
+        "modes": modes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default="30m", choices=["tiny", "30m", "smollm2"])
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (CPU time = wall time at 1)"
+    )
+    args = parser.parse_args()
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("vs_trl.py needs TRL: pip install 're-po[bench]'") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    datasets = {}
+    if args.quick:  # short rule pairs, few steps: under a minute
+        records = rule_records(4 * 8, seed=2, filler=(3, 6))
+        settings = dict(batch_size=4, max_length=128, steps=5, warmup=2, repeats=1)
+        datasets["rule_pairs"] = compare(args.model, records, default=False, **settings)
+    else:
+        records = rule_records(8 * 24, seed=2, filler=(8, 14))
+        settings = dict(batch_size=8, max_length=128, steps=20, warmup=3, repeats=2)
+        datasets["rule_pairs"] = compare(args.model, records, default=True, **settings)
+        records = hh_records(4 * 14, max_length=512)
+        settings = dict(batch_size=4, max_length=512, steps=10, warmup=3, repeats=2)
+        datasets["hh_rlhf"] = compare(args.model, records, default=True, **settings)
+    ratios = [m["ratio"] for d in datasets.values() for m in d["modes"].values()]
     emit(
         {
             "benchmark": "vs_trl",
@@ -188,16 +226,13 @@ def main() -> None:
             "aim": AIM,
             "meets_target": min(ratios) >= TARGET,
             "model": args.model,
-            "batch_size": batch_size,
-            "max_length": max_length,
             "precision": "float32",
             "gradient_checkpointing": False,
             "device": "cpu",
-            "steps": steps * repeats,
             "layout": make_policy("tiny").layout,
             "trl": trl.__version__,
             "quick": args.quick,
-            "modes": modes,
+            "datasets": datasets,
             "machine": machine(),
         },
         "vs_trl",
