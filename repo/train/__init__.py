@@ -14,6 +14,8 @@ from repo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from repo.train.config import ConfigError, TrainConfig, describe_config, load_config
 from repo.train.dataset import BatchSchedule, TrainingData
 from repo.train.estep import EStep, OnlineEM
+from repo.train.evaluate import evaluate_policy, evaluate_run
+from repo.train.export import export_run
 from repo.train.objective import marginal_nll, plain_loss, policy_objective
 from repo.train.trainer import Trainer
 
@@ -27,6 +29,9 @@ __all__ = [
     "Trainer",
     "TrainingData",
     "describe_config",
+    "evaluate_policy",
+    "evaluate_run",
+    "export_run",
     "load_checkpoint",
     "load_config",
     "marginal_nll",

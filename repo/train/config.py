@@ -500,39 +500,33 @@ class TrainConfig:
         return kwargs
 
 
-_FAMILY_OPTIONS: dict[str, dict[str, tuple[Any, str]]] = {
-    # family -> {config field: (value meaning "unset", constructor argument)}
-    "simpo": {"gamma": (-1.0, "gamma")},
-    "cdpo": {"epsilon": (-1.0, "epsilon")},
-    "rdpo": {"epsilon": (-1.0, "epsilon")},
-    "cpo": {"nll_weight": (-1.0, "nll_weight"), "keep_sft_term": (False, "keep_sft_term")},
-    "ipo": {"length_normalized": (False, "length_normalized")},
-}
-_UNSET = {
-    "gamma": -1.0,
-    "epsilon": -1.0,
-    "nll_weight": -1.0,
-    "keep_sft_term": False,
-    "length_normalized": False,
+_FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
+    # family -> the [loss] fields that are its constructor arguments (beyond beta)
+    "simpo": ("gamma",),
+    "cdpo": ("epsilon",),
+    "rdpo": ("epsilon",),
+    "cpo": ("nll_weight", "keep_sft_term"),
+    "ipo": ("length_normalized",),
 }
 
 
 def _family_options(loss: LossSection) -> dict[str, Any]:
-    """The family-specific options that are set; an option of another family is an error."""
+    """The family-specific options that differ from their "unset" default (the family's
+    own default then applies); a set option of another family is an error."""
     family = loss.family.strip().lower()
-    allowed = _FAMILY_OPTIONS.get(family, {})
+    defaults = LossSection()
     kwargs = {}
-    for name, unset in _UNSET.items():
+    for name in sorted({n for names in _FAMILY_OPTIONS.values() for n in names}):
         value = getattr(loss, name)
-        if value == unset:
+        if value == getattr(defaults, name):
             continue
-        if name not in allowed:
-            owners = [f for f, opts in _FAMILY_OPTIONS.items() if name in opts]
+        if name not in _FAMILY_OPTIONS.get(family, ()):
+            owners = [f for f, names in _FAMILY_OPTIONS.items() if name in names]
             raise ConfigError(
                 f"[loss] {name} does not apply to family {family!r} (it is an option of "
                 f"{', '.join(owners)})"
             )
-        kwargs[allowed[name][1]] = value
+        kwargs[name] = value
     return kwargs
 
 
