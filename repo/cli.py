@@ -11,6 +11,42 @@ from repo.data.labels import FORMATS
 from repo.noise import NOISE_MODELS
 
 
+def _bayes_settings(args: argparse.Namespace):
+    from repo.inference.bayes import BayesSettings
+
+    return BayesSettings(
+        num_chains=args.chains,
+        warmup=args.warmup,
+        draws=args.draws,
+        seed=args.seed,
+        jit_compile=not args.no_jit,
+        target_accept=args.target_accept,
+        svi_steps=args.svi_steps,
+    )
+
+
+def _write_side_files(fit, args: argparse.Namespace) -> None:
+    """Write --idata / --trajectory and record them (relative) in RESULT.json."""
+    from pathlib import Path
+
+    from repo.diagnostics.io import write_inference_data, write_trajectory
+
+    base = Path(args.out).resolve().parent
+    for option, key in (("idata", "inference_data"), ("trajectory", "trajectory")):
+        target = getattr(args, option)
+        if target is None:
+            continue
+        target = Path(target).resolve()
+        if option == "idata":
+            write_inference_data(fit.to_inference_data(), target)
+        else:
+            write_trajectory(fit.trajectory, target)
+        try:
+            fit.files[key] = str(target.relative_to(base))
+        except ValueError:
+            fit.files[key] = str(target)
+
+
 def _fit_noise(args: argparse.Namespace) -> int:
     from repo.fit import fit_noise
 
@@ -26,14 +62,31 @@ def _fit_noise(args: argparse.Namespace) -> int:
         tol=args.tol,
         max_iter=args.max_iter,
         progress=True,
+        method=args.method,
+        bayes=_bayes_settings(args),
     )
+    _write_side_files(fit, args)
     fit.to_json(args.out)
+    if fit.divergences:
+        print(
+            f"[re-po] WARNING: {fit.divergences} divergent transition(s) after warm-up; "
+            "the posterior summaries may be biased (recorded in RESULT.json)",
+            file=sys.stderr,
+        )
     state = "converged" if fit.converged else "NOT converged"
     print(
         f"[re-po] {fit.model} on {len(fit.annotators)} annotators: {state} after "
         f"{fit.iterations} iterations, log-likelihood {fit.log_likelihood:.4f}; wrote {args.out}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from repo.diagnostics.report import diagnose
+
+    report = diagnose(args.results, args.out, ppc_draws=args.ppc_draws)
+    print(f"[re-po] wrote {report}", file=sys.stderr)
     return 0
 
 
@@ -164,7 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood tolerance")
     fit.add_argument("--max-iter", type=int, default=1000)
     fit.add_argument("--out", required=True, help="RESULT.json to write")
+    bayes = fit.add_argument_group("posterior (after EM; the scorer is held at its EM fit)")
+    bayes.add_argument(
+        "--method",
+        default="em",
+        choices=["em", "map", "nuts", "svi"],
+        help="em: Laplace at the EM estimate; map: AutoDelta mode + Laplace; "
+        "nuts: NUTS; svi: AutoNormal",
+    )
+    bayes.add_argument("--chains", type=int, default=4, help="NUTS chains")
+    bayes.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps per chain")
+    bayes.add_argument("--draws", type=int, default=500, help="NUTS draws per chain")
+    bayes.add_argument("--seed", type=int, default=0)
+    bayes.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")
+    bayes.add_argument("--target-accept", type=float, default=0.8)
+    bayes.add_argument("--svi-steps", type=int, default=3000, help="SVI/MAP optimisation steps")
+    bayes.add_argument("--idata", default=None, help="also write the ArviZ InferenceData (.nc)")
+    bayes.add_argument("--trajectory", default=None, help="also write EM's eta trajectory (.jsonl)")
     fit.set_defaults(run=_fit_noise)
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="report (markdown + PNG) on fits: diagnostics, LOO, predictive checks",
+        description="Diagnose RESULT (a RESULT.json or a run directory); further RESULTs "
+        "fitted to the same labels are compared by PSIS-LOO, and an EM fit beside a "
+        "NUTS/SVI fit of one model is compared annotator by annotator.",
+    )
+    diagnose.add_argument("results", nargs="+", metavar="RUN_DIR_OR_RESULT")
+    diagnose.add_argument("--out", required=True, help="directory for report.md and figures")
+    diagnose.add_argument("--ppc-draws", type=int, default=200, help="draws for predictive checks")
+    diagnose.set_defaults(run=_diagnose)
 
     demo = commands.add_parser(
         "demo",

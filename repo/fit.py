@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ import torch
 
 from repo.data.errors import DataError
 from repo.data.labels import EncodedLabels, encode_labels, read_label_table
+from repo.inference.bayes import METHODS, BayesResult, BayesSettings, infer, summarise_draws
 from repo.inference.em import EMResult, fit_em
+from repo.inference.enumeration import EnumPosterior, enumerate_posterior
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel, make_noise_model
 from repo.scorers import BradleyTerry, ClassPrior, FixedLogits, Scorer
 
@@ -138,6 +141,11 @@ class NoiseFit:
     scorer: Scorer | None = None
     data: LabelData | None = None
     em: EMResult | None = None
+    posterior: BayesResult | None = None
+    divergences: int = 0
+    inference: dict = field(default_factory=dict)
+    trajectory: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The RESULT.json document."""
@@ -150,12 +158,30 @@ class NoiseFit:
             "converged": bool(self.converged),
             "iterations": int(self.iterations),
             "log_likelihood": float(self.log_likelihood),
+            "divergences": int(self.divergences),
+            "inference": self.inference,
+            "files": dict(self.files),
             "population": {k: float(v) for k, v in self.population.items()},
             "dropped": dict(self.dropped),
             "annotators": _records(self.annotators),
             "items": _records(self.items),
             "labels": _records(self.labels),
         }
+
+    def to_inference_data(self, log_likelihood: bool = True):
+        """ArviZ data of the attached posterior (:mod:`repo.diagnostics`)."""
+        from repo.diagnostics.inference_data import to_inference_data
+
+        if self.posterior is None:
+            raise ValueError("this fit has no posterior attached")
+        units = self.items["id"].tolist() if self.data.shared_truth else None
+        return to_inference_data(
+            self.posterior,
+            annotator_ids=self.annotators["id"].astype(str).tolist(),
+            unit_ids=units,
+            model_name=self.model,
+            log_likelihood=log_likelihood,
+        )
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialise :meth:`to_dict`; write it to ``path`` when given."""
@@ -225,8 +251,16 @@ def fit_noise(
     max_iter: int = 1000,
     accelerate: bool = True,
     progress: bool = False,
+    method: str | None = None,
+    bayes: BayesSettings | None = None,
 ) -> NoiseFit:
-    """Fit ``model`` to a label table by EM (MAP-EM under ``prior``).
+    """Fit ``model`` to a label table by EM (MAP-EM under ``prior``), then, by
+    ``method``, attach a posterior: ``"em"`` the Laplace approximation at the EM
+    estimate, ``"map"`` the mode (AutoDelta) with its Laplace approximation,
+    ``"nuts"`` or ``"svi"`` full Bayes with the scorer held at its EM fit
+    (:mod:`repo.inference.bayes`; ``bayes`` holds their settings). ``None`` (the
+    default) is EM alone, with no uncertainty (the cheapest; ``re-po fit-noise``
+    defaults to ``"em"``).
 
     :param table: a DataFrame, a path (CSV, TSV, JSONL, Parquet) or a dict of
         equal-length columns.
@@ -236,6 +270,8 @@ def fit_noise(
     :param prior: ``"beta:A,B"``, a ``Beta`` or None (maximum likelihood).
     :param eta_init: initial reliability (> 0.5 breaks the label-swap symmetry).
     """
+    if method is not None and method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     frame = _as_table(table)
     labels = encode_labels(frame, format, tie_value=tie_value, duplicates=duplicates)
     if shared_truth is None:
@@ -247,9 +283,18 @@ def fit_noise(
         model, len(labels.annotator_ids), prior=beta, **_initial_kwargs(model, eta_init)
     )
 
-    def report(iteration: int, value: float) -> None:
-        print(f"[re-po] EM iteration {iteration}: objective {value:.6f}", file=sys.stderr)
+    trajectory: list[dict] = []
+    counts = data.label_counts().clamp_min(1)
 
+    def report(iteration: int, value: float) -> None:
+        with torch.no_grad():
+            implied = noise.implied_eta(scorer(data).detach(), data).expand_as(data.label)
+            eta = (data.per_annotator_sum(implied) / counts).tolist()
+        trajectory.append({"step": iteration, "objective": value, "eta": eta})
+        if progress:
+            print(f"[re-po] EM iteration {iteration}: objective {value:.6f}", file=sys.stderr)
+
+    em_start = time.perf_counter()
     result = fit_em(
         noise,
         scorer,
@@ -257,9 +302,76 @@ def fit_noise(
         tol=tol,
         max_iter=max_iter,
         accelerate=accelerate,
-        callback=report if progress else None,
+        callback=report,
     )
-    return summarise(noise, scorer, data, labels, result, prior=prior)
+    em_seconds = time.perf_counter() - em_start
+    fit = summarise(noise, scorer, data, labels, result, prior=prior)
+    fit.trajectory = trajectory
+    if method is None:
+        fit.inference = {"method": "em", "em_seconds": em_seconds}
+        return fit
+    if progress and method != "em":
+        print(f"[re-po] {method}: sampling the posterior ...", file=sys.stderr)
+    posterior = infer(method, noise, scorer, data, bayes)
+    fit = attach_posterior(fit, posterior, labels)
+    fit.inference["em_seconds"] = em_seconds
+    return fit
+
+
+def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabels) -> NoiseFit:
+    """``fit`` with the posterior's summaries (:func:`summarise_draws`) added.
+
+    NUTS and SVI replace the per-label ``w`` and the items' posteriors by their
+    Rao-Blackwellised averages over draws and the pointwise log-likelihood by the
+    log pointwise predictive density ``log mean_s p(o_i | theta_s)``; MAP reports
+    them at the mode; EM keeps them at the estimate.
+    """
+    noise, scorer, data = fit.noise_model, fit.scorer, fit.data
+    em = fit.em
+    if posterior.method in ("nuts", "svi"):
+        enumeration = posterior.enumeration()
+        log_lik = enumeration.log_likelihood.reshape(-1, enumeration.log_likelihood.shape[-1])
+        lppd = np.logaddexp.reduce(log_lik, axis=0) - np.log(log_lik.shape[0])
+        averaged = EnumPosterior(enumeration.marginals, torch.as_tensor(lppd))
+        result = EMResult(em.converged, em.iterations, em.objective, em.trace, em.logits, averaged)
+        out = summarise(
+            noise, scorer, data, labels, result, prior=fit.prior, method=posterior.method
+        )
+    elif posterior.method == "map":
+        mode = posterior.point_model
+        with torch.no_grad():
+            at_mode = enumerate_posterior(mode.e_step_model(), posterior.logits, data)
+        value = float((at_mode.log_likelihood.sum() + mode.log_prior()).detach())
+        result = EMResult(em.converged, em.iterations, value, em.trace, em.logits, at_mode)
+        out = summarise(mode, scorer, data, labels, result, prior=fit.prior, method="map")
+    else:
+        out = fit
+    frame, population = summarise_draws(posterior, eta_point=out.annotators["eta"].to_numpy())
+    for column in frame.columns:
+        out.annotators[column] = frame[column].to_numpy()
+    out.population.update(population)
+    out.posterior = posterior
+    out.trajectory = fit.trajectory
+    out.divergences = posterior.draws.num_divergences
+    out.inference = _inference_facts(posterior)
+    return out
+
+
+def _inference_facts(posterior: BayesResult) -> dict:
+    info = {k: v for k, v in posterior.draws.info.items() if k not in ("elbo", "optimisation")}
+    if "elbo" in posterior.draws.info:
+        info["elbo_final"] = float(np.mean(posterior.draws.info["elbo"][-100:]))
+    if "optimisation" in posterior.draws.info:
+        opt = posterior.draws.info["optimisation"]
+        info["optimisation"] = {"converged": opt["converged"], "steps": opt["steps"]}
+    info.pop("unconstrained_sd", None)
+    return {
+        "method": posterior.method,
+        "num_chains": posterior.draws.num_chains,
+        "num_draws": posterior.draws.num_draws,
+        "seconds": {k: float(v) for k, v in posterior.draws.seconds.items()},
+        **info,
+    }
 
 
 def summarise(

@@ -1,0 +1,143 @@
+"""NUTS at scale: 100,000 labels from 500 annotators, symmetric flip, known scores.
+
+Simulated per-label truth (eta ~ Beta(4, 1.5), scores ~ N(0, 3^2) given), the
+symmetric flip under that prior, EM first (the chains start near its estimate with
+the Laplace variances as metric), then NUTS with 4 chains of 500 warm-up + 500
+draws (Pyro, discrete truth enumerated out, ``jit_compile=True``). Recorded: wall
+time by phase, the minimum over annotators of bulk ESS per second of sampling
+(and of the whole run), max R-hat, divergences, coverage of the true eta by the
+90% intervals, and what ``jit_compile`` did: the time of one potential-and-gradient
+evaluation with and without it (steady state, after tracing), and the tracing cost.
+Budget: 10 minutes on this machine.
+
+``--quick`` (10,000 labels, 50 annotators, 2 chains of 150 + 150) finishes within a
+minute. The last line printed is one JSON object with the figures; it is also
+written to ``benchmarks/results/``.
+
+Run: ``python benchmarks/bayes.py [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+from _results import record
+from pyro.infer.mcmc.util import initialize_model
+from pyro.ops.integrator import potential_grad
+
+from repo.data.simulate import simulate_labels
+from repo.inference.bayes import BayesSettings, bayesian_copy, infer, summarise_draws
+from repo.inference.em import fit_em
+from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
+from repo.noise import LabelData, SymmetricFlip
+from repo.scorers import FixedLogits
+
+BUDGET_S = 600.0
+
+
+def simulate(num_labels: int, num_annotators: int, seed: int = 0):
+    """Labels with eta ~ Beta(4, 1.5) replacing the simulator's uniform draw."""
+    rng = np.random.default_rng(seed)
+    sim = simulate_labels(
+        num_items=num_labels, num_annotators=num_annotators, shared_truth=False, seed=seed
+    )
+    eta = rng.beta(4.0, 1.5, num_annotators)
+    truth = sim.truth
+    label = np.where(rng.random(num_labels) < eta[sim.annotator], truth, 1 - truth)
+    return sim.annotator, label.astype(float), sim.scores, eta
+
+
+def jit_effect(model, logits, data, repeats: int = 20) -> dict:
+    """Seconds per potential+gradient with and without jit, and the tracing cost."""
+    bayes = bayesian_copy(model)
+    out = {}
+    for jit in (False, True):
+        with local_params():
+            start = time.perf_counter()
+            init, potential, _, _ = initialize_model(
+                bayes, (logits, data), max_plate_nesting=MAX_PLATE_NESTING, jit_compile=jit,
+                skip_jit_warnings=True,
+            )  # fmt: skip
+            potential_grad(potential, init)  # the first call traces under jit
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(repeats):
+                potential_grad(potential, init)
+            per_call = (time.perf_counter() - start) / repeats
+        key = "jit" if jit else "no_jit"
+        out[f"{key}_grad_ms"] = 1000 * per_call
+        out[f"{key}_setup_s"] = first
+    out["speedup"] = out["no_jit_grad_ms"] / out["jit_grad_ms"]
+    return out
+
+
+def run(num_labels: int, num_annotators: int, chains: int, warmup: int, draws: int) -> dict:
+    annotator, label, scores, eta = simulate(num_labels, num_annotators)
+    data = LabelData.from_labels(annotator, label, num_annotators=num_annotators)
+    scorer = FixedLogits(torch.as_tensor(scores))
+    prior = dist.Beta(
+        torch.tensor(4.0, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64)
+    )
+    model = SymmetricFlip(num_annotators, prior=prior)
+    start = time.perf_counter()
+    fit_em(model, scorer, data)
+    em_s = time.perf_counter() - start
+    jit = jit_effect(model, scorer(data), data)
+    print(f"jit: {json.dumps(jit)}", file=sys.stderr)
+    settings = BayesSettings(
+        num_chains=chains, warmup=warmup, draws=draws, seed=0, adapt_mass_matrix=False
+    )
+    start = time.perf_counter()
+    result = infer("nuts", model, scorer, data, settings)
+    nuts_s = time.perf_counter() - start
+    frame, _ = summarise_draws(result)
+    seconds = result.draws.seconds
+    ess = frame["eta_ess_bulk"].to_numpy()
+    lo, hi = frame["eta_lo90"].to_numpy(), frame["eta_hi90"].to_numpy()
+    return {
+        "labels": num_labels,
+        "annotators": num_annotators,
+        "chains": chains,
+        "warmup": warmup,
+        "draws": draws,
+        "em_s": em_s,
+        "nuts_wall_s": nuts_s,
+        "nuts_phases_s": seconds,
+        "min_ess_bulk": float(ess.min()),
+        "min_ess_per_s_sampling": float(ess.min() / seconds["sampling"]),
+        "min_ess_per_s_total": float(ess.min() / nuts_s),
+        "max_r_hat": float(frame["eta_r_hat"].max()),
+        "divergences": result.draws.num_divergences,
+        "final_step_size": result.draws.sample_stats["step_size"][:, -1].tolist(),
+        "coverage90": float(((eta >= lo) & (eta <= hi)).mean()),
+        "em_inside90": float(
+            ((model.eta.detach().numpy() >= lo) & (model.eta.detach().numpy() <= hi)).mean()
+        ),
+        "jit_compile": jit,
+        "budget_s": BUDGET_S,
+        "within_budget": bool(em_s + nuts_s <= BUDGET_S),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small: within a minute")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.quick:
+        figures = run(10_000, 50, chains=2, warmup=150, draws=150)
+    else:
+        figures = run(100_000, 500, chains=4, warmup=500, draws=500)
+    return record("bayes", args.quick, figures, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""NUTS over annotator parameters with the discrete latents enumerated out.
+
+Given fixed logits ``s`` (a scorer's, held at their values), the target is the
+posterior of the continuous parameters ``theta`` (annotator parameters and, for the
+hierarchical model, ``mu`` and ``sigma``)::
+
+    p(theta | o) ∝ p(theta) prod_i sum_{z_i} p(z_i | s_i) prod_j p(o_ij | z_i, theta)
+
+Pyro builds the potential energy ``-log p(theta | o)`` (in unconstrained
+coordinates, log-Jacobian included) from the noise model itself: sites marked
+``infer={"enumerate": "parallel"}`` are summed out exactly by variable elimination,
+so NUTS never sees a discrete variable. With ``jit_compile`` the potential and its
+gradient are traced once by the PyTorch JIT and shared by all chains.
+
+Chains run one after the other, chain ``c`` seeded with ``seed + c`` and started
+from the point estimate (when given) jittered by ``Normal(0, init_jitter^2)`` in
+unconstrained space, else uniformly in ``(-2, 2)`` there (Pyro's default).
+Divergent transitions after warm-up are recorded per draw, never dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import MCMC, NUTS
+from pyro.infer.mcmc.util import initialize_model
+from torch import Tensor
+
+from repo.inference.draws import PosteriorDraws
+from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
+from repo.noise.base import NoiseModel
+from repo.noise.layout import LabelData
+
+MIN_DRAWS = 4
+"""Split R-hat halves every chain: fewer draws than this cannot be diagnosed."""
+
+
+INIT_BOUND = 6.0
+"""Chains start within ``[-6, 6]`` in unconstrained space: an estimate on the boundary
+(``eta = 1 - EPS`` is 13.8 on the logit scale) is pulled in to where the mass is."""
+
+
+class DivergenceWarning(UserWarning):
+    """NUTS reported divergent transitions: the posterior summaries may be biased."""
+
+
+class PreconditionedNUTS(NUTS):
+    """NUTS whose diagonal inverse mass matrix starts at given values.
+
+    :param inverse_mass: site name -> unconstrained variances (the site's shape),
+        e.g. from the Laplace approximation at the EM estimate; sites not given
+        start at 1. With ``adapt_mass_matrix=False`` warm-up only tunes the step size.
+    """
+
+    def __init__(self, *args, inverse_mass: dict[str, Tensor], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial_inverse_mass = inverse_mass
+
+    def _initialize_adapter(self) -> None:
+        super()._initialize_adapter()
+        adapter = self._adapter.mass_matrix_adapter
+        current = dict(adapter.inverse_mass_matrix)
+        for sites, matrix in current.items():
+            if matrix.dim() != 1:  # dense blocks keep Pyro's start
+                continue
+            parts = []
+            for name in sites:
+                ones = torch.ones_like(self.initial_params[name]).reshape(-1)
+                value = self.initial_inverse_mass.get(name)
+                parts.append(ones if value is None else value.reshape(-1).to(ones))
+            current[sites] = torch.cat(parts)
+        adapter.inverse_mass_matrix = current
+        if self._adapter.adapt_step_size:
+            self._adapter.reset_step_size_adaptation(self._initial_params)
+
+
+def check_sampler_settings(num_chains: int, warmup: int, draws: int, data: LabelData) -> None:
+    """Raise ValueError for settings or data a chain cannot be run or diagnosed on."""
+    if num_chains < 1:
+        raise ValueError(f"need at least one chain, got num_chains={num_chains}")
+    if draws < MIN_DRAWS:
+        raise ValueError(
+            f"too few draws per chain ({draws}): split R-hat and ESS need >= {MIN_DRAWS}"
+        )
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if data.num_labels < 2:
+        raise ValueError(
+            f"too few labels for a chain: {data.num_labels} label(s); the posterior would "
+            "be the prior"
+        )
+
+
+def run_nuts(
+    bayes_model: NoiseModel,
+    logits: Tensor,
+    data: LabelData,
+    *,
+    num_chains: int = 4,
+    warmup: int = 500,
+    draws: int = 500,
+    seed: int = 0,
+    jit_compile: bool = True,
+    target_accept: float = 0.8,
+    max_tree_depth: int = 10,
+    init: dict[str, Tensor] | None = None,
+    init_jitter: float = 0.5,
+    inverse_mass: dict[str, Tensor] | None = None,
+    adapt_mass_matrix: bool = True,
+    kernel_options: dict | None = None,
+    progress: bool = False,
+) -> PosteriorDraws:
+    """Sample ``p(theta | o)`` by NUTS; see the module docstring.
+
+    :param bayes_model: a noise model after :meth:`NoiseModel.bayesian`.
+    :param logits: ``(I,)`` fixed preference logits of the truth units.
+    :param init: point values (constrained) by site name to start the chains near.
+    :param inverse_mass: unconstrained variances by site name to start the diagonal
+        inverse mass matrix at (:class:`PreconditionedNUTS`).
+    :param adapt_mass_matrix: adapt the mass matrix in warm-up windows (Stan's
+        schedule); without it warm-up tunes only the step size.
+    :param kernel_options: further keyword arguments of :class:`pyro.infer.NUTS`
+        (e.g. ``step_size``, ``adapt_step_size``, ``adapt_mass_matrix``).
+    :returns: draws ``(num_chains, draws, ...)`` with per-draw ``diverging``,
+        ``lp`` (log density in unconstrained space) and ``step_size``.
+    """
+    check_sampler_settings(num_chains, warmup, draws, data)
+    logits = logits.detach()
+    start = time.perf_counter()
+    pyro.set_rng_seed(seed)
+    with local_params(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        initial, potential_fn, transforms, _ = initialize_model(
+            bayes_model,
+            (logits, data),
+            max_plate_nesting=MAX_PLATE_NESTING,
+            jit_compile=jit_compile,
+            skip_jit_warnings=True,
+            num_chains=num_chains,
+        )
+        if num_chains == 1:  # Pyro adds the chain dimension only for several chains
+            initial = {k: v.unsqueeze(0) for k, v in initial.items()}
+        if init:
+            generator = torch.Generator().manual_seed(seed)
+            for name, value in init.items():
+                if name in transforms:
+                    centre = transforms[name](torch.as_tensor(value, dtype=torch.float64))
+                    centre = centre.clamp(-INIT_BOUND, INIT_BOUND)
+                    noise = torch.randn(
+                        (num_chains, *centre.shape), generator=generator, dtype=torch.float64
+                    )
+                    initial[name] = centre + init_jitter * noise
+        setup_seconds = time.perf_counter() - start
+        chains: list[dict[str, Tensor]] = []
+        stats: list[dict[str, list[float]]] = []
+        seconds = {"setup": setup_seconds, "warmup": 0.0, "sampling": 0.0}
+        for chain in range(num_chains):
+            pyro.set_rng_seed(seed + chain)
+            options = dict(
+                potential_fn=potential_fn,
+                transforms=transforms,
+                target_accept_prob=target_accept,
+                max_tree_depth=max_tree_depth,
+                adapt_mass_matrix=adapt_mass_matrix,
+                **(kernel_options or {}),
+            )
+            if inverse_mass:
+                kernel = PreconditionedNUTS(inverse_mass=inverse_mass, **options)
+            else:
+                kernel = NUTS(**options)
+            record: dict[str, list[float]] = {"diverging": [], "lp": [], "step_size": []}
+            clock = {"start": time.perf_counter(), "sampling": None}
+
+            def hook(kernel, params, stage, i, record=record, clock=clock):
+                if stage != "Sample":
+                    return
+                if clock["sampling"] is None:
+                    clock["sampling"] = time.perf_counter()
+                diverged = len(kernel._divergences) > sum(record["diverging"])
+                record["diverging"].append(float(diverged))
+                record["lp"].append(-float(kernel._potential_energy_last))
+                record["step_size"].append(float(kernel.step_size))
+
+            mcmc = MCMC(
+                kernel,
+                num_samples=draws,
+                warmup_steps=warmup,
+                initial_params={k: v[chain] for k, v in initial.items()},
+                transforms=transforms,
+                hook_fn=hook,
+                disable_progbar=not progress,
+            )
+            mcmc.run()
+            end = time.perf_counter()
+            first = clock["sampling"] or end
+            seconds["warmup"] += first - clock["start"]
+            seconds["sampling"] += end - first
+            chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
+            stats.append(record)
+    seconds["total"] = time.perf_counter() - start
+    samples = {
+        name: torch.stack([c[name] for c in chains]).numpy().astype(np.float64)
+        for name in chains[0]
+    }
+    sample_stats = {key: np.array([s[key] for s in stats], dtype=np.float64) for key in stats[0]}
+    sample_stats["diverging"] = sample_stats["diverging"].astype(bool)
+    result = PosteriorDraws(
+        method="nuts",
+        samples=samples,
+        sample_stats=sample_stats,
+        seconds=seconds,
+        info={
+            "num_chains": num_chains,
+            "warmup": warmup,
+            "draws": draws,
+            "seed": seed,
+            "jit_compile": jit_compile,
+            "target_accept": target_accept,
+            "max_tree_depth": max_tree_depth,
+            "adapt_mass_matrix": adapt_mass_matrix,
+            "preconditioned": bool(inverse_mass),
+        },
+    )
+    if result.num_divergences:
+        warnings.warn(
+            f"NUTS: {result.num_divergences} divergent transition(s) after warm-up "
+            f"(of {num_chains * draws} draws); the summaries may be biased",
+            DivergenceWarning,
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,262 @@
+"""ArviZ conversion, PSIS-LOO model comparison, predictive checks and the report."""
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyro.distributions as dist
+import pytest
+import torch
+
+from repo.cli import main
+from repo.data.simulate import simulate_labels
+from repo.diagnostics import (
+    compare_em_bayes,
+    compare_models,
+    diagnose,
+    load_run,
+    predictive_checks,
+    to_inference_data,
+)
+from repo.diagnostics.compat import group
+from repo.fit import fit_noise
+from repo.inference.bayes import BayesSettings, infer
+from repo.inference.em import fit_em
+from repo.inference.enumeration import enumerate_posterior
+from repo.noise import LabelData, make_noise_model
+from repo.scorers import FixedLogits
+
+F64 = torch.float64
+FAST = BayesSettings(num_chains=2, warmup=100, draws=100, laplace_draws=400)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fitted(name, sim, k, shared=False, prior=None):
+    if shared:
+        data = LabelData.from_labels(
+            sim.annotator, sim.label, sim.item, shared_truth=True, num_annotators=k
+        )
+    else:
+        data = LabelData.from_labels(sim.annotator, sim.label, num_annotators=k)
+    scores = torch.as_tensor(sim.scores)
+    scorer = FixedLogits(scores if shared else scores[sim.item])
+    model = make_noise_model(name, k, prior=prior)
+    fit_em(model, scorer, data)
+    return model, scorer, data
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_inference_data_groups_and_marginal_log_likelihood(shared):
+    k = 3
+    sim = simulate_labels(
+        num_items=300, num_annotators=k, labels_per_item=2 if shared else 1,
+        shared_truth=shared, seed=1,
+    )  # fmt: skip
+    prior = dist.Beta(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+    model, scorer, data = fitted("symmetric", sim, k, shared, prior)
+    result = infer("nuts", model, scorer, data, FAST)
+    ids = ["x", "y", "z"]
+    idata = to_inference_data(result, annotator_ids=ids)
+    assert {"posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"} <= set(
+        idata.groups()
+    )
+    posterior = group(idata, "posterior")
+    assert posterior["eta"].dims == ("chain", "draw", "annotator")
+    assert list(posterior["annotator"].values) == ids
+    assert posterior.sizes["chain"] == 2 and posterior.sizes["draw"] == 100
+    assert "diverging" in group(idata, "sample_stats")
+    name, unit = ("o_item", "item") if shared else ("o", "label")
+    log_lik = group(idata, "log_likelihood")[name]
+    assert log_lik.dims == ("chain", "draw", unit)
+    assert log_lik.shape[-1] == data.num_units
+    observed = group(idata, "observed_data")["o"]
+    assert observed.shape == (data.num_labels,)
+    assert np.array_equal(observed.values, sim.label)
+    constant = group(idata, "constant_data")
+    assert np.array_equal(constant["annotator_index"].values, sim.annotator)
+    # the stored log-likelihood is the marginal one (z summed out) at that draw
+    draw = result.draws.draw(1, 7)
+    from pyro import poutine
+
+    exact = enumerate_posterior(
+        poutine.condition(result.bayes_model, data=draw), result.logits, data
+    )
+    assert np.allclose(log_lik.values[1, 7], exact.log_likelihood.numpy())
+    assert idata.attrs["method"] == "nuts" and idata.attrs["model"] == "symmetric"
+
+
+GENERATORS = ["symmetric", "spammer", "boltzmann"]
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_loo_prefers_the_generating_model(generator):
+    # Must-show: the generating model within one SE of the best; the non-nested
+    # alternative (Boltzmann against the flip models) worse by more than two SE.
+    k = 4
+    sim = simulate_labels(
+        num_items=3000, num_annotators=k, shared_truth=False, model=generator, seed=20
+    )
+    models = {}
+    for name in GENERATORS:
+        model, scorer, data = fitted(name, sim, k)
+        result = infer("em", model, scorer, data, FAST)
+        models[name] = to_inference_data(result)
+    table = compare_models(models)
+    best = table.index[0]
+    assert table.loc[generator, "elpd_diff"] <= table.loc[generator, "dse"], table
+    rivals = [m for m in GENERATORS if (m == "boltzmann") != (generator == "boltzmann")]
+    for rival in rivals:
+        gap = table.loc[rival, "elpd_diff"] - (table.loc[generator, "elpd_diff"])
+        assert best != rival
+        assert table.loc[rival, "elpd_diff"] > 2 * table.loc[rival, "dse"], (rival, table)
+        assert gap > 0
+
+
+def test_comparison_refuses_different_units():
+    sim = simulate_labels(num_items=200, num_annotators=2, shared_truth=False, seed=2)
+    a = to_inference_data(infer("em", *fitted("symmetric", sim, 2), FAST))
+    sim2 = simulate_labels(num_items=150, num_annotators=2, shared_truth=False, seed=2)
+    b = to_inference_data(infer("em", *fitted("symmetric", sim2, 2), FAST))
+    with pytest.raises(ValueError, match="not on the same truth units"):
+        compare_models({"a": a, "b": b})
+
+
+def test_predictive_checks_of_a_well_specified_model():
+    sim = simulate_labels(num_items=2000, num_annotators=3, shared_truth=False, seed=3)
+    prior = dist.Beta(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+    result = infer("nuts", *fitted("symmetric", sim, 3, prior=prior), FAST)
+    checks = predictive_checks(to_inference_data(result), num_draws=100)
+    assert set(checks.statistic) == {"agreement", "balance"}
+    assert len(checks) == 2 * (3 + 1)
+    assert checks.p_value.between(0, 1).all()
+    pooled = checks[checks.annotator == "all"]
+    assert pooled.p_value.between(0.025, 0.975).all(), pooled
+    agreement = checks[(checks.statistic == "agreement") & (checks.annotator != "all")]
+    assert (
+        agreement.observed.between(
+            agreement.replicated_lo90 - 0.03, agreement.replicated_hi90 + 0.03
+        )
+    ).all()
+
+
+def labels_file(tmp_path, n=600, k=3, seed=4):
+    sim = simulate_labels(num_items=n, num_annotators=k, shared_truth=False, seed=seed)
+    frame = pd.DataFrame(
+        {"annotator": [f"r{a}" for a in sim.annotator], "label": sim.label, "score": sim.scores}
+    )
+    path = tmp_path / "labels.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def fit_cli(tmp_path, path, method, model="symmetric", extra=()):
+    out = tmp_path / f"{model}-{method}.json"
+    code = main(
+        ["fit-noise", str(path), "--format", "scored", "--model", model, "--method", method,
+         "--chains", "2", "--warmup", "100", "--draws", "100", "--prior", "beta:2,1"
+         if model != "boltzmann" else "none", "--idata", str(tmp_path / f"{model}-{method}.nc"),
+         "--trajectory", str(tmp_path / f"{model}-{method}.jsonl"), "--out", str(out), *extra]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_diagnose_writes_the_report(tmp_path, capsys):
+    path = labels_file(tmp_path)
+    nuts = fit_cli(tmp_path, path, "nuts")
+    em = fit_cli(tmp_path, path, "em")
+    boltzmann = fit_cli(tmp_path, path, "em", model="boltzmann")
+    out = tmp_path / "report"
+    code = main(["diagnose", str(nuts), str(em), str(boltzmann), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    text = (out / "report.md").read_text()
+    for heading in (
+        "## Annotator reliability",
+        "## EM against NUTS",
+        "## Convergence diagnostics",
+        "## PSIS-LOO",
+        "## Posterior predictive checks",
+        "## Model comparison",
+    ):
+        assert heading in text
+    assert "divergences: 0" in text
+    for figure in ("forest", "w", "trace", "calibration", "trajectories"):
+        assert (out / f"{figure}.png").stat().st_size > 1000
+        assert f"({figure}.png)" in text
+    comparison = compare_em_bayes(load_run(em), load_run(nuts))
+    assert comparison.share_inside == 1.0
+    assert set(comparison.table.columns) >= {"em_eta", "em_lo90", "bayes_lo90", "em_inside"}
+    assert comparison.seconds["em"] > 0 and comparison.seconds["bayes"] > 0
+    # a run directory with a RESULT.json is read too
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(em, run_dir / "RESULT.json")
+    document = json.loads(em.read_text())
+    document["files"] = {}
+    (run_dir / "RESULT.json").write_text(json.dumps(document))
+    report = diagnose([run_dir], tmp_path / "report2")
+    assert "No InferenceData" in report.read_text()
+
+
+def test_diagnose_warns_of_divergences(tmp_path, capsys):
+    path = labels_file(tmp_path)
+    nuts = fit_cli(tmp_path, path, "nuts")
+    document = json.loads(nuts.read_text())
+    document["divergences"] = 3
+    nuts.write_text(json.dumps(document))
+    report = diagnose([nuts], tmp_path / "out")
+    assert "WARNING: 3 divergent transition(s)" in report.read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"version": 2}, "version 2 is not supported"),
+        ({"model": "five-coin"}, "unknown noise model 'five-coin'"),
+        ({"model": "two-coin"}, "does not belong to RESULT.json's 'two-coin'"),
+        ({"files": {"inference_data": "missing.nc"}}, "does not exist"),
+    ],
+)
+def test_diagnose_refuses_foreign_results(tmp_path, capsys, change, message):
+    path = labels_file(tmp_path, n=200)
+    em = fit_cli(tmp_path, path, "em")
+    document = json.loads(em.read_text())
+    document.update(change)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(document))
+    code = main(["diagnose", str(bad), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_diagnose_refuses_other_inputs(tmp_path, capsys):
+    assert main(["diagnose", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["diagnose", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no RESULT.json" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("{not json")
+    assert main(["diagnose", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    path_a = labels_file(tmp_path, n=200, seed=5)
+    a = fit_cli(tmp_path, path_a, "em")
+    other = tmp_path / "other"
+    other.mkdir()
+    b = fit_cli(other, labels_file(other, n=150, seed=6), "em")
+    assert main(["diagnose", str(a), str(b), "--out", str(tmp_path / "o")]) == 2
+    assert "not fits to the same labels" in capsys.readouterr().err
+
+
+def test_fit_noise_python_api_to_inference_data():
+    sim = simulate_labels(num_items=300, num_annotators=3, shared_truth=False, seed=7)
+    frame = pd.DataFrame({"annotator": sim.annotator, "label": sim.label, "score": sim.scores})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_noise(frame, format="scored", method="svi", bayes=BayesSettings(svi_steps=800))
+    idata = fit.to_inference_data()
+    assert idata.attrs["method"] == "svi"
+    assert group(idata, "posterior").sizes["chain"] == 1
+    assert list(group(idata, "posterior")["annotator"].values) == ["0", "1", "2"]
