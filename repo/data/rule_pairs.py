@@ -25,12 +25,10 @@ import numpy as np
 __all__ = ["BAD_WORDS", "FILLER_WORDS", "GOOD_WORDS", "RulePairs", "rule_pairs"]
 
 GOOD_WORDS = (
-    "light meet given about with your have that for and the are you is it of on to in by"
-).split()
+    "light meet given about with your have that for and the are you is it of on to in by".split()
+)
 """Marker words of the better response."""
-BAD_WORDS = (
-    "pop med wit numb stud comp int pro con com num qu pu su gi sh st te ch de"
-).split()
+BAD_WORDS = "pop med wit numb stud comp int pro con com num qu pu su gi sh st te ch de".split()
 """Marker words of the worse response."""
 FILLER_WORDS = (
     "water answer because question people simple example number story place river garden "
