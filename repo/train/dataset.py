@@ -18,6 +18,7 @@ pure function of (seed, epoch, step): resuming needs only the step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,18 +119,7 @@ class TrainingData:
         dropped_items = set(tokenized.skipped)
         keep_items = [i for i in range(len(item_ids)) if i not in dropped_items]
         renumber = {old: new for new, old in enumerate(keep_items)}
-        pairs = [
-            TokenizedPair(
-                index=renumber[p.index],
-                prompt_ids=p.prompt_ids,
-                response_a_ids=p.response_a_ids,
-                response_b_ids=p.response_b_ids,
-                prompt_cut=p.prompt_cut,
-                response_a_cut=p.response_a_cut,
-                response_b_cut=p.response_b_cut,
-            )
-            for p in tokenized.pairs
-        ]
+        pairs = [dataclasses.replace(p, index=renumber[p.index]) for p in tokenized.pairs]
         skipped = Counter(records.skipped)
         kept_records = []
         for n, record in enumerate(records):
