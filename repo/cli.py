@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from repo.data.labels import FORMATS
 from repo.noise import NOISE_MODELS
@@ -97,6 +98,94 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from repo.train import Trainer, describe_config, load_config
+
+    if args.describe_config:
+        print(describe_config(), end="")
+        return 0
+    if args.config is None:
+        raise ValueError("re-po train needs a CONFIG.toml (or --describe-config)")
+    config = load_config(args.config)
+    if args.resume:
+        config = config.replace("run", resume=True)
+    if args.output_dir is not None:
+        config = config.replace("run", output_dir=str(Path(args.output_dir).resolve()))
+    trainer = Trainer(config)
+    metrics = trainer.train()
+    if trainer.is_main:
+        print(f"[re-po] {trainer.step} steps; run directory {trainer.output_dir}", file=sys.stderr)
+        print(json.dumps(metrics))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from repo.train.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.data, batch_size=args.batch_size, bins=args.bins)
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from repo.train.export import export_run
+
+    path, counts = export_run(args.run_dir, args.out, mode=args.mode, threshold=args.threshold)
+    print(
+        f"[re-po] wrote {counts['written']} of {counts['labels']} labels to {path} "
+        f"({counts['flipped']} with w < {args.threshold})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_training_commands(commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a policy by RE-DPO / RE-IPO / RE-SimPO / RE-CPO from a TOML configuration",
+        description="Train a policy as CONFIG.toml says (re-po train --describe-config lists "
+        "every field). Several processes: torchrun --nproc_per_node N -m repo.cli train ...",
+    )
+    train.add_argument("config", nargs="?", help="the training configuration (TOML)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--output-dir", default=None, help="override [run] output_dir")
+    train.add_argument(
+        "--describe-config", action="store_true", help="print every configuration field and exit"
+    )
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="preference accuracy, margins and calibration of a trained run on labelled pairs",
+    )
+    evaluate.add_argument("run_dir", help="a finished run directory")
+    evaluate.add_argument("--data", required=True, help="labelled pairs (the run's data format)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--bins", type=int, default=10, help="calibration bins")
+    evaluate.add_argument("--out", default=None, help="also write the JSON result here")
+    evaluate.set_defaults(run=_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="the run's data with per-label posteriors (TRL layout): annotated, relabelled or "
+        "filtered",
+    )
+    export.add_argument("run_dir", help="a finished run directory")
+    export.add_argument("--mode", default="annotate", choices=["annotate", "relabel", "filter"])
+    export.add_argument(
+        "--threshold", type=float, default=0.5, help="w below this counts as flipped"
+    )
+    export.add_argument("--out", default=None, help="JSONL file (default: in RUN_DIR)")
+    export.set_defaults(run=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="re-po",
@@ -173,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top", type=int, default=10, help="how many suspect labels to list")
     demo.add_argument("--out", default=None, help="directory for the RESULT.json files")
     demo.set_defaults(run=_demo)
+    _add_training_commands(commands)
     return parser
 
 

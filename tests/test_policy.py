@@ -495,3 +495,41 @@ def test_smollm2_recipe_loads():
     # a real language model prefers the sensible answer (per token)
     assert (sums[0] / lengths[0]) > (sums[1] / lengths[1])
     print(f"SmolLM2 load: {elapsed:.1f} s")
+
+
+def test_shared_prompt_layout_equals_concatenated(tiny):
+    """[prompt | A | B] rows (B masked from A, B's positions continuing the prompt) give
+    the log-probs, lengths and gradients of the 2B-row layout, with the prompt run once."""
+    from repo.policy import collate_shared_prompt, default_layout, shared_prompt_mask
+
+    model, tokenizer = tiny
+    pairs = PairTokenizer(tokenizer, 40, min_response_tokens=4).tokenize_all(
+        PROMPTS, RESP_A, RESP_B
+    )
+    assert pairs.n_response_truncated > 0  # cut responses are covered too
+    policy = Policy(model, tokenizer, lora=LoraSettings(r=2, target_modules=("q_proj", "v_proj")))
+    assert default_layout(model) == policy.layout == "shared-prompt"
+    for p in policy.trainable_parameters():  # a non-zero adapter, so B's gradient matters
+        torch.nn.init.normal_(p, std=0.05)
+    shared = collate_shared_prompt(pairs.pairs, tokenizer.pad_token_id)
+    concatenated = collate_pairs(pairs.pairs, tokenizer.pad_token_id)
+    assert shared["input_ids"].shape[0] == len(pairs.pairs)
+    assert shared["input_ids"].numel() < concatenated["input_ids"].numel()
+    mask = shared_prompt_mask(shared["segment"])[:, 0]
+    seg = shared["segment"]
+    assert not mask[(seg == 2)[:, :, None] & (seg == 1)[:, None, :]].any()  # B never sees A
+    outputs, grads = [], []
+    for batch in (shared, concatenated):
+        policy.zero_grad()
+        out = policy(batch)
+        (out.logp_a.sum() - 2 * out.logp_b.sum()).backward()
+        outputs.append(out)
+        grads.append([p.grad.clone() for p in policy.trainable_parameters()])
+    for a, b in zip(outputs[0], outputs[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    ref_shared = policy.reference_logps(shared)
+    ref_concatenated = policy.reference_logps(concatenated)
+    torch.testing.assert_close(ref_shared.logp_b, ref_concatenated.logp_b, atol=1e-4, rtol=1e-5)
+    assert policy.collate(pairs.pairs)["segment"].shape == shared["segment"].shape

@@ -146,8 +146,21 @@ class PreferenceLikelihood:
         w_t = torch.as_tensor(w, dtype=ref.dtype, device=ref.device).detach()
         if variant == "nll":
             s = self.logits(stats)
-            return -(w_t * F.logsigmoid(s) + (1.0 - w_t) * F.logsigmoid(-s))
+            out = -(w_t * F.logsigmoid(s) + (1.0 - w_t) * F.logsigmoid(-s))
+            auxiliary = self.auxiliary_loss(stats, w_t)
+            return out if auxiliary is None else out + auxiliary
         return w_t * self.loss(stats) + (1.0 - w_t) * self.loss(stats.swap())
+
+    def auxiliary_loss(self, stats: PairLogps, w: Tensor) -> Tensor | None:
+        r"""Per-pair terms of the ``"nll"`` policy step outside the induced likelihood.
+
+        The ``"nll"`` step is the induced negative log-likelihood plus this term;
+        ``None`` (the default) when there is none. CPO returns its w-weighted SFT
+        term here when ``keep_sft_term`` is set. A trainer that takes the induced
+        part as the gradient of the noise model's marginal likelihood adds this
+        term on its own.
+        """
+        return None
 
     # ------------------------------------------------------------------ helpers
     def resolve_variant(self, variant: str | None) -> str:

@@ -125,19 +125,16 @@ class CPOLikelihood(PreferenceLikelihood):
         sft_a, sft_b = self._sft_logps(stats)
         return self.beta * (stats.policy_a - stats.policy_b) + self.nll_weight * (sft_a - sft_b)
 
-    def policy_loss(
-        self, stats: PairLogps, w: Tensor | float, variant: str | None = None
-    ) -> Tensor:
-        variant = self.resolve_variant(variant)
-        out = super().policy_loss(stats, w, variant)
-        if variant == "nll" and self.keep_sft_term and self.nll_weight > 0:
-            ref = stats.policy_a
-            w_t = torch.as_tensor(w, dtype=ref.dtype, device=ref.device).detach()
-            sft_a, sft_b = self._sft_logps(stats)
-            out = out - self.nll_weight * (w_t * sft_a + (1.0 - w_t) * sft_b)
-        return out
+    def auxiliary_loss(self, stats: PairLogps, w: Tensor) -> Tensor | None:
+        r"""With ``keep_sft_term``: :math:`\lambda[w(-\ell_A) + (1 - w)(-\ell_B)]`; else ``None``.
 
-    policy_loss.__doc__ = PreferenceLikelihood.policy_loss.__doc__
+        The SFT term weighted by the posterior (see the module docstring).
+        """
+        if not (self.keep_sft_term and self.nll_weight > 0):
+            return None
+        w_t = torch.as_tensor(w, dtype=stats.policy_a.dtype, device=stats.policy_a.device).detach()
+        sft_a, sft_b = self._sft_logps(stats)
+        return -self.nll_weight * (w_t * sft_a + (1.0 - w_t) * sft_b)
 
     def rewards(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
         r"""TRL's rewards: :math:`\beta\,\ell_A`, :math:`\beta\,\ell_B` (summed; detached)."""

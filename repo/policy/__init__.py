@@ -4,7 +4,9 @@
   counts of A and B (:class:`ResponseLogps`) in one forward over the 2B sequences;
   ``policy.reference_logps(batch)`` the same under the reference (adapter disabled).
 * :class:`PairTokenizer`, :func:`collate_pairs` - tokenising and padding pairs
-  (batch keys ``input_ids``, ``attention_mask``, ``response_mask``, ``index``).
+  (batch keys ``input_ids``, ``attention_mask``, ``response_mask``, ``index``);
+  :func:`collate_shared_prompt` - one row ``[prompt | A | B]`` per pair, the prompt
+  computed once (``Policy.collate`` picks the layout).
 * :func:`sequence_logps` - the masked, summed next-token log-probs.
 * :class:`ReferenceCache` - reference log-probs computed once, cached on disk.
 * :func:`load_recipe`, :func:`load_model_and_tokenizer`, :func:`build_random_model`
@@ -13,8 +15,16 @@
 """
 
 from repo.policy.device import autocast_context, autocast_dtype, resolve_dtype, select_device
-from repo.policy.logps import ResponseLogps, sequence_logps, split_pair, token_logps
-from repo.policy.policy import Policy
+from repo.policy.logps import (
+    ResponseLogps,
+    pair_logps,
+    sequence_logps,
+    shared_prompt_logps,
+    shared_prompt_mask,
+    split_pair,
+    token_logps,
+)
+from repo.policy.policy import LAYOUTS, Policy, default_layout
 from repo.policy.recipes import (
     RANDOM_CONFIGS,
     LoraSettings,
@@ -41,9 +51,11 @@ from repo.policy.tokenize import (
     TokenizedPairs,
     batch_to,
     collate_pairs,
+    collate_shared_prompt,
 )
 
 __all__ = [
+    "LAYOUTS",
     "LoraSettings",
     "ModelRecipe",
     "ModelSourceError",
@@ -62,6 +74,8 @@ __all__ = [
     "batch_to",
     "build_random_model",
     "collate_pairs",
+    "collate_shared_prompt",
+    "default_layout",
     "data_fingerprint",
     "find_gguf",
     "list_recipes",
@@ -70,8 +84,11 @@ __all__ = [
     "model_fingerprint",
     "models_dir",
     "resolve_dtype",
+    "pair_logps",
     "select_device",
     "sequence_logps",
+    "shared_prompt_logps",
+    "shared_prompt_mask",
     "split_pair",
     "token_logps",
 ]

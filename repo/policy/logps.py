@@ -29,7 +29,15 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ResponseLogps", "sequence_logps", "split_pair", "token_logps"]
+__all__ = [
+    "ResponseLogps",
+    "pair_logps",
+    "sequence_logps",
+    "shared_prompt_logps",
+    "shared_prompt_mask",
+    "split_pair",
+    "token_logps",
+]
 
 
 class ResponseLogps(NamedTuple):
@@ -157,3 +165,71 @@ def sequence_logps(
     tok = token_logps(logits[mask], labels[mask], chunk_size=chunk_size)
     sums = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, rows, tok)
     return sums, lengths.to(sums.device)
+
+
+def shared_prompt_mask(segment: torch.Tensor) -> torch.Tensor:
+    """The attention mask (B, 1, T, T) of :func:`~repo.policy.tokenize.collate_shared_prompt`
+    rows: causal, except that response B does not see response A; padding sees only
+    itself (keeps the softmax finite; its outputs are never read). True = attend."""
+    from repo.policy.tokenize import PADDING, RESPONSE_A, RESPONSE_B
+
+    T = segment.shape[1]
+    position = torch.arange(T, device=segment.device)
+    causal = position[None, :] <= position[:, None]  # (T, T): key <= query
+    query, key = segment[:, :, None], segment[:, None, :]
+    allowed = causal & (key != PADDING) & ~((query == RESPONSE_B) & (key == RESPONSE_A))
+    allowed = allowed | ((query == PADDING) & torch.eye(T, dtype=torch.bool, device=segment.device))
+    return allowed.unsqueeze(1)
+
+
+def shared_prompt_logps(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    chunk_size: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and lengths of A and B from ``[prompt | A | B]`` rows.
+
+    ONE forward of ``model`` over the rows of
+    :func:`~repo.policy.tokenize.collate_shared_prompt` with their position ids and
+    :func:`shared_prompt_mask`; returns ``(sum_logps, lengths)`` of shape (2B,) in
+    :func:`sequence_logps`' order (the B responses A, then the B responses B), so
+    :func:`split_pair` applies. Equal to :func:`sequence_logps` on the
+    :func:`~repo.policy.tokenize.collate_pairs` layout of the same pairs.
+    """
+    from repo.policy.tokenize import RESPONSE_A, RESPONSE_B
+
+    input_ids, segment, source = batch["input_ids"], batch["segment"], batch["source"]
+    n, T = input_ids.shape
+    scored = (segment == RESPONSE_A) | (segment == RESPONSE_B)
+    scored &= source >= 0  # a response token at position 0 has no predecessor
+    kwargs: dict[str, object] = {
+        "attention_mask": shared_prompt_mask(segment),
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+    }
+    start = int(source[scored].min()) if scored.any() else T - 1
+    trimmed = start > 0 and _accepts_logits_to_keep(model)
+    if trimmed:
+        kwargs["logits_to_keep"] = T - start
+    logits = model(input_ids=input_ids, **kwargs).logits
+    offset = start if trimmed else 0
+    rows, cols = scored.nonzero(as_tuple=True)
+    tok = token_logps(
+        logits[rows, source[rows, cols] - offset], input_ids[rows, cols], chunk_size=chunk_size
+    )
+    is_b = (segment[rows, cols] == RESPONSE_B).long()
+    slot = rows + n * is_b  # A of row r -> r, B of row r -> n + r
+    sums = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, tok)
+    ones = torch.ones_like(tok)
+    lengths = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, ones)
+    return sums, lengths
+
+
+def pair_logps(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shared_prompt_logps` or :func:`sequence_logps`, as the batch's layout says."""
+    if "segment" in batch:
+        return shared_prompt_logps(model, batch, chunk_size=chunk_size)
+    return sequence_logps(model, batch, chunk_size=chunk_size)

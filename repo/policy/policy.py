@@ -33,10 +33,28 @@ import torch.nn as nn
 from pyro.nn import PyroModule
 
 from repo.policy.device import autocast_context, autocast_dtype
-from repo.policy.logps import ResponseLogps, sequence_logps, split_pair
+from repo.policy.logps import ResponseLogps, pair_logps, split_pair
 from repo.policy.recipes import LoraSettings, ModelRecipe, load_model_and_tokenizer
+from repo.policy.tokenize import TokenizedPair, collate_pairs, collate_shared_prompt
 
-__all__ = ["Policy"]
+__all__ = ["LAYOUTS", "Policy", "default_layout"]
+
+LAYOUTS = ("shared-prompt", "concatenated")
+"""Batch layouts: ``[prompt | A | B]`` rows (the prompt computed once) or the 2B
+sequences ``[prompt | A]``, ``[prompt | B]`` (see :mod:`repo.policy.tokenize`)."""
+
+
+def default_layout(model: nn.Module) -> str:
+    """``"shared-prompt"`` where the attention takes a custom 4-D mask (``sdpa``, ``eager``)
+    and no sliding window applies (a custom mask would bypass it), else ``"concatenated"``."""
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):
+        return "concatenated"
+    if getattr(config, "sliding_window", None) or getattr(config, "layer_types", None):
+        return "concatenated"
+    return "shared-prompt"
+
 
 _LORA_KEY = re.compile(r"(^|\.)lora_[^.]*(\.|$)")
 
@@ -73,6 +91,9 @@ class Policy(PyroModule):
     gradient_checkpointing: default on for CUDA, off elsewhere.
     autocast: bf16 autocast of the forward; default on for CUDA, off elsewhere.
     chunk_size: rows per float32 log-softmax chunk (:func:`~repo.policy.logps.token_logps`).
+    layout: how :meth:`collate` lays out pairs: ``"shared-prompt"`` (one row
+        ``[prompt | A | B]`` per pair, the prompt computed once), ``"concatenated"``
+        (2B rows) or ``"auto"`` (:func:`default_layout`). :meth:`forward` reads either.
     """
 
     def __init__(
@@ -85,8 +106,11 @@ class Policy(PyroModule):
         gradient_checkpointing: bool | None = None,
         autocast: bool | None = None,
         chunk_size: int = 4096,
+        layout: str = "auto",
     ) -> None:
         super().__init__()
+        if layout not in ("auto", *LAYOUTS):
+            raise ValueError(f"layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
         device = next(model.parameters()).device
         quantized = _is_quantized(model)
         if gradient_checkpointing is None:
@@ -130,6 +154,7 @@ class Policy(PyroModule):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.autocast = autocast
         self.chunk_size = int(chunk_size)
+        self.layout = default_layout(model) if layout == "auto" else layout
         self.recipe: ModelRecipe | None = None
 
     # -- construction -----------------------------------------------------
@@ -201,14 +226,25 @@ class Policy(PyroModule):
     def _autocast(self):
         return autocast_context(self.device, enabled=self.autocast_dtype is not None)
 
+    def collate(
+        self, pairs: list[TokenizedPair], pad_token_id: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Collate tokenised pairs in this policy's :attr:`layout` (on the CPU)."""
+        if pad_token_id is None:
+            pad_token_id = getattr(self.tokenizer, "pad_token_id", None) or 0
+        if self.layout == "shared-prompt":
+            return collate_shared_prompt(pairs, pad_token_id)
+        return collate_pairs(pairs, pad_token_id)
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> ResponseLogps:
         """Summed log-probs and token counts of A and B under the policy (with grad).
 
-        ``batch`` is a collated pair batch (:func:`~repo.policy.tokenize.collate_pairs`)
-        already on :attr:`device`: 2B rows, A first.
+        ``batch`` is a collated pair batch already on :attr:`device`, in either layout:
+        :func:`~repo.policy.tokenize.collate_pairs` (2B rows, A first) or
+        :func:`~repo.policy.tokenize.collate_shared_prompt` (B rows ``[prompt | A | B]``).
         """
         with self._autocast():
-            sums, lengths = sequence_logps(self.lm, batch, chunk_size=self.chunk_size)
+            sums, lengths = pair_logps(self.lm, batch, chunk_size=self.chunk_size)
         return split_pair(sums, lengths)
 
     @torch.no_grad()
@@ -232,7 +268,7 @@ class Policy(PyroModule):
         net.eval()
         try:
             with ctx, self._autocast():
-                sums, lengths = sequence_logps(net, batch, chunk_size=self.chunk_size)
+                sums, lengths = pair_logps(net, batch, chunk_size=self.chunk_size)
         finally:
             net.train(was_training)
         return split_pair(sums, lengths)

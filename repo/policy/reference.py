@@ -205,8 +205,9 @@ class ReferenceCache:
         tok = getattr(policy, "tokenizer", None)
         pad = getattr(tok, "pad_token_id", None) or 0  # padding is masked: any id works
         out: list[ResponseLogps] = []
+        collate = getattr(policy, "collate", None) or collate_pairs  # the policy's layout
         for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(pairs[start : start + batch_size], pad)
+            batch = collate(list(pairs[start : start + batch_size]), pad)
             out.append(policy.reference_logps(batch_to(batch, policy.device)))
         cat = [torch.cat([getattr(o, f) for o in out]).float().cpu() for f in ResponseLogps._fields]
         index = torch.tensor([p.index for p in pairs], dtype=torch.long)

@@ -52,9 +52,17 @@ __all__ = [
     "TokenizedPair",
     "TokenizedPairs",
     "collate_pairs",
+    "collate_shared_prompt",
     "PairCollator",
     "batch_to",
+    "PROMPT",
+    "RESPONSE_A",
+    "RESPONSE_B",
+    "PADDING",
 ]
+
+PROMPT, RESPONSE_A, RESPONSE_B, PADDING = 0, 1, 2, -1
+"""Segment codes of :func:`collate_shared_prompt`."""
 
 Prompt = str | Sequence[Mapping[str, Any]]
 Response = str | Sequence[Mapping[str, Any]]
@@ -304,6 +312,66 @@ def collate_pairs(
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
+        "index": index,
+    }
+
+
+def collate_shared_prompt(
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    *,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad B pairs into B rows ``[prompt | A | B]``: the prompt is computed once per pair.
+
+    Response B continues the *prompt*, not A: its tokens take positions
+    ``P, P + 1, ...`` (as A's do) and may not attend to A's tokens (the attention
+    mask built by :func:`repo.policy.logps.shared_prompt_mask`), and its first token
+    is scored from the prompt's last position. So every log-prob equals the one of
+    :func:`collate_pairs`' layout, while the prompt's tokens run through the model
+    once instead of twice and each row is padded to ``P + |A| + |B|`` rather than
+    the batch's longest ``P + |response|`` twice.
+
+    Returns a dict of tensors:
+
+    * ``input_ids`` (B, T) int64, padded with ``pad_token_id`` on the right;
+    * ``position_ids`` (B, T) int64 (padding: 0);
+    * ``segment`` (B, T) int64: :data:`PROMPT`, :data:`RESPONSE_A`, :data:`RESPONSE_B`
+      or :data:`PADDING`;
+    * ``source`` (B, T) int64: the position whose output scores each token (its
+      predecessor, or the prompt's last position for the first token of B);
+    * ``index`` (B,) int64: the record index of each pair.
+    """
+    if not pairs:
+        raise ValueError("cannot collate an empty list of pairs")
+    T = max(len(p.prompt_ids) + len(p.response_a_ids) + len(p.response_b_ids) for p in pairs)
+    if pad_to_multiple_of:
+        T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    n = len(pairs)
+    input_ids = torch.full((n, T), int(pad_token_id), dtype=torch.long)
+    position_ids = torch.zeros((n, T), dtype=torch.long)
+    segment = torch.full((n, T), PADDING, dtype=torch.long)
+    source = torch.zeros((n, T), dtype=torch.long)
+    for row, p in enumerate(pairs):
+        P, A, B = len(p.prompt_ids), len(p.response_a_ids), len(p.response_b_ids)
+        L = P + A + B
+        input_ids[row, :L] = torch.tensor(
+            list(p.prompt_ids) + list(p.response_a_ids) + list(p.response_b_ids), dtype=torch.long
+        )
+        position_ids[row, : P + A] = torch.arange(P + A)
+        position_ids[row, P + A : L] = torch.arange(P, P + B)
+        segment[row, :P] = PROMPT
+        segment[row, P : P + A] = RESPONSE_A
+        segment[row, P + A : L] = RESPONSE_B
+        source[row, :L] = torch.arange(-1, L - 1)
+        if B:
+            source[row, P + A] = P - 1
+    index = torch.tensor([p.index for p in pairs], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment": segment,
+        "source": source,
         "index": index,
     }
 

@@ -1,0 +1,41 @@
+"""Training a policy by RE-PO: generalised EM per optimizer step (see :mod:`repo.train.trainer`).
+
+* :class:`Trainer` - the loop, the run directory, checkpoints, several processes;
+* :class:`TrainConfig`, :func:`load_config`, :func:`describe_config` - the TOML configuration;
+* :class:`OnlineEM` - E-steps per micro-batch, the damped annotator M-step per step
+  (reusable inside another trainer, e.g. TRL's; see ``examples/``);
+* :func:`policy_objective` - the policy step's loss (marginal likelihood or weighted);
+* :class:`TrainingData`, :class:`BatchSchedule` - units, items and the batch order;
+* :func:`save_checkpoint`, :func:`load_checkpoint` - safetensors + JSON, atomic;
+* :func:`evaluate_run`, :func:`export_run` - ``re-po eval`` and ``re-po export``.
+"""
+
+from repo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from repo.train.config import ConfigError, TrainConfig, describe_config, load_config
+from repo.train.dataset import BatchSchedule, TrainingData
+from repo.train.estep import EStep, OnlineEM
+from repo.train.evaluate import evaluate_policy, evaluate_run
+from repo.train.export import export_run
+from repo.train.objective import marginal_nll, plain_loss, policy_objective
+from repo.train.trainer import Trainer
+
+__all__ = [
+    "BatchSchedule",
+    "CheckpointError",
+    "ConfigError",
+    "EStep",
+    "OnlineEM",
+    "TrainConfig",
+    "Trainer",
+    "TrainingData",
+    "describe_config",
+    "evaluate_policy",
+    "evaluate_run",
+    "export_run",
+    "load_checkpoint",
+    "load_config",
+    "marginal_nll",
+    "plain_loss",
+    "policy_objective",
+    "save_checkpoint",
+]

@@ -1,0 +1,333 @@
+r"""The annotator half of generalised EM inside a training loop (the paper's Algorithm 1).
+
+Per optimizer step, with the annotator parameters :math:`\phi` (``eta``, ...) held:
+
+1. **E-step** on each micro-batch: the posterior of the latent truths given the
+   labels and the policy's induced logits :math:`s` (detached: no gradient flows
+   through :math:`w`), by exact enumeration of the noise model
+   (:func:`~repo.inference.enumeration.enumerate_posterior`). It gives, per truth
+   unit, :math:`q_i = p(z_i = 1 \mid o, s, \phi)` (the soft target of the policy
+   step) and, per label, :math:`w_{ij} = p(z_i = o_{ij} \mid o, s, \phi)`; and the
+   noise model's sufficient statistics, which are sums over labels.
+2. (the policy step, :mod:`repo.train.objective`.)
+3. **M-step** once per optimizer step: the statistics of the step's micro-batches
+   are summed and all-reduced over processes (``reduce``), the closed-form
+   maximiser :math:`\hat\phi` computed, and every annotator seen blended in,
+   :math:`\phi_k \leftarrow (1 - \alpha)\phi_k + \alpha\hat\phi_k`. Every process
+   then holds the same :math:`\phi`.
+
+Under a Beta prior (MAP-EM) the batch statistics are first scaled to the data set,
+each annotator's by :math:`N_k / n_{k,B}` (labels in the data over labels in the
+batch), so the prior weighs against the whole data as in full-batch MAP-EM rather
+than against one batch; without a prior the scaling cancels and the update is the
+paper's. Noise models with no closed form (Boltzmann) take one Adam step on the
+step's marginal log-likelihood (gradients summed over micro-batches and processes)
+plus the log prior over the data set.
+
+The hierarchical model's per-annotator reliabilities are a posterior computed from
+whole-data statistics (its parameters are the population's ``mu, sigma``), so for it
+the EMA runs on the statistics instead: ``S_k <- (1 - alpha) S_k + alpha (N_k /
+n_{k,B}) s_{k,B}`` for the annotators seen, and the M-step reads ``S`` (stochastic
+EM in the manner of Cappe and Moulines, 2009). For the symmetric flip without a
+prior this would be the same update as the paper's.
+
+Two remedies for early, confidently wrong posteriors of reference-free losses
+(SimPO, CPO start far from :math:`p = 1/2`):
+
+* ``temperature`` :math:`T`: the E-step reads :math:`s / T`;
+* ``warmup_steps``: for the first steps no E-step is taken: :math:`w` is fixed at
+  the prior reliability the noise model implies before seeing the label
+  (``implied_eta``; :math:`\eta_k` for the symmetric flip) and the annotators are
+  not updated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from repo.inference.em import ema_update, set_value
+from repo.inference.enumeration import enumerate_posterior, marginal_log_likelihood
+from repo.noise.base import NoiseModel
+from repo.noise.hierarchical import HierarchicalFlip
+from repo.noise.layout import LabelData
+
+__all__ = ["EStep", "OnlineEM", "frozen", "single_thread"]
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run small-tensor work on one CPU thread.
+
+    The E-step handles a few hundred numbers; torch's intra-op thread pool costs more
+    than it saves there (on a busy machine, milliseconds per operation while threads
+    wait for a core), so the noise-model work runs single-threaded and the
+    setting is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Hold a module's parameters fixed: no gradient reaches them inside the block."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@dataclass
+class EStep:
+    """The E-step of one micro-batch.
+
+    :param q: ``(U,)`` posterior that A is truly better, per truth unit (the policy
+        step's soft target).
+    :param w: ``(U, S)`` posterior that each label is correct (0 on padding).
+    :param log_likelihood: ``(U,)`` marginal log-likelihood of each unit's labels.
+    :param exact: whether ``q`` is the exact posterior at the current parameters
+        (no temperature, no warm-up), so that the policy step may be taken as the
+        gradient of the marginal likelihood.
+    """
+
+    q: Tensor
+    w: Tensor
+    log_likelihood: Tensor
+    exact: bool
+
+
+class OnlineEM:
+    """E-steps per micro-batch and one damped annotator M-step per optimizer step.
+
+    :param noise: the noise model (its parameters are updated in place).
+    :param alpha: EMA rate in (0, 1].
+    :param label_counts: ``(K,)`` labels per annotator in the whole data set (for the
+        prior scaling and the Boltzmann log prior); ``None``: no scaling.
+    :param temperature: E-step temperature ``T``.
+    :param warmup_steps: optimizer steps with ``w`` fixed at the implied reliability.
+    :param noise_lr: Adam step size of gradient M-steps.
+    """
+
+    def __init__(
+        self,
+        noise: NoiseModel,
+        *,
+        alpha: float = 0.1,
+        label_counts: Tensor | None = None,
+        temperature: float = 1.0,
+        warmup_steps: int = 0,
+        noise_lr: float = 0.05,
+    ) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not noise.has_truth and (temperature != 1.0 or warmup_steps > 0):
+            raise ValueError(
+                f"the {noise.name} noise model has no latent truth: temperature and warm-up "
+                "do not apply (leave [em] temperature = 1 and warmup_steps = 0)"
+            )
+        self.noise = noise
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.warmup_steps = int(warmup_steps)
+        self.label_counts = None if label_counts is None else label_counts.to(torch.float64)
+        self.closed_form = self._has_closed_form()
+        self.optimizer = (
+            None
+            if self.closed_form or not list(noise.parameters())
+            else torch.optim.Adam(noise.parameters(), lr=noise_lr)
+        )
+        self.running_statistics = isinstance(noise, HierarchicalFlip)
+        self._stats: dict[str, Tensor] | None = None
+        self._running: dict[str, Tensor] | None = None
+        self._units = 0
+
+    def _has_closed_form(self) -> bool:
+        probe = LabelData.from_labels(
+            torch.zeros(1, dtype=torch.long),
+            torch.ones(1),
+            num_annotators=self.noise.num_annotators,
+        )
+        logits = torch.zeros(1, dtype=torch.float64)
+        with torch.no_grad(), single_thread():
+            posterior = enumerate_posterior(self.noise.e_step_model(), logits, probe)
+            return self.noise.sufficient_statistics(probe, posterior.marginals, logits) is not None
+
+    # -- E-step ---------------------------------------------------------------
+    def in_warmup(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (from 0) is a warm-up step."""
+        return step < self.warmup_steps
+
+    def e_step(self, logits: Tensor, data: LabelData, step: int) -> EStep:
+        """The posterior of one micro-batch at the current annotator parameters.
+
+        ``logits`` ``(U,)`` are the units' induced logits (any device; detached here).
+        The sufficient statistics are accumulated for :meth:`m_step` (not during
+        warm-up).
+        """
+        logits = logits.detach().to("cpu", torch.float64)
+        noise = self.noise
+        with torch.no_grad(), single_thread():
+            if self.in_warmup(step):
+                w = noise.implied_eta(logits, data).expand_as(data.label)
+                q = _target_from_w(w, data)
+                return EStep(q, w * data.mask, torch.zeros_like(logits), exact=False)
+            tempered = logits / self.temperature
+            posterior = enumerate_posterior(noise.e_step_model(), tempered, data)
+            w = noise.label_correct(tempered, data, posterior.marginals) * data.mask
+            q = noise.truth_posterior(tempered, posterior.marginals)
+            if self.closed_form:
+                stats = noise.sufficient_statistics(data, posterior.marginals, tempered)
+                self._add(stats)
+        if not self.closed_form:
+            self._accumulate_gradient(tempered, data)
+        self._units += data.num_units
+        return EStep(q, w, posterior.log_likelihood, exact=self.temperature == 1.0)
+
+    def _add(self, stats: dict[str, Tensor]) -> None:
+        if self._stats is None:
+            self._stats = {k: v.clone() for k, v in stats.items()}
+        else:
+            for k, v in stats.items():
+                self._stats[k] = self._stats[k] + v
+
+    def _accumulate_gradient(self, logits: Tensor, data: LabelData) -> None:
+        with single_thread():
+            log_lik = marginal_log_likelihood(self.noise.model, logits, data)
+            (-log_lik).backward()
+
+    # -- M-step ---------------------------------------------------------------
+    def m_step(self, reduce: Reduce | None = None, *, alpha: float | None = None) -> None:
+        """Update the annotator parameters from this step's statistics, then reset them.
+
+        ``reduce`` sums a tensor over processes (identity when ``None``). ``alpha``
+        overrides the EMA rate (1: the plain M-step).
+        """
+        alpha = self.alpha if alpha is None else alpha
+        reduce = reduce or (lambda t: t)
+        try:
+            if self.closed_form:
+                self._closed_form_step(reduce, alpha)
+            elif self.optimizer is not None:
+                self._gradient_step(reduce)
+        finally:
+            self._stats = None
+            self._units = 0
+
+    def _closed_form_step(self, reduce: Reduce, alpha: float) -> None:
+        if self._stats is None:  # warm-up, or no E-step this step: nothing to learn from
+            reduce(torch.zeros(1, dtype=torch.float64))  # keep the processes in step
+            return
+        names = sorted(self._stats)
+        flat = torch.cat([self._stats[k].reshape(-1) for k in names])
+        flat = reduce(flat)
+        stats, offset = {}, 0
+        for k in names:
+            n = self._stats[k].numel()
+            stats[k] = flat[offset : offset + n].reshape(self._stats[k].shape)
+            offset += n
+        seen = stats["n"] > 0
+        if self.running_statistics:
+            self._running_step(stats, seen, alpha)
+            return
+        if self.noise.prior is not None and self.label_counts is not None:
+            stats = self._scale_to_data(stats)
+        with torch.no_grad(), single_thread():
+            ema_update(self.noise, self.noise.m_step(stats), seen, alpha)
+
+    def _running_step(self, stats: dict[str, Tensor], seen: Tensor, alpha: float) -> None:
+        """EMA of the statistics scaled to the data, then the M-step on them (no EMA of
+        the parameters): ``S_k <- (1 - alpha) S_k + alpha (N_k / n_k) s_k`` for the
+        annotators seen. Zero statistics are "no labels yet" (the population prior)."""
+        scaled = self._scale_to_data(stats) if self.label_counts is not None else stats
+        if self._running is None:
+            self._running = {k: torch.zeros_like(v) for k, v in scaled.items()}
+        for name, value in scaled.items():
+            old = self._running[name]
+            mask = seen.reshape(seen.shape + (1,) * (value.dim() - 1)) if value.dim() else seen
+            self._running[name] = torch.where(mask, old + alpha * (value - old), old)
+        with torch.no_grad(), single_thread():
+            for name, value in self.noise.m_step(dict(self._running)).items():
+                set_value(self.noise, name, value)
+
+    def _scale_to_data(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-annotator sums (leading dim ``K``) scaled by ``N_k / n_k`` (module docstring)."""
+        n = stats["n"]
+        factor = torch.where(n > 0, self.label_counts / n.clamp_min(1e-300), torch.zeros_like(n))
+        k = self.noise.num_annotators
+        out = {}
+        for name, value in stats.items():
+            if value.dim() >= 1 and value.shape[0] == k:
+                value = value * factor.reshape((k,) + (1,) * (value.dim() - 1))
+            out[name] = value
+        return out
+
+    def _gradient_step(self, reduce: Reduce) -> None:
+        params = list(self.noise.parameters())
+        units = float(reduce(torch.tensor([float(self._units)], dtype=torch.float64))[0])
+        total = float(self.label_counts.sum()) if self.label_counts is not None else units
+        for p in params:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = reduce(grad.clone()) / max(units, 1.0)
+        with single_thread():
+            log_prior = self.noise.log_prior()
+            if log_prior.requires_grad:  # MAP: the prior once over the whole data
+                (-log_prior / max(total, 1.0)).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # -- state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """The noise model's tensors (and the running statistics, or the gradient
+        M-step's Adam moments)."""
+        state = {f"noise.{k}": v.detach().clone() for k, v in self.noise.state_dict().items()}
+        for k, v in (self._running or {}).items():
+            state[f"running.{k}"] = v.clone()
+        if self.optimizer is not None:
+            for i, s in self.optimizer.state_dict()["state"].items():
+                for name, value in s.items():
+                    state[f"adam.{i}.{name}"] = torch.as_tensor(value).clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict` (strict: the same noise model and size)."""
+        noise_state = {k[len("noise.") :]: v for k, v in state.items() if k.startswith("noise.")}
+        self.noise.load_state_dict(noise_state, strict=True)
+        running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
+        self._running = running or None
+        if self.optimizer is not None:
+            adam = self.optimizer.state_dict()
+            per_param: dict[int, dict[str, Tensor]] = {}
+            for key, value in state.items():
+                if key.startswith("adam."):
+                    _, index, name = key.split(".", 2)
+                    per_param.setdefault(int(index), {})[name] = value
+            adam["state"] = per_param
+            self.optimizer.load_state_dict(adam)
+
+
+def _target_from_w(w: Tensor, data: LabelData) -> Tensor:
+    """The soft target ``q_i = p(A better)`` implied by per-label ``w`` with truth fixed
+    per unit: the product of the label channels, normalised (prior 1/2)."""
+    o = data.label
+    log_a = torch.where(data.mask, torch.log(torch.where(o > 0.5, w, 1 - w).clamp_min(1e-12)), 0)
+    log_b = torch.where(data.mask, torch.log(torch.where(o > 0.5, 1 - w, w).clamp_min(1e-12)), 0)
+    return torch.sigmoid(log_a.sum(-1) - log_b.sum(-1))

@@ -1,0 +1,163 @@
+r"""Held-out evaluation of a policy's implicit preference model (``re-po eval``).
+
+For every labelled pair the loss family's induced logit
+:math:`s = \mathrm{logit}\,p(A \succ^* B)` under the trained policy (and its
+reference) is compared with the label :math:`o` (1: A preferred):
+
+* ``accuracy``: share of labels whose chosen response has the higher implicit
+  reward, :math:`\mathrm{sign}(s) = 2o - 1` (TRL's ``rewards/accuracies``);
+  ``ties`` (:math:`s = 0`, e.g. an untrained policy) count as wrong and are
+  reported;
+* ``margin``: mean reward of the chosen minus the rejected response (TRL's
+  ``rewards/margins``);
+* calibration of :math:`p = \sigma(s)` against :math:`o`: ``log_loss``
+  (:math:`-\log p(o)`), ``brier`` (:math:`(p - o)^2`) and ``ece`` (expected
+  calibration error over ``bins`` equal-width bins of :math:`p`:
+  :math:`\sum_b (n_b / N) |\bar p_b - \bar o_b|`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from repo.likelihoods import PreferenceLikelihood, get_likelihood
+from repo.policy import PairTokenizer, Policy, batch_to
+from repo.train.dataset import TrainingData
+
+__all__ = ["calibration", "evaluate_policy", "evaluate_run", "item_scores", "load_run"]
+
+
+@torch.no_grad()
+def item_scores(
+    policy: Policy,
+    likelihood: PreferenceLikelihood,
+    data: TrainingData,
+    *,
+    batch_size: int = 16,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Induced logit and rewards of A and B for every item: three ``(I,)`` float64 tensors.
+
+    Reference log-probs (when the family needs them) come from the policy's
+    reference (the adapter disabled).
+    """
+    was_training = policy.lm.training
+    policy.lm.eval()
+    logits, reward_a, reward_b = [], [], []
+    try:
+        for start in range(0, len(data.pairs), batch_size):
+            chunk = data.pairs[start : start + batch_size]
+            batch = batch_to(policy.collate(chunk, data.pad_token_id), policy.device)
+            reference = policy.reference_logps(batch) if likelihood.needs_reference else None
+            stats = policy(batch).to_stats(reference)
+            ra, rb = likelihood.rewards(stats)
+            logits.append(likelihood.logits(stats).double().cpu())
+            reward_a.append(ra.double().cpu())
+            reward_b.append(rb.double().cpu())
+    finally:
+        policy.lm.train(was_training)
+    return torch.cat(logits), torch.cat(reward_a), torch.cat(reward_b)
+
+
+def calibration(p: Tensor, o: Tensor, bins: int = 10) -> dict[str, float]:
+    """``log_loss``, ``brier`` and ``ece`` of probabilities ``p`` for outcomes ``o``."""
+    p = p.double().clamp(1e-12, 1 - 1e-12)
+    o = o.double()
+    log_loss = -(o * p.log() + (1 - o) * (1 - p).log()).mean()
+    brier = ((p - o) ** 2).mean()
+    index = (p * bins).long().clamp(max=bins - 1)
+    ece = torch.zeros((), dtype=torch.float64)
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            ece = ece + inside.double().mean() * (p[inside].mean() - o[inside].mean()).abs()
+    return {"log_loss": float(log_loss), "brier": float(brier), "ece": float(ece)}
+
+
+def evaluate_policy(
+    policy: Policy,
+    likelihood: PreferenceLikelihood,
+    data: TrainingData,
+    *,
+    batch_size: int = 16,
+    bins: int = 10,
+) -> dict[str, Any]:
+    """Accuracy, margin and calibration of the policy on the labels of ``data``."""
+    logits, reward_a, reward_b = item_scores(policy, likelihood, data, batch_size=batch_size)
+    labels = data.labels
+    item = labels.flat(labels.unit.unsqueeze(-1).expand_as(labels.label))
+    o = labels.flat(labels.label)
+    s = logits[item]
+    chose_a = o > 0.5
+    signed = torch.where(chose_a, s, -s)
+    chosen = torch.where(chose_a, reward_a[item], reward_b[item])
+    rejected = torch.where(chose_a, reward_b[item], reward_a[item])
+    return {
+        "labels": int(o.numel()),
+        "items": len(data.pairs),
+        "accuracy": float((signed > 0).double().mean()),
+        "ties": float((signed == 0).double().mean()),
+        "margin": float((chosen - rejected).mean()),
+        "rewards/chosen": float(chosen.mean()),
+        "rewards/rejected": float(rejected.mean()),
+        **calibration(torch.sigmoid(s), o, bins),
+    }
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[Any, Policy, PreferenceLikelihood]:
+    """``(config, policy with the run's final adapter, likelihood)`` of a finished run."""
+    from repo.train.config import load_run_config
+    from repo.train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    config, resolved = load_run_config(run_dir)
+    lik = resolved["likelihood"]
+    hparams = {k: v for k, v in lik.items() if k not in ("family", "variant")}
+    likelihood = get_likelihood(lik["family"], **hparams)
+    Trainer.seed_everything(config.run.seed)
+    m = config.model
+    policy = Policy.from_recipe(
+        m.recipe, device=None if m.device == "auto" else m.device, dtype=m.dtype or None
+    )
+    adapter = run_dir / "adapter"
+    if policy.has_adapter:
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{run_dir}: no final adapter (did the run finish?)")
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(policy.lm, load_file(str(adapter / "adapter_model.safetensors")))
+    return config, policy, likelihood
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike, data: str | os.PathLike, *, batch_size: int = 16, bins: int = 10
+) -> dict[str, Any]:
+    """``re-po eval``: the run's final policy on the labelled pairs of ``data``.
+
+    ``data`` is read with the run's ``[data]`` settings (format, columns, policies).
+    """
+    from repo.train.trainer import load_records
+
+    config, policy, likelihood = load_run(run_dir)
+    config = config.replace("data", max_records=0)  # a training subset, not an eval one
+    records = load_records(config, source=str(Path(data).resolve()))
+    m = config.model
+    recipe = policy.recipe
+    tokenizer = PairTokenizer(
+        policy.tokenizer,
+        m.max_length or recipe.max_length,
+        min_response_tokens=m.min_response_tokens or recipe.min_response_tokens,
+        max_prompt_length=m.max_prompt_length or None,
+        prompt_overflow=m.prompt_overflow,
+    )
+    pairs = TrainingData.build(records, tokenizer)
+    result = evaluate_policy(policy, likelihood, pairs, batch_size=batch_size, bins=bins)
+    result["skipped"] = pairs.skipped
+    result["run"] = str(Path(run_dir).resolve())
+    result["data"] = str(Path(data).resolve())
+    return result
