@@ -153,6 +153,10 @@ def test_pointwise_log_likelihood_without_latents():
     expected = torch.where(data.mask, per_label, torch.zeros_like(per_label)).sum(-1)
     assert posterior.marginals == {}
     assert torch.allclose(posterior.log_likelihood, expected, atol=1e-9)
+    # one unit: the items plate has size 1, which packed tensors drop
+    first = data.subset(torch.tensor([0]))
+    single = enumerate_posterior(model.model, unit_logits[:1], first)
+    assert torch.allclose(single.log_likelihood, expected[:1], atol=1e-9)
 
 
 def test_beta_prior_is_a_distribution_on_reliabilities():

@@ -141,22 +141,24 @@ def _pointwise(model_trace, factors, sizes, root_logits: Tensor | None, num_item
     """
     marginal_costs, log_factors, _, sum_dims, _ = factors
     items_symbol = model_trace.plate_to_symbol[ITEMS]
+    items = frozenset({items_symbol})
     ring = LogRing(dim_to_size=dict(sizes))
-    terms = []
+    terms = []  # (term, the plates it lives in)
     if root_logits is not None:
         enum_dims = [d for d in root_logits._pyro_dims if d in sum_dims]
-        terms.append(ring.sumproduct([root_logits], set(enum_dims)))
+        terms.append((ring.sumproduct([root_logits], set(enum_dims)), items))
     elif log_factors:
-        target = frozenset({items_symbol})
-        terms.append(contract_to_tensor(log_factors, sum_dims, target_ordinal=target, ring=ring))
-    for costs in marginal_costs.values():
-        terms.extend(costs)
+        joint = contract_to_tensor(log_factors, sum_dims, target_ordinal=items, ring=ring)
+        terms.append((joint, items))
+    for ordinal, costs in marginal_costs.items():
+        terms.extend((cost, ordinal) for cost in costs)
     total = torch.zeros(num_items, dtype=torch.float64)
-    for term in terms:
-        if items_symbol not in term._pyro_dims:
+    for term, ordinal in terms:
+        if items_symbol not in ordinal:
             continue  # a site outside the items plate is not pointwise
         plates = frozenset(d for d in term._pyro_dims if d != items_symbol)
         term = ring.product(term, plates) if plates else term  # product over slots
+        # (a plate of size 1 is not among a packed tensor's dims: broadcast)
         value = packed.unpack(term, model_trace.symbol_to_dim).reshape(-1)
         total = total.to(value.dtype) + value
     return total
