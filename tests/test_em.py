@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from repo.data.simulate import simulate_labels
-from repo.inference.em import EM, fit_em, fit_minibatch_em, set_value
+from repo.inference.em import EM, fit_em, set_value
 from repo.inference.enumeration import enumerate_posterior
+from repo.inference.online import fit_minibatch_em
 from repo.noise import (
     Boltzmann,
     HierarchicalFlip,
@@ -279,6 +280,22 @@ def test_minibatch_ema_approaches_full_batch():
     assert np.abs(mini.eta.detach().numpy() - full.eta.detach().numpy()).mean() < 0.02
     with pytest.raises(ValueError, match="alpha"):
         fit_minibatch_em(mini, scorer, data, batch_size=10, alpha=0.0)
+
+
+def test_minibatch_hierarchical_keeps_whole_data_posteriors():
+    # The hierarchical reliabilities are posteriors of whole-data statistics: mini-batch
+    # EM runs its EMA on those statistics (scaled to the data), not on one batch's.
+    k = 30
+    sim = simulate_labels(
+        num_items=30_000, num_annotators=k, model="hierarchical", shared_truth=False, seed=17
+    )
+    data, scorer = _per_label(sim, k)
+    full, mini = HierarchicalFlip(k), HierarchicalFlip(k)
+    fit_em(full, scorer, data)
+    generator = torch.Generator().manual_seed(0)
+    fit_minibatch_em(mini, scorer, data, batch_size=3000, alpha=0.1, epochs=3, generator=generator)
+    assert np.abs(mini.post_eta.numpy() - full.post_eta.numpy()).mean() < 0.02
+    assert abs(float(mini.mu.detach()) - float(full.mu.detach())) < 0.15
 
 
 def test_models_of_one_class_keep_their_own_parameters():

@@ -17,8 +17,9 @@ bound). Full-batch EM stops when the relative change of the objective falls belo
 (Varadhan and Roland, 2008, scheme S3), with a monotone safeguard: an extrapolated
 point is kept only if its objective is no lower than the last EM iterate's.
 
-:func:`fit_minibatch_em` is the paper's Algorithm 1: per mini-batch an E-step, then
-``eta_k <- (1 - alpha) eta_k + alpha * (batch estimate)`` for each annotator seen.
+:func:`repo.inference.online.fit_minibatch_em` is the paper's Algorithm 1: per
+mini-batch an E-step, then ``eta_k <- (1 - alpha) eta_k + alpha * (batch estimate)``
+for each annotator seen.
 """
 
 from __future__ import annotations
@@ -286,52 +287,3 @@ def ema_update(
         if new.shape == seen.shape:
             new = torch.where(seen, new, old)
         set_value(module, name, new)
-
-
-def fit_minibatch_em(
-    noise: NoiseModel,
-    scorer: Scorer,
-    data: LabelData,
-    *,
-    batch_size: int,
-    alpha: float = 0.1,
-    epochs: int = 1,
-    lr: float = 0.05,
-    generator: torch.Generator | None = None,
-) -> EMResult:
-    """The paper's Algorithm 1 on fixed data: mini-batch E-step and EMA M-step.
-
-    Modules without a closed-form M-step take one Adam step (learning rate ``lr``)
-    per batch on the batch's marginal log-likelihood, scaled to the whole data.
-    """
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-    em = EM(noise, scorer, data)
-    adam = torch.optim.Adam(em.gradient_parameters, lr=lr) if em.gradient_parameters else None
-    trace: list[float] = []
-    steps = 0
-    for _ in range(epochs):
-        order = torch.randperm(data.num_units, generator=generator)
-        for start in range(0, data.num_units, batch_size):
-            batch = data.subset(order[start : start + batch_size])
-            with torch.no_grad():
-                logits = scorer(batch).detach()
-                posterior = enumerate_posterior(noise.e_step_model(), logits, batch)
-            if em.noise_closed:
-                stats = noise.sufficient_statistics(batch, posterior.marginals, logits)
-                ema_update(noise, noise.m_step(stats), stats["n"] > 0, alpha)
-            if em.scorer_closed and _has_parameters(scorer):
-                truth = noise.truth_posterior(logits, posterior.marginals)
-                stats = scorer.sufficient_statistics(batch, truth)
-                ema_update(scorer, scorer.m_step(stats), torch.ones((), dtype=torch.bool), alpha)
-            if adam is not None:
-                adam.zero_grad()
-                scale = data.num_units / batch.num_units
-                ll = noise.marginal_log_likelihood(scorer(batch), batch) * scale
-                loss = -(ll + noise.log_prior() + scorer.log_prior()) / data.num_labels
-                loss.backward()
-                adam.step()
-            steps += 1
-        trace.append(em.e_step()[2])
-    logits, posterior, value = em.e_step()
-    return EMResult(False, steps, value, trace, logits, posterior)

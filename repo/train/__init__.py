@@ -10,10 +10,10 @@
 * :func:`evaluate_run`, :func:`export_run` - ``re-po eval`` and ``re-po export``.
 """
 
+from repo.inference.online import EStep, OnlineEM
 from repo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from repo.train.config import ConfigError, TrainConfig, describe_config, load_config
 from repo.train.dataset import BatchSchedule, TrainingData
-from repo.train.estep import EStep, OnlineEM
 from repo.train.evaluate import evaluate_policy, evaluate_run
 from repo.train.export import export_run
 from repo.train.objective import marginal_nll, plain_loss, policy_objective

@@ -38,11 +38,11 @@ import torch
 from torch import Tensor
 
 from repo.inference.enumeration import marginal_log_likelihood
+from repo.inference.online import EStep, frozen, single_thread
 from repo.likelihoods.base import PreferenceLikelihood
 from repo.likelihoods.stats import PairLogps
 from repo.noise.base import NoiseModel
 from repo.noise.layout import LabelData
-from repo.train.estep import EStep, frozen, single_thread
 
 __all__ = ["gather_stats", "marginal_nll", "plain_loss", "policy_objective"]
 
@@ -67,7 +67,7 @@ def gather_stats(stats: PairLogps, index: Tensor) -> PairLogps:
 def marginal_nll(noise: NoiseModel, logits: Tensor, data: LabelData) -> Tensor:
     r"""``-log p(o | s, phi)`` summed over units, differentiable in ``logits`` only.
 
-    The annotator parameters are held fixed (:func:`~repo.train.estep.frozen`). The
+    The annotator parameters are held fixed (:func:`~repo.inference.online.frozen`). The
     program is the noise model's E-step program (the model itself, or with a
     continuous latent held at its current value, as the hierarchical model does).
     """

@@ -5,7 +5,7 @@ One optimizer step (the paper's Algorithm 1, any noise model, any loss family):
 1. for each micro-batch of truth units: one forward of the policy over the
    distinct items (A and B concatenated), the induced logits
    :math:`s = \mathrm{logit}\,p(A \succ^* B)` of the loss family, the **E-step**
-   with the annotator parameters held (:class:`~repo.train.estep.OnlineEM`; no
+   with the annotator parameters held (:class:`~repo.inference.online.OnlineEM`; no
    gradient through :math:`w`), and the backward pass of the policy objective
    (:func:`~repo.train.objective.policy_objective`: the gradient of the enumerated
    marginal likelihood, or the weighted loss), scaled so that the accumulated
@@ -52,6 +52,7 @@ from torch import Tensor
 from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
 from repo.inference.enumeration import enumerate_posterior
+from repo.inference.online import OnlineEM, single_thread
 from repo.likelihoods import PreferenceLikelihood, get_likelihood
 from repo.noise import NoiseModel, make_noise_model
 from repo.policy import (
@@ -75,7 +76,6 @@ from repo.train.checkpoint import (
 )
 from repo.train.config import ConfigError, TrainConfig
 from repo.train.dataset import BatchSchedule, TrainingData
-from repo.train.estep import OnlineEM, single_thread
 from repo.train.metrics import JsonlLog, MetricSums, parameter_summary
 from repo.train.objective import gather_stats, plain_loss, policy_objective
 

@@ -1,4 +1,7 @@
-r"""The annotator half of generalised EM inside a training loop (the paper's Algorithm 1).
+r"""Mini-batch EM: the annotator half of generalised EM (the paper's Algorithm 1).
+
+:class:`OnlineEM` is what a training loop calls (:mod:`repo.train`);
+:func:`fit_minibatch_em` runs it over fixed scores or a scorer with parameters.
 
 Per optimizer step, with the annotator parameters :math:`\phi` (``eta``, ...) held:
 
@@ -50,13 +53,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from repo.inference.em import ema_update, set_value
-from repo.inference.enumeration import enumerate_posterior, marginal_log_likelihood
+from repo.inference.em import EM, EMResult, _has_parameters, ema_update, set_value
+from repo.inference.enumeration import enumerate_posterior
 from repo.noise.base import NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
+from repo.scorers import Scorer
 
-__all__ = ["EStep", "OnlineEM", "frozen", "single_thread"]
+__all__ = ["EStep", "OnlineEM", "fit_minibatch_em", "frozen", "single_thread"]
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -211,8 +215,7 @@ class OnlineEM:
 
     def _accumulate_gradient(self, logits: Tensor, data: LabelData) -> None:
         with single_thread():
-            log_lik = marginal_log_likelihood(self.noise.model, logits, data)
-            (-log_lik).backward()
+            (-self.noise.marginal_log_likelihood(logits, data)).backward()
 
     # -- M-step ---------------------------------------------------------------
     def m_step(self, reduce: Reduce | None = None, *, alpha: float | None = None) -> None:
@@ -331,3 +334,53 @@ def _target_from_w(w: Tensor, data: LabelData) -> Tensor:
     log_a = torch.where(data.mask, torch.log(torch.where(o > 0.5, w, 1 - w).clamp_min(1e-12)), 0)
     log_b = torch.where(data.mask, torch.log(torch.where(o > 0.5, 1 - w, w).clamp_min(1e-12)), 0)
     return torch.sigmoid(log_a.sum(-1) - log_b.sum(-1))
+
+
+def fit_minibatch_em(
+    noise: NoiseModel,
+    scorer: Scorer,
+    data: LabelData,
+    *,
+    batch_size: int,
+    alpha: float = 0.1,
+    epochs: int = 1,
+    lr: float = 0.05,
+    generator: torch.Generator | None = None,
+) -> EMResult:
+    """The paper's Algorithm 1 on fixed data: per mini-batch an E-step and a damped
+    M-step (:class:`OnlineEM`), the scorer's parameters updated alongside.
+
+    A scorer with a closed-form M-step is blended in with the same ``alpha``; one
+    without takes an Adam step (learning rate ``lr``) on the batch's marginal
+    log-likelihood scaled to the whole data. ``trace`` holds the full-data
+    objective after each epoch.
+    """
+    online = OnlineEM(noise, alpha=alpha, label_counts=data.label_counts(), noise_lr=lr)
+    em = EM(noise, scorer, data)
+    learned = _has_parameters(scorer)
+    adam = None
+    if learned and not em.scorer_closed:
+        adam = torch.optim.Adam(scorer.parameters(), lr=lr)
+    trace: list[float] = []
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(data.num_units, generator=generator)
+        for start in range(0, data.num_units, batch_size):
+            batch = data.subset(order[start : start + batch_size])
+            with torch.no_grad():
+                logits = scorer(batch).detach()
+            estep = online.e_step(logits, batch, steps)
+            online.m_step()
+            if learned and em.scorer_closed:
+                stats = scorer.sufficient_statistics(batch, estep.q)
+                ema_update(scorer, scorer.m_step(stats), torch.ones((), dtype=torch.bool), alpha)
+            elif adam is not None:
+                adam.zero_grad()
+                scale = data.num_units / batch.num_units
+                ll = noise.marginal_log_likelihood(scorer(batch), batch) * scale
+                (-(ll + scorer.log_prior()) / data.num_labels).backward()
+                adam.step()
+            steps += 1
+        trace.append(em.e_step()[2])
+    logits, posterior, value = em.e_step()
+    return EMResult(False, steps, value, trace, logits, posterior)
