@@ -24,11 +24,13 @@ from repo.cli import main
 from repo.data.errors import DataError
 from repo.data.loaders import load_preferences
 from repo.data.rule_pairs import rule_pairs
+from repo.inference.em import fit_em
 from repo.inference.enumeration import enumerate_posterior
 from repo.noise import LabelData, make_noise_model
 from repo.noise.base import beta_map
 from repo.policy import PromptTooLongError, load_model_and_tokenizer
 from repo.policy.tokenize import PairTokenizer
+from repo.scorers import FixedLogits
 from repo.train import (
     CheckpointError,
     ConfigError,
@@ -483,14 +485,32 @@ def test_epoch_m_step_sets_the_full_data_estimate(tmp_path):
     trainer.epoch_m_step = lambda: (calls.append(trainer.step), original())
     trainer.train()
     assert calls == [4, 8]  # after each epoch
+    # full-data EM at the policy's logits: eta is a fixed point of one more E + M step
+    trainer.epoch_m_step()
     unit_logits, posterior = trainer.full_posterior()
     stats = trainer.noise.sufficient_statistics(
         trainer.data.labels, posterior.marginals, unit_logits
     )
-    trainer.epoch_m_step()
     torch.testing.assert_close(
-        trainer.noise.eta.detach(), beta_map(stats["correct"], stats["n"], None)
+        trainer.noise.eta.detach(), beta_map(stats["correct"], stats["n"], None), atol=1e-4, rtol=0
     )
+    # and the maximum of the marginal likelihood at those logits: the fit of fit-noise
+    fixed = make_noise_model("symmetric", len(trainer.data.annotator_ids))
+    fit_em(fixed, FixedLogits(trainer.item_logits()), trainer.data.labels, tol=1e-10)
+    torch.testing.assert_close(trainer.noise.eta.detach(), fixed.eta.detach(), atol=1e-4, rtol=0)
+
+
+def test_plain_dpo_leaves_the_annotators_alone(tmp_path):
+    write_jsonl(tmp_path / "data.jsonl", rule_pairs(32, ETA_POOL[:3], seed=1).rows)
+    cfg = config(
+        tmp_path,
+        em={"enabled": False, "epoch_m_step": True},
+        optim={"epochs": 2, "max_steps": 0, "batch_size": 8},
+    )
+    trainer = Trainer(cfg)
+    start = trainer.noise.eta.detach().clone()
+    trainer.train()
+    torch.testing.assert_close(trainer.noise.eta.detach(), start)
 
 
 def test_checkpoints_refuse_truncated_edited_and_foreign_folders(tmp_path):

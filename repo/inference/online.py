@@ -53,12 +53,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from repo.inference.em import EM, EMResult, _has_parameters, ema_update, set_value
+from repo.inference.em import EM, EMResult, _has_parameters, ema_update, fit_em, set_value
 from repo.inference.enumeration import enumerate_posterior
 from repo.noise.base import NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
-from repo.scorers import Scorer
+from repo.scorers import FixedLogits, Scorer
 
 __all__ = ["EStep", "OnlineEM", "fit_minibatch_em", "frozen", "single_thread"]
 
@@ -218,6 +218,25 @@ class OnlineEM:
             (-self.noise.marginal_log_likelihood(logits, data)).backward()
 
     # -- M-step ---------------------------------------------------------------
+    def fit(
+        self, logits: Tensor, data: LabelData, *, tol: float = 1e-6, max_iter: int = 500
+    ) -> EMResult:
+        """Full-data EM of the annotator parameters with the scorer held at ``logits``.
+
+        ``logits`` ``(U,)`` are the units' induced logits (tempered here by ``T``).
+        EM alternates the exact E-step and the M-step to a relative log-likelihood
+        change of ``tol`` (:func:`~repo.inference.em.fit_em`): the annotator
+        parameters that maximise the marginal likelihood given the current scorer,
+        the coordinate-ascent step between epochs. Statistics of a half-done
+        optimizer step are discarded.
+        """
+        tempered = logits.detach().to("cpu", torch.float64) / self.temperature
+        keyed = tempered.new_zeros(int(data.unit.max()) + 1).index_copy(0, data.unit, tempered)
+        with single_thread():
+            result = fit_em(self.noise, FixedLogits(keyed), data, tol=tol, max_iter=max_iter)
+        self._stats, self._running, self._units = None, None, 0
+        return result
+
     def m_step(self, reduce: Reduce | None = None, *, alpha: float | None = None) -> None:
         """Update the annotator parameters from this step's statistics, then reset them.
 

@@ -122,7 +122,11 @@ class Policy(PyroModule):
 
             if isinstance(lora, Mapping):
                 lora = LoraSettings.from_mapping(lora)
-            peft_config = lora.to_peft() if isinstance(lora, LoraSettings) else lora
+            peft_config = (
+                lora.to_peft(getattr(model.config, "num_hidden_layers", None))
+                if isinstance(lora, LoraSettings)
+                else lora
+            )
             if quantized:
                 model = prepare_model_for_kbit_training(
                     model,
@@ -167,16 +171,18 @@ class Policy(PyroModule):
         dtype: str | torch.dtype | None = None,
         use_lora: bool = True,
         quantization: str | None = None,
+        lora: LoraSettings | None = None,
         **kwargs: Any,
     ) -> Policy:
-        """Load a recipe's model and tokenizer and wrap them (with the recipe's LoRA)."""
+        """Load a recipe's model and tokenizer and wrap them (with the recipe's LoRA, or
+        ``lora`` when given)."""
         from repo.policy.recipes import _resolve
 
         recipe = _resolve(recipe)
         model, tokenizer = load_model_and_tokenizer(
             recipe, device=device, dtype=dtype, quantization=quantization
         )
-        lora = recipe.lora if use_lora else None
+        lora = (lora or recipe.lora) if use_lora else None
         policy = cls(model, tokenizer, lora=lora, **kwargs)
         policy.recipe = recipe
         return policy

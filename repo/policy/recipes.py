@@ -124,6 +124,10 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    last_layers: int = 0
+    """Adapt only the last ``last_layers`` transformer blocks (0: all). The backward
+    pass then stops at the lowest adapted block, so a step costs little more than a
+    forward (peft's ``layers_to_transform``)."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> LoraSettings:
@@ -140,8 +144,12 @@ class LoraSettings:
             kwargs["target_modules"] = tuple(kwargs["target_modules"])
         return cls(**kwargs)
 
-    def to_peft(self, **overrides: Any):
-        """The equivalent ``peft.LoraConfig`` (task ``CAUSAL_LM``, no bias training)."""
+    def to_peft(self, num_layers: int | None = None, **overrides: Any):
+        """The equivalent ``peft.LoraConfig`` (task ``CAUSAL_LM``, no bias training).
+
+        :param num_layers: the model's number of transformer blocks; needed when
+            ``last_layers`` is set.
+        """
         from peft import LoraConfig
 
         kwargs: dict[str, Any] = dict(
@@ -152,6 +160,15 @@ class LoraSettings:
             bias="none",
             task_type="CAUSAL_LM",
         )
+        if self.last_layers:
+            if num_layers is None:
+                raise ValueError("last_layers needs the model's number of layers (num_layers)")
+            if not 0 < self.last_layers <= num_layers:
+                raise ValueError(
+                    f"last_layers must lie in 1..{num_layers} (the model's blocks), "
+                    f"got {self.last_layers}"
+                )
+            kwargs["layers_to_transform"] = list(range(num_layers - self.last_layers, num_layers))
         kwargs.update(overrides)
         return LoraConfig(**kwargs)
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from repo.policy.logps import ResponseLogps
 from repo.policy.tokenize import TokenizedPair, batch_to, collate_pairs
@@ -175,6 +176,7 @@ class ReferenceCache:
         *,
         batch_size: int = 8,
         model_id: str | None = None,
+        progress: bool = False,
     ) -> ReferenceLogps:
         """Load the reference log-probs of ``pairs`` or compute (one pass) and store them.
 
@@ -182,6 +184,7 @@ class ReferenceCache:
         :meth:`~repo.policy.policy.Policy.reference_logps` is used). ``model_id``
         names the reference weights instead of checksumming them (default: the
         policy's recipe id when it has one and no separate reference model).
+        ``progress`` shows a progress bar (stderr) while computing.
         """
         key = self.key(policy, pairs, model_id=model_id)
         cached = self.load(key)
@@ -191,24 +194,33 @@ class ReferenceCache:
             return cached
         self.misses += 1
         self.last_hit = False
-        result = self.compute(policy, pairs, batch_size=batch_size, key=key)
+        result = self.compute(policy, pairs, batch_size=batch_size, key=key, progress=progress)
         self._save(result)
         return result
 
     @staticmethod
     def compute(
-        policy: Any, pairs: Sequence[TokenizedPair], *, batch_size: int = 8, key: str = ""
+        policy: Any,
+        pairs: Sequence[TokenizedPair],
+        *,
+        batch_size: int = 8,
+        key: str = "",
+        progress: bool = False,
     ) -> ReferenceLogps:
-        """Reference log-probs of ``pairs`` (no caching), ``batch_size`` pairs per forward."""
+        """Reference log-probs of ``pairs`` (no caching), ``batch_size`` pairs per forward
+        (``progress``: a progress bar on stderr)."""
         if not pairs:
             raise ValueError("no pairs to compute reference log-probs for")
         tok = getattr(policy, "tokenizer", None)
         pad = getattr(tok, "pad_token_id", None) or 0  # padding is masked: any id works
         out: list[ResponseLogps] = []
         collate = getattr(policy, "collate", None) or collate_pairs  # the policy's layout
+        bar = tqdm(total=len(pairs), desc="reference log-probs", unit="pair", disable=not progress)
         for start in range(0, len(pairs), batch_size):
             batch = collate(list(pairs[start : start + batch_size]), pad)
             out.append(policy.reference_logps(batch_to(batch, policy.device)))
+            bar.update(len(batch["index"]))
+        bar.close()
         cat = [torch.cat([getattr(o, f) for o in out]).float().cpu() for f in ResponseLogps._fields]
         index = torch.tensor([p.index for p in pairs], dtype=torch.long)
         return ReferenceLogps(index, *cat, key=key)

@@ -88,6 +88,13 @@ class ModelSection:
             "reference)"
         ),
     )
+    lora_last_layers: int = field(
+        default=0,
+        metadata=_doc(
+            "LoRA on the last N transformer blocks only (the backward pass stops there: "
+            "cheaper steps); 0: the recipe's [lora] setting"
+        ),
+    )
     device: str = field(
         default="auto",
         metadata=_doc("'auto' (CUDA, then MPS, then CPU) or a torch device string ('cpu')"),
@@ -288,7 +295,8 @@ class EMSection:
     epoch_m_step: bool = field(
         default=False,
         metadata=_doc(
-            "after every epoch: a full-data E-step and a closed-form annotator M-step (no EMA)"
+            "after every epoch: full-data EM of the annotator parameters (E- and M-steps to "
+            "convergence with the policy held at its current logits; no EMA)"
         ),
     )
     noise_lr: float = field(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from repo.likelihoods import PreferenceLikelihood, get_likelihood
-from repo.policy import PairTokenizer, Policy, batch_to
+from repo.policy import PairTokenizer, Policy, ReferenceLogps, batch_to
 from repo.train.dataset import TrainingData
 
 __all__ = ["calibration", "evaluate_policy", "evaluate_run", "item_scores", "load_run"]
@@ -39,11 +39,13 @@ def item_scores(
     data: TrainingData,
     *,
     batch_size: int = 16,
+    reference: ReferenceLogps | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Induced logit and rewards of A and B for every item: three ``(I,)`` float64 tensors.
 
-    Reference log-probs (when the family needs them) come from the policy's
-    reference (the adapter disabled).
+    Reference log-probs (when the family needs them) come from ``reference``
+    (precomputed, e.g. by :class:`~repo.policy.ReferenceCache`) or else from the
+    policy's reference (the adapter disabled).
     """
     was_training = policy.lm.training
     policy.lm.eval()
@@ -52,8 +54,14 @@ def item_scores(
         for start in range(0, len(data.pairs), batch_size):
             chunk = data.pairs[start : start + batch_size]
             batch = batch_to(policy.collate(chunk, data.pad_token_id), policy.device)
-            reference = policy.reference_logps(batch) if likelihood.needs_reference else None
-            stats = policy(batch).to_stats(reference)
+            ref = None
+            if likelihood.needs_reference:
+                ref = (
+                    reference.for_batch(batch)
+                    if reference is not None
+                    else policy.reference_logps(batch)
+                )
+            stats = policy(batch).to_stats(ref)
             ra, rb = likelihood.rewards(stats)
             logits.append(likelihood.logits(stats).double().cpu())
             reward_a.append(ra.double().cpu())
@@ -85,9 +93,13 @@ def evaluate_policy(
     *,
     batch_size: int = 16,
     bins: int = 10,
+    reference: ReferenceLogps | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, margin and calibration of the policy on the labels of ``data``."""
-    logits, reward_a, reward_b = item_scores(policy, likelihood, data, batch_size=batch_size)
+    """Accuracy, margin and calibration of the policy on the labels of ``data``
+    (``reference``: precomputed reference log-probs, see :func:`item_scores`)."""
+    logits, reward_a, reward_b = item_scores(
+        policy, likelihood, data, batch_size=batch_size, reference=reference
+    )
     labels = data.labels
     item = labels.flat(labels.unit.unsqueeze(-1).expand_as(labels.label))
     o = labels.flat(labels.label)

@@ -37,6 +37,7 @@ The run directory (``[run] output_dir``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -64,6 +65,7 @@ from repo.policy import (
     batch_to,
     data_fingerprint,
     load_model_and_tokenizer,
+    load_recipe,
 )
 from repo.train.checkpoint import (
     Checkpoint,
@@ -270,17 +272,25 @@ class Trainer:
         family = get_likelihood(self.config.loss.family)
         if not m.use_lora and family.needs_reference:
             reference_model, _ = load_model_and_tokenizer(m.recipe, device=device, dtype=dtype)
+        lora = None
+        if m.lora_last_layers:
+            lora = dataclasses.replace(load_recipe(m.recipe).lora, last_layers=m.lora_last_layers)
         try:
             return Policy.from_recipe(
                 m.recipe,
                 device=device,
                 dtype=dtype,
                 use_lora=m.use_lora,
+                lora=lora,
                 gradient_checkpointing=checkpointing,
                 reference_model=reference_model,
             )
         except FileNotFoundError as error:
             raise ConfigError(f"[model] recipe: {error}") from None
+        except ValueError as error:
+            if "last_layers" in str(error):
+                raise ConfigError(f"[model] lora_last_layers: {error}") from None
+            raise
 
     def _make_likelihood(self, recipe) -> PreferenceLikelihood:
         family = self.config.loss.family.strip().lower()
@@ -312,17 +322,22 @@ class Trainer:
     def _make_reference(self) -> ReferenceLogps | None:
         if not self.likelihood.needs_reference or self.config.model.reference == "on-the-fly":
             return None
+        with self.accelerator.main_process_first():
+            return self._reference_cache().get_or_compute(
+                self.policy,
+                self.data.pairs,
+                batch_size=self.config.optim.batch_size,
+                progress=self.is_main and self.config.run.progress,
+            )
+
+    def _reference_cache(self) -> ReferenceCache:
         m = self.config.model
         folder = (
             self.config.path(m.reference_cache_dir)
             if m.reference_cache_dir
             else self.config.output_dir / "reference-cache"
         )
-        cache = ReferenceCache(folder)
-        with self.accelerator.main_process_first():
-            return cache.get_or_compute(
-                self.policy, self.data.pairs, batch_size=self.config.optim.batch_size
-            )
+        return ReferenceCache(folder)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         o = self.config.optim
@@ -495,10 +510,16 @@ class Trainer:
         return unit_logits, posterior
 
     def epoch_m_step(self) -> None:
-        """A full-data E-step and a plain (alpha = 1) annotator M-step."""
+        """Full-data EM of the annotator parameters at the current policy's logits.
+
+        E- and M-steps alternate to convergence with the policy held (every process
+        holds the same full data, so all reach the same parameters); nothing
+        happens during the E-step warm-up.
+        """
+        if self.em.in_warmup(self.step):
+            return
         unit_logits = self.item_logits()[self.data.labels.unit]
-        self.em.e_step(unit_logits, self.data.labels, self.step)
-        self.em.m_step(None, alpha=1.0)  # every process holds the same full data
+        self.em.fit(unit_logits, self.data.labels)
 
     # -- the loop ---------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -513,7 +534,8 @@ class Trainer:
                 self.step += 1
                 metrics = {"step": self.step, "epoch": self.step / per_epoch, **metrics}
                 self.last_metrics = metrics
-                if self.config.em.epoch_m_step and self.step % per_epoch == 0:
+                em = self.config.em
+                if em.enabled and em.epoch_m_step and self.step % per_epoch == 0:
                     self.epoch_m_step()
                 if self.is_main:
                     self._log(metrics)
@@ -535,7 +557,7 @@ class Trainer:
         return tqdm(
             total=self.total_steps,
             initial=self.step,
-            desc=f"re-po {self.likelihood.name}",
+            desc=f"re-po {'re-' if self.config.em.enabled else ''}{self.likelihood.name}",
             file=sys.stderr,
             dynamic_ncols=True,
         )
@@ -546,7 +568,7 @@ class Trainer:
         shown = {"loss": f"{metrics['loss']:.4f}"}
         if "w/mean" in metrics:
             shown["w"] = f"{metrics['w/mean']:.3f}"
-        params = self.noise.annotator_parameters()
+        params = self.noise.annotator_parameters() if self.config.em.enabled else {}
         if params:
             name, value = next(iter(params.items()))
             shown[name] = f"{float(value.min()):.3f}-{float(value.max()):.3f}"
@@ -740,12 +762,25 @@ class Trainer:
 
     def evaluate(self, records: PreferenceData) -> dict[str, Any]:
         """Accuracy, margin and calibration of the current policy on ``records``
-        (see :mod:`repo.train.evaluate`)."""
+        (see :mod:`repo.train.evaluate`); reference log-probs through the run's cache
+        when ``[model] reference = "precompute"``."""
         from repo.train.evaluate import evaluate_policy
 
         data = TrainingData.build(records, self.pair_tokenizer)
+        reference = None
+        if self.likelihood.needs_reference and self.config.model.reference == "precompute":
+            reference = self._reference_cache().get_or_compute(
+                self.policy,
+                data.pairs,
+                batch_size=self.config.optim.batch_size,
+                progress=self.is_main and self.config.run.progress,
+            )
         return evaluate_policy(
-            self.policy, self.likelihood, data, batch_size=self.config.optim.batch_size
+            self.policy,
+            self.likelihood,
+            data,
+            batch_size=self.config.optim.batch_size,
+            reference=reference,
         )
 
     # -- the end ------------------------------------------------------------------
