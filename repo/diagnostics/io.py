@@ -10,10 +10,18 @@ A fit leaves (``re-po fit-noise``):
   ``{"step": int, "objective": float, "eta": [eta_1, ..., eta_K]}`` in the order
   of RESULT.json's annotators.
 
+A training run (``re-po train``, :mod:`repo.train`) leaves a directory with
+``config.json`` (the resolved configuration), ``reliability.json`` (per annotator:
+label count and the noise model's parameters), ``annotators.jsonl`` (the
+parameters after every optimizer step: the online EM's trajectory) and, with
+``[run] posteriors``, ``posteriors.jsonl`` (per label: ``row``, ``w``, ``q``).
+:func:`read_training_run` turns it into the same :class:`Run` a RESULT.json gives
+(``method`` ``"online-em"``, ``format`` ``"training"``; ``eta`` of models without
+one is the mean posterior ``w`` of the annotator's labels, as RESULT.json's
+model-implied eta is the mean correctness probability).
+
 :func:`load_run` accepts a RESULT.json or a directory. Directory layouts are read
-by the functions in :data:`RUN_READERS`, tried in order; a training run directory
-(with its per-annotator eta trajectories and per-label posteriors) is one more
-reader in that list once its format is fixed.
+by the functions in :data:`RUN_READERS`, tried in order.
 """
 
 from __future__ import annotations
@@ -151,7 +159,77 @@ def _read_result_directory(path: Path) -> Run | None:
     return None
 
 
-RUN_READERS: list[Callable[[Path], Run | None]] = [_read_result_directory]
+def read_training_run(path: str | Path) -> Run | None:
+    """A ``re-po train`` run directory as a :class:`Run`; None when ``path`` is not one.
+
+    :raises ValueError: a training run that is unfinished (no ``reliability.json``)
+        or whose files disagree (the message names the file).
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not (config_file.is_file() and (path / "annotators.json").is_file()):
+        return None
+    config = json.loads(config_file.read_text())
+    reliability_file = path / "reliability.json"
+    if not reliability_file.is_file():
+        raise ValueError(
+            f"{path}: a training run without reliability.json (unfinished? resume it with "
+            "`re-po train --resume`)"
+        )
+    reliability = json.loads(reliability_file.read_text())
+    model = reliability.get("model")
+    if model not in NOISE_MODELS:
+        raise ValueError(f"{reliability_file}: unknown noise model {model!r}")
+    annotators = [dict(a) for a in reliability["annotators"]]
+    ids = [str(a["id"]) for a in annotators]
+    labels: list[dict[str, Any]] = []
+    notes = []
+    posterior_file = path / "posteriors.jsonl"
+    if posterior_file.is_file():
+        frame = pd.read_json(posterior_file, lines=True)
+        unknown = sorted(set(frame["annotator"].astype(str)) - set(ids))
+        if unknown:
+            raise ValueError(f"{posterior_file}: annotators {unknown[:3]} not in reliability.json")
+        labels = [
+            {"row": int(r), "w": float(w), "annotator": str(a)}
+            for r, w, a in zip(frame["row"], frame["w"], frame["annotator"], strict=True)
+        ]
+        mean_w = frame.groupby(frame["annotator"].astype(str))["w"].mean()
+        for a in annotators:
+            if "eta" not in a and str(a["id"]) in mean_w:
+                a["eta"] = float(mean_w[str(a["id"])])
+                notes.append("eta: the mean posterior w of the annotator's labels")
+    else:
+        notes.append("no posteriors.jsonl (the run had [run] posteriors = false)")
+    total = config.get("total_steps")
+    result = {
+        "version": RESULT_VERSION,
+        "model": model,
+        "format": "training",
+        "method": "online-em",
+        "converged": None,
+        "iterations": total,
+        "log_likelihood": None,
+        "population": reliability.get("population", {}),
+        "annotators": annotators,
+        "items": [],
+        "labels": labels,
+        "training": {
+            "loss": config.get("likelihood", {}),
+            "total_steps": total,
+            "em_enabled": config.get("config", {}).get("em", {}).get("enabled", True),
+        },
+    }
+    run = Run(result=result, source=path, notes=sorted(set(notes)))
+    trajectory_file = path / "annotators.jsonl"
+    if trajectory_file.is_file():
+        first = trajectory_file.read_text().split("\n", 1)[0]
+        if first.strip() and "eta" in json.loads(first):
+            run.trajectory = read_trajectory(trajectory_file, ids)
+    return run
+
+
+RUN_READERS: list[Callable[[Path], Run | None]] = [_read_result_directory, read_training_run]
 """Directory readers, tried in order; each returns None when the layout is not its own."""
 
 
@@ -167,6 +245,6 @@ def load_run(path: str | Path) -> Run:
         if run is not None:
             return run
     raise ValueError(
-        f"{path}: no RESULT.json in this directory (a training run directory is not "
-        "readable yet: its layout is not fixed)"
+        f"{path}: neither a RESULT.json nor a training run directory (config.json, "
+        "annotators.json, reliability.json) is in this directory"
     )

@@ -98,6 +98,22 @@ def _truth_probability(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
     return logit, np.where(o == 1, w, 1 - w)
 
 
+def _convergence_line(result: dict) -> str:
+    """How the fit ended: EM's convergence, or a training run's steps and loss."""
+    training = result.get("training")
+    if training is not None:
+        loss = training.get("loss", {})
+        return (
+            f"- training run: {loss.get('family', '?')} ({loss.get('variant', '?')} variant), "
+            f"{training.get('total_steps')} optimizer steps, online EM "
+            f"{'on' if training.get('em_enabled') else 'off'}"
+        )
+    return (
+        f"- EM converged: {result.get('converged')} after {result.get('iterations')} "
+        f"iterations; log-likelihood {result.get('log_likelihood'):.4f}"
+    )
+
+
 def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 200) -> Path:
     """Write ``report.md`` and figures for the fits at ``paths`` into ``out_dir``."""
     runs = [load_run(p) for p in paths]
@@ -114,10 +130,10 @@ def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 2
         f"- model: **{result['model']}**, method: **{result.get('method', 'em')}**, "
         f"format: {result['format']}",
         f"- annotators: {len(annotators)}, labels: {int(annotators['n_labels'].sum())}",
-        f"- EM converged: {result.get('converged')} after {result.get('iterations')} "
-        f"iterations; log-likelihood {result.get('log_likelihood'):.4f}",
+        _convergence_line(result),
         f"- divergences: {divergences}",
     ]
+    lines += [f"- note: {note}" for note in main.notes]
     if divergences:
         lines += [
             "",
