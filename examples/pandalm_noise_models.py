@@ -1,4 +1,4 @@
-"""The main job, for now: noise models fitted to PandaLM's three human annotators.
+"""Noise models fitted to PandaLM's three human annotators (the first main job of re-po).
 
 PandaLM's human test set has 999 comparisons of two responses, each labelled by
 the same three annotators (ties dropped and counted). Under shared truth (the
@@ -6,6 +6,8 @@ three labels of a comparison share one latent preference) with a learned class
 prior, every flip model is identifiable; the demo fits them all by EM, prints each
 annotator's estimated reliability under each model and the labels most likely to
 be wrong (lowest posterior ``w``), and writes each model's RESULT.json.
+
+Run: ``python examples/pandalm_noise_models.py [--top 10] [--out DIR]`` (seconds).
 """
 
 from __future__ import annotations
@@ -58,3 +60,17 @@ def pandalm_noise_demo(top: int = 10, out: str | Path | None = None) -> dict[str
             fit.to_json(out / f"pandalm-{model}.json")
         print(f"\nwrote {', '.join(f'pandalm-{m}.json' for m in fits)} to {out}")
     return fits
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--top", type=int, default=10, help="how many suspect labels to list")
+    parser.add_argument("--out", default=None, help="directory for the RESULT.json files")
+    args = parser.parse_args(argv)
+    pandalm_noise_demo(top=args.top, out=args.out)
+
+
+if __name__ == "__main__":
+    main()

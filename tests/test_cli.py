@@ -19,7 +19,6 @@ import pytest
 
 import repo
 from repo.cli import main
-from repo.data.pandalm import PANDALM_ANNOTATORS
 from repo.data.simulate import simulate_labels
 from repo.fit import NoiseFit, fit_noise
 
@@ -375,21 +374,3 @@ def test_python_api_returns_data_frames():
     # the same table as a DataFrame gives the same fit
     again = fit_noise(table, format="binary", model="two-coin")
     np.testing.assert_allclose(again.annotators["eta"], fit.annotators["eta"])
-
-
-# -- demo -------------------------------------------------------------------------
-
-
-def test_demo_prints_the_reliability_table(capsys, tmp_path):
-    code, stdout, stderr = run(capsys, "demo", "--top", "3", "--out", tmp_path)
-    assert code == 0
-    assert "Reliability eta_k" in stdout
-    table = stdout.split("Reliability eta_k", 1)[1]
-    for annotator in PANDALM_ANNOTATORS:
-        assert annotator in table
-    for model in ("symmetric", "two-coin", "spammer", "hierarchical"):
-        assert model in table
-        doc = json.loads((tmp_path / f"pandalm-{model}.json").read_text())
-        assert doc["version"] == 1 and doc["format"] == "binary"
-        assert [a["id"] for a in doc["annotators"]] == list(PANDALM_ANNOTATORS)
-    assert "fitting symmetric" in stderr
