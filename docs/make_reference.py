@@ -201,6 +201,9 @@ def _inline(text: str) -> str:
     return text.replace("``", "`")
 
 
+_NUMPY_SECTIONS = {"Parameters", "Attributes", "Returns", "Raises", "Other Parameters"}
+
+
 def _rst_table(block: list[str]) -> list[str]:
     """An RST simple table (three rules of ``=``) as a markdown table."""
     rule = block[0]
@@ -228,7 +231,7 @@ def rst_to_markdown(doc: str) -> str:
     ``:param x:`` fields a list; underlined section titles bold lines; roles and
     double back-quotes code spans.
     """
-    lines = inspect.cleandoc(doc).splitlines()
+    lines = _inline(inspect.cleandoc(doc)).splitlines()
     out: list[str] = []
     i = 0
 
@@ -261,6 +264,15 @@ def rst_to_markdown(doc: str) -> str:
                 out.append(f"**{_inline(stripped)}**")
                 out.append("")
                 i += 2
+                if stripped in _NUMPY_SECTIONS:  # "name: text" entries, indented continuations
+                    indent = _indent(line)
+                    while i < len(lines) and lines[i].strip() and _indent(lines[i]) == indent:
+                        name, _, text = lines[i].strip().partition(":")
+                        more, i = [text.strip()], i + 1
+                        while i < len(lines) and lines[i].strip() and _indent(lines[i]) > indent:
+                            more.append(lines[i].strip())
+                            i += 1
+                        out.append(f"- `{name.strip()}`: {' '.join(m for m in more if m)}")
                 continue
         # RST simple table
         if stripped.startswith("===") and set(stripped) <= set("= "):
@@ -437,7 +449,9 @@ def _public_members(cls: type) -> list[tuple[str, object]]:
     for name, value in cls.__dict__.items():
         if name.startswith("_"):
             continue
-        if isinstance(value, staticmethod | classmethod):
+        if isinstance(value, classmethod):
+            members.append((name, getattr(cls, name)))  # bound: no ``cls`` in the signature
+        elif isinstance(value, staticmethod):
             members.append((name, value.__func__))
         elif isinstance(value, property) or inspect.isfunction(value):
             members.append((name, value))
