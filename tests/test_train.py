@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import repo
 from repo.cli import main
 from repo.data.errors import DataError
 from repo.data.loaders import load_preferences
+from repo.data.records import PreferenceData
 from repo.data.rule_pairs import rule_pairs
 from repo.inference.em import fit_em
 from repo.inference.enumeration import enumerate_posterior
@@ -731,3 +733,52 @@ def test_example_configuration_is_valid():
     cfg = load_config(ROOT / "examples" / "re_dpo_pandalm.toml")
     assert cfg.data.format == "pandalm" and cfg.data.shared_truth
     assert cfg.output_dir.resolve() == (ROOT / "runs" / "re-dpo-pandalm").resolve()
+
+
+def test_labels_of_one_item_shown_in_both_orders_are_reoriented(tmp_path, tokenizer):
+    """Two annotators saw one comparison in opposite orders and both preferred the same
+    response: in the item's A/B order their labels agree."""
+    rows = [
+        {
+            "prompt": "p",
+            "chosen": "good answer",
+            "rejected": "bad answer",
+            "annotator": "x",
+            "item": "q1",
+            "first": True,
+        },
+        {
+            "prompt": "p",
+            "chosen": "good answer",
+            "rejected": "bad answer",
+            "annotator": "y",
+            "item": "q1",
+            "first": False,
+        },
+        {
+            "prompt": "p",
+            "chosen": "bad answer",
+            "rejected": "good answer",
+            "annotator": "z",
+            "item": "q1",
+            "first": True,
+        },
+    ]
+    data = load_preferences(
+        rows, annotator_column="annotator", item_column="item", position_column="first"
+    )
+    assert [r.label for r in data] == [1, 0, 1]  # each in its own shown order
+    pair_tokenizer = PairTokenizer(tokenizer, 64)
+    built = TrainingData.build(data, pair_tokenizer, shared_truth=True)
+    assert built.labels.flat(built.labels.label).tolist() == [1.0, 1.0, 0.0]
+    assert built.notes["reoriented_labels"] == 2
+    # a position model cannot read mixed orders
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    section = {"annotator_column": "annotator", "item_column": "item", "position_column": "first"}
+    with pytest.raises(ConfigError, match="two-coin model reads the A/B position"):
+        Trainer(config(tmp_path, data=section, noise={"model": "two-coin"}))
+    # records of one item must compare the same two responses (the loader checks rows;
+    # records made in Python are checked here)
+    odd = dataclasses.replace(data[2], response_a="another answer")
+    with pytest.raises(DataError, match="row 2, field 'item'.*other responses than in row 0"):
+        TrainingData.build(PreferenceData([data[0], data[1], odd]), pair_tokenizer)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from repo.data.errors import DataError
 from repo.data.records import PreferenceData
 from repo.noise.layout import LabelData
 from repo.policy.tokenize import PairTokenizer, TokenizedPair, collate_pairs
@@ -144,7 +145,13 @@ class TrainingData:
                 f"({', '.join(annotator_ids)})"
             )
         annotator = torch.tensor([code[a] for a in names], dtype=torch.long)
-        label = torch.tensor([records[n].label for n in kept_records], dtype=torch.float64)
+        label = torch.tensor(
+            [_item_label(records, n, first) for n in kept_records], dtype=torch.float64
+        )
+        reoriented = sum(
+            records[n].response_a != records[first[records[n].item]].response_a
+            for n in kept_records
+        )
         item = torch.tensor(
             [renumber[position[records[n].item]] for n in kept_records], dtype=torch.long
         )
@@ -158,6 +165,7 @@ class TrainingData:
         notes = Counter(records.notes)
         notes["prompt_truncated"] += tokenized.n_prompt_truncated
         notes["response_truncated"] += tokenized.n_response_truncated
+        notes["reoriented_labels"] += reoriented
         return cls(
             pairs=pairs,
             labels=labels,
@@ -243,3 +251,27 @@ class BatchSchedule:
         return [
             units[(a * p + rank) * m : (a * p + rank + 1) * m] for a in range(self.accumulation)
         ]
+
+
+def _item_label(records: PreferenceData, n: int, first: dict[str, int]) -> int:
+    """Record ``n``'s label in its item's A/B order (that of the item's first record).
+
+    Records of one item may show its responses in either order (a position column
+    says which each annotator saw first); a label is then re-oriented, ``o -> 1 - o``,
+    when its A is the item's B.
+
+    :raises DataError: the record's responses are not the item's two responses.
+    """
+    record = records[n]
+    reference = records[first[record.item]]
+    if (record.response_a, record.response_b) == (reference.response_a, reference.response_b):
+        return record.label
+    if (record.response_a, record.response_b) == (reference.response_b, reference.response_a):
+        return 1 - record.label
+    raise DataError(
+        f"item {record.item!r} holds other responses than in row {reference.row}: the rows "
+        "of one item must compare the same two responses",
+        row=record.row,
+        field="item",
+        reason="item_mismatch",
+    )

@@ -214,6 +214,15 @@ class Trainer:
             config.noise.prior,
             config.noise.eta_init,
         )
+        if self.data.notes.get("reoriented_labels"):
+            if self.noise.reads_position:
+                raise ConfigError(
+                    f"[noise] model: the {config.noise.model} model reads the A/B position, "
+                    f"but {self.data.notes['reoriented_labels']} labels were given in the "
+                    "other display order than their item's first row; its position "
+                    "parameters would mix the two orders (use the symmetric or hierarchical "
+                    "model, or one display order per item)"
+                )
         if not self.noise.has_truth and self.variant != "nll" and config.em.enabled:
             raise ConfigError(
                 f"[loss] variant: the {self.noise.name} noise model has no latent truth; "
