@@ -14,7 +14,8 @@ and the E-step's soft targets :math:`q_i = p(z_i = 1 \mid o, \phi)`:
   computed by :meth:`pyro.infer.TraceEnum_ELBO.differentiable_loss`. By Fisher's
   identity this equals the gradient of the weighted RE-PO loss
   :math:`-\sum_i [q_i \log\sigma(s_i) + (1 - q_i)\log\sigma(-s_i)]` at the current
-  :math:`\theta` (the values differ by the entropy of :math:`q`). It needs nothing
+  :math:`\theta` (the values differ by :math:`-\mathbb{E}_q[\log p(o \mid z, \phi)] - H(q)`,
+  which does not depend on :math:`\theta` at fixed :math:`q`). It needs nothing
   of the noise model but its Pyro program, so a noise model without a latent truth
   (Boltzmann) plugs in too.
 * otherwise (``"mixture"``, a tempered E-step, the warm-up): the family's
