@@ -110,9 +110,17 @@ def test_demo_runs_end_to_end_and_recovers_the_pool(tmp_path, capsys):
     diagnostics = tmp_path / "demo" / "diagnostics"
     text = (diagnostics / "report.md").read_text()
     assert "training run: dpo" in text and "online EM on" in text
-    assert (diagnostics / "w.png").is_file() and (diagnostics / "trajectories.png").is_file()
+    for figure in ("w.png", "trajectories.png", "forest.png", "calibration.png"):
+        assert (diagnostics / figure).is_file(), figure
+    assert "PSIS-LOO" in text and "Posterior predictive checks" in text
+    # the run directory reads as an EM refit at the final policy's logits; the run
+    # ended with full-data EM at those logits, so the two estimates agree
     run = load_run(tmp_path / "demo" / "re-dpo")
-    assert run.result["method"] == "online-em" and len(run.result["labels"]) == 192
+    assert run.result["format"] == "scored" and len(run.result["labels"]) == 192
+    for annotator in run.result["annotators"]:
+        assert annotator["eta"] == pytest.approx(annotator["eta_training"], abs=2e-3)
+        assert annotator["eta_lo90"] <= annotator["eta"] <= annotator["eta_hi90"]
+        assert annotator["eta"] == pytest.approx(estimated[annotator["id"]], abs=2e-3)
 
 
 def test_the_cli_runs_the_demo_and_a_run_directory_must_be_finished(tmp_path, capsys):
@@ -141,6 +149,9 @@ def test_the_cli_runs_the_demo_and_a_run_directory_must_be_finished(tmp_path, ca
     (broken / "reliability.json").unlink()
     with pytest.raises(ValueError, match="training run without reliability.json"):
         load_run(broken)
+    # and one of plain DPO has no posteriors to diagnose
+    with pytest.raises(ValueError, match="without posteriors.jsonl"):
+        load_run(tmp_path / "cli" / "dpo")
 
 
 def test_a_spammer_is_a_coin():

@@ -234,7 +234,7 @@ def test_diagnose_refuses_other_inputs(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["diagnose", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "no RESULT.json" in capsys.readouterr().err
+    assert "neither a RESULT.json nor a training run" in capsys.readouterr().err
     (tmp_path / "x.json").write_text("{not json")
     assert main(["diagnose", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")]) == 2
     assert "not valid JSON" in capsys.readouterr().err

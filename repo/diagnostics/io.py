@@ -14,11 +14,14 @@ A training run (``re-po train``, :mod:`repo.train`) leaves a directory with
 ``config.json`` (the resolved configuration), ``reliability.json`` (per annotator:
 label count and the noise model's parameters), ``annotators.jsonl`` (the
 parameters after every optimizer step: the online EM's trajectory) and, with
-``[run] posteriors``, ``posteriors.jsonl`` (per label: ``row``, ``w``, ``q``).
-:func:`read_training_run` turns it into the same :class:`Run` a RESULT.json gives
-(``method`` ``"online-em"``, ``format`` ``"training"``; ``eta`` of models without
-one is the mean posterior ``w`` of the annotator's labels, as RESULT.json's
-model-implied eta is the mean correctness probability).
+``[run] posteriors``, ``posteriors.jsonl`` (per label: ``row``, ``w``, ``q`` and the
+item's induced ``logit`` under the final policy).
+:func:`read_training_run` turns it into the same :class:`Run` a RESULT.json gives:
+the noise model refitted by EM to the labels with the final policy's logits as
+fixed scores (``format`` ``"scored"``, the Laplace posterior and its InferenceData,
+so intervals, PSIS-LOO, predictive checks and the scorer's calibration apply), each
+annotator's parameters at the end of training beside it as ``<name>_training``;
+a ``"training"`` entry says what was trained.
 
 :func:`load_run` accepts a RESULT.json or a directory. Directory layouts are read
 by the functions in :data:`RUN_READERS`, tried in order.
@@ -163,69 +166,68 @@ def read_training_run(path: str | Path) -> Run | None:
     """A ``re-po train`` run directory as a :class:`Run`; None when ``path`` is not one.
 
     :raises ValueError: a training run that is unfinished (no ``reliability.json``)
-        or whose files disagree (the message names the file).
+        or written without per-label posteriors (the message says which).
     """
+    from repo.fit import fit_noise
+
     path = Path(path)
     config_file = path / "config.json"
     if not (config_file.is_file() and (path / "annotators.json").is_file()):
         return None
-    config = json.loads(config_file.read_text())
+    resolved = json.loads(config_file.read_text())
     reliability_file = path / "reliability.json"
     if not reliability_file.is_file():
         raise ValueError(
             f"{path}: a training run without reliability.json (unfinished? resume it with "
             "`re-po train --resume`)"
         )
-    reliability = json.loads(reliability_file.read_text())
-    model = reliability.get("model")
-    if model not in NOISE_MODELS:
-        raise ValueError(f"{reliability_file}: unknown noise model {model!r}")
-    annotators = [dict(a) for a in reliability["annotators"]]
-    ids = [str(a["id"]) for a in annotators]
-    labels: list[dict[str, Any]] = []
-    notes = []
     posterior_file = path / "posteriors.jsonl"
-    if posterior_file.is_file():
-        frame = pd.read_json(posterior_file, lines=True)
-        unknown = sorted(set(frame["annotator"].astype(str)) - set(ids))
-        if unknown:
-            raise ValueError(f"{posterior_file}: annotators {unknown[:3]} not in reliability.json")
-        labels = [
-            {"row": int(r), "w": float(w), "annotator": str(a)}
-            for r, w, a in zip(frame["row"], frame["w"], frame["annotator"], strict=True)
-        ]
-        mean_w = frame.groupby(frame["annotator"].astype(str))["w"].mean()
-        for a in annotators:
-            if "eta" not in a and str(a["id"]) in mean_w:
-                a["eta"] = float(mean_w[str(a["id"])])
-                notes.append("eta: the mean posterior w of the annotator's labels")
-    else:
-        notes.append("no posteriors.jsonl (the run had [run] posteriors = false)")
-    total = config.get("total_steps")
-    result = {
-        "version": RESULT_VERSION,
-        "model": model,
-        "format": "training",
-        "method": "online-em",
-        "converged": None,
-        "iterations": total,
-        "log_likelihood": None,
-        "population": reliability.get("population", {}),
-        "annotators": annotators,
-        "items": [],
-        "labels": labels,
-        "training": {
-            "loss": config.get("likelihood", {}),
-            "total_steps": total,
-            "em_enabled": config.get("config", {}).get("em", {}).get("enabled", True),
-        },
+    if not posterior_file.is_file():
+        raise ValueError(
+            f"{path}: a training run without posteriors.jsonl ([run] posteriors = false, "
+            "or [em] enabled = false): nothing to diagnose"
+        )
+    reliability = json.loads(reliability_file.read_text())
+    frame = pd.read_json(posterior_file, lines=True, dtype={"annotator": str, "item": str})
+    if "logit" not in frame:
+        raise ValueError(f"{posterior_file}: no 'logit' field (written by an older re-po)")
+    config = resolved.get("config", {})
+    prior = config.get("noise", {}).get("prior", "none")
+    fit = fit_noise(
+        frame[["annotator", "item", "label", "logit"]].rename(columns={"logit": "score"}),
+        format="scored",
+        model=reliability["model"],
+        shared_truth=bool(config.get("data", {}).get("shared_truth", False)),
+        prior=None if prior in ("", "none") else prior,
+        duplicates="first" if frame.duplicated(["annotator", "item"]).any() else "error",
+        method="em",
+    )
+    result = fit.to_dict()
+    trained = {str(a["id"]): a for a in reliability["annotators"]}
+    for annotator in result["annotators"]:
+        for name, value in trained.get(str(annotator["id"]), {}).items():
+            if name not in ("id", "n_labels"):
+                annotator[f"{name}_training"] = value
+    result["training"] = {
+        "loss": resolved.get("likelihood", {}),
+        "total_steps": resolved.get("total_steps"),
+        "em_enabled": config.get("em", {}).get("enabled", True),
     }
-    run = Run(result=result, source=path, notes=sorted(set(notes)))
+    run = Run(
+        result=result,
+        source=path,
+        idata=fit.to_inference_data(),
+        notes=[
+            "annotator parameters refitted by EM at the final policy's logits (Laplace "
+            "posterior); '<name>_training' columns: the values at the end of training"
+        ],
+    )
     trajectory_file = path / "annotators.jsonl"
     if trajectory_file.is_file():
         first = trajectory_file.read_text().split("\n", 1)[0]
         if first.strip() and "eta" in json.loads(first):
-            run.trajectory = read_trajectory(trajectory_file, ids)
+            ids = json.loads((path / "annotators.json").read_text())["annotators"]
+            run.trajectory = read_trajectory(trajectory_file, [str(a) for a in ids])
     return run
 
 

@@ -106,7 +106,10 @@ def _convergence_line(result: dict) -> str:
         return (
             f"- training run: {loss.get('family', '?')} ({loss.get('variant', '?')} variant), "
             f"{training.get('total_steps')} optimizer steps, online EM "
-            f"{'on' if training.get('em_enabled') else 'off'}"
+            f"{'on' if training.get('em_enabled') else 'off'}; EM refit at the final "
+            f"policy's logits converged: {result.get('converged')} after "
+            f"{result.get('iterations')} iterations; log-likelihood "
+            f"{result.get('log_likelihood'):.4f}"
         )
     return (
         f"- EM converged: {result.get('converged')} after {result.get('iterations')} "
@@ -151,6 +154,7 @@ def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 2
         c for c in ("id", "n_labels", "eta", "mean", "sd", "lo90", "hi90") if c in annotators
     ]
     columns += [c for c in ("r_hat", "ess_bulk") if c in annotators]
+    columns += [c for c in annotators if str(c).endswith("_training")]
     lines += ["## Annotator reliability (eta)", "", _table(annotators[columns]), ""]
     if "r_hat" in annotators:
         bad_r = annotators.loc[annotators["r_hat"] > RHAT_MAX, "id"].tolist()

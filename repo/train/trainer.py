@@ -834,11 +834,13 @@ class Trainer:
         }
 
     def write_posteriors(self, path: Path, unit_logits: Tensor, posterior) -> None:
-        """Per label: its record, annotator, label, ``w``, ``q`` and whether it is flagged."""
+        """Per label: its record, annotator, label (in the item's A/B order), ``w``, ``q``,
+        the item's induced logit and whether the label is flagged (``w < 1/2``)."""
         labels = self.data.labels
         w = labels.flat(self.noise.label_correct(unit_logits, labels, posterior.marginals))
         q_unit = self.noise.truth_posterior(unit_logits, posterior.marginals)
         q = labels.flat(q_unit.unsqueeze(-1).expand_as(labels.label))
+        logit = labels.flat(unit_logits.unsqueeze(-1).expand_as(labels.label))
         annotator = labels.flat(labels.annotator)
         label = labels.flat(labels.label)
         tmp = path.with_suffix(".tmp")
@@ -856,6 +858,7 @@ class Trainer:
                             "label": int(label[j]),
                             "w": float(w[j]),
                             "q": float(q[j]),
+                            "logit": float(logit[j]),
                             "flipped": bool(w[j] < 0.5),
                         }
                     )
