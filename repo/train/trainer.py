@@ -256,6 +256,7 @@ class Trainer:
         self.metrics_log = JsonlLog(self.output_dir / "metrics.jsonl")
         self.annotator_log = JsonlLog(self.output_dir / "annotators.jsonl")
         self.last_metrics: dict[str, float] = {}
+        self._item_logits: tuple[int, Tensor] | None = None
 
     # -- construction ---------------------------------------------------------
     @staticmethod
@@ -401,6 +402,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         """Optimizer step ``step``: E-steps, policy step, annotator M-step; its metrics."""
         acc = self.accelerator
+        self._item_logits = None  # the policy is about to change
         self.model.train()
         sums = MetricSums()
         micro_units = self.schedule.micro_units(step, acc.process_index)
@@ -488,8 +490,11 @@ class Trainer:
         """Induced logits of every item under the current policy ``(I,)`` (float64, CPU).
 
         Items are shared out over processes and the results summed, so every process
-        gets all of them.
+        gets all of them. Kept until the policy changes (the next optimizer step or a
+        resume): the epoch's full-data EM and the run's final posteriors share them.
         """
+        if self._item_logits is not None and self._item_logits[0] == self.step:
+            return self._item_logits[1]
         acc = self.accelerator
         self.model.eval()
         num_items = len(self.data.pairs)
@@ -502,7 +507,9 @@ class Trainer:
             stats = self.policy(batch).to_stats(self._reference_logps(batch))
             out[batch["index"].cpu()] = self.likelihood.logits(stats).double().cpu()
         self.model.train()
-        return self.reduce(out)
+        out = self.reduce(out)
+        self._item_logits = (self.step, out)
+        return out
 
     def full_posterior(self, logits: Tensor | None = None):
         """The exact E-step over the whole data at the current parameters.
@@ -714,6 +721,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(checkpoint.rng, state["rng"])
         self.step = checkpoint.step
+        self._item_logits = None
         if self.is_main:
             self.metrics_log.truncate_after(self.step)
             self.annotator_log.truncate_after(self.step)
