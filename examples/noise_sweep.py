@@ -346,7 +346,8 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
                 ax.set_xlabel("mean flip rate rho")
             if j == 0:
                 ax.set_ylabel("held-out accuracy (clean labels)")
-            ax.legend(fontsize=8, loc="lower left")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
