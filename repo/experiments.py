@@ -1,0 +1,189 @@
+r"""Controlled experiments: train one method on noisy labels, score it on clean ones.
+
+The building blocks of ``examples/noise_sweep.py`` and
+``examples/reliability_recovery.py`` (``docs/experiments/``):
+
+* :class:`Method` - a loss family with or without RE-PO, and its hyper-parameters;
+* :func:`annotator_pool` - reliabilities of a pool whose mean flip rate is given;
+* :func:`rule_config` - a CPU configuration of the tiny model (full fine-tuning);
+* :func:`train_and_score` - train on labelled rows, score held-out rows whose
+  labels are clean, and read off the learned reliabilities;
+* :func:`t_interval` - the mean and the half-width of its Student-t interval.
+
+Held-out accuracy is that of the loss family's induced preference
+:math:`\mathrm{sign}(s)`, :math:`s = \mathrm{logit}\,p(A \succ^* B)`, against the
+clean label (see :mod:`repo.train.evaluate`).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from repo.data.loaders import load_preferences
+from repo.data.records import PreferenceData
+from repo.train import TrainConfig, Trainer
+
+__all__ = [
+    "POOL_SHAPE",
+    "Method",
+    "RunResult",
+    "annotator_pool",
+    "rule_config",
+    "t_interval",
+    "train_and_score",
+]
+
+POOL_SHAPE = (0.0, 0.5, 1.5, 2.0)
+"""Flip rates of the default pool, as multiples of the mean flip rate."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A preference-optimisation method: a loss family, with EM (RE-PO) or without.
+
+    :param name: the name in tables (``"RE-DPO"``).
+    :param family: the ``[loss] family`` (``"dpo"``, ``"cdpo"``, ...).
+    :param robust: RE-PO (``[em] enabled``) or the plain loss.
+    :param loss: ``[loss]`` fields (``beta``, ``gamma``, ``epsilon``, ...).
+    :param em: ``[em]`` fields (``temperature``, ``warmup_steps``, ...).
+    :param noise: ``[noise]`` fields (``eta_init``, ...).
+    """
+
+    name: str
+    family: str
+    robust: bool
+    loss: dict[str, Any] = field(default_factory=dict)
+    em: dict[str, Any] = field(default_factory=dict)
+    noise: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """What one training run gives.
+
+    :param accuracy: held-out accuracy against the clean labels.
+    :param eta: learned reliability per annotator id (RE-PO runs; empty otherwise).
+    :param steps: optimizer steps taken.
+    :param wall_seconds: wall-clock time of training and scoring.
+    :param cpu_seconds: CPU time of this process over the same span.
+    """
+
+    accuracy: float
+    eta: dict[str, float]
+    steps: int
+    wall_seconds: float
+    cpu_seconds: float
+
+
+def annotator_pool(flip_rate: float, shape: Sequence[float] = POOL_SHAPE) -> list[float]:
+    r"""Reliabilities :math:`\eta_k = 1 - c_k\rho` of a pool with mean flip rate :math:`\rho`.
+
+    ``shape`` holds the :math:`c_k` (mean 1); the default gives flip rates
+    :math:`0, \rho/2, 3\rho/2, 2\rho` - at :math:`\rho = 0.4` two annotators flip
+    more often than not.
+
+    :raises ValueError: a flip rate outside [0, 1] for some annotator.
+    """
+    c = np.asarray(shape, dtype=np.float64)
+    if not math.isclose(float(c.mean()), 1.0):
+        raise ValueError(f"the pool shape must have mean 1, got {c.mean():.3f}")
+    flips = c * flip_rate
+    if np.any((flips < 0) | (flips > 1)):
+        raise ValueError(f"flip rate {flip_rate} gives flip rates {flips.tolist()}")
+    return [float(1.0 - f) for f in flips]
+
+
+def rule_config(
+    output_dir: str,
+    method: Method,
+    *,
+    seed: int,
+    optim: dict[str, Any] | None = None,
+    recipe: str = "tiny-llama",
+    model: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """A CPU configuration for ``method``: the tiny model, full fine-tuning, no files.
+
+    The defaults are those of ``tests/test_train.py``'s simulation test (AdamW at
+    3e-3 with a 10% linear warm-up, batches of 16, two epochs); ``optim`` and
+    ``model`` override fields of their sections.
+    """
+    sections: dict[str, dict[str, Any]] = {
+        "model": {"recipe": recipe, "device": "cpu", "max_length": 64, "use_lora": False},
+        "data": {"train": "unused", "annotator_column": "annotator"},
+        "loss": {"family": method.family, **method.loss},
+        "noise": dict(method.noise),
+        "em": {"enabled": method.robust, **method.em},
+        "optim": {"batch_size": 16, "epochs": 2, "learning_rate": 3e-3, "warmup_ratio": 0.1},
+        "run": {"output_dir": output_dir, "progress": False, "posteriors": False, "seed": seed},
+    }
+    sections["optim"].update(optim or {})
+    sections["model"].update(model or {})
+    return TrainConfig.from_dict(sections, base_dir=output_dir)
+
+
+def _records(rows: Sequence[dict] | PreferenceData) -> PreferenceData:
+    if isinstance(rows, PreferenceData):
+        return rows
+    return load_preferences(list(rows), annotator_column="annotator")
+
+
+def train_and_score(
+    train_rows: Sequence[dict] | PreferenceData,
+    held_out_rows: Sequence[dict] | PreferenceData,
+    method: Method,
+    *,
+    seed: int,
+    optim: dict[str, Any] | None = None,
+    recipe: str = "tiny-llama",
+    model: dict[str, Any] | None = None,
+) -> RunResult:
+    """Train ``method`` on ``train_rows``; its accuracy on ``held_out_rows`` (clean labels).
+
+    Rows are TRL-layout dictionaries with an ``annotator`` column (as
+    :func:`repo.data.rule_pairs.rule_pairs` writes them) or ready records. The run
+    directory is a temporary folder, removed afterwards.
+    """
+    train, held_out = _records(train_rows), _records(held_out_rows)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(prefix="re-po-exp-") as tmp:
+        config = rule_config(tmp, method, seed=seed, optim=optim, recipe=recipe, model=model)
+        trainer = Trainer(config, records=train)
+        trainer.train()
+        accuracy = float(trainer.evaluate(held_out)["accuracy"])
+        eta = {}
+        if method.robust and hasattr(trainer.noise, "eta"):
+            values = trainer.noise.eta.detach().double().cpu().tolist()
+            eta = dict(zip(trainer.data.annotator_ids, values, strict=True))
+        steps = trainer.step
+    return RunResult(
+        accuracy=accuracy,
+        eta=eta,
+        steps=steps,
+        wall_seconds=time.perf_counter() - wall,
+        cpu_seconds=time.process_time() - cpu,
+    )
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """``(mean, half-width)`` of the Student-t interval for the mean of ``values``.
+
+    The half-width is ``t_{(1 + level)/2, n - 1} * sd / sqrt(n)`` (sample sd); NaN
+    for fewer than two values.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan
+    half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return mean, float(half)
