@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument(
-        "--quick", action="store_true", help="the tiny test model and fewer pairs (~2 minutes)"
+        "--quick", action="store_true", help="the tiny test model and fewer pairs (under a minute)"
     )
     demo.add_argument("--device", default="auto", help="'auto' (CUDA, MPS, CPU) or a device")
     demo.add_argument("--train-pairs", type=int, default=None, help="training pairs")

@@ -99,7 +99,12 @@ DEFAULT_POOL: tuple[SimulatedAnnotator, ...] = (
 """Three reliable annotators, one adversarial, one spammer: 33% of labels wrong."""
 
 
-TINY_MODEL: dict[str, Any] = {"recipe": "tiny-llama", "use_lora": False, "learning_rate": 1e-3}
+TINY_MODEL: dict[str, Any] = {
+    "recipe": "tiny-llama",
+    "use_lora": False,
+    "learning_rate": 1e-3,
+    "max_tokens": 256,
+}
 """The tiny test model's settings (full fine-tuning: its rank-4 LoRA learns too slowly)."""
 
 
@@ -141,7 +146,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """The ``--quick`` run: the tiny test model, fewer pairs (about two minutes)."""
+        """The ``--quick`` run: the tiny test model, fewer pairs (well under a minute)."""
         return cls(**TINY_MODEL, train_pairs=96, test_pairs=96)
 
 
@@ -353,8 +358,8 @@ def run_demo(
         "accuracy": accuracy,
         **summary,
         "seconds": seconds,
-        "report": str(out / "report.md"),
-        "diagnostics": str(diagnostics),
+        "report": "report.md",
+        "diagnostics": str(diagnostics.relative_to(out)),
     }
     (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     report = _write_report(out, result)
@@ -432,8 +437,7 @@ def _write_report(out: Path, result: dict[str, Any]) -> Path:
         "",
         _table(flags),
         "",
-        f"Diagnostics of the RE-DPO run: [{Path(result['diagnostics']).relative_to(out)}]"
-        f"({Path(result['diagnostics']).relative_to(out)})",
+        f"Diagnostics of the RE-DPO run: [{result['diagnostics']}]({result['diagnostics']})",
         "",
         "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
         "",

@@ -39,6 +39,8 @@ def test_pairs_fit_the_token_budget_and_differ_by_seed(measure):
         assert len(t.prompt_ids) + len(t.response_a_ids) + len(t.response_b_ids) <= 128
     other = select_pairs(measure, 40, 128, seed=1)
     assert [p.item for p in pairs] != [p.item for p in other]
+    quick = DemoSettings.quick()  # the --quick run finds its pairs with the tiny tokenizer
+    assert len(select_pairs(measure, quick.train_pairs + quick.test_pairs, quick.max_tokens, 0))
     with pytest.raises(ValueError, match="only .* pairs fit max_tokens=40"):
         select_pairs(measure, 500, 40, seed=0)
 
