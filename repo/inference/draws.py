@@ -45,7 +45,9 @@ class PosteriorDraws:
         (NUTS: ``diverging``, ``lp``, ``step_size``).
     :param point: the method's point estimate by site name (EM estimate, MAP mode);
         empty for NUTS and SVI, whose point summary is the posterior mean.
-    :param seconds: wall-clock timings by phase.
+    :param seconds: timings by phase. ``total`` is wall-clock; for NUTS, ``warmup`` and
+        ``sampling`` are summed over chains (chain-seconds), so with chains in parallel
+        processes they can exceed ``total``.
     :param info: settings and facts of the run (chains, warm-up, jit, ELBO trace...).
     """
 
