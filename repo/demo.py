@@ -278,15 +278,6 @@ def _load_tokenizer(settings: DemoSettings, say) -> tuple[DemoSettings, Any]:
     return settings, tokenizer
 
 
-def _table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table (numbers to 3 decimals)."""
-    cells = frame.map(lambda v: f"{v:.3f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |"]
-    lines.append("|" + "---|" * len(frame.columns))
-    lines += ["| " + " | ".join(row) + " |" for row in cells.to_numpy().tolist()]
-    return "\n".join(lines)
-
-
 def run_demo(
     out: str | Path = "runs/demo", settings: DemoSettings | None = None, device: str = "auto"
 ) -> dict[str, Any]:
@@ -403,6 +394,8 @@ def _em_summary(
 
 def _write_report(out: Path, result: dict[str, Any]) -> Path:
     """``report.md``: the demo's tables, with a link to the diagnostics report."""
+    from repo.diagnostics.report import markdown_table
+
     settings, data, seconds = result["settings"], result["data"], result["seconds"]
     accuracy = pd.DataFrame(
         [
@@ -425,17 +418,17 @@ def _write_report(out: Path, result: dict[str, Any]) -> Path:
         "",
         "## Preference accuracy against the original labels",
         "",
-        _table(accuracy),
+        markdown_table(accuracy, float_format=".3f"),
         "",
         "## Annotator reliability: true against estimated (RE-DPO's EM)",
         "",
-        _table(pd.DataFrame(result["eta"])),
+        markdown_table(pd.DataFrame(result["eta"]), float_format=".3f"),
         "",
         f"Mean absolute error of eta: {result['eta_mae']:.3f}.",
         "",
         "## Labels flagged as flipped (posterior w < 1/2)",
         "",
-        _table(flags),
+        markdown_table(flags, float_format=".3f"),
         "",
         f"Diagnostics of the RE-DPO run: [{result['diagnostics']}]({result['diagnostics']})",
         "",

@@ -38,20 +38,20 @@ from repo.diagnostics.summary import (
 )
 
 
-def _cell(value: object, digits: int) -> str:
+def _cell(value: object, float_format: str) -> str:
     if isinstance(value, float | np.floating):
-        return f"{value:.{digits}g}" if np.isfinite(value) else str(value)
+        return format(value, float_format) if np.isfinite(value) else str(value)
     return str(value)
 
 
-def _table(frame: pd.DataFrame, digits: int = 4) -> str:
-    """A markdown (pipe) table of ``frame``."""
+def markdown_table(frame: pd.DataFrame, float_format: str = ".4g") -> str:
+    """A markdown (pipe) table of ``frame``; floats written with ``float_format``."""
     if not len(frame):
         return "(none)"
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     rows = [
-        "| " + " | ".join(_cell(v, digits) for v in row) + " |"
+        "| " + " | ".join(_cell(v, float_format) for v in row) + " |"
         for row in frame.itertuples(index=False)
     ]
     return "\n".join([header, rule, *rows])
@@ -155,7 +155,7 @@ def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 2
     ]
     columns += [c for c in ("r_hat", "ess_bulk") if c in annotators]
     columns += [c for c in annotators if str(c).endswith("_training")]
-    lines += ["## Annotator reliability (eta)", "", _table(annotators[columns]), ""]
+    lines += ["## Annotator reliability (eta)", "", markdown_table(annotators[columns]), ""]
     if "r_hat" in annotators:
         bad_r = annotators.loc[annotators["r_hat"] > RHAT_MAX, "id"].tolist()
         bad_e = annotators.loc[annotators["ess_bulk"] < ESS_MIN, "id"].tolist()
@@ -183,7 +183,7 @@ def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 2
             f"{comparison.seconds['em']:.2f} s, {comparison.bayes_method} "
             f"{comparison.seconds['bayes']:.2f} s.",
             "",
-            _table(comparison.table),
+            markdown_table(comparison.table),
             "",
         ]
     if "eta_lo90" in annotators:
@@ -200,7 +200,7 @@ def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 2
     if main.idata is not None:
         lines += ["## Convergence diagnostics (ArviZ)", ""]
         table = summary_table(main.idata).reset_index(names="parameter")
-        lines += [_table(table.head(60)), ""]
+        lines += [markdown_table(table.head(60)), ""]
         if group(main.idata, "posterior").sizes["chain"] > 1:
             top = annotators.sort_values("n_labels").id.astype(str).tolist()
             chosen = list(dict.fromkeys([top[0], top[len(top) // 2], top[-1]]))
@@ -224,13 +224,13 @@ def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 2
             "Agreement rate (with the score's sign, or the item's other labels) and label "
             "balance (share saying A); p = P(T(o_rep) >= T(o)).",
             "",
-            _table(checks[checks.annotator == "all"]),
+            markdown_table(checks[checks.annotator == "all"]),
             "",
             f"Annotators with p < 0.05 or > 0.95: {len(extreme)}",
             "",
         ]
         if len(extreme):
-            lines += [_table(extreme.head(30)), ""]
+            lines += [markdown_table(extreme.head(30)), ""]
         calibration = _truth_probability(main)
         if calibration is not None:
             curve = plots.calibration_curve(*calibration)
@@ -251,7 +251,7 @@ def diagnose(paths: list[str | Path], out_dir: str | Path, *, ppc_draws: int = 2
         lines += [
             "## Model comparison (PSIS-LOO)",
             "",
-            _table(table.reset_index(names="model")),
+            markdown_table(table.reset_index(names="model")),
             "",
         ]
 
