@@ -223,17 +223,17 @@ class OnlineEM:
     ) -> EMResult:
         """Full-data EM of the annotator parameters with the scorer held at ``logits``.
 
-        ``logits`` ``(U,)`` are the units' induced logits (tempered here by ``T``).
+        ``logits`` are the induced logits by global unit index (``data.unit`` indexes
+        them, as for :class:`~repo.scorers.FixedLogits`), tempered here by ``T``.
         EM alternates the exact E-step and the M-step to a relative log-likelihood
         change of ``tol`` (:func:`~repo.inference.em.fit_em`): the annotator
         parameters that maximise the marginal likelihood given the current scorer,
         the coordinate-ascent step between epochs. Statistics of a half-done
         optimizer step are discarded.
         """
-        tempered = logits.detach().to("cpu", torch.float64) / self.temperature
-        keyed = tempered.new_zeros(int(data.unit.max()) + 1).index_copy(0, data.unit, tempered)
+        scorer = FixedLogits(logits.detach().to("cpu", torch.float64) / self.temperature)
         with single_thread():
-            result = fit_em(self.noise, FixedLogits(keyed), data, tol=tol, max_iter=max_iter)
+            result = fit_em(self.noise, scorer, data, tol=tol, max_iter=max_iter)
         self._stats, self._running, self._units = None, None, 0
         return result
 

@@ -36,6 +36,7 @@ from repo.policy.recipes import (
     load_model_and_tokenizer,
     load_recipe,
     models_dir,
+    resolve_recipe,
 )
 from repo.policy.reference import (
     ReferenceCache,
@@ -84,6 +85,7 @@ __all__ = [
     "model_fingerprint",
     "models_dir",
     "resolve_dtype",
+    "resolve_recipe",
     "pair_logps",
     "select_device",
     "sequence_logps",

@@ -176,9 +176,9 @@ class Policy(PyroModule):
     ) -> Policy:
         """Load a recipe's model and tokenizer and wrap them (with the recipe's LoRA, or
         ``lora`` when given)."""
-        from repo.policy.recipes import _resolve
+        from repo.policy.recipes import resolve_recipe
 
-        recipe = _resolve(recipe)
+        recipe = resolve_recipe(recipe)
         model, tokenizer = load_model_and_tokenizer(
             recipe, device=device, dtype=dtype, quantization=quantization
         )

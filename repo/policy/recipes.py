@@ -56,6 +56,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "load_recipe",
     "models_dir",
+    "resolve_recipe",
 ]
 
 SourceKind = Literal["local", "gguf", "hub"]
@@ -392,7 +393,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _resolve(recipe_or_path: ModelRecipe | str | os.PathLike[str]) -> ModelRecipe:
+def resolve_recipe(recipe_or_path: ModelRecipe | str | os.PathLike[str]) -> ModelRecipe:
+    """A recipe as given, read by :func:`load_recipe`, or made for a plain Hugging Face
+    model folder."""
     if isinstance(recipe_or_path, ModelRecipe):
         return recipe_or_path
     path = Path(recipe_or_path)
@@ -449,7 +452,7 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    recipe = _resolve(recipe_or_path)
+    recipe = resolve_recipe(recipe_or_path)
     device = select_device(device)
     torch_dtype = resolve_dtype(dtype if dtype is not None else recipe.dtype)
     quantization = quantization if quantization is not None else recipe.quantization

@@ -145,13 +145,9 @@ class TrainingData:
                 f"({', '.join(annotator_ids)})"
             )
         annotator = torch.tensor([code[a] for a in names], dtype=torch.long)
-        label = torch.tensor(
-            [_item_label(records, n, first) for n in kept_records], dtype=torch.float64
-        )
-        reoriented = sum(
-            records[n].response_a != records[first[records[n].item]].response_a
-            for n in kept_records
-        )
+        oriented = [_item_label(records, n, first) for n in kept_records]
+        label = torch.tensor([o for o, _ in oriented], dtype=torch.float64)
+        reoriented = sum(swapped for _, swapped in oriented)
         item = torch.tensor(
             [renumber[position[records[n].item]] for n in kept_records], dtype=torch.long
         )
@@ -253,8 +249,9 @@ class BatchSchedule:
         ]
 
 
-def _item_label(records: PreferenceData, n: int, first: dict[str, int]) -> int:
-    """Record ``n``'s label in its item's A/B order (that of the item's first record).
+def _item_label(records: PreferenceData, n: int, first: dict[str, int]) -> tuple[int, bool]:
+    """Record ``n``'s label in its item's A/B order (that of the item's first record),
+    and whether it was re-oriented.
 
     Records of one item may show its responses in either order (a position column
     says which each annotator saw first); a label is then re-oriented, ``o -> 1 - o``,
@@ -265,9 +262,9 @@ def _item_label(records: PreferenceData, n: int, first: dict[str, int]) -> int:
     record = records[n]
     reference = records[first[record.item]]
     if (record.response_a, record.response_b) == (reference.response_a, reference.response_b):
-        return record.label
+        return record.label, False
     if (record.response_a, record.response_b) == (reference.response_b, reference.response_a):
-        return 1 - record.label
+        return 1 - record.label, True
     raise DataError(
         f"item {record.item!r} holds other responses than in row {reference.row}: the rows "
         "of one item must compare the same two responses",

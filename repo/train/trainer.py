@@ -65,7 +65,7 @@ from repo.policy import (
     batch_to,
     data_fingerprint,
     load_model_and_tokenizer,
-    load_recipe,
+    resolve_recipe,
 )
 from repo.train.checkpoint import (
     Checkpoint,
@@ -256,7 +256,7 @@ class Trainer:
         self.metrics_log = JsonlLog(self.output_dir / "metrics.jsonl")
         self.annotator_log = JsonlLog(self.output_dir / "annotators.jsonl")
         self.last_metrics: dict[str, float] = {}
-        self._item_logits: tuple[int, Tensor] | None = None
+        self._item_logits: Tensor | None = None  # of the current policy; see item_logits
 
     # -- construction ---------------------------------------------------------
     @staticmethod
@@ -282,12 +282,13 @@ class Trainer:
         family = get_likelihood(self.config.loss.family)
         if not m.use_lora and family.needs_reference:
             reference_model, _ = load_model_and_tokenizer(m.recipe, device=device, dtype=dtype)
-        lora = None
-        if m.lora_last_layers:
-            lora = dataclasses.replace(load_recipe(m.recipe).lora, last_layers=m.lora_last_layers)
         try:
+            recipe = resolve_recipe(m.recipe)
+            lora = None
+            if m.lora_last_layers:
+                lora = dataclasses.replace(recipe.lora, last_layers=m.lora_last_layers)
             return Policy.from_recipe(
-                m.recipe,
+                recipe,
                 device=device,
                 dtype=dtype,
                 use_lora=m.use_lora,
@@ -493,8 +494,8 @@ class Trainer:
         gets all of them. Kept until the policy changes (the next optimizer step or a
         resume): the epoch's full-data EM and the run's final posteriors share them.
         """
-        if self._item_logits is not None and self._item_logits[0] == self.step:
-            return self._item_logits[1]
+        if self._item_logits is not None:
+            return self._item_logits
         acc = self.accelerator
         self.model.eval()
         num_items = len(self.data.pairs)
@@ -508,7 +509,7 @@ class Trainer:
             out[batch["index"].cpu()] = self.likelihood.logits(stats).double().cpu()
         self.model.train()
         out = self.reduce(out)
-        self._item_logits = (self.step, out)
+        self._item_logits = out
         return out
 
     def full_posterior(self, logits: Tensor | None = None):
@@ -534,8 +535,7 @@ class Trainer:
         """
         if self.em.in_warmup(self.step):
             return
-        unit_logits = self.item_logits()[self.data.labels.unit]
-        self.em.fit(unit_logits, self.data.labels)
+        self.em.fit(self.item_logits(), self.data.labels)
 
     # -- the loop ---------------------------------------------------------------
     def train(self) -> dict[str, float]:
