@@ -562,3 +562,41 @@ def test_bad_model_or_prior(model, pattern):
 def test_bad_prior(prior):
     with pytest.raises(ValueError, match="prior|Beta"):
         fit_noise(_binary(), format="binary", prior=prior)
+
+
+# -- id order -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("high", [10, 1_000, 10**6, 10**16, 10**18])
+def test_integer_ids_take_their_text_order(high):
+    from repo.data.labels import _text_order
+
+    rng = np.random.default_rng(high % 97)
+    numbers = np.unique(rng.integers(0, high, 3000))
+    numbers = np.concatenate([numbers, [0, 1, 10, 100, 9, 99]]) if high > 100 else numbers
+    numbers = np.unique(numbers)
+    rng.shuffle(numbers)
+    ordered = numbers[_text_order(numbers)].tolist()
+    assert ordered == sorted(numbers.tolist(), key=str)
+    negative = np.array([-1, 5, -10, 0, -2])
+    assert negative[_text_order(negative)].tolist() == sorted(negative.tolist(), key=str)
+
+
+def test_integer_and_text_ids_give_the_same_codes():
+    rng = np.random.default_rng(0)
+    annotator = rng.integers(0, 120, 400)
+    item = np.arange(400)
+    label = rng.integers(1, 3, 400)
+    numbers = encode_labels(
+        pd.DataFrame({"annotator": annotator, "item": item, "label": label}), "binary"
+    )
+    text = encode_labels(
+        pd.DataFrame(
+            {"annotator": annotator.astype(str), "item": item.astype(str), "label": label}
+        ),
+        "binary",
+    )
+    assert numbers.annotator_ids == text.annotator_ids
+    assert np.array_equal(numbers.annotator, text.annotator)
+    assert numbers.item_ids == text.item_ids
+    assert np.array_equal(numbers.label, text.label)

@@ -181,11 +181,28 @@ def _id_codes(table: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str]]:
     if not pd.api.types.is_integer_dtype(values.dtype):
         return _codes(_ids(table, column))
     codes, uniques = pd.factorize(values.to_numpy(), sort=False)
-    ids = np.asarray([str(u) for u in uniques.tolist()], dtype=object)
-    order = np.argsort(ids, kind="stable")
+    order = _text_order(uniques.astype(np.int64))
     rank = np.empty_like(order)
     rank[order] = np.arange(order.shape[0])
-    return rank[codes].astype(np.int64), ids[order].tolist()
+    return rank[codes].astype(np.int64), [str(u) for u in uniques[order].tolist()]
+
+
+def _text_order(numbers: np.ndarray) -> np.ndarray:
+    """``argsort`` of the integers' decimal strings, without writing them.
+
+    For ``n >= 0`` with ``d`` digits, the string of ``n`` sorts as the integer
+    ``n * 10^(D - d)`` (its digits left-aligned to ``D`` places), a prefix before
+    its extensions (``"1"`` before ``"10"``): a sort on ``(n 10^(D - d), d)``.
+    Negative numbers and more than 17 digits sort the strings themselves.
+    """
+    powers = 10 ** np.arange(1, 18, dtype=np.int64)
+    if numbers.shape[0] == 0 or numbers.min() < 0 or numbers.max() >= powers[-1]:
+        text = np.asarray([str(n) for n in numbers.tolist()], dtype=object)
+        return np.argsort(text, kind="stable")
+    digits = 1 + np.searchsorted(powers, numbers, side="right")
+    width = int(digits.max())
+    aligned = numbers * 10 ** (width - digits)
+    return np.argsort(aligned * 20 + digits, kind="stable")
 
 
 def _floats(table: pd.DataFrame, column: str) -> np.ndarray:
@@ -236,9 +253,9 @@ def _check_duplicates(
 ) -> np.ndarray:
     """Indices of the labels kept under the duplicate policy."""
     key = annotator.astype(np.int64) * (int(item.max()) + 1) + item
-    _, first = np.unique(key, return_index=True)
-    if first.shape[0] == key.shape[0]:
+    if pd.Index(key).is_unique:  # a hash pass; the sort below only when needed
         return np.arange(key.shape[0])
+    _, first = np.unique(key, return_index=True)
     if duplicates == "first":
         return np.sort(first)
     seen: dict[int, int] = {}
@@ -279,17 +296,18 @@ def encode_labels(
     dropped: dict[str, int] = {}
 
     if fmt == "binary":
-        raw = _ids(table, "label")
+        code, raw_values = _id_codes(table, "label")  # code into the distinct values
         if tie_value == "auto":
-            tie_value = _auto_tie_value(raw)
-        if tie_value is not None:
-            keep = np.asarray(raw, dtype=object) != str(tie_value)
+            tie_value = _auto_tie_value(raw_values)
+        if tie_value is not None and str(tie_value) in raw_values:
+            keep = code != raw_values.index(str(tie_value))
             dropped["tie"] = int((~keep).sum())
-            table, rows = table[keep].reset_index(drop=True), rows[keep]
-            raw = np.asarray(raw, dtype=object)[keep].tolist()
-            if not raw:
+            table, rows, code = table[keep].reset_index(drop=True), rows[keep], code[keep]
+            if not code.shape[0]:
                 raise DataError("every label is a tie", field="label", reason="empty")
-        values = sorted(set(raw), key=_value_order)
+        counts = np.bincount(code, minlength=len(raw_values))
+        present = [i for i in range(len(raw_values)) if counts[i]]
+        values = sorted((raw_values[i] for i in present), key=_value_order)
         if len(values) < 2:
             raise DataError(
                 f"fewer than two label values (only {values!r}): nothing to tell apart",
@@ -298,18 +316,19 @@ def encode_labels(
             )
         if len(values) > 2:
             # The format's set: the two most frequent values (first seen wins ties).
-            counts = pd.Series(raw).value_counts(sort=False)
-            kept = counts.sort_values(ascending=False, kind="stable").index[:2]
-            third = next(i for i, v in enumerate(raw) if v not in kept)
+            first_seen = sorted(present, key=lambda i: int(np.argmax(code == i)))
+            kept = sorted(first_seen, key=lambda i: -counts[i])[:2]
+            third = int(np.argmax(~np.isin(code, kept)))
             raise DataError(
-                f"label value {raw[third]!r} outside the format's set: the binary format "
-                f"takes two values and this table has {values!r} (a tie? name it with tie_value)",
+                f"label value {raw_values[code[third]]!r} outside the format's set: the binary "
+                f"format takes two values and this table has {values!r} (a tie? name it with "
+                "tie_value)",
                 row=int(rows[third]),
                 field="label",
                 reason="values",
             )
         a_value, b_value = values[1], values[0]
-        label = (np.asarray(raw, dtype=object) == a_value).astype(np.int64)
+        label = (code == raw_values.index(a_value)).astype(np.int64)
         annotator, annotator_ids = _remap_rows(_id_codes, table, "annotator", rows)
         item, item_ids = _remap_rows(_id_codes, table, "item", rows)
         keep = _check_duplicates(annotator, item, rows, duplicates)
@@ -409,7 +428,7 @@ def encode_labels(
 def _auto_tie_value(raw: list[str]) -> str | None:
     """The tie value under the ``"auto"`` policy: ``0`` when the label values are
     exactly 0, 1 and 2 (0 tie; PandaLM's coding), ``tie`` (any case) when it is one
-    of three values; otherwise none."""
+    of three values; otherwise none. ``raw``: the labels, or their distinct values."""
     values = set(raw)
     if len(values) != 3:
         return None
