@@ -98,6 +98,33 @@ def _enumerated_sites(model_trace, guide_trace) -> list[tuple[str, dict]]:
     ]
 
 
+class BroadcastLogRing(LogRing):
+    """Pyro's :class:`~pyro.ops.rings.LogRing` with a direct ``sumproduct``.
+
+    ``log sum_dims prod_t exp(term_t)`` is the broadcast sum of the log-terms,
+    reduced by ``logsumexp`` over ``dims``: the same value as the ring's log-space
+    einsum, which exponentiates every operand against a max-shift, multiplies and
+    takes the log. Used when one term already spans every dim (the noise models'
+    label factor spans the enumerated truth and the plates), so that the sum is no
+    larger than that term; otherwise the einsum contracts as before.
+    """
+
+    def sumproduct(self, terms, dims):
+        all_dims = "".join(sorted(set("".join(term._pyro_dims for term in terms))))
+        if not any(len(term._pyro_dims) == len(all_dims) for term in terms):
+            return super().sumproduct(terms, dims)
+        if len(terms) > 1:  # aligned on the sorted dims and expanded
+            terms = packed.broadcast_all(*terms, dims=all_dims)
+        total, *rest = terms
+        for term in rest:
+            total = total + term
+        order = total._pyro_dims if not rest else all_dims
+        positions = [order.index(d) for d in dims if d in order]
+        result = torch.logsumexp(total, dim=positions) if positions else total.clone()
+        result._pyro_dims = "".join(d for d in order if d not in dims)
+        return result
+
+
 def _joint_logits(factors, sizes: dict[str, int], site: dict, ordinal: frozenset) -> Tensor:
     """``log p(site = v, o)`` per plate index and value ``v``: every other
     enumerated dim summed out. The ring is told every plate's size: packed tensors
@@ -109,7 +136,7 @@ def _joint_logits(factors, sizes: dict[str, int], site: dict, ordinal: frozenset
         sum_dims,
         target_ordinal=ordinal,
         target_dims={site["infer"]["_enumerate_symbol"]},
-        ring=LogRing(dim_to_size=dict(sizes)),
+        ring=BroadcastLogRing(dim_to_size=dict(sizes)),
     )
 
 
@@ -142,7 +169,7 @@ def _pointwise(model_trace, factors, sizes, root_logits: Tensor | None, num_item
     marginal_costs, log_factors, _, sum_dims, _ = factors
     items_symbol = model_trace.plate_to_symbol[ITEMS]
     items = frozenset({items_symbol})
-    ring = LogRing(dim_to_size=dict(sizes))
+    ring = BroadcastLogRing(dim_to_size=dict(sizes))
     terms = []  # (term, the plates it lives in)
     if root_logits is not None:
         enum_dims = [d for d in root_logits._pyro_dims if d in sum_dims]

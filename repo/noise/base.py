@@ -13,8 +13,11 @@ labels, padding masked; items at dim -1), or, when each label carries a latent o
 its own (the spammer's honesty), in a plate ``"slots"`` at dim -1 inside ``"items"``
 at dim -2 under ``poutine.mask(mask=data.slot_mask)``. The two read the same on
 paper and give the same posterior; the first lets Pyro's contraction work on
-``units`` rather than ``units x slots`` terms (about twice as fast). That program
-is all EM, MAP, NUTS and SVI need.
+``units`` rather than ``units x slots`` terms (about twice as fast). When a
+label's law depends on its annotator and the truth alone (the flip models), the
+vector is :class:`~repo.noise.channel.AnnotatorLabels`: a ``(truth, annotator)``
+table of logits, each label's log-probability one look-up in it. That program is
+all EM, MAP, NUTS and SVI need.
 
 Annotator parameters are :class:`~pyro.nn.PyroParam` (point estimates: EM, MAP
 under a prior) and become :class:`~pyro.nn.PyroSample` (full Bayes) through

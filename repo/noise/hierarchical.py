@@ -53,7 +53,8 @@ from pyro.nn import PyroParam
 from torch import Tensor
 from torch.nn.functional import logsigmoid
 
-from repo.noise.base import NoiseModel, agree_logits, label_likelihood
+from repo.noise.base import NoiseModel
+from repo.noise.channel import AnnotatorLabels
 from repo.noise.layout import LabelData
 
 MIN_SIGMA = 0.05
@@ -112,10 +113,10 @@ class HierarchicalFlip(NoiseModel):
         mu, sigma = self.mu, self.sigma
         with pyro.plate("annotators", self.num_annotators, dim=-1):
             logit_eta = pyro.sample("logit_eta", dist.Normal(mu, sigma))
+        channel = torch.stack([-logit_eta, logit_eta])  # logit p(o = 1 | z, k), z = 0, 1
         with pyro.plate("items", data.num_units, dim=-1):
             z = pyro.sample("z", dist.Bernoulli(logits=logits), infer={"enumerate": "parallel"})
-            label_logits = agree_logits(z.unsqueeze(-1), logit_eta[..., data.annotator])
-            pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
+            pyro.sample("o", AnnotatorLabels(channel, z, data), obs=data.label)
 
     def e_step_model(self):
         return poutine.condition(self.model, data={"logit_eta": self.post_loc})

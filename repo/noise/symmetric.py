@@ -20,7 +20,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, agree_logits, beta_map, label_likelihood
+from repo.noise.base import NoiseModel, beta_map
+from repo.noise.channel import AnnotatorLabels
 from repo.noise.layout import LabelData
 
 
@@ -38,10 +39,10 @@ class SymmetricFlip(NoiseModel):
 
     def model(self, logits: Tensor, data: LabelData) -> None:
         logit_eta = torch.logit(self.eta)
+        channel = torch.stack([-logit_eta, logit_eta])  # logit p(o = 1 | z, k), z = 0, 1
         with pyro.plate("items", data.num_units, dim=-1):
             z = pyro.sample("z", dist.Bernoulli(logits=logits), infer={"enumerate": "parallel"})
-            label_logits = agree_logits(z.unsqueeze(-1), logit_eta[data.annotator])
-            pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
+            pyro.sample("o", AnnotatorLabels(channel, z, data), obs=data.label)
 
     def sufficient_statistics(self, data, marginals, logits):
         q1 = self.label_posterior(data, marginals)

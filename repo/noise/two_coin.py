@@ -21,7 +21,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, beta_map, label_likelihood
+from repo.noise.base import NoiseModel, beta_map
+from repo.noise.channel import AnnotatorLabels
 from repo.noise.layout import LabelData
 
 
@@ -40,17 +41,17 @@ class TwoCoin(NoiseModel):
         self._probability("eta_b", eta_init)
 
     def model(self, logits: Tensor, data: LabelData) -> None:
-        logit_a, logit_b = torch.logit(self.eta_a), torch.logit(self.eta_b)
+        # logit p(o = 1 | z, k): -logit eta_b_k when z = 0, logit eta_a_k when z = 1
+        channel = torch.stack([-torch.logit(self.eta_b), torch.logit(self.eta_a)])
         with pyro.plate("items", data.num_units, dim=-1):
             z = pyro.sample("z", dist.Bernoulli(logits=logits), infer={"enumerate": "parallel"})
-            k = data.annotator  # logit p(o = 1): logit eta_a when z = 1, -logit eta_b when 0
-            label_logits = torch.where(z.unsqueeze(-1) > 0.5, logit_a[k], -logit_b[k])
-            pyro.sample("o", label_likelihood(label_logits, data), obs=data.label)
+            pyro.sample("o", AnnotatorLabels(channel, z, data), obs=data.label)
 
     def sufficient_statistics(self, data, marginals, logits):
         q1, o = self.label_posterior(data, marginals), data.label
-        per_label = torch.stack([q1, q1 * o, (1 - q1) * (1 - o)], -1)
-        truth_a, correct_a, correct_b = data.per_annotator_sum(per_label).unbind(-1)
+        truth_a = data.per_annotator_sum(q1)
+        correct_a = data.per_annotator_sum(q1 * o)
+        correct_b = data.per_annotator_sum((1 - q1) * (1 - o))
         n = data.label_counts()
         return {
             "n": n,
