@@ -44,15 +44,18 @@ class DifficultyFlip(NoiseModel):
 
     def logit_correct(self, logits: Tensor, data: LabelData) -> Tensor:
         k = data.annotator
-        return self.alpha[k] + self.beta[k] * logits.abs().unsqueeze(-1)
+        return self.alpha[..., k] + self.beta[..., k] * logits.abs().unsqueeze(-1)
 
     def model(self, logits: Tensor, data: LabelData) -> None:
+        # The parameters are read before the plates: under full Bayes they are
+        # sample sites, which must not pick up the plates' shapes.
+        logit_correct = self.logit_correct(logits, data)
         with pyro.plate("items", data.num_units, dim=-2):
             z = pyro.sample(
                 "z", dist.Bernoulli(logits=logits.unsqueeze(-1)), infer={"enumerate": "parallel"}
             )
             with pyro.plate("slots", data.num_slots, dim=-1), poutine.mask(mask=data.slot_mask):
-                label_logits = agree_logits(z, self.logit_correct(logits, data))
+                label_logits = agree_logits(z, logit_correct)
                 pyro.sample("o", dist.Bernoulli(logits=label_logits), obs=data.label)
 
     def implied_eta(self, logits: Tensor, data: LabelData) -> Tensor:

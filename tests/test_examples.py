@@ -23,6 +23,40 @@ def test_custom_noise_model_recovers_its_parameters(capsys):
     assert np.abs(out["fitted_beta"] - out["beta"]).max() < 0.2
 
 
+def test_custom_noise_model_runs_under_full_bayes():
+    """With priors on alpha and beta (sample sites under full Bayes) the program
+    still runs: its parameters are read before the plates, so each is one draw of
+    shape (K,), and the E-step's marginal equals the one at those values as points."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+    from pyro import poutine
+
+    from repo.inference.enumeration import enumerate_posterior
+    from repo.noise import LabelData
+
+    example = _load("custom_noise_model")
+
+    class WithPriors(example.DifficultyFlip):
+        def priors(self):
+            normal = dist.Normal(torch.zeros((), dtype=torch.float64), 2.0)
+            return {n: normal.expand([self.num_annotators]).to_event(1) for n in ("alpha", "beta")}
+
+    scores, annotator, label = example.simulate(500, np.array([1.0, 0.5]), np.array([0.5, 1.0]))
+    data = LabelData.from_labels(torch.as_tensor(annotator), torch.as_tensor(label))
+    logits = torch.as_tensor(scores)
+    model = WithPriors(2).bayesian()
+    pyro.set_rng_seed(0)
+    trace = poutine.trace(model).get_trace(logits, data)
+    assert trace.nodes["alpha"]["value"].shape == (2,)
+    draws = {n: trace.nodes[n]["value"] for n in ("alpha", "beta")}
+    bayes = enumerate_posterior(poutine.condition(model, data=draws), logits, data)
+    point = example.DifficultyFlip(2)
+    point.alpha, point.beta = draws["alpha"], draws["beta"]
+    reference = enumerate_posterior(point.model, logits, data)
+    assert torch.allclose(bayes.marginals["z"], reference.marginals["z"], atol=1e-12)
+
+
 def test_pandalm_noise_models_prints_the_reliability_table(capsys, tmp_path):
     import json
 
