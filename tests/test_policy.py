@@ -423,6 +423,29 @@ def test_from_recipe_uses_recipe_lora():
     assert policy.device.type == "cpu" and policy.autocast_dtype is None
 
 
+def test_lora_on_the_last_blocks_only():
+    import dataclasses
+
+    from repo.policy import LastLayersError, resolve_recipe
+
+    recipe = resolve_recipe(TINY)
+    last = dataclasses.replace(recipe.lora, last_layers=1)
+    policy = Policy.from_recipe(recipe, device="cpu", lora=last)
+    trainable = [n for n, p in policy.lm.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n and "lora_" in n for n in trainable)
+    assert policy.lm.peft_config["default"].layers_to_transform == [1]
+    everywhere = Policy.from_recipe(recipe, device="cpu")
+    count = sum(1 for _, p in everywhere.lm.named_parameters() if p.requires_grad)
+    assert count == 2 * len(trainable)  # two blocks, the same modules in each
+    for bad in (3, -1):
+        with pytest.raises(LastLayersError, match=r"last_layers must lie in 1\.\.2"):
+            Policy.from_recipe(
+                recipe, device="cpu", lora=dataclasses.replace(recipe.lora, last_layers=bad)
+            )
+    with pytest.raises(LastLayersError, match="num_layers"):
+        last.to_peft(None)
+
+
 # ----------------------------------------------------------------------------- cache
 
 

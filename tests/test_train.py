@@ -121,6 +121,12 @@ def test_config_errors_name_section_and_field(tmp_path, sections, message):
     assert message in str(info.value)
 
 
+def test_lora_last_layers_beyond_the_model_is_a_config_error(tmp_path):
+    write_jsonl(tmp_path / "data.jsonl", rule_pairs(16).rows)
+    with pytest.raises(ConfigError, match=r"\[model\] lora_last_layers: last_layers must lie"):
+        Trainer(config(tmp_path, model={"lora_last_layers": 5}))
+
+
 def test_config_file_errors_and_cli(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(

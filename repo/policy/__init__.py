@@ -27,6 +27,7 @@ from repo.policy.logps import (
 from repo.policy.policy import LAYOUTS, Policy, default_layout
 from repo.policy.recipes import (
     RANDOM_CONFIGS,
+    LastLayersError,
     LoraSettings,
     ModelRecipe,
     ModelSourceError,
@@ -57,6 +58,7 @@ from repo.policy.tokenize import (
 
 __all__ = [
     "LAYOUTS",
+    "LastLayersError",
     "LoraSettings",
     "ModelRecipe",
     "ModelSourceError",

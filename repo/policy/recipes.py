@@ -113,6 +113,11 @@ class ModelSourceError(RuntimeError):
     """A recipe's model files cannot be found (package missing, path absent, ...)."""
 
 
+class LastLayersError(ValueError):
+    """``last_layers`` does not fit the model: outside ``1..num_layers``, or the
+    model's number of blocks is unknown."""
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA hyper-parameters, passed to ``peft.LoraConfig``.
@@ -163,9 +168,9 @@ class LoraSettings:
         )
         if self.last_layers:
             if num_layers is None:
-                raise ValueError("last_layers needs the model's number of layers (num_layers)")
+                raise LastLayersError("last_layers needs the model's number of layers (num_layers)")
             if not 0 < self.last_layers <= num_layers:
-                raise ValueError(
+                raise LastLayersError(
                     f"last_layers must lie in 1..{num_layers} (the model's blocks), "
                     f"got {self.last_layers}"
                 )

@@ -57,6 +57,7 @@ from repo.inference.online import OnlineEM, single_thread
 from repo.likelihoods import PreferenceLikelihood, get_likelihood
 from repo.noise import NoiseModel, make_noise_model
 from repo.policy import (
+    LastLayersError,
     PairTokenizer,
     Policy,
     ReferenceCache,
@@ -298,10 +299,8 @@ class Trainer:
             )
         except FileNotFoundError as error:
             raise ConfigError(f"[model] recipe: {error}") from None
-        except ValueError as error:
-            if "last_layers" in str(error):
-                raise ConfigError(f"[model] lora_last_layers: {error}") from None
-            raise
+        except LastLayersError as error:
+            raise ConfigError(f"[model] lora_last_layers: {error}") from None
 
     def _make_likelihood(self, recipe) -> PreferenceLikelihood:
         family = self.config.loss.family.strip().lower()
