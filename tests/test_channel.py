@@ -76,7 +76,7 @@ def test_sample_expand_and_shape_errors():
     )
     assert wide.batch_shape == (2, data.num_units)
     assert wide.log_prob(data.label).shape == (2, data.num_units)
-    with pytest.raises(ValueError, match="K = 7"):
+    with pytest.raises(ValueError, match="K >= 7"):
         AnnotatorLabels(torch.zeros(2, 3, dtype=torch.float64), truth, data)
 
 
@@ -159,3 +159,30 @@ def test_per_annotator_sum_and_flat_against_loops():
     assert torch.equal(data.label_counts(), data.per_annotator_sum(data.mask.double()))
     flat = data.flat(data.row.double())
     assert torch.equal(flat, torch.arange(data.num_labels, dtype=torch.float64))
+
+
+def test_log_prob_of_values_with_sample_dims_and_a_wider_table():
+    data = _ragged(12)
+    k = data.num_annotators
+    g = torch.Generator().manual_seed(13)
+    values = torch.randint(0, 2, (3,) + tuple(data.label.shape), generator=g).double()
+    per_unit = torch.randint(0, 2, (data.num_units,), generator=g)
+    enumerated = torch.tensor([0.0, 1.0]).reshape(2, 1)
+    wide = torch.cat([_table(k, 14), torch.zeros(2, 4, dtype=torch.float64)], dim=1)  # K + 4
+    for truth, value in ((per_unit, values), (enumerated, values.unsqueeze(1))):
+        labels = AnnotatorLabels(wide, truth, data)
+        expected = _reference(wide, truth, data, value)
+        assert labels.log_prob(value).shape == expected.shape
+        assert torch.allclose(labels.log_prob(value), expected, atol=1e-12)
+    scalar = AnnotatorLabels(wide, torch.tensor(1.0), data)
+    assert scalar.batch_shape == (data.num_units,)
+    expected = _reference(wide, torch.ones(data.num_units), data, data.label)
+    assert torch.allclose(scalar.log_prob(data.label), expected, atol=1e-12)
+
+
+def test_per_annotator_sum_of_no_labels_is_zero():
+    empty = torch.zeros(0, dtype=torch.long)
+    data = LabelData.from_labels(empty, empty.double(), num_annotators=4)
+    assert torch.equal(data.label_counts(), torch.zeros(4, dtype=torch.float64))
+    stats = data.per_annotator_sum(torch.zeros(0, 1, 3, dtype=torch.float64))
+    assert torch.equal(stats, torch.zeros(4, 3, dtype=torch.float64))

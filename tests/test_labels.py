@@ -600,3 +600,26 @@ def test_integer_and_text_ids_give_the_same_codes():
     assert np.array_equal(numbers.annotator, text.annotator)
     assert numbers.item_ids == text.item_ids
     assert np.array_equal(numbers.label, text.label)
+
+
+@pytest.mark.parametrize("column", ["label", "annotator", "item"])
+def test_a_gap_in_a_nullable_integer_column_names_its_row(column, tmp_path):
+    table = pd.DataFrame(
+        {
+            "annotator": pd.array([1, 2, 3, 1], dtype="Int64"),
+            "item": pd.array([10, 11, 12, 13], dtype="Int64"),
+            "label": pd.array([1, 2, 2, 1], dtype="Int64"),
+        }
+    )
+    table.loc[1, column] = pd.NA
+    path = tmp_path / "labels.parquet"
+    table.to_parquet(path)
+    with pytest.raises(DataError) as info:
+        encode_labels(read_label_table(path), "binary")
+    assert (info.value.row, info.value.field, info.value.reason) == (1, column, "missing")
+
+
+def test_large_float_ids_are_written_exactly():
+    table = pd.DataFrame({"annotator": [1e20, 2.0], "item": [3.0, 3.0], "label": [1, 2]})
+    labels = encode_labels(table, "binary")
+    assert labels.annotator_ids == ["100000000000000000000", "2"]

@@ -176,9 +176,14 @@ def _id_codes(table: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str]]:
     values = table[column]
     if pd.api.types.is_float_dtype(values.dtype):
         numbers = values.to_numpy()
-        if np.isfinite(numbers).all() and (numbers == np.round(numbers)).all():
+        exact = np.isfinite(numbers).all() and (np.abs(numbers) < 2**53).all()
+        if exact and (numbers == np.round(numbers)).all():
             values = values.astype(np.int64)
-    if not pd.api.types.is_integer_dtype(values.dtype):
+    if (
+        not pd.api.types.is_integer_dtype(values.dtype)
+        or values.hasnans  # a nullable integer column with a gap: named by _ids
+        or (pd.api.types.is_unsigned_integer_dtype(values.dtype) and values.max() >= 2**63)
+    ):
         return _codes(_ids(table, column))
     codes, uniques = pd.factorize(values.to_numpy(), sort=False)
     order = _text_order(uniques.astype(np.int64))

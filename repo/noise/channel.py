@@ -51,11 +51,12 @@ class AnnotatorLabels(TorchDistribution):
     def __init__(
         self, logits: Tensor, truth: Tensor, data: LabelData, validate_args: bool | None = None
     ) -> None:
-        if logits.dim() != 2 or logits.shape[1] != data.num_annotators:
+        if logits.dim() != 2 or logits.shape[1] < data.num_annotators:
             raise ValueError(
-                f"logits must be (V, K) with K = {data.num_annotators}, "
-                f"got shape {tuple(logits.shape)}"
+                f"logits must be (V, K) with K >= {data.num_annotators} (the data's "
+                f"annotators), got shape {tuple(logits.shape)}"
             )
+        truth = truth.reshape(1) if truth.dim() == 0 else truth
         self.logits, self.truth, self.data = logits, truth, data
         batch_shape = torch.broadcast_shapes(truth.shape, (data.num_units,))
         super().__init__(batch_shape, (data.num_slots,), validate_args=validate_args)
@@ -78,8 +79,9 @@ class AnnotatorLabels(TorchDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        v, k = self.logits.shape
-        table = torch.stack([F.logsigmoid(-self.logits), F.logsigmoid(self.logits)], dim=1)
+        logits = self.logits[:, : self.data.num_annotators]  # the data's annotators
+        v, k = logits.shape
+        table = torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=1)
         # one row per truth value: [o = 0 | o = 1 | padding (log 1 = 0)], 2 K + 1 entries
         table = torch.cat([table.reshape(v, 2 * k), table.new_zeros(v, 1)], dim=1)
         code = self.data.label_code if value is self.data.label else self.data.channel_code(value)
@@ -89,7 +91,8 @@ class AnnotatorLabels(TorchDistribution):
             per_slot = rows[:, code].reshape(truth.shape[:-1] + code.shape)
         else:
             per_slot = table[truth.unsqueeze(-2), code]
-        return per_slot.sum(-2).expand(self.batch_shape)  # per_slot: (..., S, I)
+        log_prob = per_slot.sum(-2)  # per_slot: (..., S, I)
+        return log_prob.expand(torch.broadcast_shapes(log_prob.shape, self.batch_shape))
 
     def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         with torch.no_grad():

@@ -16,6 +16,7 @@ logit per row; noise models read ``annotator``, ``label`` and ``mask``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -166,7 +167,7 @@ class LabelData:
         if self.slot_mask is not True:
             values = torch.where(mask, values, torch.zeros((), dtype=values.dtype))
         index = self.annotator.reshape(-1)
-        columns = values.reshape(index.shape[0], -1).unbind(-1)
+        columns = values.reshape(index.shape[0], math.prod(extra)).unbind(-1)
         sums = [
             torch.zeros(self.num_annotators, dtype=values.dtype, device=values.device).index_add_(
                 0, index, column
