@@ -115,10 +115,10 @@ class BroadcastLogRing(LogRing):
             return super().sumproduct(terms, dims)
         if len(terms) > 1:  # aligned on the sorted dims and expanded
             terms = packed.broadcast_all(*terms, dims=all_dims)
-        total, *rest = terms
-        for term in rest:
+        order = terms[0]._pyro_dims  # the sorted dims, or the one term's own order
+        total = terms[0]
+        for term in terms[1:]:
             total = total + term
-        order = total._pyro_dims if not rest else all_dims
         positions = [order.index(d) for d in dims if d in order]
         result = torch.logsumexp(total, dim=positions) if positions else total.clone()
         result._pyro_dims = "".join(d for d in order if d not in dims)
