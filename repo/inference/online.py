@@ -38,6 +38,13 @@ Two remedies for early, confidently wrong posteriors of reference-free losses
 (SimPO, CPO start far from :math:`p = 1/2`):
 
 * ``temperature`` :math:`T`: the E-step reads :math:`s / T`;
+* ``calibrate``: the E-step reads :math:`a s`, with the scale :math:`a > 0` (starting
+  at :math:`1/T`) learned by EM with the annotator parameters
+  (:class:`~repo.scorers.CalibratedLogits`): per optimizer step the maximiser of the
+  step's expected complete-data log-likelihood in :math:`a` (bounded to a factor 2
+  of the current scale) is blended in with the same EMA rate,
+  :math:`a \leftarrow (1 - \alpha) a + \alpha \hat a`, and :meth:`OnlineEM.fit`
+  fits :math:`a` jointly with the annotator parameters to convergence;
 * ``warmup_steps``: for the first steps no E-step is taken: :math:`w` is fixed at
   the prior reliability the noise model implies before seeing the label
   (``implied_eta``; :math:`\eta_k` for the symmetric flip) and the annotators are
@@ -58,7 +65,7 @@ from repo.inference.enumeration import enumerate_posterior
 from repo.noise.base import NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
-from repo.scorers import FixedLogits, Scorer
+from repo.scorers import CalibratedLogits, FixedLogits, Scorer
 
 __all__ = ["EStep", "OnlineEM", "fit_minibatch_em", "frozen", "single_thread"]
 
@@ -127,6 +134,7 @@ class OnlineEM:
     :param temperature: E-step temperature ``T``.
     :param warmup_steps: optimizer steps with ``w`` fixed at the implied reliability.
     :param noise_lr: Adam step size of gradient M-steps.
+    :param calibrate: learn the E-step's logit scale ``a`` (starting at ``1 / T``).
     """
 
     def __init__(
@@ -138,19 +146,23 @@ class OnlineEM:
         temperature: float = 1.0,
         warmup_steps: int = 0,
         noise_lr: float = 0.05,
+        calibrate: bool = False,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not noise.has_truth and (temperature != 1.0 or warmup_steps > 0):
+        if not noise.has_truth and (temperature != 1.0 or warmup_steps > 0 or calibrate):
             raise ValueError(
-                f"the {noise.name} noise model has no latent truth: temperature and warm-up "
-                "do not apply (leave [em] temperature = 1 and warmup_steps = 0)"
+                f"the {noise.name} noise model has no latent truth: temperature, calibration "
+                "and warm-up do not apply (leave [em] temperature = 1, calibrate = false and "
+                "warmup_steps = 0)"
             )
         self.noise = noise
         self.alpha = float(alpha)
         self.temperature = float(temperature)
+        self.calibrate = bool(calibrate)
+        self.scale = 1.0 / self.temperature
         self.warmup_steps = int(warmup_steps)
         self.label_counts = None if label_counts is None else label_counts.to(torch.float64)
         self.closed_form = self._has_closed_form()
@@ -162,6 +174,7 @@ class OnlineEM:
         self.running_statistics = isinstance(noise, HierarchicalFlip)
         self._stats: dict[str, Tensor] | None = None
         self._running: dict[str, Tensor] | None = None
+        self._calibration: Tensor | None = None  # (g, h) of the scale's Newton step
         self._units = 0
 
     def _has_closed_form(self) -> bool:
@@ -194,17 +207,33 @@ class OnlineEM:
                 w = noise.implied_eta(logits, data).expand_as(data.label)
                 q = _target_from_w(w, data)
                 return EStep(q, w * data.mask, torch.zeros_like(logits), exact=False)
-            tempered = logits / self.temperature
+            tempered = self.calibrated(logits)
             posterior = enumerate_posterior(noise.e_step_model(), tempered, data)
             w = noise.label_correct(tempered, data, posterior.marginals) * data.mask
             q = noise.truth_posterior(tempered, posterior.marginals)
             if self.closed_form:
                 stats = noise.sufficient_statistics(data, posterior.marginals, tempered)
                 self._add(stats)
+            if self.calibrate:
+                self._add_calibration(logits, q)
         if not self.closed_form:
             self._accumulate_gradient(tempered, data)
         self._units += data.num_units
-        return EStep(q, w, posterior.log_likelihood, exact=self.temperature == 1.0)
+        return EStep(q, w, posterior.log_likelihood, exact=self.exact)
+
+    def _add_calibration(self, logits: Tensor, q: Tensor) -> None:
+        p = torch.sigmoid(self.scale * logits)
+        gh = torch.stack([((q - p) * logits).sum(), (p * (1 - p) * logits**2).sum()])
+        self._calibration = gh if self._calibration is None else self._calibration + gh
+
+    @property
+    def exact(self) -> bool:
+        """Whether the E-step reads the scorer's logits as they are (scale 1, not learned)."""
+        return self.scale == 1.0 and not self.calibrate
+
+    def calibrated(self, logits: Tensor) -> Tensor:
+        """The logits the E-step reads: ``a * logits`` (``a = 1 / T`` unless learned)."""
+        return logits * self.scale
 
     def _add(self, stats: dict[str, Tensor]) -> None:
         if self._stats is None:
@@ -231,10 +260,17 @@ class OnlineEM:
         the coordinate-ascent step between epochs. Statistics of a half-done
         optimizer step are discarded.
         """
-        scorer = FixedLogits(logits.detach().to("cpu", torch.float64) / self.temperature)
+        logits = logits.detach().to("cpu", torch.float64)
+        if self.calibrate:
+            scorer = CalibratedLogits(logits, _clamp_scale(self.scale))
+        else:
+            scorer = FixedLogits(self.calibrated(logits))
         with single_thread():
             result = fit_em(self.noise, scorer, data, tol=tol, max_iter=max_iter)
+        if self.calibrate:
+            self.scale = float(scorer.scale.detach())
         self._stats, self._running, self._units = None, None, 0
+        self._calibration = None
         return result
 
     def m_step(self, reduce: Reduce | None = None, *, alpha: float | None = None) -> None:
@@ -246,13 +282,34 @@ class OnlineEM:
         alpha = self.alpha if alpha is None else alpha
         reduce = reduce or (lambda t: t)
         try:
+            if self.calibrate:
+                self._calibration_step(reduce, alpha)
             if self.closed_form:
                 self._closed_form_step(reduce, alpha)
             elif self.optimizer is not None:
                 self._gradient_step(reduce)
         finally:
             self._stats = None
+            self._calibration = None
             self._units = 0
+
+    def _calibration_step(self, reduce: Reduce, alpha: float) -> None:
+        r"""One Newton step for the scale on this step's units, damped by the EMA rate.
+
+        With :math:`g = \sum_i (q_i - \sigma(a c_i)) c_i` and
+        :math:`h = \sum_i \sigma(a c_i)(1 - \sigma(a c_i)) c_i^2` summed over the
+        step's units on every process (``reduce``), :math:`\hat a = a + g/h` (the
+        Newton step of the concave problem of :class:`~repo.scorers.CalibratedLogits`),
+        kept within a factor 2 of :math:`a`, and
+        :math:`a \leftarrow (1 - \alpha) a + \alpha \hat a`.
+        """
+        gh = self._calibration if self._calibration is not None else torch.zeros(2)
+        g, h = reduce(gh.to(torch.float64)).tolist()
+        if h <= 0:
+            return
+        a = self.scale
+        a_hat = min(max(a + g / h, _clamp_scale(a / 2)), _clamp_scale(a * 2))
+        self.scale = (1 - alpha) * a + alpha * a_hat
 
     def _closed_form_step(self, reduce: Reduce, alpha: float) -> None:
         if self._stats is None:  # warm-up, or no E-step this step: nothing to learn from
@@ -318,9 +375,10 @@ class OnlineEM:
 
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """The noise model's tensors (and the running statistics, or the gradient
-        M-step's Adam moments)."""
+        """The noise model's tensors, the E-step's logit scale (and the running
+        statistics, or the gradient M-step's Adam moments)."""
         state = {f"noise.{k}": v.detach().clone() for k, v in self.noise.state_dict().items()}
+        state["calibration.scale"] = torch.tensor(self.scale, dtype=torch.float64)
         for k, v in (self._running or {}).items():
             state[f"running.{k}"] = v.clone()
         if self.optimizer is not None:
@@ -333,6 +391,8 @@ class OnlineEM:
         """Restore :meth:`state_dict` (strict: the same noise model and size)."""
         noise_state = {k[len("noise.") :]: v for k, v in state.items() if k.startswith("noise.")}
         self.noise.load_state_dict(noise_state, strict=True)
+        if "calibration.scale" in state:
+            self.scale = float(state["calibration.scale"])
         running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
         self._running = running or None
         if self.optimizer is not None:
@@ -344,6 +404,11 @@ class OnlineEM:
                     per_param.setdefault(int(index), {})[name] = value
             adam["state"] = per_param
             self.optimizer.load_state_dict(adam)
+
+
+def _clamp_scale(scale: float) -> float:
+    """A scale inside :class:`~repo.scorers.CalibratedLogits`' default bounds."""
+    return min(max(scale, 1e-2), 1e2)
 
 
 def _target_from_w(w: Tensor, data: LabelData) -> Tensor:

@@ -292,6 +292,13 @@ class EMSection:
             "update) before EM starts"
         ),
     )
+    calibrate: bool = field(
+        default=False,
+        metadata=_doc(
+            "learn the E-step's logit scale a (starting at 1 / temperature) by EM with the "
+            "annotator parameters: the E-step reads a * s (docs/math.md, calibration)"
+        ),
+    )
     epoch_m_step: bool = field(
         default=False,
         metadata=_doc(

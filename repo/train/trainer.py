@@ -236,6 +236,7 @@ class Trainer:
             temperature=config.em.temperature,
             warmup_steps=config.em.warmup_steps,
             noise_lr=config.em.noise_lr,
+            calibrate=config.em.calibrate,
         )
         acc = self.accelerator
         self.schedule = BatchSchedule(
@@ -518,7 +519,7 @@ class Trainer:
         """
         if logits is None:
             logits = self.item_logits()
-        unit_logits = logits[self.data.labels.unit]
+        unit_logits = self.em.calibrated(logits[self.data.labels.unit])
         with torch.no_grad(), single_thread():
             posterior = enumerate_posterior(
                 self.noise.e_step_model(), unit_logits, self.data.labels
@@ -824,7 +825,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def reliability(self) -> dict[str, Any]:
-        """Per annotator: label count and the noise model's parameters."""
+        """Per annotator: label count and the noise model's parameters; the E-step's
+        logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``)."""
         counts = self.data.label_counts()
         params = self.noise.annotator_parameters()
         return {
@@ -838,6 +840,7 @@ class Trainer:
                 for k, a in enumerate(self.data.annotator_ids)
             ],
             "population": {k: float(v) for k, v in self.noise.population_parameters().items()},
+            "e_step_scale": self.em.scale,
         }
 
     def write_posteriors(self, path: Path, unit_logits: Tensor, posterior) -> None:
