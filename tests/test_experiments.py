@@ -50,10 +50,11 @@ def test_t_interval_and_pool():
 
 
 def test_noise_sweep_grid_table_and_figure(tmp_path):
-    """Clean rule pairs, one seed: DPO learns the rule, rDPO told rho = 0 is DPO, and
-    RE-DPO raises eta from its start 0.9 towards 1; the tables and the figure follow."""
+    """Clean rule pairs, one seed: DPO and Hölder-DPO learn the rule, rDPO told rho = 0
+    is DPO, and RE-DPO raises eta from its start 0.9 towards 1; the tables and the
+    figure follow."""
     sweep = load_example("noise_sweep")
-    names = "DPO cDPO rDPO RE-DPO IPO RE-IPO SimPO RE-SimPO CPO RE-CPO".split()
+    names = "DPO cDPO rDPO Hölder-DPO RE-DPO IPO RE-IPO SimPO RE-SimPO CPO RE-CPO".split()
     assert [m.name for m in sweep.methods(0.2)] == names
     grid = sweep.Grid(
         settings=(("single", 0.0),),
@@ -61,23 +62,26 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
         num_pairs=128,
         held_out=100,
         optim={"epochs": 3},
-        only=("DPO", "rDPO", "RE-DPO"),
+        only=("DPO", "rDPO", "Hölder-DPO", "RE-DPO"),
     )
     frame = sweep.run_grid(grid, tmp_path / "runs.csv")
-    assert list(frame.method) == ["DPO", "rDPO", "RE-DPO"]
-    assert len(open(tmp_path / "runs.csv").read().splitlines()) == 4  # header + 3 runs
+    assert list(frame.method) == ["DPO", "rDPO", "Hölder-DPO", "RE-DPO"]
+    assert (
+        len(open(tmp_path / "runs.csv", encoding="utf-8").read().splitlines()) == 5
+    )  # header + 4 runs
     acc = frame.set_index("method").accuracy
-    assert acc["DPO"] > 0.75, acc  # chance is 0.5
+    assert acc["DPO"] > 0.75 and acc["Hölder-DPO"] > 0.75, acc  # chance is 0.5
     assert acc["rDPO"] == acc["DPO"]  # epsilon = 0: the same loss, the same seed
     eta = json.loads(frame.set_index("method").eta_hat["RE-DPO"])
     assert len(eta) == 1 and eta[0] > 0.93, eta  # started at 0.9; every label is right
     assert json.loads(frame.set_index("method").eta_hat["DPO"]) == []
     tables = sweep.markdown_tables(frame)
-    assert "| DPO | " in tables and "| RE-DPO | clean | 1.000 |" in tables
+    assert "| DPO | " in tables and "| Hölder-DPO | " in tables
+    assert "| RE-DPO | clean | 1.000 |" in tables
     sweep.plot(frame, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     head = sweep.headline(frame)
-    assert set(head["accuracy"]["clean"]) == {"DPO", "rDPO", "RE-DPO"}
+    assert set(head["accuracy"]["clean"]) == {"DPO", "rDPO", "Hölder-DPO", "RE-DPO"}
     assert head["re_po_minus_plain"]["clean"]["DPO"][0] == pytest.approx(acc["RE-DPO"] - acc["DPO"])
 
 

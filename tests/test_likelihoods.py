@@ -13,6 +13,7 @@ from repo.likelihoods import (
     CPOLikelihood,
     DPOLikelihood,
     HingeLikelihood,
+    HolderDPOLikelihood,
     InducedLikelihood,
     IPOLikelihood,
     PairLogps,
@@ -57,6 +58,8 @@ ALL_FAMILIES = [
     HingeLikelihood(beta=0.1),
     CDPOLikelihood(beta=0.1, epsilon=0.2),
     RDPOLikelihood(beta=0.1, epsilon=0.2),
+    HolderDPOLikelihood(beta=0.1, gamma=0.5),
+    HolderDPOLikelihood(beta=2.0, gamma=1.5),
 ]
 
 
@@ -362,12 +365,21 @@ def test_induced_likelihood_reproduces_dpo() -> None:
 
 
 def test_registry() -> None:
-    assert available_likelihoods() == ("dpo", "ipo", "simpo", "cpo", "hinge", "cdpo", "rdpo")
+    assert available_likelihoods() == (
+        "dpo",
+        "ipo",
+        "simpo",
+        "cpo",
+        "hinge",
+        "cdpo",
+        "rdpo",
+        "holder_dpo",
+    )
     lik = get_likelihood("SimPO", beta=2.5, gamma=1.0)
     assert isinstance(lik, SimPOLikelihood) and lik.beta == 2.5 and lik.gamma == 1.0
     for name in available_likelihoods():
         assert get_likelihood(name).name == name
-    with pytest.raises(ValueError, match="dpo, ipo, simpo, cpo, hinge, cdpo, rdpo"):
+    with pytest.raises(ValueError, match="dpo, ipo, simpo, cpo, hinge, cdpo, rdpo, holder_dpo"):
         get_likelihood("kto")
     with pytest.raises(ValueError, match="bad arguments"):
         get_likelihood("dpo", gamma=1.0)
@@ -390,6 +402,8 @@ def test_registry() -> None:
         lambda: CDPOLikelihood(epsilon=0.6),
         lambda: CDPOLikelihood(epsilon=-0.1),
         lambda: RDPOLikelihood(epsilon=0.5),
+        lambda: HolderDPOLikelihood(gamma=0.0),
+        lambda: HolderDPOLikelihood(beta=0.0),
         lambda: InducedLikelihood(fn=3.0),
         lambda: InducedLikelihood(lambda st: st.policy_a, default_variant="bogus"),
     ],
@@ -401,7 +415,13 @@ def test_bad_arguments_raise(factory) -> None:
 
 def test_missing_reference_raises() -> None:
     st = make_stats(reference=False)
-    for lik in (DPOLikelihood(), IPOLikelihood(), HingeLikelihood(), CDPOLikelihood()):
+    for lik in (
+        DPOLikelihood(),
+        IPOLikelihood(),
+        HingeLikelihood(),
+        CDPOLikelihood(),
+        HolderDPOLikelihood(),
+    ):
         with pytest.raises(ValueError, match="reference"):
             lik.loss(st)
         with pytest.raises(ValueError, match="reference"):

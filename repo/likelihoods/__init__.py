@@ -9,17 +9,18 @@ Each family maps :class:`PairLogps` (summed response log-probs, lengths, and
 reference log-probs where needed) to its loss, its induced logit ``s``, the
 RE-PO policy M-step loss given posterior weights ``w``, and TRL-style rewards.
 
-================  ==========================  =================  ===============
-name              class                       needs reference    default variant
-================  ==========================  =================  ===============
-``"dpo"``         :class:`DPOLikelihood`      yes                ``"nll"``
-``"ipo"``         :class:`IPOLikelihood`      yes                ``"mixture"``
-``"simpo"``       :class:`SimPOLikelihood`    no                 ``"mixture"``
-``"cpo"``         :class:`CPOLikelihood`      no                 ``"mixture"``
-``"hinge"``       :class:`HingeLikelihood`    yes                ``"mixture"``
-``"cdpo"``        :class:`CDPOLikelihood`     yes                ``"mixture"``
-``"rdpo"``        :class:`RDPOLikelihood`     yes                ``"mixture"``
-================  ==========================  =================  ===============
+================  ==============================  =================  ===============
+name              class                           needs reference    default variant
+================  ==============================  =================  ===============
+``"dpo"``         :class:`DPOLikelihood`          yes                ``"nll"``
+``"ipo"``         :class:`IPOLikelihood`          yes                ``"mixture"``
+``"simpo"``       :class:`SimPOLikelihood`        no                 ``"mixture"``
+``"cpo"``         :class:`CPOLikelihood`          no                 ``"mixture"``
+``"hinge"``       :class:`HingeLikelihood`        yes                ``"mixture"``
+``"cdpo"``        :class:`CDPOLikelihood`         yes                ``"mixture"``
+``"rdpo"``        :class:`RDPOLikelihood`         yes                ``"mixture"``
+``"holder_dpo"``  :class:`HolderDPOLikelihood`    yes                ``"mixture"``
+================  ==============================  =================  ===============
 
 A new loss needs only a function: ``InducedLikelihood(lambda st: ...)``.
 """
@@ -29,7 +30,12 @@ from __future__ import annotations
 from typing import Any
 
 from repo.likelihoods.base import VARIANTS, InducedLikelihood, PreferenceLikelihood, Variant
-from repo.likelihoods.baselines import CDPOLikelihood, HingeLikelihood, RDPOLikelihood
+from repo.likelihoods.baselines import (
+    CDPOLikelihood,
+    HingeLikelihood,
+    HolderDPOLikelihood,
+    RDPOLikelihood,
+)
 from repo.likelihoods.cpo import CPOLikelihood
 from repo.likelihoods.dpo import DPOLikelihood
 from repo.likelihoods.ipo import IPOLikelihood
@@ -47,6 +53,7 @@ __all__ = [
     "HingeLikelihood",
     "CDPOLikelihood",
     "RDPOLikelihood",
+    "HolderDPOLikelihood",
     "Variant",
     "VARIANTS",
     "LIKELIHOODS",
@@ -64,6 +71,7 @@ LIKELIHOODS: dict[str, type[PreferenceLikelihood]] = {
         HingeLikelihood,
         CDPOLikelihood,
         RDPOLikelihood,
+        HolderDPOLikelihood,
     )
 }
 

@@ -1,6 +1,6 @@
 r"""Baseline preference losses with reference model, as induced likelihoods.
 
-All three read the implicit log-ratio margin
+All four read the implicit log-ratio margin
 :math:`h = r(A) - r(B)`, :math:`r(y) = \log\pi_\theta(y \mid x) - \log\pi_{\mathrm{ref}}(y \mid x)`
 (summed over response tokens), and write :math:`L_{\mathrm{DPO}}(A \succ B) = -\log\sigma(\beta h)`.
 
@@ -36,25 +36,42 @@ All three read the implicit log-ratio margin
   :math:`s = \beta h / (1 - 2\varepsilon)`: DPO's Bradley-Terry model with the sharper
   temperature :math:`\beta / (1 - 2\varepsilon)`.
 
+- **Hölder-DPO** (Fujisawa, Adachi and Osborne, NeurIPS 2025), with exponent
+  :math:`\gamma > 0` and :math:`p = \sigma(\beta h)`:
+
+  .. math:: L(A \succ B) = -(1 + \gamma)\,p^{\gamma} + \gamma\,p^{1 + \gamma},
+
+  bounded (in :math:`[-1, 0]`) and redescending: the gradient is DPO's times
+  :math:`\gamma(1 + \gamma)\,p^{\gamma}(1 - p)`, which vanishes on a pair the model
+  confidently contradicts. Induced logit :math:`s = f(1 - p) - f(p)` with
+  :math:`f(p) = -(1 + \gamma)p^{\gamma} + \gamma p^{1 + \gamma}`; :math:`|s| < 1`.
+
 The classes compute ``logits`` by the generic construction
 :math:`L(B \succ A) - L(A \succ B)`; the closed forms above are for reference
 (and are checked in the tests). All default to the ``"mixture"`` policy-loss
 variant: at :math:`w = 1` it is the baseline's own loss, whereas the "nll"
 variant at :math:`w = 1` is :math:`-\log\sigma(s)` - for cDPO and rDPO, plain DPO
 with a rescaled :math:`\beta`.
+
+References: Mitchell, "A note on DPO with noisy preferences & relationship to IPO"
+(2023); Chowdhury, Kini and Natarajan, "Provably Robust DPO: Aligning Language Models
+with Noisy Feedback", ICML 2024; Fujisawa, Adachi and Osborne, "Scalable Valuation of
+Human Feedback through Provably Robust Model Alignment", NeurIPS 2025
+(arXiv:2505.17859).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from repo.likelihoods.base import PreferenceLikelihood, check_in_range, check_positive
 from repo.likelihoods.stats import PairLogps
 
-__all__ = ["HingeLikelihood", "CDPOLikelihood", "RDPOLikelihood"]
+__all__ = ["HingeLikelihood", "CDPOLikelihood", "RDPOLikelihood", "HolderDPOLikelihood"]
 
 
 class _RewardMarginLoss(PreferenceLikelihood):
@@ -150,3 +167,72 @@ class RDPOLikelihood(_RewardMarginLoss):
 
     def hparams(self) -> dict[str, Any]:
         return {"beta": self.beta, "epsilon": self.epsilon}
+
+
+class HolderDPOLikelihood(_RewardMarginLoss):
+    r"""Hölder-DPO (Fujisawa, Adachi and Osborne, NeurIPS 2025): a redescending DPO.
+
+    With :math:`m = \beta h` the DPO margin and :math:`p = \sigma(m)` the
+    Bradley-Terry probability of the observed label,
+
+    .. math:: L(A \succ B) = -(1 + \gamma)\,p^{\gamma} + \gamma\,p^{1 + \gamma},
+
+    the per-pair loss of the authors' reference implementation
+    (``github.com/ma921/HolderDPO``, method ``"holder_dpo"``, there averaged over the
+    batch), from the Hölder divergence with exponent :math:`\gamma`. It is
+    :math:`\gamma` times the density-power score
+    :math:`-(1 + 1/\gamma)\,p^{\gamma} + \int p^{1 + \gamma}` (Basu et al., Biometrika
+    1998) with the model's integral replaced by its value at the observed pair.
+    Its gradient is DPO's reweighted,
+
+    .. math::
+
+        \frac{\partial L}{\partial m} = -\gamma(1 + \gamma)\,p^{\gamma}(1 - p)^2
+            = \gamma(1 + \gamma)\,p^{\gamma}(1 - p)\,
+              \frac{\partial L_{\mathrm{DPO}}}{\partial m},
+
+    so a pair the model confidently contradicts (:math:`m \to -\infty`, an outlying
+    or mislabelled pair) has influence :math:`\sim \gamma(1 + \gamma)e^{\gamma m} \to 0`
+    (redescending), where DPO's :math:`|\partial L_{\mathrm{DPO}}/\partial m|` tends
+    to 1. As :math:`\gamma \to 0`,
+    :math:`(L + 1)/\gamma \to L_{\mathrm{DPO}} - (1 - p)`: the weight no longer
+    vanishes on outlying pairs, but the limit is not DPO itself (its gradient is
+    DPO's times :math:`1 - p`). At :math:`\gamma = 1`, :math:`L = (1 - p)^2 - 1`, the
+    Brier score. For pairs whose label says "A" with probability :math:`\pi`, the
+    expected loss is minimised at :math:`\mathrm{logit}\,p = \mathrm{logit}\,\pi / (2 - \gamma)`
+    (for :math:`\gamma < 2`): calibrated at :math:`\gamma = 1` only.
+
+    :param beta: DPO's inverse temperature (> 0).
+    :param gamma: the Hölder exponent (> 0; default 1.0, the Brier case - this
+        package's choice, not a value from the paper); larger values discard
+        contradicted pairs sooner.
+
+    With :math:`f` the loss above as a function of :math:`p`, the induced logit
+    :math:`s = f(1 - p) - f(p)` has the sign of :math:`h` and :math:`|s| < 1` (the
+    loss is bounded). Default variant ``"mixture"`` (Hölder-DPO itself at
+    :math:`w = 1`). Derivation and checks: ``docs/math.md``, section 4.
+    """
+
+    name = "holder_dpo"
+
+    def __init__(self, beta: float = 0.1, gamma: float = 1.0) -> None:
+        super().__init__(beta)
+        self.gamma = check_positive("gamma", gamma)
+
+    def _score(self, margin: Tensor) -> Tensor:
+        r""":math:`f(\sigma(m))`, with the powers of :math:`p` taken as
+        :math:`\exp(k \log\sigma(m))` (finite for every margin)."""
+        g = self.gamma
+        log_p = F.logsigmoid(margin)
+        return -(1.0 + g) * torch.exp(g * log_p) + g * torch.exp((1.0 + g) * log_p)
+
+    def loss(self, stats: PairLogps) -> Tensor:
+        return self._score(self._scaled_margin(stats))
+
+    def logits(self, stats: PairLogps) -> Tensor:
+        r""":math:`s = f(\sigma(-m)) - f(\sigma(m))` (one margin, two scores)."""
+        m = self._scaled_margin(stats)
+        return self._score(-m) - self._score(m)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"beta": self.beta, "gamma": self.gamma}

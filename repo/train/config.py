@@ -11,7 +11,7 @@ has a default; ``re-po train --describe-config`` prints them all with their mean
     annotator_column = "annotator"
 
     [loss]
-    family = "dpo"                 # dpo | ipo | simpo | cpo | hinge | cdpo | rdpo
+    family = "dpo"                 # dpo | ipo | simpo | cpo | hinge | cdpo | rdpo | holder_dpo
 
     [noise]
     model = "symmetric"            # symmetric | two-coin | hierarchical | spammer | boltzmann
@@ -216,7 +216,9 @@ class LossSection:
 
     family: str = field(
         default="dpo",
-        metadata=_doc("dpo | ipo | simpo | cpo | hinge | cdpo | rdpo (see repo.likelihoods)"),
+        metadata=_doc(
+            "dpo | ipo | simpo | cpo | hinge | cdpo | rdpo | holder_dpo (see repo.likelihoods)"
+        ),
     )
     variant: Literal["default", "nll", "mixture"] = field(
         default="default",
@@ -229,7 +231,13 @@ class LossSection:
     beta: float = field(
         default=0.0, metadata=_doc("the family's beta; 0: the recipe's suggestion for the family")
     )
-    gamma: float = field(default=-1.0, metadata=_doc("simpo: target margin; -1: default (0.5)"))
+    gamma: float = field(
+        default=-1.0,
+        metadata=_doc(
+            "simpo: target margin (default 0.5); holder_dpo: Hölder exponent, > 0 (default "
+            "1.0); -1: the family's default"
+        ),
+    )
     epsilon: float = field(
         default=-1.0, metadata=_doc("cdpo / rdpo: assumed flip rate; -1: default (0.1)")
     )
@@ -520,6 +528,7 @@ _FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
     "simpo": ("gamma",),
     "cdpo": ("epsilon",),
     "rdpo": ("epsilon",),
+    "holder_dpo": ("gamma",),
     "cpo": ("nll_weight", "keep_sft_term"),
     "ipo": ("length_normalized",),
 }
@@ -527,7 +536,10 @@ _FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
 
 def _family_options(loss: LossSection) -> dict[str, Any]:
     """The family-specific options that differ from their "unset" default (the family's
-    own default then applies); a set option of another family is an error."""
+    own default then applies); a set option of another family, or a value its
+    constructor refuses (``gamma = 0`` for ``holder_dpo``), is an error."""
+    from repo.likelihoods import get_likelihood
+
     family = loss.family.strip().lower()
     defaults = LossSection()
     kwargs = {}
@@ -542,6 +554,10 @@ def _family_options(loss: LossSection) -> dict[str, Any]:
                 f"{', '.join(owners)})"
             )
         kwargs[name] = value
+    try:
+        get_likelihood(family, **kwargs)
+    except ValueError as error:
+        raise ConfigError(f"[loss] {error}") from None
     return kwargs
 
 
