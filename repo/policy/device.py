@@ -1,17 +1,26 @@
 """Device selection and mixed-precision helpers.
 
 The policy runs on CUDA when present (bf16 autocast, gradient checkpointing),
-else on Apple's MPS, else on the CPU (float32, no autocast).
+else on Apple's MPS, else on the CPU (float32, no autocast). Under a multi-process
+launch (``torchrun``, ``accelerate launch``) without CUDA the processes share the
+CPU (a gloo process group): MPS has no process-group backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["select_device", "autocast_dtype", "autocast_context", "resolve_dtype"]
+__all__ = [
+    "autocast_context",
+    "autocast_dtype",
+    "launched_processes",
+    "resolve_dtype",
+    "select_device",
+]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -25,14 +34,26 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def launched_processes() -> int:
+    """The number of processes of this launch: ``WORLD_SIZE`` as ``torchrun`` and
+    ``accelerate launch`` set it, 1 for a plain ``python`` run."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return max(int(value), 1)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {value!r}") from None
+
+
 def select_device(prefer: str | torch.device | None = None) -> torch.device:
-    """The device to run on: ``prefer`` if given, else CUDA, else MPS, else CPU."""
-    if prefer is not None:
+    """The device to run on: ``prefer`` unless it is ``None`` or ``"auto"``; else CUDA,
+    else MPS (one process only: MPS has no process-group backend, so several
+    processes of a launch share the CPU), else CPU."""
+    if prefer is not None and str(prefer) != "auto":
         return torch.device(prefer)
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
+    if mps is not None and mps.is_available() and launched_processes() == 1:
         return torch.device("mps")
     return torch.device("cpu")
 

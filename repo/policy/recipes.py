@@ -25,8 +25,9 @@ A recipe names where a causal LM comes from and how to fine-tune it::
     [beta_by_loss]               # optional per-loss suggestions
     dpo = 0.1
 
-Recipes are looked up by name in the ``models/`` folder of the checkout
-(``$RE_PO_MODELS_DIR`` overrides it) or given as a path to a TOML file.
+Recipes are looked up by name in :func:`models_dir` (the repository's ``models/``
+folder, installed as ``repo/models``; ``$RE_PO_MODELS_DIR`` overrides it) or given as
+a path to a TOML file.
 """
 
 from __future__ import annotations
@@ -265,11 +266,21 @@ class ModelRecipe:
 
 
 def models_dir() -> Path:
-    """The recipe folder: ``$RE_PO_MODELS_DIR`` or ``<checkout>/models``."""
+    """The recipe folder: ``$RE_PO_MODELS_DIR`` if set, else the ``models`` folder that
+    ships with the package.
+
+    The repository keeps recipes and the tiny model's files in its top-level
+    ``models/``; a wheel installs that folder as package data, ``repo/models``
+    (``pyproject.toml`` maps it). So the folder is ``<package>/models`` in an
+    installed wheel and ``<package>/../models`` in a checkout (editable install or
+    ``PYTHONPATH``), where no ``repo/models`` exists.
+    """
     env = os.environ.get("RE_PO_MODELS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "models"
+    return installed if installed.is_dir() else package.parent / "models"
 
 
 def list_recipes() -> list[str]:

@@ -263,9 +263,13 @@ class Trainer:
     # -- construction ---------------------------------------------------------
     @staticmethod
     def _make_accelerator(device: str):
+        """An Accelerator on ``device``; ``"auto"`` as :func:`~repo.policy.device.select_device`
+        picks it, so a torchrun launch without CUDA is one gloo run of all its processes."""
         from accelerate import Accelerator
 
-        return Accelerator(cpu=device == "cpu")
+        from repo.policy import select_device
+
+        return Accelerator(cpu=select_device(device).type == "cpu")
 
     @staticmethod
     def seed_everything(seed: int) -> None:
