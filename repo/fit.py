@@ -34,7 +34,7 @@ from repo.data.labels import EncodedLabels, encode_labels, read_label_table
 from repo.inference.bayes import METHODS, BayesResult, BayesSettings, infer, summarise_draws
 from repo.inference.em import EMResult, fit_em
 from repo.inference.enumeration import EnumPosterior, enumerate_posterior
-from repo.noise import NOISE_MODELS, LabelData, NoiseModel, make_noise_model
+from repo.noise import NOISE_MODELS, LabelData, NoiseModel, initial_arguments, make_noise_model
 from repo.scorers import BradleyTerry, ClassPrior, FixedLogits, Scorer
 
 RESULT_VERSION = 1
@@ -240,16 +240,6 @@ def _build(labels: EncodedLabels, shared_truth: bool) -> tuple[LabelData, Scorer
     return data, FixedLogits(torch.as_tensor(labels.score))
 
 
-def _initial_kwargs(model: str, eta_init: float) -> dict:
-    if model in ("symmetric", "two-coin"):
-        return {"eta_init": eta_init}
-    if model == "spammer":
-        return {"theta_init": eta_init}
-    if model == "hierarchical":
-        return {"mu_init": float(np.log(eta_init / (1 - eta_init)))}
-    return {}
-
-
 def fit_noise(
     table: pd.DataFrame | str | Path | Mapping,
     *,
@@ -293,7 +283,7 @@ def fit_noise(
     beta = parse_prior(prior)
     data, scorer = _build(labels, shared_truth)
     noise = make_noise_model(
-        model, len(labels.annotator_ids), prior=beta, **_initial_kwargs(model, eta_init)
+        model, len(labels.annotator_ids), prior=beta, **initial_arguments(model, eta_init)
     )
 
     trajectory: list[dict] = []

@@ -1,0 +1,137 @@
+"""What a run records about itself, computed from its parts.
+
+* :func:`resolved_config` - ``config.json``: the configuration with defaults filled
+  in and paths made absolute, and what was resolved from it (the likelihood with its
+  hyper-parameters, the variant, the noise model, steps and batches);
+* :func:`data_report` - ``data_report.json``: what the data turned into and what was
+  dropped under which policy;
+* :func:`reliability` - ``reliability.json``: per annotator the label count and the
+  noise model's parameters, and the population parameters;
+* :func:`posterior_rows` - ``posteriors.jsonl``: per label its record, annotator,
+  label (in the item's A/B order), ``w`` (the posterior that the label is correct),
+  ``q`` (that A is truly better), the item's induced logit and ``flipped``
+  (``w < 1/2``).
+
+:class:`~repo.train.run_dir.RunDir` writes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from repo.data.records import PreferenceData
+from repo.inference.enumeration import EnumPosterior
+from repo.likelihoods import PreferenceLikelihood
+from repo.noise import NoiseModel
+from repo.policy import ModelRecipe
+from repo.train.config import TrainConfig
+from repo.train.dataset import BatchSchedule, TrainingData
+
+__all__ = ["data_report", "posterior_rows", "reliability", "resolved_config"]
+
+
+def resolved_config(
+    config: TrainConfig,
+    likelihood: PreferenceLikelihood,
+    variant: str,
+    noise: NoiseModel,
+    recipe: ModelRecipe | None,
+    *,
+    processes: int,
+    total_steps: int,
+    schedule: BatchSchedule,
+) -> dict[str, Any]:
+    """The configuration with defaults filled in and paths made absolute, and what the
+    trainer resolved from it."""
+    sections = config.to_dict()
+    sections["run"]["output_dir"] = str(config.output_dir)
+    if sections["data"]["train"]:
+        sections["data"]["train"] = str(config.path(sections["data"]["train"]))
+    return {
+        "config": sections,
+        "likelihood": {"family": likelihood.name, "variant": variant, **likelihood.hparams()},
+        "noise": {"model": noise.name, "num_annotators": noise.num_annotators},
+        "recipe": None if recipe is None else recipe.name,
+        "processes": processes,
+        "total_steps": total_steps,
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "global_batch": schedule.global_batch,
+    }
+
+
+def data_report(
+    records: PreferenceData, data: TrainingData, noise: NoiseModel, schedule: BatchSchedule
+) -> dict[str, Any]:
+    """What the data turned into, and what was dropped under which policy."""
+    labels = data.labels
+    report = {
+        "records": len(records),
+        "items": len(data.pairs),
+        "labels": labels.num_labels,
+        "truth_units": labels.num_units,
+        "shared_truth": labels.shared_truth,
+        "annotators": len(data.annotator_ids),
+        "shown_order": records.shown_order,
+        "skipped": data.skipped,
+        "notes": data.notes,
+        "units_per_epoch": schedule.steps_per_epoch * schedule.global_batch,
+    }
+    if noise.reads_position and not records.shown_order:
+        report["warning"] = (
+            f"the {noise.name} model reads the A/B position, but the data record no "
+            "display order: A/B is a label-independent order, so its position parameters "
+            "describe that order, not what annotators saw"
+        )
+    return report
+
+
+def reliability(noise: NoiseModel, data: TrainingData) -> dict[str, Any]:
+    """Per annotator: label count and the noise model's parameters; the population's."""
+    counts = data.label_counts()
+    params = noise.annotator_parameters()
+    return {
+        "model": noise.name,
+        "annotators": [
+            {
+                "id": a,
+                "n_labels": int(counts[k]),
+                **{name: float(v[k]) for name, v in params.items()},
+            }
+            for k, a in enumerate(data.annotator_ids)
+        ],
+        "population": {k: float(v) for k, v in noise.population_parameters().items()},
+    }
+
+
+def posterior_rows(
+    noise: NoiseModel, data: TrainingData, unit_logits: Tensor, posterior: EnumPosterior
+) -> list[dict[str, Any]]:
+    """Per label (see the module docstring), from the exact E-step ``posterior`` at the
+    units' logits ``unit_logits``."""
+    labels = data.labels
+    w = labels.flat(noise.label_correct(unit_logits, labels, posterior.marginals))
+    q_unit = noise.truth_posterior(unit_logits, posterior.marginals)
+    q = labels.flat(q_unit.unsqueeze(-1).expand_as(labels.label))
+    logit = labels.flat(unit_logits.unsqueeze(-1).expand_as(labels.label))
+    annotator = labels.flat(labels.annotator)
+    label = labels.flat(labels.label)
+    rows = []
+    for j in range(labels.num_labels):
+        n = int(data.label_record[j])
+        record = data.records[n]
+        rows.append(
+            {
+                "record": n,
+                "row": record.row,
+                "item": record.item,
+                "annotator": data.annotator_ids[int(annotator[j])],
+                "label": int(label[j]),
+                "w": float(w[j]),
+                "q": float(q[j]),
+                "logit": float(logit[j]),
+                "flipped": bool(w[j] < 0.5),
+            }
+        )
+    return rows
