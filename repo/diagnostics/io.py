@@ -165,32 +165,34 @@ def _read_result_directory(path: Path) -> Run | None:
 def read_training_run(path: str | Path) -> Run | None:
     """A ``re-po train`` run directory as a :class:`Run`; None when ``path`` is not one.
 
+    The directory is read through :class:`repo.train.run_dir.RunDir`.
+
     :raises ValueError: a training run that is unfinished (no ``reliability.json``)
         or written without per-label posteriors (the message says which).
     """
     from repo.fit import fit_noise
+    from repo.train.run_dir import RunDir
 
-    path = Path(path)
-    config_file = path / "config.json"
-    if not (config_file.is_file() and (path / "annotators.json").is_file()):
+    run_dir = RunDir(path)
+    if not (run_dir.holds_run() and run_dir.annotators_file.is_file()):
         return None
-    resolved = json.loads(config_file.read_text())
-    reliability_file = path / "reliability.json"
-    if not reliability_file.is_file():
+    resolved = run_dir.read_resolved()
+    if not run_dir.finished():
         raise ValueError(
-            f"{path}: a training run without reliability.json (unfinished? resume it with "
-            "`re-po train --resume`)"
+            f"{run_dir.path}: a training run without reliability.json (unfinished? resume it "
+            "with `re-po train --resume`)"
         )
-    posterior_file = path / "posteriors.jsonl"
-    if not posterior_file.is_file():
+    if not run_dir.has_posteriors():
         raise ValueError(
-            f"{path}: a training run without posteriors.jsonl ([run] posteriors = false, "
-            "or [em] enabled = false): nothing to diagnose"
+            f"{run_dir.path}: a training run without posteriors.jsonl ([run] posteriors = "
+            "false, or [em] enabled = false): nothing to diagnose"
         )
-    reliability = json.loads(reliability_file.read_text())
-    frame = pd.read_json(posterior_file, lines=True, dtype={"annotator": str, "item": str})
+    reliability = run_dir.read_reliability()
+    frame = pd.DataFrame(run_dir.read_posteriors())
     if "logit" not in frame:
-        raise ValueError(f"{posterior_file}: no 'logit' field (written by an older re-po)")
+        raise ValueError(f"{run_dir.posteriors_file}: no 'logit' field (written by an older re-po)")
+    frame["annotator"] = frame["annotator"].astype(str)
+    frame["item"] = frame["item"].astype(str)
     config = resolved.get("config", {})
     prior = config.get("noise", {}).get("prior", "none")
     fit = fit_noise(
@@ -215,19 +217,16 @@ def read_training_run(path: str | Path) -> Run | None:
     }
     run = Run(
         result=result,
-        source=path,
+        source=run_dir.path,
         idata=fit.to_inference_data(),
         notes=[
             "annotator parameters refitted by EM at the final policy's logits (Laplace "
             "posterior); '<name>_training' columns: the values at the end of training"
         ],
     )
-    trajectory_file = path / "annotators.jsonl"
-    if trajectory_file.is_file():
-        first = trajectory_file.read_text().split("\n", 1)[0]
-        if first.strip() and "eta" in json.loads(first):
-            ids = json.loads((path / "annotators.json").read_text())["annotators"]
-            run.trajectory = read_trajectory(trajectory_file, [str(a) for a in ids])
+    trajectory = run_dir.trajectory_log().read()
+    if trajectory and "eta" in trajectory[0]:
+        run.trajectory = read_trajectory(run_dir.trajectory_file, run_dir.read_annotators())
     return run
 
 
