@@ -131,6 +131,10 @@ def read_result(path: str | Path) -> Run:
         document = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if isinstance(document, dict) and "tables" in document:  # a NoiseFit directory's fit.json
+        from repo.fit import NoiseFit
+
+        document = NoiseFit.load(path.parent).to_dict()
     validate_result(document, path)
     run = Run(result=document, source=path)
     files = document.get("files") or {}
@@ -155,8 +159,9 @@ def read_result(path: str | Path) -> Run:
 
 
 def _read_result_directory(path: Path) -> Run | None:
-    """A directory holding one ``RESULT.json`` (or ``result.json``)."""
-    for name in ("RESULT.json", "result.json"):
+    """A directory holding one ``RESULT.json`` (or ``result.json``), or a saved
+    :class:`~repo.fit.NoiseFit` (``fit.json``)."""
+    for name in ("RESULT.json", "result.json", "fit.json"):
         if (path / name).is_file():
             return read_result(path / name)
     return None
