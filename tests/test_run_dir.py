@@ -175,3 +175,38 @@ def test_only_the_run_directory_type_names_the_run_files():
             if isinstance(node, ast.Constant) and node.value in RUN_FILES:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
     assert not offenders, offenders
+
+
+def test_the_final_noise_model_is_a_noise_fit_that_diagnose_reads_without_refitting(
+    tmp_path, monkeypatch
+):
+    import repo.fit
+    from repo.diagnostics.io import load_run as load_for_diagnosis
+    from repo.fit import NoiseFit
+
+    write_jsonl(tmp_path / "data.jsonl", rule_pairs(32, [0.95, 0.8, 0.6], seed=6).rows)
+    trainer = Trainer(config(tmp_path, optim={"max_steps": 4}, noise={"prior": "beta:4,1.5"}))
+    trainer.train()
+    run = RunDir(tmp_path / "run")
+    fit = NoiseFit.load(run.noise_fit)
+    assert (fit.model, fit.format, fit.prior) == ("symmetric", "scored", "beta:4,1.5")
+    assert fit.annotators["id"].tolist() == trainer.data.annotator_ids
+    assert fit.annotators["eta"].to_numpy() == pytest.approx(trainer.noise.eta.detach().numpy())
+    posteriors = {p["row"]: p["w"] for p in run.read_posteriors()}
+    assert dict(zip(fit.labels["row"], fit.labels["w"], strict=True)) == pytest.approx(posteriors)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("EM was run again")
+
+    monkeypatch.setattr(repo.fit, "fit_em", refuse)
+    diagnosed = load_for_diagnosis(run.path)
+    for annotator, eta in zip(diagnosed.result["annotators"], fit.annotators["eta"], strict=True):
+        assert annotator["eta"] == pytest.approx(eta, rel=1e-12)
+        assert annotator["eta_lo90"] <= annotator["eta"] <= annotator["eta_hi90"]
+    assert diagnosed.idata is not None and diagnosed.trajectory is not None
+    # a noise fit that does not belong to the run's final state is refused
+    edited = fit.annotators.copy()
+    edited["eta"] = 0.5
+    NoiseFit(**{**fit.__dict__, "annotators": edited}).save(run.noise_fit)
+    with pytest.raises(ValueError, match="'eta' does not match the run's final noise state"):
+        load_for_diagnosis(run.path)

@@ -10,18 +10,15 @@ A fit leaves (``re-po fit-noise``):
   ``{"step": int, "objective": float, "eta": [eta_1, ..., eta_K]}`` in the order
   of RESULT.json's annotators.
 
-A training run (``re-po train``, :mod:`repo.train`) leaves a directory with
-``config.json`` (the resolved configuration), ``reliability.json`` (per annotator:
-label count and the noise model's parameters), ``annotators.jsonl`` (the
-parameters after every optimizer step: the online EM's trajectory) and, with
-``[run] posteriors``, ``posteriors.jsonl`` (per label: ``row``, ``w``, ``q`` and the
-item's induced ``logit`` under the final policy).
+A training run (``re-po train``, :mod:`repo.train`) leaves a run directory
+(:class:`repo.train.run_dir.RunDir` reads it): the resolved configuration, the
+online EM's trajectory and, with ``[run] posteriors``, the final noise model as a
+:class:`~repo.fit.NoiseFit` (``format`` ``"scored"``: the labels with the final
+policy's logits as fixed scores) and the per-label posteriors.
 :func:`read_training_run` turns it into the same :class:`Run` a RESULT.json gives:
-the noise model refitted by EM to the labels with the final policy's logits as
-fixed scores (``format`` ``"scored"``, the Laplace posterior and its InferenceData,
-so intervals, PSIS-LOO, predictive checks and the scorer's calibration apply), each
-annotator's parameters at the end of training beside it as ``<name>_training``;
-a ``"training"`` entry says what was trained.
+the trained estimates as they are (no EM refit), EM's Laplace approximation at them
+and its InferenceData, so intervals, PSIS-LOO, predictive checks and the scorer's
+calibration apply; a ``"training"`` entry says what was trained.
 
 :func:`load_run` accepts a RESULT.json or a directory. Directory layouts are read
 by the functions in :data:`RUN_READERS`, tried in order.
@@ -35,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from repo.diagnostics.compat import attrs, from_netcdf, to_netcdf
@@ -170,51 +168,47 @@ def _read_result_directory(path: Path) -> Run | None:
 def read_training_run(path: str | Path) -> Run | None:
     """A ``re-po train`` run directory as a :class:`Run`; None when ``path`` is not one.
 
-    The directory is read through :class:`repo.train.run_dir.RunDir`.
+    The run's final noise model (``noise/``, a :class:`~repo.fit.NoiseFit` at the
+    final policy's logits) is the result, as trained: no EM is run. EM's Laplace
+    approximation at the trained parameters
+    (:func:`repo.train.build.build_trained_noise_fit`) gives the intervals and the
+    InferenceData, so PSIS-LOO, predictive checks and the scorer's calibration apply;
+    ``annotators.jsonl`` gives the online EM's trajectory.
 
-    :raises ValueError: a training run that is unfinished (no ``reliability.json``)
-        or written without per-label posteriors (the message says which).
+    :raises ValueError: a training run that is unfinished (no ``reliability.json``),
+        written without a final noise model (plain DPO, ``[run] posteriors = false``),
+        or whose files disagree (the message says which).
     """
-    from repo.fit import fit_noise
+    from repo.train.build import build_trained_noise_fit
     from repo.train.run_dir import RunDir
 
     run_dir = RunDir(path)
     if not (run_dir.holds_run() and run_dir.annotators_file.is_file()):
         return None
-    resolved = run_dir.read_resolved()
     if not run_dir.finished():
         raise ValueError(
             f"{run_dir.path}: a training run without reliability.json (unfinished? resume it "
             "with `re-po train --resume`)"
         )
-    if not run_dir.has_posteriors():
+    if not (run_dir.has_posteriors() and run_dir.noise_fit.is_dir()):
         raise ValueError(
-            f"{run_dir.path}: a training run without posteriors.jsonl ([run] posteriors = "
-            "false, or [em] enabled = false): nothing to diagnose"
+            f"{run_dir.path}: a training run without posteriors.jsonl and noise/ ([run] "
+            "posteriors = false, or [em] enabled = false): nothing to diagnose"
         )
-    reliability = run_dir.read_reliability()
-    frame = pd.DataFrame(run_dir.read_posteriors())
-    if "logit" not in frame:
-        raise ValueError(f"{run_dir.posteriors_file}: no 'logit' field (written by an older re-po)")
-    frame["annotator"] = frame["annotator"].astype(str)
-    frame["item"] = frame["item"].astype(str)
+    saved = run_dir.read_noise_fit()
+    fit = build_trained_noise_fit(run_dir, posterior=True)
+    for column in saved.annotators.columns:
+        mine, theirs = saved.annotators[column], fit.annotators[column]
+        numeric = pd.api.types.is_numeric_dtype(mine)
+        same = np.allclose(mine, theirs, rtol=1e-9) if numeric else mine.equals(theirs)
+        if not same:
+            raise ValueError(
+                f"{run_dir.noise_fit}: its {column!r} does not match the run's final noise "
+                "state and posteriors (were files edited or copied from another run?)"
+            )
+    resolved = run_dir.read_resolved()
     config = resolved.get("config", {})
-    prior = config.get("noise", {}).get("prior", "none")
-    fit = fit_noise(
-        frame[["annotator", "item", "label", "logit"]].rename(columns={"logit": "score"}),
-        format="scored",
-        model=reliability["model"],
-        shared_truth=bool(config.get("data", {}).get("shared_truth", False)),
-        prior=None if prior in ("", "none") else prior,
-        duplicates="first" if frame.duplicated(["annotator", "item"]).any() else "error",
-        method="em",
-    )
     result = fit.to_dict()
-    trained = {str(a["id"]): a for a in reliability["annotators"]}
-    for annotator in result["annotators"]:
-        for name, value in trained.get(str(annotator["id"]), {}).items():
-            if name not in ("id", "n_labels"):
-                annotator[f"{name}_training"] = value
     result["training"] = {
         "loss": resolved.get("likelihood", {}),
         "total_steps": resolved.get("total_steps"),
@@ -225,8 +219,8 @@ def read_training_run(path: str | Path) -> Run | None:
         source=run_dir.path,
         idata=fit.to_inference_data(),
         notes=[
-            "annotator parameters refitted by EM at the final policy's logits (Laplace "
-            "posterior); '<name>_training' columns: the values at the end of training"
+            "annotator parameters as trained by the online EM, at the final policy's logits; "
+            "intervals: EM's Laplace approximation at those parameters"
         ],
     )
     trajectory = run_dir.trajectory_log().read()

@@ -26,7 +26,8 @@ without a model is checked before a model loads:
 
 :func:`build_online_em`, :func:`build_schedule`, :func:`build_optimizer`,
 :func:`build_scheduler` and :func:`build_reference` make the training-only parts;
-:func:`build_trained_policy` loads a finished run's final policy.
+:func:`build_trained_policy` and :func:`build_trained_noise_fit` load a finished
+run's final policy and final noise model.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
-from repo.fit import parse_prior
+from repo.fit import NoiseFit, parse_prior
 from repo.inference.online import OnlineEM
 from repo.likelihoods import PreferenceLikelihood, get_likelihood
 from repo.noise import NoiseModel, initial_arguments, make_noise_model
@@ -59,6 +60,7 @@ from repo.policy import (
 from repo.train.config import ConfigError, TrainConfig
 from repo.train.dataset import BatchSchedule, TrainingData
 from repo.train.run_dir import RunDir
+from repo.train.summaries import scored_fit
 
 __all__ = [
     "RunParts",
@@ -73,6 +75,7 @@ __all__ = [
     "build_run",
     "build_schedule",
     "build_scheduler",
+    "build_trained_noise_fit",
     "build_trained_policy",
     "check_settings",
     "load_records",
@@ -450,3 +453,26 @@ def build_trained_policy(config: TrainConfig, run: RunDir, device: Any = None) -
         run.load_final_adapter(policy)
         return policy
     return build_policy(config, device, weights=run.final_model())
+
+
+def build_trained_noise_fit(run: RunDir, *, posterior: bool = True) -> NoiseFit:
+    """A finished run's final noise model as a :class:`~repo.fit.NoiseFit` with its
+    live objects: the run's noise model at the trained parameters (the online EM's
+    final state), the labels with the final policy's logits (``posteriors.jsonl``)
+    and, with ``posterior``, EM's Laplace approximation at those parameters. No EM
+    is run: the estimates are the ones the run wrote (:meth:`RunDir.read_noise_fit`).
+
+    :raises FileNotFoundError: the run has no final state or posteriors.
+    """
+    config = run.read_config()
+    annotator_ids = run.read_annotators()
+    noise = build_noise_model(config, len(annotator_ids))
+    build_online_em(config, noise).load_state_dict(run.read_noise_state())
+    return scored_fit(
+        noise,
+        run.read_posteriors(),
+        annotator_ids,
+        shared_truth=config.data.shared_truth,
+        prior=config.noise.prior,
+        posterior=posterior,
+    )

@@ -53,6 +53,7 @@ __all__ = [
     "optimizer_from_tensors",
     "optimizer_to_tensors",
     "restore_rng",
+    "restore_training_state",
     "save_checkpoint",
     "write_policy_weights",
 ]
@@ -419,3 +420,25 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except Exception as error:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: unreadable tensors: {error}") from None
     return Checkpoint(path=path, state=state, optimizer=optimizer, noise=noise, rng=rng)
+
+
+def restore_training_state(
+    checkpoint: Checkpoint, *, policy: Any, optimizer: Any, online_em: Any, scheduler: Any
+) -> None:
+    """Put a checkpoint's training state back: the policy's trainable weights, the
+    optimizer's moments, the online EM's state, the schedule and every RNG.
+
+    :raises CheckpointError: a piece that does not fit (another model, optimizer or
+        noise model).
+    """
+    state = checkpoint.state
+    load_policy_weights(policy, checkpoint.path)
+    try:
+        optimizer.load_state_dict(
+            optimizer_from_tensors(checkpoint.optimizer, state["optimizer_groups"])
+        )
+        online_em.load_state_dict(checkpoint.noise)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{checkpoint.path}: state does not fit this run: {error}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(checkpoint.rng, state["rng"])

@@ -346,7 +346,10 @@ class RunSection:
 
     output_dir: str = field(
         default="runs/re-po",
-        metadata=_doc("the run directory (config, metrics, posteriors, checkpoints, adapter)"),
+        metadata=_doc(
+            "the run directory (config, metrics, checkpoints, posteriors, the final adapter "
+            "or model, the noise fit; see repo.train.run_dir)"
+        ),
     )
     seed: int = field(
         default=0, metadata=_doc("seeds Python, NumPy, torch, Pyro and the data order")

@@ -12,6 +12,8 @@ A run directory (``[run] output_dir``) holds::
     model/               full fine-tuning: the final model and tokenizer (save_pretrained;
                          AutoModelForCausalLM.from_pretrained(model/))
     noise.safetensors    the final state of the online EM (annotator parameters, ...)
+    noise/               the final noise model as a NoiseFit (repo.fit: fit.json, labels.parquet,
+                         items.parquet): estimates at the final policy's logits
     reliability.json     per annotator at the end: label count, parameters
     posteriors.jsonl     per label at the end: w (label correct), q (A truly better),
                          logit (the item's induced logit), flipped (w < 1/2)
@@ -36,6 +38,7 @@ from typing import Any
 
 from torch import Tensor
 
+from repo.fit import NoiseFit
 from repo.train.checkpoint import (
     latest_checkpoint,
     load_adapter_weights,
@@ -98,6 +101,11 @@ class RunDir:
     @property
     def noise_file(self) -> Path:
         return self.path / "noise.safetensors"
+
+    @property
+    def noise_fit(self) -> Path:
+        """The final noise model's :class:`~repo.fit.NoiseFit` folder."""
+        return self.path / "noise"
 
     @property
     def reliability_file(self) -> Path:
@@ -240,6 +248,23 @@ class RunDir:
         if not self.noise_file.is_file():
             raise FileNotFoundError(f"{self.path}: no {self.noise_file.name} (unfinished run?)")
         return load_file(str(self.noise_file))
+
+    def write_noise_fit(self, fit: NoiseFit) -> None:
+        """The final noise model (:meth:`repo.fit.NoiseFit.save`)."""
+        fit.save(self.noise_fit)
+
+    def read_noise_fit(self) -> NoiseFit:
+        """The final noise model (:meth:`repo.fit.NoiseFit.load`).
+
+        :raises FileNotFoundError: none was written (an unfinished run, or one with
+            ``[em] enabled = false`` or ``[run] posteriors = false``).
+        """
+        if not self.noise_fit.is_dir():
+            raise FileNotFoundError(
+                f"{self.path}: no noise/ (the run has not finished, or ran with [em] enabled "
+                "= false or [run] posteriors = false)"
+            )
+        return NoiseFit.load(self.noise_fit)
 
     def write_reliability(self, reliability: dict[str, Any]) -> None:
         _write_json(self.reliability_file, reliability)

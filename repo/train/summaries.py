@@ -10,26 +10,38 @@
 * :func:`posterior_rows` - ``posteriors.jsonl``: per label its record, annotator,
   label (in the item's A/B order), ``w`` (the posterior that the label is correct),
   ``q`` (that A is truly better), the item's induced logit and ``flipped``
-  (``w < 1/2``).
+  (``w < 1/2``);
+* :func:`scored_fit` - the final noise model as a :class:`~repo.fit.NoiseFit` of the
+  ``scored`` format: the labels with the final policy's logits as fixed scores, the
+  annotator parameters as trained (one exact E-step at them, no M-step), and on
+  request EM's Laplace approximation at them (:mod:`repo.diagnostics` reads it).
 
 :class:`~repo.train.run_dir.RunDir` writes them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
+from repo.data.labels import EncodedLabels
 from repo.data.records import PreferenceData
+from repo.fit import NoiseFit, attach_posterior, summarise
+from repo.inference.bayes import infer
+from repo.inference.em import EM
 from repo.inference.enumeration import EnumPosterior
 from repo.likelihoods import PreferenceLikelihood
-from repo.noise import NoiseModel
+from repo.noise import LabelData, NoiseModel
 from repo.policy import ModelRecipe
+from repo.scorers import FixedLogits
 from repo.train.config import TrainConfig
 from repo.train.dataset import BatchSchedule, TrainingData
 
-__all__ = ["data_report", "posterior_rows", "reliability", "resolved_config"]
+__all__ = ["data_report", "posterior_rows", "reliability", "resolved_config", "scored_fit"]
 
 
 def resolved_config(
@@ -135,3 +147,66 @@ def posterior_rows(
             }
         )
     return rows
+
+
+def scored_fit(
+    noise: NoiseModel,
+    rows: Sequence[dict[str, Any]],
+    annotator_ids: Sequence[str],
+    *,
+    shared_truth: bool,
+    prior: str | None = None,
+    posterior: bool = False,
+) -> NoiseFit:
+    """The trained noise model as a :class:`~repo.fit.NoiseFit` (``scored`` format).
+
+    :param noise: the noise model at its trained parameters (left as it is).
+    :param rows: per label, in the order of :func:`posterior_rows`: ``annotator``,
+        ``item``, ``label`` (1: A preferred), ``logit`` (the item's induced logit
+        under the final policy) and ``row`` (the source row).
+    :param annotator_ids: the run's annotator ids (the noise model's index order).
+    :param shared_truth: the labels of one item share one truth.
+    :param prior: ``[noise] prior`` as written in the configuration.
+    :param posterior: attach EM's Laplace approximation at the trained parameters
+        (intervals, draws for :meth:`~repo.fit.NoiseFit.to_inference_data`).
+    """
+    code = {a: k for k, a in enumerate(annotator_ids)}
+    unknown = sorted({str(r["annotator"]) for r in rows} - set(code))
+    if unknown:
+        raise ValueError(f"labels of annotators the run does not know: {unknown[:3]}")
+    item_ids: list[str] = []
+    item_code: dict[str, int] = {}
+    for r in rows:  # items numbered in order of first appearance: the run's unit order
+        item_code.setdefault(str(r["item"]), len(item_ids))
+        if len(item_code) > len(item_ids):
+            item_ids.append(str(r["item"]))
+    annotator = np.array([code[str(r["annotator"])] for r in rows], dtype=np.int64)
+    item = np.array([item_code[str(r["item"])] for r in rows], dtype=np.int64)
+    label = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    score = np.array([float(r["logit"]) for r in rows], dtype=np.float64)
+    item_logits = np.zeros(len(item_ids))
+    item_logits[item] = score
+    encoded = EncodedLabels(
+        format="scored",
+        annotator=annotator,
+        annotator_ids=list(annotator_ids),
+        label=label,
+        row=np.array([int(r["row"]) for r in rows], dtype=np.int64),
+        item=item,
+        item_ids=item_ids,
+        score=score,
+    )
+    data = LabelData.from_labels(
+        torch.as_tensor(annotator),
+        torch.as_tensor(label),
+        torch.as_tensor(item),
+        shared_truth=shared_truth,
+        num_annotators=len(annotator_ids),
+    )
+    scorer = FixedLogits(torch.as_tensor(item_logits))
+    result = EM(noise, scorer, data).fit(max_iter=1)  # the E-step at these parameters only
+    fit = summarise(noise, scorer, data, encoded, result, prior=prior)
+    if posterior:
+        fit = attach_posterior(fit, infer("em", noise, scorer, data), encoded)
+    fit.inference["estimate"] = "online-em"  # trained, not refitted
+    return fit

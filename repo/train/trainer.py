@@ -55,20 +55,23 @@ from repo.train.build import (
 )
 from repo.train.checkpoint import (
     Checkpoint,
-    CheckpointError,
     check_compatible,
     jsonable,
     load_checkpoint,
-    load_policy_weights,
-    optimizer_from_tensors,
-    restore_rng,
+    restore_training_state,
 )
 from repo.train.config import ConfigError, TrainConfig
 from repo.train.evaluate import evaluate_records
 from repo.train.metrics import MetricSums, ProgressBar, add_micro_metrics, parameter_summary
 from repo.train.objective import gather_stats, plain_loss, policy_objective
 from repo.train.run_dir import RunDir
-from repo.train.summaries import data_report, posterior_rows, reliability, resolved_config
+from repo.train.summaries import (
+    data_report,
+    posterior_rows,
+    reliability,
+    resolved_config,
+    scored_fit,
+)
 
 __all__ = ["Trainer"]
 
@@ -353,22 +356,16 @@ class Trainer:
         :raises CheckpointError: the checkpoint belongs to another configuration, data,
             noise model or model (the message names what differs).
         """
-        state = checkpoint.state
         check_compatible(
             checkpoint, self.config.to_dict(), self.fingerprint, self.accelerator.num_processes
         )
-        load_policy_weights(self.policy, checkpoint.path)
-        try:
-            self.optimizer.load_state_dict(
-                optimizer_from_tensors(checkpoint.optimizer, state["optimizer_groups"])
-            )
-            self.em.load_state_dict(checkpoint.noise)
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise CheckpointError(
-                f"{checkpoint.path}: state does not fit this run: {error}"
-            ) from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(checkpoint.rng, state["rng"])
+        restore_training_state(
+            checkpoint,
+            policy=self.policy,
+            optimizer=self.optimizer,
+            online_em=self.em,
+            scheduler=self.scheduler,
+        )
         self.step = checkpoint.step
         self._item_logits = None
         if self.is_main:
@@ -388,10 +385,14 @@ class Trainer:
         if self.config.run.posteriors and self.config.em.enabled:
             posterior = self.full_posterior()
         if self.is_main:
-            run = self.run_dir
+            run, n = self.run_dir, self.config.noise
             run.save_final_policy(self.policy)
             run.write_noise_state(self.em.state_dict())
             run.write_reliability(reliability(self.noise, self.data))
             if posterior is not None:
-                run.write_posteriors(posterior_rows(self.noise, self.data, *posterior))
+                rows = posterior_rows(self.noise, self.data, *posterior)
+                run.write_posteriors(rows)
+                ids, shared = self.data.annotator_ids, self.data.labels.shared_truth
+                fit = scored_fit(self.noise, rows, ids, shared_truth=shared, prior=n.prior)
+                run.write_noise_fit(fit)
         self.accelerator.wait_for_everyone()
