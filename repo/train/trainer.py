@@ -27,8 +27,9 @@ tokeniser, likelihood, noise model, online EM, optimizer, schedule) come from
 there): the resolved configuration, the data report and annotator ids at the
 start, metrics and the annotator trajectory per step, checkpoints, and at the end
 the final policy (the LoRA adapter, or for full fine-tuning a Hugging Face model
-folder), the online EM's state, per-annotator reliability and per-label
-posteriors.
+folder), the online EM's state, per-annotator reliability, per-label posteriors and
+the final noise model as a :class:`~repo.fit.NoiseFit` (the trained parameters at
+the final policy's logits).
 """
 
 from __future__ import annotations
