@@ -110,7 +110,6 @@ def run_one(rho: float, seed: int, grid: Grid) -> list[dict]:
         held_data, fresh_data = build(held.rows), build(fresh.rows)
         per_epoch = trainer.schedule.steps_per_epoch
         every = max(1, per_epoch // grid.snapshots)
-        trainer._prepare_run_dir()
 
         def snapshot() -> None:
             labels = trainer.data.labels

@@ -26,21 +26,20 @@ def _bayes_settings(args: argparse.Namespace):
     )
 
 
-def _write_side_files(fit, args: argparse.Namespace) -> None:
-    """Write --idata / --trajectory and record them (relative) in RESULT.json."""
-    from pathlib import Path
-
-    from repo.diagnostics.io import write_inference_data, write_trajectory
-
-    base = Path(args.out).resolve().parent
+def _write_side_files(fit, args: argparse.Namespace, base: Path) -> None:
+    """Write --idata / --trajectory and record them (relative to ``base``) in the fit."""
     for option, key in (("idata", "inference_data"), ("trajectory", "trajectory")):
         target = getattr(args, option)
         if target is None:
             continue
         target = Path(target).resolve()
         if option == "idata":
+            from repo.diagnostics.io import write_inference_data
+
             write_inference_data(fit.to_inference_data(), target)
         else:
+            from repo.diagnostics.io import write_trajectory
+
             write_trajectory(fit.trajectory, target)
         try:
             fit.files[key] = str(target.relative_to(base))
@@ -48,9 +47,20 @@ def _write_side_files(fit, args: argparse.Namespace) -> None:
             fit.files[key] = str(target)
 
 
+def _skipped_line(skipped: dict[str, int]) -> str | None:
+    """The one stderr line that says which rows were left out, by reason."""
+    if not skipped:
+        return None
+    total = sum(skipped.values())
+    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+    return f"[re-po] skipped {total} row(s): {reasons}"
+
+
 def _fit_noise(args: argparse.Namespace) -> int:
     from repo.fit import fit_noise
 
+    out = Path(args.out)
+    single_file = out.suffix.lower() == ".json"
     fit = fit_noise(
         args.labels,
         format=args.format,
@@ -60,18 +70,25 @@ def _fit_noise(args: argparse.Namespace) -> int:
         eta_init=args.eta_init,
         tie_value=None if args.tie_value.lower() == "none" else args.tie_value,
         duplicates=args.duplicates,
+        on_invalid=args.on_invalid,
         tol=args.tol,
         max_iter=args.max_iter,
         progress=True,
         method=args.method,
         bayes=_bayes_settings(args),
     )
-    _write_side_files(fit, args)
-    fit.to_json(args.out)
+    line = _skipped_line(fit.skipped)
+    if line:
+        print(line, file=sys.stderr)
+    _write_side_files(fit, args, (out.parent if single_file else out).resolve())
+    if single_file:
+        fit.to_json(out)
+    else:
+        fit.save(out)
     if fit.divergences:
         print(
             f"[re-po] WARNING: {fit.divergences} divergent transition(s) after warm-up; "
-            "the posterior summaries may be biased (recorded in RESULT.json)",
+            "the posterior summaries may be biased (recorded in the result)",
             file=sys.stderr,
         )
     state = "converged" if fit.converged else "NOT converged"
@@ -222,10 +239,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="binary: the label value of a tie, dropped and counted; 'auto' (default): with "
         "three label values, the one spelled 0 or 'tie'; 'none': no ties",
     )
-    fit.add_argument("--duplicates", default="error", choices=["error", "first"])
+    fit.add_argument(
+        "--duplicates",
+        default="error",
+        choices=["error", "first"],
+        help="a second label of one (annotator, item): an error naming both rows, or keep "
+        "the first",
+    )
+    fit.add_argument(
+        "--on-invalid",
+        default="error",
+        choices=["error", "skip"],
+        help="a malformed row (missing id or label, winner == loser): an error naming the row "
+        "and field, or skip it (counted by reason in the result and on one stderr line)",
+    )
     fit.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood tolerance")
     fit.add_argument("--max-iter", type=int, default=1000)
-    fit.add_argument("--out", required=True, help="RESULT.json to write")
+    fit.add_argument(
+        "--out",
+        required=True,
+        help="the result directory (fit.json, labels.parquet, items.parquet: NoiseFit.save); "
+        "a path ending in .json writes the whole fit as one JSON document instead (small fits)",
+    )
     bayes = fit.add_argument_group("posterior (after EM; the scorer is held at its EM fit)")
     bayes.add_argument(
         "--method",

@@ -56,6 +56,7 @@ from repo.data.records import PreferenceData, PreferenceRecord
 from repo.policy import PairTokenizer
 from repo.policy.recipes import ModelSourceError, load_model_and_tokenizer
 from repo.train.config import TrainConfig
+from repo.train.run_dir import RunDir
 from repo.train.trainer import Trainer
 
 __all__ = [
@@ -242,7 +243,8 @@ def _config(settings: DemoSettings, out: Path, name: str, em: bool, device: str)
                 "lora_last_layers": settings.lora_last_layers if settings.use_lora else 0,
                 "device": device,
                 "max_length": settings.max_tokens,
-                "reference_cache_dir": str(out / "reference-cache"),
+                # both runs read the DPO run's cache: the same model scores the same pairs
+                "reference_cache_dir": str(RunDir(out / "dpo").reference_cache),
             },
             "data": {"train": "simulated", "shared_truth": True},
             "loss": {"family": "dpo", "beta": settings.beta},
@@ -328,7 +330,7 @@ def run_demo(
         device_name = str(trainer.accelerator.device)
         del trainer
 
-    summary = _em_summary(out / "re-dpo", records, correct, settings.pool)
+    summary = _em_summary(RunDir(out / "re-dpo"), records, correct, settings.pool)
     tick = time.perf_counter()
     from repo.diagnostics import diagnose
 
@@ -360,10 +362,13 @@ def run_demo(
 
 
 def _em_summary(
-    run: Path, records: PreferenceData, correct: np.ndarray, pool: tuple[SimulatedAnnotator, ...]
+    run: RunDir,
+    records: PreferenceData,
+    correct: np.ndarray,
+    pool: tuple[SimulatedAnnotator, ...],
 ) -> dict[str, Any]:
     """Eta recovery and flag precision/recall from the RE-DPO run directory."""
-    reliability = json.loads((run / "reliability.json").read_text())
+    reliability = run.read_reliability()
     estimated = {a["id"]: a["eta"] for a in reliability["annotators"]}
     annotators = np.array([r.annotator for r in records])
     eta = [
@@ -376,7 +381,7 @@ def _em_summary(
         }
         for a in pool
     ]
-    posteriors = pd.read_json(run / "posteriors.jsonl", lines=True).sort_values("row")
+    posteriors = pd.DataFrame(run.read_posteriors()).sort_values("row")
     wrong = ~correct[posteriors["row"].to_numpy()]
     em_flags = posteriors["w"].to_numpy() < 0.5
     items = np.array([r.item for r in records])

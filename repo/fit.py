@@ -34,7 +34,7 @@ from repo.data.labels import EncodedLabels, encode_labels, read_label_table
 from repo.inference.bayes import METHODS, BayesResult, BayesSettings, infer, summarise_draws
 from repo.inference.em import EMResult, fit_em
 from repo.inference.enumeration import EnumPosterior, enumerate_posterior
-from repo.noise import NOISE_MODELS, LabelData, NoiseModel, make_noise_model
+from repo.noise import NOISE_MODELS, LabelData, NoiseModel, initial_arguments, make_noise_model
 from repo.scorers import BradleyTerry, ClassPrior, FixedLogits, Scorer
 
 RESULT_VERSION = 1
@@ -113,15 +113,38 @@ def check_identifiable(model: str, fmt: str, shared_truth: bool, labels: Encoded
 
 @dataclass
 class NoiseFit:
-    """A fitted noise model and its estimates.
+    """A fitted noise model and its estimates: plain data, saved and loaded whole.
 
     :param annotators: one row per annotator: ``id``, ``n_labels``, ``eta`` (the
-        probability that their label is correct) and the model's own parameters.
-    :param items: per item: the posterior of the truth (binary, scored with shared
-        truth) or the Bradley-Terry score (pairwise).
-    :param labels: per label: ``row`` and ``w``, the posterior that it is correct.
-    :param pointwise_log_likelihood: per truth unit (label, or item under shared
-        truth), every latent summed out: the input to PSIS-LOO.
+        probability that their label is correct) and the model's own parameters
+        (with a posterior, their ``_mean``, ``_sd``, ``_lo90``, ``_hi90``, ...).
+    :param items: per item: ``id``, the posterior of the truth ``p_<value>`` for
+        both label values and the item's ``log_likelihood`` (binary, scored with
+        shared truth), or ``id`` and the Bradley-Terry ``score`` (pairwise).
+    :param labels: per kept label: ``row`` (its row in the input) and ``w``, the
+        posterior that it is correct; under per-label truth also its
+        ``log_likelihood``.
+    :param skipped: rows left out of the fit, by reason (``tie``, ``duplicate``,
+        and under ``on_invalid="skip"`` ``missing_id``, ``missing_label``,
+        ``self_comparison``, ...; :mod:`repo.data.labels`).
+    :param settings: what the fit was asked (format options, tolerance, ...).
+    :param truth_values: the input's two label values, A first, whose posteriors
+        the ``p_<value>`` item columns hold (None without shared truth).
+
+    The last five fields (``noise_model``, ``scorer``, ``data``, ``em``,
+    ``posterior``) are the live objects of a fit made in this process, for
+    :meth:`to_inference_data` and further inference; they are never saved, and a
+    loaded fit has None there.
+
+    On disk (:meth:`save`, :meth:`load`) a fit is a directory:
+
+    * ``fit.json``: the summary, :meth:`summary` (every field above but the item
+      and label tables; annotators as one record each), ``version``
+      :data:`RESULT_VERSION`;
+    * ``labels.parquet`` and ``items.parquet``: the two tables, as they are.
+
+    :meth:`to_dict` is the whole fit as one JSON document (the tables as records:
+    the single-file RESULT.json, for small fits); :meth:`from_dict` reads it back.
     """
 
     model: str
@@ -134,22 +157,33 @@ class NoiseFit:
     items: pd.DataFrame
     labels: pd.DataFrame
     population: dict[str, float] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
     prior: str | None = None
-    pointwise_log_likelihood: np.ndarray | None = None
-    noise_model: NoiseModel | None = None
-    scorer: Scorer | None = None
-    data: LabelData | None = None
-    em: EMResult | None = None
-    posterior: BayesResult | None = None
     divergences: int = 0
     inference: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
     trajectory: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     truth_values: tuple[str, str] | None = None
+    noise_model: NoiseModel | None = field(default=None, repr=False, compare=False)
+    scorer: Scorer | None = field(default=None, repr=False, compare=False)
+    data: LabelData | None = field(default=None, repr=False, compare=False)
+    em: EMResult | None = field(default=None, repr=False, compare=False)
+    posterior: BayesResult | None = field(default=None, repr=False, compare=False)
 
-    def to_dict(self) -> dict:
-        """The RESULT.json document."""
+    @property
+    def pointwise_log_likelihood(self) -> np.ndarray | None:
+        """Per truth unit (label, or item under shared truth), every latent summed
+        out: the input to PSIS-LOO."""
+        for frame in (self.items, self.labels):
+            if "log_likelihood" in frame:
+                return frame["log_likelihood"].to_numpy()
+        return None
+
+    # -- the summary and the whole document --------------------------------------
+
+    def summary(self) -> dict:
+        """Everything but the item and label tables, as JSON-ready values."""
         return {
             "version": RESULT_VERSION,
             "model": self.model,
@@ -161,16 +195,26 @@ class NoiseFit:
             "log_likelihood": float(self.log_likelihood),
             "divergences": int(self.divergences),
             "inference": self.inference,
+            "settings": dict(self.settings),
             "files": dict(self.files),
             "population": {k: float(v) for k, v in self.population.items()},
-            "dropped": dict(self.dropped),
+            "skipped": {k: int(v) for k, v in self.skipped.items()},
+            "truth_values": None if self.truth_values is None else list(self.truth_values),
+            "counts": {
+                "annotators": len(self.annotators),
+                "items": len(self.items),
+                "labels": len(self.labels),
+            },
             "annotators": _records(self.annotators),
-            "items": self._item_records(),
-            "labels": _records(self.labels),
         }
 
+    def to_dict(self) -> dict:
+        """The whole fit as one document (RESULT.json): :meth:`summary` plus
+        ``items`` (the ``p_<value>`` columns as one ``posterior`` dict) and
+        ``labels`` as records."""
+        return {**self.summary(), "items": self._item_records(), "labels": _records(self.labels)}
+
     def _item_records(self) -> list[dict]:
-        """Items for RESULT.json, the ``p_<value>`` columns as one ``posterior`` dict."""
         if self.truth_values is None:
             return _records(self.items)
         columns = [f"p_{value}" for value in self.truth_values]
@@ -180,6 +224,117 @@ class NoiseFit:
         for record, row in zip(records, probabilities, strict=True):
             record["posterior"] = dict(zip(self.truth_values, row, strict=True))
         return records
+
+    @classmethod
+    def from_dict(
+        cls,
+        document: Mapping,
+        *,
+        items: pd.DataFrame | None = None,
+        labels: pd.DataFrame | None = None,
+    ) -> NoiseFit:
+        """A fit from :meth:`to_dict`'s document, or from :meth:`summary`'s with the
+        ``items`` and ``labels`` tables given."""
+        version = document.get("version")
+        if version != RESULT_VERSION:
+            raise ValueError(
+                f"a noise fit of version {version!r}; this re-po reads version {RESULT_VERSION}"
+            )
+        truth = document.get("truth_values")
+        truth_values = None if truth is None else (str(truth[0]), str(truth[1]))
+        if items is None:
+            records = []
+            for record in document.get("items", []):
+                record = dict(record)
+                posterior = record.pop("posterior", None)
+                if posterior is not None:  # p_<value> columns after the id, as fitted
+                    truth_values = truth_values or tuple(str(v) for v in posterior)
+                    record = {
+                        "id": record.pop("id"),
+                        **{f"p_{k}": v for k, v in posterior.items()},
+                        **record,
+                    }
+                records.append(record)
+            items = pd.DataFrame(records, columns=None if records else ["id"])
+        if labels is None:
+            labels = pd.DataFrame(document.get("labels", []), columns=None)
+            if labels.empty:
+                labels = pd.DataFrame({"row": pd.Series([], dtype=np.int64), "w": []})
+        annotators = pd.DataFrame(document["annotators"])
+        annotators["id"] = annotators["id"].astype(str)
+        items["id"] = items["id"].astype(str)
+        return cls(
+            model=document["model"],
+            format=document["format"],
+            method=document.get("method", "em"),
+            converged=bool(document["converged"]),
+            iterations=int(document["iterations"]),
+            log_likelihood=float(document["log_likelihood"]),
+            annotators=annotators,
+            items=items,
+            labels=labels,
+            population=dict(document.get("population", {})),
+            skipped=dict(document.get("skipped", document.get("dropped", {}))),
+            prior=document.get("prior"),
+            divergences=int(document.get("divergences", 0)),
+            inference=dict(document.get("inference", {})),
+            settings=dict(document.get("settings", {})),
+            files=dict(document.get("files", {})),
+            truth_values=truth_values,
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise :meth:`to_dict` (one line); write it to ``path`` when given."""
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> NoiseFit:
+        """Read what :meth:`to_json` wrote."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # -- the directory -------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the fit to ``directory`` (created; existing files of a fit replaced):
+        ``fit.json`` (:meth:`summary`), ``labels.parquet``, ``items.parquet``.
+        Returns the directory."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, frame in (("labels", self.labels), ("items", self.items)):
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            pq.write_table(table, directory / TABLES[name])
+        summary = {**self.summary(), "tables": dict(TABLES)}
+        (directory / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> NoiseFit:
+        """Read a fit that :meth:`save` wrote (``directory`` or its ``fit.json``)."""
+        import pyarrow.parquet as pq
+
+        directory = Path(directory)
+        if directory.is_file():
+            directory = directory.parent
+        summary_path = directory / SUMMARY
+        if not summary_path.is_file():
+            raise ValueError(f"{directory}: not a saved noise fit (no {SUMMARY})")
+        try:
+            document = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{summary_path}: not valid JSON ({error.msg})") from None
+        tables = {}
+        for name, filename in document.get("tables", TABLES).items():
+            path = directory / filename
+            if not path.is_file():
+                raise ValueError(f"{directory}: the fit's {name} table {filename} is missing")
+            tables[name] = pq.read_table(path).to_pandas()
+        return cls.from_dict(document, items=tables["items"], labels=tables["labels"])
 
     def to_inference_data(self, log_likelihood: bool = True):
         """ArviZ data of the attached posterior (:mod:`repo.diagnostics`)."""
@@ -196,26 +351,25 @@ class NoiseFit:
             log_likelihood=log_likelihood,
         )
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """Serialise :meth:`to_dict`; write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+
+SUMMARY = "fit.json"
+"""The summary's file name in a saved fit's directory."""
+
+TABLES = {"labels": "labels.parquet", "items": "items.parquet"}
+"""The tables' file names in a saved fit's directory."""
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
-    out = []
-    for record in frame.to_dict(orient="records"):
-        clean = {}
-        for key, value in record.items():
-            if isinstance(value, np.integer):
-                value = int(value)
-            elif isinstance(value, np.floating):
-                value = float(value)
-            clean[key] = value
-        out.append(clean)
-    return out
+    """Rows as dicts of Python scalars (numpy scalars converted)."""
+    columns = {}
+    for name in frame.columns:
+        values = frame[name]
+        if pd.api.types.is_numeric_dtype(values.dtype) or values.dtype == bool:
+            columns[name] = values.to_numpy().tolist()
+        else:
+            columns[name] = values.tolist()
+    names = list(columns)
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
 
 def _build(labels: EncodedLabels, shared_truth: bool) -> tuple[LabelData, Scorer]:
@@ -240,16 +394,6 @@ def _build(labels: EncodedLabels, shared_truth: bool) -> tuple[LabelData, Scorer
     return data, FixedLogits(torch.as_tensor(labels.score))
 
 
-def _initial_kwargs(model: str, eta_init: float) -> dict:
-    if model in ("symmetric", "two-coin"):
-        return {"eta_init": eta_init}
-    if model == "spammer":
-        return {"theta_init": eta_init}
-    if model == "hierarchical":
-        return {"mu_init": float(np.log(eta_init / (1 - eta_init)))}
-    return {}
-
-
 def fit_noise(
     table: pd.DataFrame | str | Path | Mapping,
     *,
@@ -260,6 +404,7 @@ def fit_noise(
     eta_init: float = 0.9,
     tie_value: str | None = "auto",
     duplicates: str = "error",
+    on_invalid: str = "error",
     tol: float = 1e-6,
     max_iter: int = 1000,
     accelerate: bool = True,
@@ -286,14 +431,16 @@ def fit_noise(
     if method is not None and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     frame = _as_table(table)
-    labels = encode_labels(frame, format, tie_value=tie_value, duplicates=duplicates)
+    labels = encode_labels(
+        frame, format, tie_value=tie_value, duplicates=duplicates, on_invalid=on_invalid
+    )
     if shared_truth is None:
         shared_truth = format == "binary"
     check_identifiable(model, format, shared_truth, labels)
     beta = parse_prior(prior)
     data, scorer = _build(labels, shared_truth)
     noise = make_noise_model(
-        model, len(labels.annotator_ids), prior=beta, **_initial_kwargs(model, eta_init)
+        model, len(labels.annotator_ids), prior=beta, **initial_arguments(model, eta_init)
     )
 
     trajectory: list[dict] = []
@@ -320,6 +467,15 @@ def fit_noise(
     em_seconds = time.perf_counter() - em_start
     fit = summarise(noise, scorer, data, labels, result, prior=prior)
     fit.trajectory = trajectory
+    fit.settings = {
+        "shared_truth": bool(shared_truth),
+        "eta_init": float(eta_init),
+        "tie_value": tie_value,
+        "duplicates": duplicates,
+        "on_invalid": on_invalid,
+        "tol": float(tol),
+        "max_iter": int(max_iter),
+    }
     if method is None:
         fit.inference = {"method": "em", "em_seconds": em_seconds}
         return fit
@@ -365,6 +521,7 @@ def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabel
     out.population.update(population)
     out.posterior = posterior
     out.trajectory = fit.trajectory
+    out.settings = fit.settings
     out.divergences = posterior.draws.num_divergences
     out.inference = _inference_facts(posterior)
     return out
@@ -444,9 +601,8 @@ def summarise(
         items=items,
         labels=frame_labels,
         population=population,
-        dropped=labels.dropped,
+        skipped=dict(labels.skipped),
         prior=prior_text,
-        pointwise_log_likelihood=pointwise,
         noise_model=noise,
         scorer=scorer,
         data=data,

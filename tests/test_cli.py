@@ -251,7 +251,7 @@ def test_fit_noise_writes_dropped_ties_and_duplicates(capsys, tmp_path):
     code, stdout, stderr = run(capsys, *args, "--duplicates", "first")
     assert code == 0, stderr
     doc = json.loads(out.read_text())
-    assert doc["dropped"] == {"tie": 2, "duplicate": 1}
+    assert doc["skipped"] == {"tie": 2, "duplicate": 1}
     assert sorted(label["row"] for label in doc["labels"]) == sorted(
         set(range(len(table))) - {5, 17, len(table) - 1}
     )

@@ -22,6 +22,7 @@ from repo.demo import (
     select_pairs,
 )
 from repo.diagnostics.io import load_run
+from repo.fit import NoiseFit
 from repo.policy import PairTokenizer, load_model_and_tokenizer
 
 
@@ -115,14 +116,17 @@ def test_demo_runs_end_to_end_and_recovers_the_pool(tmp_path, capsys):
     for figure in ("w.png", "trajectories.png", "forest.png", "calibration.png"):
         assert (diagnostics / figure).is_file(), figure
     assert "PSIS-LOO" in text and "Posterior predictive checks" in text
-    # the run directory reads as an EM refit at the final policy's logits; the run
-    # ended with full-data EM at those logits, so the two estimates agree
+    # the run directory reads as the trained noise model (no EM refit), with EM's
+    # Laplace intervals at the trained parameters
     run = load_run(tmp_path / "demo" / "re-dpo")
     assert run.result["format"] == "scored" and len(run.result["labels"]) == 192
+    saved = NoiseFit.load(tmp_path / "demo" / "re-dpo" / "noise")
+    assert saved.annotators["eta"].tolist() == pytest.approx(
+        [a["eta"] for a in run.result["annotators"]], rel=1e-12
+    )
     for annotator in run.result["annotators"]:
-        assert annotator["eta"] == pytest.approx(annotator["eta_training"], abs=2e-3)
+        assert annotator["eta"] == pytest.approx(estimated[annotator["id"]], rel=1e-12)
         assert annotator["eta_lo90"] <= annotator["eta"] <= annotator["eta_hi90"]
-        assert annotator["eta"] == pytest.approx(estimated[annotator["id"]], abs=2e-3)
 
 
 def test_the_cli_runs_the_demo_and_a_run_directory_must_be_finished(tmp_path, capsys):

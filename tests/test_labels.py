@@ -213,7 +213,8 @@ def test_missing_id_or_value_names_row_and_field(fmt, table, column, blank):
     table.loc[2, column] = blank
     error = _raises(table, fmt)
     _assert_names(error, 2, column)
-    assert error.reason == "missing"
+    expected = {"label": "missing_label", "score": "missing_score"}.get(column, "missing_id")
+    assert error.reason == expected
 
 
 def test_missing_id_after_dropped_ties_names_the_file_row():
@@ -238,7 +239,7 @@ def test_nonfinite_score_names_row_and_field(bad):
     table.loc[2, "score"] = bad  # i2's two labels keep one score
     error = _raises(table, "scored")
     _assert_names(error, 2, "score")
-    assert error.reason == "nonfinite"
+    assert error.reason == "bad_score"
     assert "finite" in str(error)
 
 
@@ -251,7 +252,7 @@ def test_nonfinite_float_score_in_typed_file(tmp_path, bad):
         encode_labels(read_label_table(path), "scored")
     _assert_names(info.value, 1, "score")
     # a float NaN cell is how Parquet and JSON lines store a missing value
-    assert info.value.reason in ("nonfinite", "missing")
+    assert info.value.reason in ("bad_score", "missing_score")
 
 
 def test_score_that_is_not_a_number():
@@ -259,7 +260,7 @@ def test_score_that_is_not_a_number():
     table.loc[4, "score"] = "high"
     error = _raises(table, "scored")
     _assert_names(error, 4, "score")
-    assert error.reason == "type"
+    assert error.reason == "bad_score"
     assert "'high'" in str(error)
 
 
@@ -280,7 +281,7 @@ def test_scored_label_outside_zero_one(bad):
     table.loc[3, "label"] = bad
     error = _raises(table, "scored")
     _assert_names(error, 3, "label")
-    assert error.reason in ("values", "type")
+    assert error.reason == "bad_label"
     assert repr(bad) in str(error)
 
 
@@ -324,7 +325,7 @@ def _with_ties() -> pd.DataFrame:
 def test_ties_are_dropped_and_counted():
     table = _with_ties()
     labels = encode_labels(table, "binary", tie_value="0")
-    assert labels.dropped == {"tie": 2}
+    assert labels.skipped == {"tie": 2}
     assert labels.num_labels == 6
     np.testing.assert_array_equal(labels.row, [0, 1, 2, 4, 5, 6])  # file rows
     assert labels.label_values == ("2", "1")
@@ -340,13 +341,13 @@ def test_ties_without_a_tie_value_are_a_third_label_value():
 
 def test_auto_tie_value_is_zero_among_three_values():
     labels = encode_labels(_with_ties(), "binary")  # tie_value="auto"
-    assert labels.dropped == {"tie": 2}
+    assert labels.skipped == {"tie": 2}
     assert labels.label_values == ("2", "1")
     spelled = _with_ties().assign(label=lambda t: t.label.replace("0", "Tie"))
-    assert encode_labels(spelled, "binary").dropped == {"tie": 2}
+    assert encode_labels(spelled, "binary").skipped == {"tie": 2}
     # Two values, one of them 0: a 0/1 coding, not ties.
     zero_one = _binary().assign(label=["0", "1", "0", "1", "1", "0"])
-    assert encode_labels(zero_one, "binary").dropped == {}
+    assert encode_labels(zero_one, "binary").skipped == {}
     # A 0/1 coding with a stray value: no tie to guess, an error at the stray value.
     error = _raises(_binary().assign(label=["0", "1", "7", "1", "0", "1"]), "binary")
     _assert_names(error, 2, "label")
@@ -456,7 +457,7 @@ def test_duplicate_label_names_both_rows():
 
 def test_duplicates_first_keeps_the_first():
     labels = encode_labels(_duplicated(), "binary", duplicates="first")
-    assert labels.dropped == {"duplicate": 1}
+    assert labels.skipped == {"duplicate": 1}
     np.testing.assert_array_equal(labels.row, np.arange(6))
     assert labels.label[1] == 1  # row 1 said "2" (A); row 6 said "1"
 
@@ -474,7 +475,7 @@ def test_scored_duplicates():
     _assert_names(error, 5, "annotator")
     assert "row 2" in str(error)
     labels = encode_labels(table, "scored", duplicates="first")
-    assert labels.dropped == {"duplicate": 1}
+    assert labels.skipped == {"duplicate": 1}
     assert labels.num_labels == 5
 
 
@@ -569,7 +570,7 @@ def test_bad_prior(prior):
 
 @pytest.mark.parametrize("high", [10, 1_000, 10**6, 10**16, 10**18])
 def test_integer_ids_take_their_text_order(high):
-    from repo.data.labels import _text_order
+    from repo.data.ids import _text_order
 
     rng = np.random.default_rng(high % 97)
     numbers = np.unique(rng.integers(0, high, 3000))
@@ -616,7 +617,8 @@ def test_a_gap_in_a_nullable_integer_column_names_its_row(column, tmp_path):
     table.to_parquet(path)
     with pytest.raises(DataError) as info:
         encode_labels(read_label_table(path), "binary")
-    assert (info.value.row, info.value.field, info.value.reason) == (1, column, "missing")
+    reason = "missing_label" if column == "label" else "missing_id"
+    assert (info.value.row, info.value.field, info.value.reason) == (1, column, reason)
 
 
 def test_large_float_ids_are_written_exactly():

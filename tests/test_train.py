@@ -46,8 +46,8 @@ from repo.train import (
     marginal_nll,
     policy_objective,
 )
+from repo.train.build import load_records
 from repo.train.checkpoint import latest_checkpoint
-from repo.train.trainer import load_records
 
 ROOT = Path(repo.__file__).resolve().parents[1]
 ETA_POOL = [0.95, 0.9, 0.8, 0.65, 0.55, 0.35]

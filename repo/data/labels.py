@@ -28,7 +28,7 @@ Every problem is a :class:`~repo.data.errors.DataError` naming the row and field
 from __future__ import annotations
 
 import hashlib
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from repo.data.errors import DataError
+from repo.data.ids import BAD_ID, MISSING_ID, IdColumn, encode_id_column
 
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "binary": (("annotator", "item", "label"), ()),
@@ -43,6 +44,14 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "scored": (("label", "score"), ("annotator", "item")),
 }
 """format -> (required columns, optional columns)."""
+
+MISSING_LABEL = "missing_label"
+BAD_LABEL = "bad_label"
+MISSING_SCORE = "missing_score"
+BAD_SCORE = "bad_score"
+SELF_COMPARISON = "self_comparison"
+"""Reasons under which ``on_invalid="skip"`` counts a row (with ``missing_id`` and
+``bad_id`` of :mod:`repo.data.ids`)."""
 
 GLOBAL_ANNOTATOR = "all"
 """The one annotator's id when a scored table has no annotator column."""
@@ -96,7 +105,7 @@ class EncodedLabels:
     :param object_a: ``(N,)`` object code shown as A (pairwise); ids in
         :attr:`object_ids`.
     :param label_values: binary only: the raw values meaning A and B.
-    :param dropped: rows dropped by a stated policy, by reason.
+    :param skipped: rows left out by a stated policy, by reason.
     """
 
     format: str
@@ -112,123 +121,128 @@ class EncodedLabels:
     object_ids: list[str] | None = None
     label_values: tuple[str, str] | None = None
     has_annotators: bool = True
-    dropped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_labels(self) -> int:
         return int(self.label.shape[0])
 
 
-def _is_missing(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip() == ""
+def _floats(
+    values: pd.Series, *, nan_text_missing: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(numbers, missing, bad)``: the column as floats, with its missing cells
+    (blank, null; a NaN in a typed column, which is how JSON and Parquet store a
+    gap; text spelling NaN when ``nan_text_missing``) and its bad ones (not a
+    finite number) flagged."""
+    if pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
+        numbers = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        missing = np.isnan(numbers)
+        return numbers, missing, ~missing & ~np.isfinite(numbers)
+    blank = np.array(values.isna().to_numpy(dtype=bool))
+    if _all_text(values):
+        blank |= values.str.strip().eq("").to_numpy(dtype=bool, na_value=True)
+    else:  # mixed cells: a float NaN is a gap
+        blank |= np.array([isinstance(v, float) and v != v for v in values.tolist()], dtype=bool)
+    numbers = pd.to_numeric(values.where(~blank), errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+    missing = blank | (_spelled_nan(values) if nan_text_missing else False)
+    return numbers, missing, ~missing & ~np.isfinite(numbers)
 
 
-def _id_text(value: object) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).strip()
-
-
-def _missing_mask(column: pd.Series) -> np.ndarray:
-    """Vectorised :func:`_is_missing` over a column."""
-    missing = column.isna().to_numpy()
-    if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
-        blank = column.str.strip().eq("").fillna(False).to_numpy(dtype=bool)
-        missing = missing | blank
-    return missing
+def _spelled_nan(values: pd.Series) -> np.ndarray:
+    """Cells that spell NaN (``nan``, ``NaN``: a CSV's way of writing a gap)."""
+    if not (pd.api.types.is_string_dtype(values.dtype) or values.dtype == object):
+        return np.zeros(len(values), dtype=bool)
+    text = values.astype(str).str.strip().str.lower()
+    return text.eq("nan").to_numpy(dtype=bool, na_value=False)
 
 
 def _all_text(column: pd.Series) -> bool:
-    return pd.api.types.infer_dtype(column, skipna=False) == "string"
+    return pd.api.types.infer_dtype(column, skipna=True) in ("string", "empty")
 
 
-def _ids(table: pd.DataFrame, column: str) -> list[str]:
-    """The column as id strings; a missing id is an error naming its row.
+class _RowChecks:
+    """The ``on_invalid`` policy over a table's rows.
 
-    Integral floats (JSON integers in a column with a null) are written as
-    integers, so ids round-trip whatever file format carried them.
+    Each check flags rows with a reason and a field; :meth:`resolve` raises for the
+    first flagged row (``on_invalid="error"``; the earliest row, the first check
+    on that row) or drops every flagged row and counts it once, under its first
+    check's reason (``"skip"``).
     """
-    values = table[column]
-    missing = _missing_mask(values)
-    if missing.any():
-        raise DataError("missing id", row=int(np.argmax(missing)), field=column, reason="missing")
-    if pd.api.types.is_integer_dtype(values.dtype):
-        return values.astype(str).tolist()
-    if _all_text(values):
-        return values.str.strip().tolist()
-    return [_id_text(v) for v in values.tolist()]
+
+    def __init__(self, n: int, on_invalid: str) -> None:
+        self.n = n
+        self.on_invalid = on_invalid
+        self.checks: list[tuple[np.ndarray, str, str, Callable[[int], str]]] = []
+
+    def add(self, mask: np.ndarray, reason: str, field: str, message: Callable[[int], str]):
+        if mask.any():
+            self.checks.append((mask, reason, field, message))
+
+    def add_ids(self, column: IdColumn, field: str, what: str) -> None:
+        self.add(column.missing, MISSING_ID, field, lambda row: f"missing {what}")
+        self.add(
+            column.bad,
+            BAD_ID,
+            field,
+            lambda row: (
+                f"{what} must be text or an integer, got "
+                f"{column.problems.get(row, 'a value that is neither')}"
+            ),
+        )
+
+    def resolve(self) -> tuple[np.ndarray, dict[str, int]]:
+        """``(keep, skipped)``: the rows kept and the skipped rows by reason."""
+        keep = np.ones(self.n, dtype=bool)
+        if not self.checks:
+            return keep, {}
+        if self.on_invalid == "error":
+            firsts = [int(np.argmax(mask)) for mask, *_ in self.checks]
+            _, reason, field, message = self.checks[int(np.argmin(firsts))]
+            row = min(firsts)
+            raise DataError(message(row), row=row, field=field, reason=reason)
+        skipped: dict[str, int] = {}
+        for mask, reason, _, _ in self.checks:
+            new = mask & keep
+            if new.any():
+                skipped[reason] = skipped.get(reason, 0) + int(new.sum())
+                keep &= ~mask
+        return keep, skipped
 
 
-def _codes(ids: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Integer codes of ``ids`` in the sorted order of the distinct ids."""
-    codes, uniques = pd.factorize(np.asarray(ids, dtype=object), sort=True)
-    return codes.astype(np.int64), [str(u) for u in uniques]
-
-
-def _id_codes(table: pd.DataFrame, column: str) -> tuple[np.ndarray, list[str]]:
-    """:func:`_codes` of :func:`_ids`, without writing every cell as text when the
-    column holds integers: those are coded first and only the distinct ids are
-    written, then put in text order (so every file format gives the same codes)."""
-    values = table[column]
-    if pd.api.types.is_float_dtype(values.dtype):
-        numbers = values.to_numpy()
-        exact = np.isfinite(numbers).all() and (np.abs(numbers) < 2**53).all()
-        if exact and (numbers == np.round(numbers)).all():
-            values = values.astype(np.int64)
-    if (
-        not pd.api.types.is_integer_dtype(values.dtype)
-        or values.hasnans  # a nullable integer column with a gap: named by _ids
-        or (pd.api.types.is_unsigned_integer_dtype(values.dtype) and values.max() >= 2**63)
-    ):
-        return _codes(_ids(table, column))
-    codes, uniques = pd.factorize(values.to_numpy(), sort=False)
-    order = _text_order(uniques.astype(np.int64))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.shape[0])
-    return rank[codes].astype(np.int64), [str(u) for u in uniques[order].tolist()]
-
-
-def _text_order(numbers: np.ndarray) -> np.ndarray:
-    """``argsort`` of the integers' decimal strings, without writing them.
-
-    For ``n >= 0`` with ``d`` digits, the string of ``n`` sorts as the integer
-    ``n * 10^(D - d)`` (its digits left-aligned to ``D`` places), a prefix before
-    its extensions (``"1"`` before ``"10"``): a sort on ``(n 10^(D - d), d)``.
-    Negative numbers and more than 17 digits sort the strings themselves.
-    """
-    powers = 10 ** np.arange(1, 18, dtype=np.int64)
-    if numbers.shape[0] == 0 or numbers.min() < 0 or numbers.max() >= powers[-1]:
-        text = np.asarray([str(n) for n in numbers.tolist()], dtype=object)
-        return np.argsort(text, kind="stable")
-    digits = 1 + np.searchsorted(powers, numbers, side="right")
-    width = int(digits.max())
-    aligned = numbers * 10 ** (width - digits)
-    return np.argsort(aligned * 20 + digits, kind="stable")
-
-
-def _floats(table: pd.DataFrame, column: str) -> np.ndarray:
-    """The column as finite floats; the first bad cell is an error naming its row."""
-    values = table[column]
-    missing = _missing_mask(values)
-    numbers = pd.to_numeric(values.where(~missing), errors="coerce").to_numpy(dtype=np.float64)
-    bad = missing | ~np.isfinite(numbers)
-    if bad.any():
-        row = int(np.argmax(bad))
-        value = values.iloc[row]
-        if missing[row]:
-            raise DataError("missing value", row=row, field=column, reason="missing")
-        try:
-            float(value)
-        except (TypeError, ValueError):
+def _check_duplicates(
+    annotator: np.ndarray, item: np.ndarray, rows: np.ndarray, duplicates: str
+) -> np.ndarray:
+    """Indices of the labels kept under the duplicate policy."""
+    key = annotator.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
+    if pd.Index(key).is_unique:  # a hash pass; the sort below only when needed
+        return np.arange(key.shape[0])
+    _, first = np.unique(key, return_index=True)
+    if duplicates == "first":
+        return np.sort(first)
+    seen: dict[int, int] = {}
+    for index, k in enumerate(key.tolist()):
+        if k in seen:
             raise DataError(
-                f"not a number: {value!r}", row=row, field=column, reason="type"
-            ) from None
-        raise DataError(f"not finite: {value!r}", row=row, field=column, reason="nonfinite")
-    return numbers
+                f"duplicate label: the same annotator labelled this item at row "
+                f"{int(rows[seen[k]])} (policy: duplicates='error'; 'first' keeps the first)",
+                row=int(rows[index]),
+                field="annotator",
+                reason="duplicate",
+            )
+        seen[k] = index
+    raise AssertionError("unreachable")
+
+
+def _order_key(object_id: str) -> str:
+    return hashlib.sha256(object_id.encode()).hexdigest()
+
+
+def _present(column: IdColumn, keep: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Codes of the kept rows, renumbered over the ids they still use (in order)."""
+    return _renumber(column.codes[keep], column.ids)
 
 
 def _check_columns(table: pd.DataFrame, fmt: str) -> None:
@@ -253,181 +267,251 @@ def _check_columns(table: pd.DataFrame, fmt: str) -> None:
         raise DataError("the table has no rows", reason="empty")
 
 
-def _check_duplicates(
-    annotator: np.ndarray, item: np.ndarray, rows: np.ndarray, duplicates: str
-) -> np.ndarray:
-    """Indices of the labels kept under the duplicate policy."""
-    key = annotator.astype(np.int64) * (int(item.max()) + 1) + item
-    if pd.Index(key).is_unique:  # a hash pass; the sort below only when needed
-        return np.arange(key.shape[0])
-    _, first = np.unique(key, return_index=True)
-    if duplicates == "first":
-        return np.sort(first)
-    seen: dict[int, int] = {}
-    for index, k in enumerate(key.tolist()):
-        if k in seen:
-            raise DataError(
-                f"duplicate label: the same annotator labelled this item at row "
-                f"{int(rows[seen[k]])} (policy: duplicates='error'; 'first' keeps the first)",
-                row=int(rows[index]),
-                field="annotator",
-                reason="duplicate",
-            )
-        seen[k] = index
-    raise AssertionError("unreachable")
-
-
-def _order_key(object_id: str) -> str:
-    return hashlib.sha256(object_id.encode()).hexdigest()
-
-
 def encode_labels(
     table: pd.DataFrame,
     fmt: str,
     *,
     tie_value: str | None = "auto",
     duplicates: str = "error",
+    on_invalid: str = "error",
 ) -> EncodedLabels:
     """Validate ``table`` in layout ``fmt`` and encode it; see the module docstring.
 
     :param tie_value: binary only: the label value of a tie, ``"auto"`` or None.
     :param duplicates: ``"error"`` or ``"first"`` (keep the first label).
+    :param on_invalid: ``"error"`` (a :class:`DataError` for the first malformed
+        row) or ``"skip"`` (malformed rows left out, counted by reason).
     """
     if duplicates not in ("error", "first"):
         raise ValueError(f"duplicates must be 'error' or 'first', got {duplicates!r}")
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     _check_columns(table, fmt)
     table = table.reset_index(drop=True)
-    rows = np.arange(table.shape[0])
-    dropped: dict[str, int] = {}
-
+    n = table.shape[0]
+    checks = _RowChecks(n, on_invalid)
     if fmt == "binary":
-        code, raw_values = _id_codes(table, "label")  # code into the distinct values
-        if tie_value == "auto":
-            tie_value = _auto_tie_value(raw_values)
-        if tie_value is not None and str(tie_value) in raw_values:
-            keep = code != raw_values.index(str(tie_value))
-            dropped["tie"] = int((~keep).sum())
-            table, rows, code = table[keep].reset_index(drop=True), rows[keep], code[keep]
-            if not code.shape[0]:
-                raise DataError("every label is a tie", field="label", reason="empty")
-        counts = np.bincount(code, minlength=len(raw_values))
-        present = [i for i in range(len(raw_values)) if counts[i]]
-        values = sorted((raw_values[i] for i in present), key=_value_order)
-        if len(values) < 2:
-            raise DataError(
-                f"fewer than two label values (only {values!r}): nothing to tell apart",
-                field="label",
-                reason="values",
-            )
-        if len(values) > 2:
-            # The format's set: the two most frequent values (first seen wins ties).
-            first_seen = sorted(present, key=lambda i: int(np.argmax(code == i)))
-            kept = sorted(first_seen, key=lambda i: -counts[i])[:2]
-            third = int(np.argmax(~np.isin(code, kept)))
-            raise DataError(
-                f"label value {raw_values[code[third]]!r} outside the format's set: the binary "
-                f"format takes two values and this table has {values!r} (a tie? name it with "
-                "tie_value)",
-                row=int(rows[third]),
-                field="label",
-                reason="values",
-            )
-        a_value, b_value = values[1], values[0]
-        label = (code == raw_values.index(a_value)).astype(np.int64)
-        annotator, annotator_ids = _remap_rows(_id_codes, table, "annotator", rows)
-        item, item_ids = _remap_rows(_id_codes, table, "item", rows)
-        keep = _check_duplicates(annotator, item, rows, duplicates)
-        dropped["duplicate"] = int(annotator.shape[0] - keep.shape[0])
-        return EncodedLabels(
-            format=fmt,
-            annotator=annotator[keep],
-            annotator_ids=annotator_ids,
-            label=label[keep],
-            row=rows[keep],
-            item=item[keep],
-            item_ids=item_ids,
-            label_values=(a_value, b_value),
-            dropped={k: v for k, v in dropped.items() if v},
-        )
-
+        return _encode_binary(table, checks, tie_value, duplicates)
     if fmt == "pairwise":
-        annotator, annotator_ids = _id_codes(table, "annotator")
-        winner, loser = _ids(table, "winner"), _ids(table, "loser")
-        for row, (w, l) in enumerate(zip(winner, loser, strict=True)):
-            if w == l:
-                raise DataError(
-                    f"winner equals loser ({w!r})", row=row, field="loser", reason="same"
-                )
-        objects, codes = np.unique(
-            np.asarray(winner + loser, dtype=object).astype(str), return_inverse=True
-        )
-        n = len(winner)
-        w_code, l_code = codes[:n].astype(np.int64), codes[n:].astype(np.int64)
-        keys = np.array([_order_key(o) for o in objects.tolist()])
-        winner_is_a = keys[w_code] < keys[l_code]
-        object_a = np.where(winner_is_a, w_code, l_code)
-        object_b = np.where(winner_is_a, l_code, w_code)
-        return EncodedLabels(
-            format=fmt,
-            annotator=annotator,
-            annotator_ids=annotator_ids,
-            label=winner_is_a.astype(np.int64),
-            row=rows,
-            object_a=object_a,
-            object_b=object_b,
-            object_ids=[str(o) for o in objects.tolist()],
-        )
+        return _encode_pairwise(table, checks)
+    return _encode_scored(table, checks, duplicates)
 
-    # scored
-    score = _floats(table, "score")
-    label = _floats(table, "label")
-    bad = np.nonzero((label != 0) & (label != 1))[0]
-    if bad.size:
-        row = int(bad[0])
+
+def _encode_binary(
+    table: pd.DataFrame, checks: _RowChecks, tie_value: str | None, duplicates: str
+) -> EncodedLabels:
+    annotators = encode_id_column(table["annotator"])
+    items = encode_id_column(table["item"])
+    values = encode_id_column(table["label"])  # labels coded as ids: 2, 2.0, "2" alike
+    values.missing = values.missing | (_spelled_nan(table["label"]) & ~values.bad)
+    checks.add_ids(annotators, "annotator", "annotator id")
+    checks.add_ids(items, "item", "item id")
+    checks.add(values.missing, MISSING_LABEL, "label", lambda row: "missing label")
+    checks.add(
+        values.bad,
+        BAD_LABEL,
+        "label",
+        lambda row: f"label must be text or an integer, got {values.problems.get(row, '?')}",
+    )
+    keep, skipped = checks.resolve()
+    if not keep.any():
+        raise DataError(f"every row is malformed (skipped: {skipped})", reason="empty")
+    rows = np.flatnonzero(keep)
+    code = values.codes[keep]
+    raw_values = values.ids
+    if tie_value == "auto":
+        tie_value = _auto_tie_value(raw_values)
+    if tie_value is not None and str(tie_value) in raw_values:
+        not_tie = code != raw_values.index(str(tie_value))
+        if (~not_tie).any():
+            skipped["tie"] = int((~not_tie).sum())
+        keep[rows[~not_tie]] = False
+        rows, code = rows[not_tie], code[not_tie]
+        if not code.shape[0]:
+            raise DataError("every label is a tie", field="label", reason="empty")
+    counts = np.bincount(code, minlength=len(raw_values))
+    present = [i for i in range(len(raw_values)) if counts[i]]
+    ordered = sorted((raw_values[i] for i in present), key=_value_order)
+    if len(ordered) < 2:
         raise DataError(
-            f"label value {table['label'].iloc[row]!r} outside the format's set {{0, 1}} "
-            "(1: response A preferred)",
-            row=row,
+            f"fewer than two label values (only {ordered!r}): nothing to tell apart",
             field="label",
             reason="values",
         )
+    if len(ordered) > 2:
+        # The format's set: the two most frequent values (first seen wins ties).
+        first_seen = sorted(present, key=lambda i: int(np.argmax(code == i)))
+        kept = sorted(first_seen, key=lambda i: -counts[i])[:2]
+        third = int(np.argmax(~np.isin(code, kept)))
+        raise DataError(
+            f"label value {raw_values[code[third]]!r} outside the format's set: the binary "
+            f"format takes two values and this table has {ordered!r} (a tie? name it with "
+            "tie_value)",
+            row=int(rows[third]),
+            field="label",
+            reason="values",
+        )
+    a_value, b_value = ordered[1], ordered[0]
+    label = (code == raw_values.index(a_value)).astype(np.int64)
+    annotator, annotator_ids = _present(annotators, keep)
+    item, item_ids = _present(items, keep)
+    kept = _check_duplicates(annotator, item, rows, duplicates)
+    if kept.shape[0] < rows.shape[0]:
+        skipped["duplicate"] = int(rows.shape[0] - kept.shape[0])
+    annotator, annotator_ids = _renumber(annotator[kept], annotator_ids)
+    item, item_ids = _renumber(item[kept], item_ids)
+    return EncodedLabels(
+        format="binary",
+        annotator=annotator,
+        annotator_ids=annotator_ids,
+        label=label[kept],
+        row=rows[kept],
+        item=item,
+        item_ids=item_ids,
+        label_values=(a_value, b_value),
+        skipped=skipped,
+    )
+
+
+def _renumber(codes: np.ndarray, ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Codes over the ids still used, in the same (sorted) order."""
+    used = np.zeros(len(ids), dtype=bool)
+    used[codes] = True
+    if used.all():
+        return codes, ids
+    renumber = np.cumsum(used) - 1
+    return renumber[codes], [i for i, u in zip(ids, used, strict=True) if u]
+
+
+def _encode_pairwise(table: pd.DataFrame, checks: _RowChecks) -> EncodedLabels:
+    n = table.shape[0]
+    annotators = encode_id_column(table["annotator"])
+    both = pd.concat([table["winner"], table["loser"]], ignore_index=True)
+    objects = encode_id_column(both)
+    halves = {
+        name: IdColumn(
+            objects.codes[part],
+            objects.ids,
+            objects.missing[part],
+            objects.bad[part],
+            {row - part.start: p for row, p in objects.problems.items() if row in range(n)}
+            if name == "winner"
+            else {row - n: p for row, p in objects.problems.items() if row >= n},
+        )
+        for name, part in (("winner", slice(0, n)), ("loser", slice(n, 2 * n)))
+    }
+    checks.add_ids(annotators, "annotator", "annotator id")
+    checks.add_ids(halves["winner"], "winner", "winner id")
+    checks.add_ids(halves["loser"], "loser", "loser id")
+    w_all, l_all = halves["winner"].codes, halves["loser"].codes
+    same = (w_all == l_all) & (w_all >= 0)
+    checks.add(
+        same,
+        SELF_COMPARISON,
+        "loser",
+        lambda row: f"winner equals loser ({objects.ids[w_all[row]]!r}): a self-comparison",
+    )
+    keep, skipped = checks.resolve()
+    if not keep.any():
+        raise DataError(f"every row is malformed (skipped: {skipped})", reason="empty")
+    rows = np.flatnonzero(keep)
+    annotator, annotator_ids = _present(annotators, keep)
+    w_code, l_code = w_all[keep], l_all[keep]
+    codes, object_ids = _renumber(np.concatenate([w_code, l_code]), objects.ids)
+    w_code, l_code = codes[: rows.shape[0]], codes[rows.shape[0] :]
+    keys = np.array([_order_key(o) for o in object_ids])
+    winner_is_a = keys[w_code] < keys[l_code]
+    return EncodedLabels(
+        format="pairwise",
+        annotator=annotator,
+        annotator_ids=annotator_ids,
+        label=winner_is_a.astype(np.int64),
+        row=rows,
+        object_a=np.where(winner_is_a, w_code, l_code),
+        object_b=np.where(winner_is_a, l_code, w_code),
+        object_ids=object_ids,
+        skipped=skipped,
+    )
+
+
+def _encode_scored(table: pd.DataFrame, checks: _RowChecks, duplicates: str) -> EncodedLabels:
     has_annotators = "annotator" in table.columns
-    if has_annotators:
-        annotator, annotator_ids = _id_codes(table, "annotator")
+    annotators = encode_id_column(table["annotator"]) if has_annotators else None
+    items = encode_id_column(table["item"]) if "item" in table.columns else None
+    if annotators is not None:
+        checks.add_ids(annotators, "annotator", "annotator id")
+    if items is not None:
+        checks.add_ids(items, "item", "item id")
+    label, label_missing, label_bad = _floats(table["label"], nan_text_missing=True)
+    score, score_missing, score_bad = _floats(table["score"], nan_text_missing=False)
+    checks.add(label_missing, MISSING_LABEL, "label", lambda row: "missing label")
+    outside = ~label_missing & (label_bad | (label != 0) & (label != 1))
+    checks.add(
+        outside,
+        BAD_LABEL,
+        "label",
+        lambda row: (
+            f"label value {table['label'].iloc[row]!r} outside the format's set "
+            "{0, 1} (1: response A preferred)"
+        ),
+    )
+    checks.add(score_missing, MISSING_SCORE, "score", lambda row: "missing value")
+    checks.add(score_bad, BAD_SCORE, "score", lambda row: _score_problem(table["score"], row))
+    keep, skipped = checks.resolve()
+    if not keep.any():
+        raise DataError(f"every row is malformed (skipped: {skipped})", reason="empty")
+    rows = np.flatnonzero(keep)
+    score, label = score[keep], label[keep].astype(np.int64)
+    if annotators is not None:
+        annotator, annotator_ids = _present(annotators, keep)
     else:
-        annotator, annotator_ids = np.zeros(len(score), dtype=np.int64), [GLOBAL_ANNOTATOR]
+        annotator, annotator_ids = np.zeros(rows.shape[0], dtype=np.int64), [GLOBAL_ANNOTATOR]
     item = item_ids = None
-    keep = np.arange(len(score))
-    if "item" in table.columns:
-        item, item_ids = _id_codes(table, "item")
+    kept = np.arange(rows.shape[0])
+    if items is not None:
+        item, item_ids = _present(items, keep)
         first = np.zeros(len(item_ids), dtype=np.int64)
         first[item[::-1]] = np.arange(len(item))[::-1]  # each item's first row
         differs = score != score[first[item]]
         if differs.any():
-            row = int(np.argmax(differs))
-            at = int(first[item[row]])
+            at = int(np.argmax(differs))
             raise DataError(
-                f"score {score[row]!r} differs from {score[at]!r} at row {at} for the same "
-                "item: an item has one score",
-                row=row,
+                f"score {score[at]!r} differs from {score[first[item[at]]]!r} at row "
+                f"{int(rows[first[item[at]]])} for the same item: an item has one score",
+                row=int(rows[at]),
                 field="score",
                 reason="inconsistent",
             )
         if has_annotators:
-            keep = _check_duplicates(annotator, item, rows, duplicates)
-            dropped["duplicate"] = int(len(score) - keep.shape[0])
+            kept = _check_duplicates(annotator, item, rows, duplicates)
+            if kept.shape[0] < rows.shape[0]:
+                skipped["duplicate"] = int(rows.shape[0] - kept.shape[0])
+            item, item_ids = _renumber(item[kept], item_ids)
+    if has_annotators:
+        annotator, annotator_ids = _renumber(annotator[kept], annotator_ids)
+    else:
+        annotator = annotator[kept]
     return EncodedLabels(
-        format=fmt,
-        annotator=annotator[keep],
+        format="scored",
+        annotator=annotator,
         annotator_ids=annotator_ids,
-        label=label.astype(np.int64)[keep],
-        row=rows[keep],
-        item=None if item is None else item[keep],
+        label=label[kept],
+        row=rows[kept],
+        item=item,
         item_ids=item_ids,
-        score=score[keep],
+        score=score[kept],
         has_annotators=has_annotators,
-        dropped={k: v for k, v in dropped.items() if v},
+        skipped=skipped,
     )
+
+
+def _score_problem(values: pd.Series, row: int) -> str:
+    value = values.iloc[row]
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return f"not a number: {value!r}"
+    return f"not finite: {value!r}"
 
 
 def _auto_tie_value(raw: list[str]) -> str | None:
@@ -449,15 +533,3 @@ def _value_order(value: str) -> tuple[int, float | str]:
         return (0, float(value))
     except ValueError:
         return (1, value)
-
-
-def _remap_rows(reader, table: pd.DataFrame, column: str, rows: np.ndarray):
-    """Read ids from a filtered table, reporting errors at the original row."""
-    try:
-        return reader(table, column)
-    except DataError as error:
-        if error.row is None:
-            raise
-        raise DataError(
-            error.problem, row=int(rows[error.row]), field=error.field, reason=error.reason
-        ) from None

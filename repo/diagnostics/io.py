@@ -10,18 +10,15 @@ A fit leaves (``re-po fit-noise``):
   ``{"step": int, "objective": float, "eta": [eta_1, ..., eta_K]}`` in the order
   of RESULT.json's annotators.
 
-A training run (``re-po train``, :mod:`repo.train`) leaves a directory with
-``config.json`` (the resolved configuration), ``reliability.json`` (per annotator:
-label count and the noise model's parameters), ``annotators.jsonl`` (the
-parameters after every optimizer step: the online EM's trajectory) and, with
-``[run] posteriors``, ``posteriors.jsonl`` (per label: ``row``, ``w``, ``q`` and the
-item's induced ``logit`` under the final policy).
+A training run (``re-po train``, :mod:`repo.train`) leaves a run directory
+(:class:`repo.train.run_dir.RunDir` reads it): the resolved configuration, the
+online EM's trajectory and, with ``[run] posteriors``, the final noise model as a
+:class:`~repo.fit.NoiseFit` (``format`` ``"scored"``: the labels with the final
+policy's logits as fixed scores) and the per-label posteriors.
 :func:`read_training_run` turns it into the same :class:`Run` a RESULT.json gives:
-the noise model refitted by EM to the labels with the final policy's logits as
-fixed scores (``format`` ``"scored"``, the Laplace posterior and its InferenceData,
-so intervals, PSIS-LOO, predictive checks and the scorer's calibration apply), each
-annotator's parameters at the end of training beside it as ``<name>_training``;
-a ``"training"`` entry says what was trained.
+the trained estimates as they are (no EM refit), EM's Laplace approximation at them
+and its InferenceData, so intervals, PSIS-LOO, predictive checks and the scorer's
+calibration apply; a ``"training"`` entry says what was trained.
 
 :func:`load_run` accepts a RESULT.json or a directory. Directory layouts are read
 by the functions in :data:`RUN_READERS`, tried in order.
@@ -35,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from repo.diagnostics.compat import attrs, from_netcdf, to_netcdf
@@ -131,6 +129,10 @@ def read_result(path: str | Path) -> Run:
         document = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if isinstance(document, dict) and "tables" in document:  # a NoiseFit directory's fit.json
+        from repo.fit import NoiseFit
+
+        document = NoiseFit.load(path.parent).to_dict()
     validate_result(document, path)
     run = Run(result=document, source=path)
     files = document.get("files") or {}
@@ -155,8 +157,9 @@ def read_result(path: str | Path) -> Run:
 
 
 def _read_result_directory(path: Path) -> Run | None:
-    """A directory holding one ``RESULT.json`` (or ``result.json``)."""
-    for name in ("RESULT.json", "result.json"):
+    """A directory holding one ``RESULT.json`` (or ``result.json``), or a saved
+    :class:`~repo.fit.NoiseFit` (``fit.json``)."""
+    for name in ("RESULT.json", "result.json", "fit.json"):
         if (path / name).is_file():
             return read_result(path / name)
     return None
@@ -165,49 +168,47 @@ def _read_result_directory(path: Path) -> Run | None:
 def read_training_run(path: str | Path) -> Run | None:
     """A ``re-po train`` run directory as a :class:`Run`; None when ``path`` is not one.
 
-    :raises ValueError: a training run that is unfinished (no ``reliability.json``)
-        or written without per-label posteriors (the message says which).
-    """
-    from repo.fit import fit_noise
+    The run's final noise model (``noise/``, a :class:`~repo.fit.NoiseFit` at the
+    final policy's logits) is the result, as trained: no EM is run. EM's Laplace
+    approximation at the trained parameters
+    (:func:`repo.train.build.build_trained_noise_fit`) gives the intervals and the
+    InferenceData, so PSIS-LOO, predictive checks and the scorer's calibration apply;
+    ``annotators.jsonl`` gives the online EM's trajectory.
 
-    path = Path(path)
-    config_file = path / "config.json"
-    if not (config_file.is_file() and (path / "annotators.json").is_file()):
+    :raises ValueError: a training run that is unfinished (no ``reliability.json``),
+        written without a final noise model (plain DPO, ``[run] posteriors = false``),
+        or whose files disagree (the message says which).
+    """
+    from repo.train.build import build_trained_noise_fit
+    from repo.train.run_dir import RunDir
+
+    run_dir = RunDir(path)
+    if not (run_dir.holds_run() and run_dir.annotators_file.is_file()):
         return None
-    resolved = json.loads(config_file.read_text())
-    reliability_file = path / "reliability.json"
-    if not reliability_file.is_file():
+    if not run_dir.finished():
         raise ValueError(
-            f"{path}: a training run without reliability.json (unfinished? resume it with "
-            "`re-po train --resume`)"
+            f"{run_dir.path}: a training run without reliability.json (unfinished? resume it "
+            "with `re-po train --resume`)"
         )
-    posterior_file = path / "posteriors.jsonl"
-    if not posterior_file.is_file():
+    if not (run_dir.has_posteriors() and run_dir.noise_fit.is_dir()):
         raise ValueError(
-            f"{path}: a training run without posteriors.jsonl ([run] posteriors = false, "
-            "or [em] enabled = false): nothing to diagnose"
+            f"{run_dir.path}: a training run without posteriors.jsonl and noise/ ([run] "
+            "posteriors = false, or [em] enabled = false): nothing to diagnose"
         )
-    reliability = json.loads(reliability_file.read_text())
-    frame = pd.read_json(posterior_file, lines=True, dtype={"annotator": str, "item": str})
-    if "logit" not in frame:
-        raise ValueError(f"{posterior_file}: no 'logit' field (written by an older re-po)")
+    saved = run_dir.read_noise_fit()
+    fit = build_trained_noise_fit(run_dir, posterior=True)
+    for column in saved.annotators.columns:
+        mine, theirs = saved.annotators[column], fit.annotators[column]
+        numeric = pd.api.types.is_numeric_dtype(mine)
+        same = np.allclose(mine, theirs, rtol=1e-9) if numeric else mine.equals(theirs)
+        if not same:
+            raise ValueError(
+                f"{run_dir.noise_fit}: its {column!r} does not match the run's final noise "
+                "state and posteriors (were files edited or copied from another run?)"
+            )
+    resolved = run_dir.read_resolved()
     config = resolved.get("config", {})
-    prior = config.get("noise", {}).get("prior", "none")
-    fit = fit_noise(
-        frame[["annotator", "item", "label", "logit"]].rename(columns={"logit": "score"}),
-        format="scored",
-        model=reliability["model"],
-        shared_truth=bool(config.get("data", {}).get("shared_truth", False)),
-        prior=None if prior in ("", "none") else prior,
-        duplicates="first" if frame.duplicated(["annotator", "item"]).any() else "error",
-        method="em",
-    )
     result = fit.to_dict()
-    trained = {str(a["id"]): a for a in reliability["annotators"]}
-    for annotator in result["annotators"]:
-        for name, value in trained.get(str(annotator["id"]), {}).items():
-            if name not in ("id", "n_labels"):
-                annotator[f"{name}_training"] = value
     result["training"] = {
         "loss": resolved.get("likelihood", {}),
         "total_steps": resolved.get("total_steps"),
@@ -215,19 +216,16 @@ def read_training_run(path: str | Path) -> Run | None:
     }
     run = Run(
         result=result,
-        source=path,
+        source=run_dir.path,
         idata=fit.to_inference_data(),
         notes=[
-            "annotator parameters refitted by EM at the final policy's logits (Laplace "
-            "posterior); '<name>_training' columns: the values at the end of training"
+            "annotator parameters as trained by the online EM, at the final policy's logits; "
+            "intervals: EM's Laplace approximation at those parameters"
         ],
     )
-    trajectory_file = path / "annotators.jsonl"
-    if trajectory_file.is_file():
-        first = trajectory_file.read_text().split("\n", 1)[0]
-        if first.strip() and "eta" in json.loads(first):
-            ids = json.loads((path / "annotators.json").read_text())["annotators"]
-            run.trajectory = read_trajectory(trajectory_file, [str(a) for a in ids])
+    trajectory = run_dir.trajectory_log().read()
+    if trajectory and "eta" in trajectory[0]:
+        run.trajectory = read_trajectory(run_dir.trajectory_file, run_dir.read_annotators())
     return run
 
 

@@ -106,9 +106,8 @@ def _convergence_line(result: dict) -> str:
         return (
             f"- training run: {loss.get('family', '?')} ({loss.get('variant', '?')} variant), "
             f"{training.get('total_steps')} optimizer steps, online EM "
-            f"{'on' if training.get('em_enabled') else 'off'}; EM refit at the final "
-            f"policy's logits converged: {result.get('converged')} after "
-            f"{result.get('iterations')} iterations; log-likelihood "
+            f"{'on' if training.get('em_enabled') else 'off'}; the trained annotator "
+            f"parameters at the final policy's logits: log-likelihood "
             f"{result.get('log_likelihood'):.4f}"
         )
     return (

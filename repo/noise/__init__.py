@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 
 from repo.noise.base import EPS, NoiseModel
@@ -43,6 +45,23 @@ def make_noise_model(
     return cls(num_annotators, **kwargs)
 
 
+def initial_arguments(name: str, eta_init: float) -> dict[str, float]:
+    """Constructor arguments that start the model ``name`` at reliability ``eta_init``.
+
+    The flip models start every reliability at ``eta_init``, the spammer its
+    honesty ``theta``, the hierarchical model its population location
+    ``mu = logit eta_init``; the Boltzmann model starts at its own ``tau = 1``. The
+    one map of ``re-po fit-noise`` and ``re-po train``.
+    """
+    if name in ("symmetric", "two-coin"):
+        return {"eta_init": eta_init}
+    if name == "spammer":
+        return {"theta_init": eta_init}
+    if name == "hierarchical":
+        return {"mu_init": math.log(eta_init / (1 - eta_init))}
+    return {}
+
+
 __all__ = [
     "EPS",
     "NOISE_MODELS",
@@ -53,5 +72,6 @@ __all__ = [
     "Spammer",
     "SymmetricFlip",
     "TwoCoin",
+    "initial_arguments",
     "make_noise_model",
 ]

@@ -43,17 +43,26 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "capture_rng",
+    "check_compatible",
+    "jsonable",
     "latest_checkpoint",
     "list_checkpoints",
+    "load_adapter_weights",
     "load_checkpoint",
+    "load_policy_weights",
     "optimizer_from_tensors",
     "optimizer_to_tensors",
     "restore_rng",
+    "restore_training_state",
     "save_checkpoint",
+    "write_policy_weights",
 ]
 
 FORMAT = "re-po-checkpoint-v1"
 PREFIX = "step-"
+ADAPTER = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_WEIGHTS = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -83,7 +92,7 @@ class Checkpoint:
 
     @property
     def adapter_dir(self) -> Path:
-        return self.path / "adapter"
+        return self.path / ADAPTER
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -121,6 +130,121 @@ def optimizer_from_tensors(tensors: Mapping[str, Tensor], groups: list[dict]) ->
             group["betas"] = tuple(group["betas"])
         param_groups.append(group)
     return {"state": state, "param_groups": param_groups}
+
+
+RESUMABLE: dict[str, set[str]] = {
+    "run": {
+        "output_dir",
+        "progress",
+        "resume",
+        "overwrite",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "posteriors",
+    },
+    "model": {"reference_cache_dir", "device"},
+}
+"""Configuration fields a resumed run may change (the rest must match the checkpoint)."""
+
+
+def check_compatible(
+    checkpoint: Checkpoint, config: Mapping[str, Any], fingerprint: str, processes: int
+) -> None:
+    """Refuse a checkpoint of another run.
+
+    :param config: this run's configuration (``TrainConfig.to_dict()``).
+    :param fingerprint: this run's data fingerprint.
+    :param processes: this run's number of processes (the data order depends on it).
+    :raises CheckpointError: a field outside :data:`RESUMABLE` differs, or the data or
+        the number of processes do (the message names what differs).
+    """
+    state = checkpoint.state
+    saved = state.get("config", {})
+    for section, fields in config.items():
+        for name, value in fields.items():
+            if name in RESUMABLE.get(section, set()):
+                continue
+            old = saved.get(section, {}).get(name, value)
+            if old != value:
+                raise CheckpointError(
+                    f"{checkpoint.path} was written with [{section}] {name} = {old!r}, "
+                    f"this run has {value!r}"
+                )
+    if state.get("data_fingerprint") != fingerprint:
+        raise CheckpointError(f"{checkpoint.path} was written for other data")
+    if state.get("processes") != processes:
+        raise CheckpointError(
+            f"{checkpoint.path} was written by {state.get('processes')} processes, this run "
+            f"has {processes} (the data order depends on it)"
+        )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` (a scheduler's state, ...) with tensors as numbers or lists and
+    callables left out."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items() if not callable(v)}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def write_policy_weights(policy: Any, folder: Path) -> None:
+    """Write the policy's trainable weights into a checkpoint folder: the LoRA adapter
+    (``adapter/``, peft's format), or every trainable tensor (``model.safetensors``)."""
+    if policy.has_adapter:
+        policy.lm.save_pretrained(folder / ADAPTER)
+        return
+    state = {n: p.detach().cpu().contiguous() for n, p in policy.named_trainable_parameters()}
+    save_file(state, str(folder / MODEL_WEIGHTS))
+
+
+def load_adapter_weights(policy: Any, folder: Path) -> None:
+    """Set the policy's LoRA adapter from a peft adapter folder (``adapter_model.safetensors``).
+
+    :raises CheckpointError: no such file, or an adapter of another layout (other
+        target modules, rank or layers).
+    """
+    from peft import set_peft_model_state_dict
+
+    file = Path(folder) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    weights = load_file(str(file))
+    expected = {n for n, _ in policy.named_trainable_parameters()}
+    result = set_peft_model_state_dict(policy.lm, weights)
+    if result.unexpected_keys or len(weights) != len(expected):
+        raise CheckpointError(
+            f"{folder}: the adapter does not fit this model "
+            f"({len(weights)} tensors for {len(expected)} trainable ones)"
+        )
+
+
+def load_policy_weights(policy: Any, folder: Path) -> None:
+    """Set the policy's trainable weights from a checkpoint folder
+    (:func:`write_policy_weights`).
+
+    :raises CheckpointError: the files are missing or do not fit the policy.
+    """
+    if policy.has_adapter:
+        load_adapter_weights(policy, Path(folder) / ADAPTER)
+        return
+    file = Path(folder) / MODEL_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no {MODEL_WEIGHTS}")
+    weights = load_file(str(file))
+    params = dict(policy.named_trainable_parameters())
+    if set(weights) != set(params):
+        raise CheckpointError(f"{folder}: the weights do not fit this model")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -296,3 +420,25 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except Exception as error:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: unreadable tensors: {error}") from None
     return Checkpoint(path=path, state=state, optimizer=optimizer, noise=noise, rng=rng)
+
+
+def restore_training_state(
+    checkpoint: Checkpoint, *, policy: Any, optimizer: Any, online_em: Any, scheduler: Any
+) -> None:
+    """Put a checkpoint's training state back: the policy's trainable weights, the
+    optimizer's moments, the online EM's state, the schedule and every RNG.
+
+    :raises CheckpointError: a piece that does not fit (another model, optimizer or
+        noise model).
+    """
+    state = checkpoint.state
+    load_policy_weights(policy, checkpoint.path)
+    try:
+        optimizer.load_state_dict(
+            optimizer_from_tensors(checkpoint.optimizer, state["optimizer_groups"])
+        )
+        online_em.load_state_dict(checkpoint.noise)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{checkpoint.path}: state does not fit this run: {error}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(checkpoint.rng, state["rng"])

@@ -57,7 +57,6 @@ __all__ = [
     "TrainConfig",
     "describe_config",
     "load_config",
-    "load_run_config",
 ]
 
 
@@ -362,7 +361,10 @@ class RunSection:
 
     output_dir: str = field(
         default="runs/re-po",
-        metadata=_doc("the run directory (config, metrics, posteriors, checkpoints, adapter)"),
+        metadata=_doc(
+            "the run directory (config, metrics, checkpoints, posteriors, the final adapter "
+            "or model, the noise fit; see repo.train.run_dir)"
+        ),
     )
     seed: int = field(
         default=0, metadata=_doc("seeds Python, NumPy, torch, Pyro and the data order")
@@ -631,19 +633,6 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     return TrainConfig.from_dict(data, base_dir=path.resolve().parent)
-
-
-def load_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any]]:
-    """The configuration of a run directory and the rest of its ``config.json``
-    (likelihood, noise model, ...), as the trainer resolved them."""
-    import json
-
-    run_dir = Path(run_dir)
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a re-po run directory (no config.json)")
-    resolved = json.loads(config_file.read_text(encoding="utf-8"))
-    return TrainConfig.from_dict(resolved["config"], base_dir=run_dir), resolved
 
 
 def describe_config() -> str:

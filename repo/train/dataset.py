@@ -19,6 +19,8 @@ pure function of (seed, epoch, step): resuming needs only the step.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from torch import Tensor
 from repo.data.errors import DataError
 from repo.data.records import PreferenceData
 from repo.noise.layout import LabelData
+from repo.policy.reference import data_fingerprint
 from repo.policy.tokenize import PairTokenizer, TokenizedPair, collate_pairs
 
 __all__ = ["BatchSchedule", "MicroBatch", "TrainingData", "VIRTUAL_ANNOTATOR"]
@@ -84,6 +87,16 @@ class TrainingData:
     pad_token_id: int
     skipped: dict[str, int] = field(default_factory=dict)
     notes: dict[str, int] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenised items, the label layout and the annotator ids: a
+        checkpoint resumes only on the data it was written for."""
+        h = hashlib.sha256(data_fingerprint(self.pairs).encode())
+        labels = self.labels
+        for t in (labels.unit, labels.annotator, labels.label, labels.mask):
+            h.update(t.contiguous().numpy().tobytes())
+        h.update(json.dumps(self.annotator_ids).encode())
+        return h.hexdigest()
 
     @classmethod
     def build(

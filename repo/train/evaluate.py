@@ -25,11 +25,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from repo.likelihoods import PreferenceLikelihood, get_likelihood
+from repo.data.records import PreferenceData
+from repo.likelihoods import PreferenceLikelihood
 from repo.policy import PairTokenizer, Policy, ReferenceLogps, batch_to
+from repo.train.build import (
+    build_pair_tokenizer,
+    build_reference_cache,
+    build_trained_policy,
+    check_settings,
+    load_records,
+    model_recipe,
+)
+from repo.train.config import TrainConfig
 from repo.train.dataset import TrainingData
+from repo.train.run_dir import RunDir
 
-__all__ = ["calibration", "evaluate_policy", "evaluate_run", "item_scores", "load_run"]
+__all__ = [
+    "calibration",
+    "evaluate_policy",
+    "evaluate_records",
+    "evaluate_run",
+    "item_scores",
+    "load_run",
+]
 
 
 @torch.no_grad()
@@ -120,30 +138,41 @@ def evaluate_policy(
     }
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[Any, Policy, PreferenceLikelihood]:
-    """``(config, policy with the run's final adapter, likelihood)`` of a finished run."""
-    from repo.train.config import load_run_config
-    from repo.train.trainer import Trainer
-
-    run_dir = Path(run_dir)
-    config, resolved = load_run_config(run_dir)
-    lik = resolved["likelihood"]
-    hparams = {k: v for k, v in lik.items() if k not in ("family", "variant")}
-    likelihood = get_likelihood(lik["family"], **hparams)
-    Trainer.seed_everything(config.run.seed)
-    m = config.model
-    policy = Policy.from_recipe(
-        m.recipe, device=None if m.device == "auto" else m.device, dtype=m.dtype or None
+def evaluate_records(
+    config: TrainConfig,
+    policy: Policy,
+    likelihood: PreferenceLikelihood,
+    pair_tokenizer: PairTokenizer,
+    records: PreferenceData,
+    *,
+    bins: int = 10,
+) -> dict[str, Any]:
+    """:func:`evaluate_policy` on ``records``, tokenised by ``pair_tokenizer``, in
+    batches of ``[optim] batch_size``; reference log-probs through the run's cache
+    (:func:`~repo.train.build.build_reference_cache`) when the family needs them and
+    ``[model] reference = "precompute"``."""
+    data = TrainingData.build(records, pair_tokenizer)
+    reference = None
+    if likelihood.needs_reference and config.model.reference == "precompute":
+        reference = build_reference_cache(config).get_or_compute(
+            policy, data.pairs, batch_size=config.optim.batch_size, progress=False
+        )
+    return evaluate_policy(
+        policy, likelihood, data, batch_size=config.optim.batch_size, bins=bins, reference=reference
     )
-    adapter = run_dir / "adapter"
-    if policy.has_adapter:
-        if not (adapter / "adapter_model.safetensors").is_file():
-            raise FileNotFoundError(f"{run_dir}: no final adapter (did the run finish?)")
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(policy.lm, load_file(str(adapter / "adapter_model.safetensors")))
-    return config, policy, likelihood
+
+def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Policy, PreferenceLikelihood]:
+    """``(config, final policy, likelihood)`` of a finished run, built as the run built
+    them (:func:`repo.train.build.build_trained_policy`): LoRA runs with their adapter,
+    full fine-tunes from their ``model/`` folder, each with its reference.
+
+    :raises FileNotFoundError: not a run directory, or the run has no final policy.
+    """
+    run = RunDir(run_dir)
+    config = run.read_config()
+    likelihood, _ = check_settings(config, model_recipe(config))
+    return config, build_trained_policy(config, run), likelihood
 
 
 def evaluate_run(
@@ -151,25 +180,17 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """``re-po eval``: the run's final policy on the labelled pairs of ``data``.
 
-    ``data`` is read with the run's ``[data]`` settings (format, columns, policies).
+    ``data`` is read with the run's ``[data]`` settings (format, columns, policies),
+    and every row is checked before the model loads.
     """
-    from repo.train.trainer import load_records
-
-    config, policy, likelihood = load_run(run_dir)
-    config = config.replace("data", max_records=0)  # a training subset, not an eval one
+    run = RunDir(run_dir)
+    config = run.read_config().replace("data", max_records=0)  # a training subset only
+    likelihood, _ = check_settings(config, model_recipe(config))
     records = load_records(config, source=str(Path(data).resolve()))
-    m = config.model
-    recipe = policy.recipe
-    tokenizer = PairTokenizer(
-        policy.tokenizer,
-        m.max_length or recipe.max_length,
-        min_response_tokens=m.min_response_tokens or recipe.min_response_tokens,
-        max_prompt_length=m.max_prompt_length or None,
-        prompt_overflow=m.prompt_overflow,
-    )
-    pairs = TrainingData.build(records, tokenizer)
+    policy = build_trained_policy(config, run)
+    pairs = TrainingData.build(records, build_pair_tokenizer(config, policy))
     result = evaluate_policy(policy, likelihood, pairs, batch_size=batch_size, bins=bins)
     result["skipped"] = pairs.skipped
-    result["run"] = str(Path(run_dir).resolve())
+    result["run"] = str(run.path.resolve())
     result["data"] = str(Path(data).resolve())
     return result

@@ -17,27 +17,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from repo.train.build import load_records
+from repo.train.run_dir import RunDir
 
 __all__ = ["ExportMode", "export_run"]
 
 ExportMode = Literal["annotate", "relabel", "filter"]
 MODES: tuple[str, ...] = ("annotate", "relabel", "filter")
-
-
-def _read_posteriors(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: the run has not finished, or ran with [em] enabled = "
-            "false or [run] posteriors = false"
-        )
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {n + 1} is not JSON ({error})") from None
-    return out
 
 
 def export_run(
@@ -52,18 +40,15 @@ def export_run(
     :param out: the JSONL file to write (default ``<run_dir>/export-<mode>.jsonl``).
     :return: the path written and counts (``labels``, ``written``, ``flipped``).
     """
-    from repo.train.config import load_run_config
-    from repo.train.trainer import load_records
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
-    run_dir = Path(run_dir)
-    config, _ = load_run_config(run_dir)
+    run = RunDir(run_dir)
+    config = run.read_config()
+    posteriors = run.read_posteriors()
     records = load_records(config)
-    posteriors = _read_posteriors(run_dir / "posteriors.jsonl")
-    out = Path(out) if out is not None else run_dir / f"export-{mode}.jsonl"
+    out = Path(out) if out is not None else run.export_file(mode)
     counts = {"labels": len(posteriors), "written": 0, "flipped": 0}
     tmp = out.with_suffix(out.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -71,7 +56,7 @@ def export_run(
             n = int(p["record"])
             if not 0 <= n < len(records) or records[n].item != p["item"]:
                 raise ValueError(
-                    f"{run_dir}: posterior of record {n} does not match the data any more "
+                    f"{run.path}: posterior of record {n} does not match the data any more "
                     "(was the data file changed after training?)"
                 )
             record = records[n]

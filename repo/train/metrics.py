@@ -20,13 +20,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["JsonlLog", "MetricSums", "parameter_summary"]
+from repo.likelihoods.stats import PairLogps
+from repo.train.objective import plain_loss
+
+__all__ = ["JsonlLog", "MetricSums", "ProgressBar", "add_micro_metrics", "parameter_summary"]
 
 
 class JsonlLog:
@@ -98,3 +102,96 @@ def parameter_summary(parameters: dict[str, Tensor]) -> dict[str, float]:
         out[f"{name}/mean"] = float(v.mean())
         out[f"{name}/max"] = float(v.max())
     return out
+
+
+@torch.no_grad()
+def add_micro_metrics(
+    sums: MetricSums,
+    likelihood,
+    variant: str,
+    stats,
+    labels,
+    estep=None,
+    *,
+    marginal: bool = True,
+) -> None:
+    """Add a micro-batch's metrics to ``sums``: the policy step's loss, TRL's reward
+    metrics per label, and with an E-step (``estep``) ``w/mean``, ``w/frac_below_0.5``
+    and, when ``marginal``, the marginal NLL per unit.
+
+    :param stats: the micro-batch's :class:`~repo.likelihoods.PairLogps`, per unit.
+    :param labels: the micro-batch's :class:`~repo.noise.LabelData`.
+    """
+    stats = _detached(stats)
+    if estep is not None:
+        q = estep.q.to(stats.policy_a.device, stats.policy_a.dtype)
+        value = likelihood.policy_loss(stats, q, variant).sum()
+        units = labels.num_units
+    else:
+        value = plain_loss(likelihood, stats, labels)
+        units = labels.num_labels if labels.shared_truth else labels.num_units
+    sums.add("loss", value, units)
+    reward_a, reward_b = (r.cpu().double() for r in likelihood.rewards(stats))
+    logp_a, logp_b = stats.policy_a.cpu().double(), stats.policy_b.cpu().double()
+    chose_a = labels.label > 0.5
+    mask = labels.mask
+    n = labels.num_labels
+
+    def chosen_rejected(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = a.unsqueeze(-1).expand_as(chose_a), b.unsqueeze(-1).expand_as(chose_a)
+        return torch.where(chose_a, a, b)[mask], torch.where(chose_a, b, a)[mask]
+
+    rc, rr = chosen_rejected(reward_a, reward_b)
+    lc, lr = chosen_rejected(logp_a, logp_b)
+    sums.add("rewards/chosen", rc.sum(), n)
+    sums.add("rewards/rejected", rr.sum(), n)
+    sums.add("rewards/margins", (rc - rr).sum(), n)
+    sums.add("rewards/accuracies", (rc > rr).double().sum(), n)
+    sums.add("logps/chosen", lc.sum(), n)
+    sums.add("logps/rejected", lr.sum(), n)
+    if estep is not None:
+        w = estep.w[mask]
+        sums.add("w/mean", w.sum(), n)
+        sums.add("w/frac_below_0.5", (w < 0.5).double().sum(), n)
+        if marginal:
+            sums.add("marginal_nll", -estep.log_likelihood.sum(), labels.num_units)
+
+
+def _detached(stats: PairLogps) -> PairLogps:
+    def d(t):
+        return None if t is None else t.detach()
+
+    return PairLogps(
+        d(stats.policy_a),
+        d(stats.policy_b),
+        d(stats.length_a),
+        d(stats.length_b),
+        d(stats.reference_a),
+        d(stats.reference_b),
+    )
+
+
+class ProgressBar:
+    """A ``tqdm`` bar on stderr over optimizer steps, showing the loss, the mean ``w``
+    and the range of the first annotator parameter."""
+
+    def __init__(self, total: int, initial: int, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total, initial=initial, desc=description, file=sys.stderr, dynamic_ncols=True
+        )
+
+    def update(self, metrics: dict[str, float], parameters: dict[str, Tensor]) -> None:
+        """One step done, with its ``metrics`` and the annotator ``parameters`` after it."""
+        shown = {"loss": f"{metrics['loss']:.4f}"}
+        if "w/mean" in metrics:
+            shown["w"] = f"{metrics['w/mean']:.3f}"
+        if parameters:
+            name, value = next(iter(parameters.items()))
+            shown[name] = f"{float(value.min()):.3f}-{float(value.max()):.3f}"
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

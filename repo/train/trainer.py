@@ -20,160 +20,61 @@ policy is wrapped by ``Accelerator.prepare_model`` (DDP), gradients of all but t
 last micro-batch skip synchronisation, and small sums (statistics, metrics) go
 through ``Accelerator.reduce``.
 
-The run directory (``[run] output_dir``)::
-
-    config.json          the resolved configuration (absolute paths, beta, variant, ...)
-    data_report.json     records, units, labels, annotators, what was skipped and why
-    annotators.json      annotator ids (the order of every per-annotator list)
-    metrics.jsonl        per logged step (see repo.train.metrics)
-    annotators.jsonl     the per-annotator parameter trajectory
-    checkpoints/         step-NNNNNN/ (see repo.train.checkpoint)
-    adapter/             the final LoRA adapter (peft format)
-    noise.safetensors    the final annotator parameters
-    posteriors.jsonl     per label at the end: w (label correct), q (A truly better), flipped
-    reliability.json     per annotator at the end: label count, parameters, eta
+The trainer holds the loop only. Its components (records, policy and reference,
+tokeniser, likelihood, noise model, online EM, optimizer, schedule) come from
+:mod:`repo.train.build`; what it writes goes through
+:class:`~repo.train.run_dir.RunDir` (the run directory's layout is described
+there): the resolved configuration, the data report and annotator ids at the
+start, metrics and the annotator trajectory per step, checkpoints, and at the end
+the final policy (the LoRA adapter, or for full fine-tuning a Hugging Face model
+folder), the online EM's state, per-annotator reliability, per-label posteriors and
+the final noise model as a :class:`~repo.fit.NoiseFit` (the trained parameters at
+the final policy's logits).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 from torch import Tensor
 
-from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
 from repo.inference.enumeration import enumerate_posterior
-from repo.inference.online import OnlineEM, single_thread
-from repo.likelihoods import PreferenceLikelihood, get_likelihood
-from repo.noise import NoiseModel, make_noise_model
-from repo.policy import (
-    LastLayersError,
-    PairTokenizer,
-    Policy,
-    ReferenceCache,
-    ReferenceLogps,
-    ResponseLogps,
-    batch_to,
-    data_fingerprint,
-    load_model_and_tokenizer,
-    resolve_recipe,
+from repo.inference.online import single_thread
+from repo.policy import Policy, ResponseLogps, batch_to
+from repo.train.build import (
+    build_online_em,
+    build_optimizer,
+    build_reference,
+    build_run,
+    build_schedule,
+    build_scheduler,
+    seed_everything,
 )
 from repo.train.checkpoint import (
     Checkpoint,
-    CheckpointError,
-    latest_checkpoint,
+    check_compatible,
+    jsonable,
     load_checkpoint,
-    optimizer_from_tensors,
-    restore_rng,
-    save_checkpoint,
+    restore_training_state,
 )
 from repo.train.config import ConfigError, TrainConfig
-from repo.train.dataset import BatchSchedule, TrainingData
-from repo.train.metrics import JsonlLog, MetricSums, parameter_summary
+from repo.train.evaluate import evaluate_records
+from repo.train.metrics import MetricSums, ProgressBar, add_micro_metrics, parameter_summary
 from repo.train.objective import gather_stats, plain_loss, policy_objective
+from repo.train.run_dir import RunDir
+from repo.train.summaries import (
+    data_report,
+    posterior_rows,
+    reliability,
+    resolved_config,
+    scored_fit,
+)
 
-__all__ = ["Trainer", "load_records", "make_noise", "parse_prior_spec"]
-
-# config sections/fields a resumed run may change (the rest must match the checkpoint)
-_RESUMABLE = {
-    "run": {
-        "output_dir",
-        "progress",
-        "resume",
-        "overwrite",
-        "logging_steps",
-        "save_steps",
-        "save_total_limit",
-        "posteriors",
-    },
-    "model": {"reference_cache_dir", "device"},
-}
-
-
-def parse_prior_spec(spec: str):
-    """``"beta:A,B"`` -> a float64 ``Beta(A, B)``; ``"none"`` -> ``None``."""
-    from repo.fit import parse_prior
-
-    try:
-        return parse_prior(spec)
-    except ValueError as error:
-        raise ConfigError(f"[noise] prior: {error}") from None
-
-
-def make_noise(name: str, num_annotators: int, prior: str, eta_init: float) -> NoiseModel:
-    """The noise model ``name`` for ``K`` annotators, started at reliability ``eta_init``.
-
-    ``eta_init`` sets the flip models' reliabilities, the spammer's honesty and the
-    hierarchical population's location (``logit eta_init``); the Boltzmann model
-    starts at ``tau = 1``.
-    """
-    start = {
-        "symmetric": {"eta_init": eta_init},
-        "two-coin": {"eta_init": eta_init},
-        "spammer": {"theta_init": eta_init},
-        "hierarchical": {"mu_init": math.log(eta_init / (1 - eta_init))},
-    }.get(name, {})
-    try:
-        return make_noise_model(name, num_annotators, prior=parse_prior_spec(prior), **start)
-    except ValueError as error:
-        raise ConfigError(f"[noise] {error}") from None
-
-
-def load_records(config: TrainConfig, source: str | None = None) -> PreferenceData:
-    """The validated records of ``[data]`` (``source`` replaces ``data.train``)."""
-    from repo.data.hh_rlhf import load_hh_rlhf
-    from repo.data.pandalm import read_pandalm
-
-    d = config.data
-    path = source if source is not None else d.train
-    resolved = str(config.path(path)) if path else None
-    if d.format == "hh-rlhf":
-        records = load_hh_rlhf(
-            resolved,
-            on_invalid=d.on_invalid,
-            on_empty=d.on_empty,
-            on_identical=d.on_identical,
-        )
-    elif d.format == "pandalm":
-        records = read_pandalm(resolved, on_invalid=d.on_invalid, on_empty=d.on_empty)
-    else:
-        if resolved is None:
-            raise ConfigError("[data] train is required (a JSON, JSONL or Parquet file)")
-        records = load_preferences(
-            resolved,
-            prompt_column=d.prompt_column,
-            chosen_column=d.chosen_column,
-            rejected_column=d.rejected_column,
-            annotator_column=d.annotator_column or None,
-            item_column=d.item_column or None,
-            position_column=d.position_column or None,
-            on_invalid=d.on_invalid,
-            on_empty=d.on_empty,
-            on_identical=d.on_identical,
-        )
-    if d.max_records and len(records) > d.max_records:
-        records = PreferenceData(
-            records.records[: d.max_records], skipped=records.skipped, notes=records.notes
-        )
-    return records
-
-
-def _fingerprint(data: TrainingData) -> str:
-    h = hashlib.sha256(data_fingerprint(data.pairs).encode())
-    for t in (data.labels.unit, data.labels.annotator, data.labels.label, data.labels.mask):
-        h.update(t.contiguous().numpy().tobytes())
-    h.update(json.dumps(data.annotator_ids).encode())
-    return h.hexdigest()
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -196,67 +97,28 @@ class Trainer:
     ) -> None:
         self.config = config
         self.accelerator = accelerator or self._make_accelerator(config.model.device)
-        self.seed_everything(config.run.seed)
-        self.policy = policy if policy is not None else self._make_policy()
-        if config.model.layout != "auto":
-            self.policy.layout = config.model.layout
-        recipe = self.policy.recipe
-        self.likelihood = self._make_likelihood(recipe)
-        variant = config.loss.variant
-        self.variant = self.likelihood.default_variant if variant == "default" else variant
-        self.records = records if records is not None else load_records(config)
-        self.pair_tokenizer = self._pair_tokenizer(recipe)
-        self.data = TrainingData.build(
-            self.records, self.pair_tokenizer, shared_truth=config.data.shared_truth
-        )
-        self.noise = make_noise(
-            config.noise.model,
-            len(self.data.annotator_ids),
-            config.noise.prior,
-            config.noise.eta_init,
-        )
-        if self.data.notes.get("reoriented_labels"):
-            if self.noise.reads_position:
-                raise ConfigError(
-                    f"[noise] model: the {config.noise.model} model reads the A/B position, "
-                    f"but {self.data.notes['reoriented_labels']} labels were given in the "
-                    "other display order than their item's first row; its position "
-                    "parameters would mix the two orders (use the symmetric or hierarchical "
-                    "model, or one display order per item)"
-                )
-        if not self.noise.has_truth and self.variant != "nll" and config.em.enabled:
-            raise ConfigError(
-                f"[loss] variant: the {self.noise.name} noise model has no latent truth; "
-                "use variant = 'nll'"
-            )
-        self.em = OnlineEM(
-            self.noise,
-            alpha=config.em.alpha,
-            label_counts=self.data.label_counts(),
-            temperature=config.em.temperature,
-            warmup_steps=config.em.warmup_steps,
-            noise_lr=config.em.noise_lr,
-            calibrate=config.em.calibrate,
-        )
         acc = self.accelerator
-        self.schedule = BatchSchedule(
-            num_units=self.data.num_units,
-            batch_size=config.optim.batch_size,
-            accumulation=config.optim.gradient_accumulation_steps,
-            world_size=acc.num_processes,
-            seed=config.run.seed,
-        )
+        self.seed_everything(config.run.seed)
+        parts = build_run(config, device=acc.device, policy=policy, records=records)
+        self.records, self.policy, self.data = parts.records, parts.policy, parts.data
+        self.likelihood, self.variant = parts.likelihood, parts.variant
+        self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
+        self.em = build_online_em(config, self.noise, self.data.label_counts())
+        self.schedule = build_schedule(config, self.data.num_units, acc.num_processes)
         per_epoch = self.schedule.steps_per_epoch
         self.total_steps = config.optim.max_steps or config.optim.epochs * per_epoch
-        self.reference = self._make_reference()
-        self.optimizer = self._make_optimizer()
-        self.scheduler = self._make_scheduler()
+        with acc.main_process_first():  # one process computes the reference cache
+            show = self.is_main and config.run.progress
+            self.reference = build_reference(config, parts, progress=show)
+        self.optimizer = build_optimizer(config, self.policy, acc.device)
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
         self.model = acc.prepare_model(self.policy)
         self.step = 0
-        self.fingerprint = _fingerprint(self.data)
+        self.fingerprint = self.data.fingerprint()
         self.output_dir = config.output_dir
-        self.metrics_log = JsonlLog(self.output_dir / "metrics.jsonl")
-        self.annotator_log = JsonlLog(self.output_dir / "annotators.jsonl")
+        self.run_dir = RunDir(self.output_dir)
+        self.metrics_log = self.run_dir.metrics_log()
+        self.annotator_log = self.run_dir.trajectory_log()
         self.last_metrics: dict[str, float] = {}
         self._item_logits: Tensor | None = None  # of the current policy; see item_logits
 
@@ -274,115 +136,7 @@ class Trainer:
     @staticmethod
     def seed_everything(seed: int) -> None:
         """Seed Python, NumPy, torch (all devices) and Pyro."""
-        from accelerate.utils import set_seed
-
-        set_seed(seed)
-        pyro.set_rng_seed(seed)
-
-    def _make_policy(self) -> Policy:
-        m = self.config.model
-        device = self.accelerator.device
-        checkpointing = {"auto": None, "on": True, "off": False}[m.gradient_checkpointing]
-        dtype = m.dtype or None
-        reference_model = None
-        family = get_likelihood(self.config.loss.family)
-        if not m.use_lora and family.needs_reference:
-            reference_model, _ = load_model_and_tokenizer(m.recipe, device=device, dtype=dtype)
-        try:
-            recipe = resolve_recipe(m.recipe)
-            lora = None
-            if m.lora_last_layers:
-                lora = dataclasses.replace(recipe.lora, last_layers=m.lora_last_layers)
-            return Policy.from_recipe(
-                recipe,
-                device=device,
-                dtype=dtype,
-                use_lora=m.use_lora,
-                lora=lora,
-                gradient_checkpointing=checkpointing,
-                reference_model=reference_model,
-            )
-        except FileNotFoundError as error:
-            raise ConfigError(f"[model] recipe: {error}") from None
-        except LastLayersError as error:
-            raise ConfigError(f"[model] lora_last_layers: {error}") from None
-
-    def _make_likelihood(self, recipe) -> PreferenceLikelihood:
-        family = self.config.loss.family.strip().lower()
-        beta = recipe.beta_for(family) if recipe is not None else 0.1
-        try:
-            return get_likelihood(family, **self.config.likelihood_kwargs(beta))
-        except ValueError as error:
-            raise ConfigError(f"[loss] {error}") from None
-
-    def _pair_tokenizer(self, recipe) -> PairTokenizer:
-        m = self.config.model
-        max_length = m.max_length or (recipe.max_length if recipe is not None else 1024)
-        min_response = m.min_response_tokens or (
-            recipe.min_response_tokens if recipe is not None else 16
-        )
-        if self.policy.tokenizer is None:
-            raise ConfigError("[model] the policy has no tokenizer")
-        try:
-            return PairTokenizer(
-                self.policy.tokenizer,
-                max_length,
-                min_response_tokens=min_response,
-                max_prompt_length=m.max_prompt_length or None,
-                prompt_overflow=m.prompt_overflow,
-            )
-        except ValueError as error:
-            raise ConfigError(f"[model] {error}") from None
-
-    def _make_reference(self) -> ReferenceLogps | None:
-        if not self.likelihood.needs_reference or self.config.model.reference == "on-the-fly":
-            return None
-        with self.accelerator.main_process_first():
-            return self._reference_cache().get_or_compute(
-                self.policy,
-                self.data.pairs,
-                batch_size=self.config.optim.batch_size,
-                progress=self.is_main and self.config.run.progress,
-            )
-
-    def _reference_cache(self) -> ReferenceCache:
-        m = self.config.model
-        folder = (
-            self.config.path(m.reference_cache_dir)
-            if m.reference_cache_dir
-            else self.config.output_dir / "reference-cache"
-        )
-        return ReferenceCache(folder)
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        o = self.config.optim
-        params = self.policy.trainable_parameters()
-        if not params:
-            raise ConfigError("[model] the policy has no trainable parameters")
-        kind = o.implementation
-        if kind == "auto":
-            kind = "fused" if self.accelerator.device.type == "cuda" else "foreach"
-        return torch.optim.AdamW(
-            params,
-            lr=o.learning_rate,
-            betas=(o.adam_beta1, o.adam_beta2),
-            eps=o.adam_epsilon,
-            weight_decay=o.weight_decay,
-            fused=kind == "fused",
-            foreach=kind == "foreach",
-        )
-
-    def _make_scheduler(self):
-        from transformers import get_scheduler
-
-        o = self.config.optim
-        warmup = o.warmup_steps or math.ceil(o.warmup_ratio * self.total_steps)
-        return get_scheduler(
-            o.lr_scheduler,
-            self.optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=self.total_steps,
-        )
+        seed_everything(seed)
 
     # -- helpers --------------------------------------------------------------
     @property
@@ -437,7 +191,15 @@ class Trainer:
                     estep = None
                     loss = plain_loss(self.likelihood, stats, micro.labels)
                 acc.backward(loss * scale)
-            self._micro_metrics(sums, stats, micro.labels, estep, step)
+            add_micro_metrics(
+                sums,
+                self.likelihood,
+                self.variant,
+                stats,
+                micro.labels,
+                estep,
+                marginal=not self.em.in_warmup(step),
+            )
         params = self.policy.trainable_parameters()
         max_norm = self.config.optim.max_grad_norm or float("inf")
         grad_norm = acc.clip_grad_norm_(params, max_norm)
@@ -451,43 +213,6 @@ class Trainer:
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         metrics.update(parameter_summary(self.noise.annotator_parameters()))
         return metrics
-
-    @torch.no_grad()
-    def _micro_metrics(self, sums: MetricSums, stats, labels, estep, step: int) -> None:
-        """TRL's reward metrics per label, the loss value, and the E-step's summaries."""
-        stats = _detached(stats)
-        if estep is not None:
-            q = estep.q.to(stats.policy_a.device, stats.policy_a.dtype)
-            value = self.likelihood.policy_loss(stats, q, self.variant).sum()
-            units = labels.num_units
-        else:
-            value = plain_loss(self.likelihood, stats, labels)
-            units = labels.num_labels if labels.shared_truth else labels.num_units
-        sums.add("loss", value, units)
-        reward_a, reward_b = (r.cpu().double() for r in self.likelihood.rewards(stats))
-        logp_a, logp_b = stats.policy_a.cpu().double(), stats.policy_b.cpu().double()
-        chose_a = labels.label > 0.5
-        mask = labels.mask
-        n = labels.num_labels
-
-        def chosen_rejected(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-            a, b = a.unsqueeze(-1).expand_as(chose_a), b.unsqueeze(-1).expand_as(chose_a)
-            return torch.where(chose_a, a, b)[mask], torch.where(chose_a, b, a)[mask]
-
-        rc, rr = chosen_rejected(reward_a, reward_b)
-        lc, lr = chosen_rejected(logp_a, logp_b)
-        sums.add("rewards/chosen", rc.sum(), n)
-        sums.add("rewards/rejected", rr.sum(), n)
-        sums.add("rewards/margins", (rc - rr).sum(), n)
-        sums.add("rewards/accuracies", (rc > rr).double().sum(), n)
-        sums.add("logps/chosen", lc.sum(), n)
-        sums.add("logps/rejected", lr.sum(), n)
-        if estep is not None:
-            w = estep.w[mask]
-            sums.add("w/mean", w.sum(), n)
-            sums.add("w/frac_below_0.5", (w < 0.5).double().sum(), n)
-            if not self.em.in_warmup(step):
-                sums.add("marginal_nll", -estep.log_likelihood.sum(), labels.num_units)
 
     # -- full passes ------------------------------------------------------------
     @torch.no_grad()
@@ -544,8 +269,11 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------
     def train(self) -> dict[str, float]:
         """Run (or resume) training to the end; write the run directory. Final metrics."""
-        self._prepare_run_dir()
-        progress = self._progress()
+        self._start_or_resume()
+        progress = None
+        if self.is_main and self.config.run.progress:
+            em = "re-" if self.config.em.enabled else ""
+            progress = ProgressBar(self.total_steps, self.step, f"re-po {em}{self.likelihood.name}")
         per_epoch = self.schedule.steps_per_epoch
         save_steps = self.config.run.save_steps
         try:
@@ -559,7 +287,9 @@ class Trainer:
                     self.epoch_m_step()
                 if self.is_main:
                     self._log(metrics)
-                    self._update_progress(progress, metrics)
+                    if progress is not None:
+                        params = self.noise.annotator_parameters() if self.config.em.enabled else {}
+                        progress.update(metrics, params)
                 if save_steps and self.step % save_steps == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
@@ -569,32 +299,6 @@ class Trainer:
         self._finish()
         return self.last_metrics
 
-    def _progress(self):
-        if not (self.is_main and self.config.run.progress):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc=f"re-po {'re-' if self.config.em.enabled else ''}{self.likelihood.name}",
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-
-    def _update_progress(self, progress, metrics: dict[str, float]) -> None:
-        if progress is None:
-            return
-        shown = {"loss": f"{metrics['loss']:.4f}"}
-        if "w/mean" in metrics:
-            shown["w"] = f"{metrics['w/mean']:.3f}"
-        params = self.noise.annotator_parameters() if self.config.em.enabled else {}
-        if params:
-            name, value = next(iter(params.items()))
-            shown[name] = f"{float(value.min()):.3f}-{float(value.max()):.3f}"
-        progress.set_postfix(shown, refresh=False)
-        progress.update(1)
-
     def _log(self, metrics: dict[str, float]) -> None:
         if self.step % self.config.run.logging_steps == 0 or self.step == self.total_steps:
             self.metrics_log.write(metrics)
@@ -602,96 +306,43 @@ class Trainer:
         self.annotator_log.write({"step": self.step, **params})
 
     # -- run directory ----------------------------------------------------------
-    def resolved_config(self) -> dict[str, Any]:
-        """The configuration with defaults filled in and paths made absolute."""
-        config = self.config.to_dict()
-        config["run"]["output_dir"] = str(self.output_dir)
-        if config["data"]["train"]:
-            config["data"]["train"] = str(self.config.path(config["data"]["train"]))
-        return {
-            "config": config,
-            "likelihood": {
-                "family": self.likelihood.name,
-                "variant": self.variant,
-                **self.likelihood.hparams(),
-            },
-            "noise": {"model": self.noise.name, "num_annotators": self.noise.num_annotators},
-            "recipe": None if self.policy.recipe is None else self.policy.recipe.name,
-            "processes": self.accelerator.num_processes,
-            "total_steps": self.total_steps,
-            "steps_per_epoch": self.schedule.steps_per_epoch,
-            "global_batch": self.schedule.global_batch,
-        }
-
-    def _prepare_run_dir(self) -> None:
-        out = self.output_dir
-        checkpoints = out / "checkpoints"
-        latest = latest_checkpoint(checkpoints)
+    def _start_or_resume(self) -> None:
+        run = self.run_dir
+        latest = run.latest_checkpoint()
         if self.config.run.resume and latest is not None:
             self.resume(load_checkpoint(latest))
-        elif self.is_main and (out / "config.json").exists() and not self.config.run.overwrite:
+        elif self.is_main and run.holds_run() and not self.config.run.overwrite:
             raise ConfigError(
-                f"[run] output_dir {out} already holds a run: resume it (--resume), choose "
-                "another output_dir, or set [run] overwrite = true"
+                f"[run] output_dir {run.path} already holds a run: resume it (--resume), "
+                "choose another output_dir, or set [run] overwrite = true"
             )
         if self.step == 0 and self.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            for log in (self.metrics_log, self.annotator_log):
-                if log.path.exists():
-                    log.path.unlink()
-            _write_json(out / "config.json", self.resolved_config())
-            _write_json(out / "annotators.json", {"annotators": self.data.annotator_ids})
-            _write_json(out / "data_report.json", self.data_report())
+            resolved = resolved_config(
+                self.config,
+                self.likelihood,
+                self.variant,
+                self.noise,
+                self.policy.recipe,
+                processes=self.accelerator.num_processes,
+                total_steps=self.total_steps,
+                schedule=self.schedule,
+            )
+            report = data_report(self.records, self.data, self.noise, self.schedule)
+            run.start(resolved, self.data.annotator_ids, report)
         self.accelerator.wait_for_everyone()
 
-    def data_report(self) -> dict[str, Any]:
-        """What the data turned into, and what was dropped under which policy."""
-        labels = self.data.labels
-        report = {
-            "records": len(self.records),
-            "items": len(self.data.pairs),
-            "labels": labels.num_labels,
-            "truth_units": labels.num_units,
-            "shared_truth": labels.shared_truth,
-            "annotators": len(self.data.annotator_ids),
-            "shown_order": self.records.shown_order,
-            "skipped": self.data.skipped,
-            "notes": self.data.notes,
-            "units_per_epoch": self.schedule.steps_per_epoch * self.schedule.global_batch,
-        }
-        if self.noise.reads_position and not self.records.shown_order:
-            report["warning"] = (
-                f"the {self.noise.name} model reads the A/B position, but the data record no "
-                "display order: A/B is a label-independent order, so its position parameters "
-                "describe that order, not what annotators saw"
-            )
-        return report
-
     # -- checkpoints ------------------------------------------------------------
-    def _write_model(self, folder: Path) -> None:
-        if self.policy.has_adapter:
-            self.policy.lm.save_pretrained(folder / "adapter")
-        else:
-            from safetensors.torch import save_file
-
-            state = {
-                n: p.detach().cpu().contiguous()
-                for n, p in self.policy.named_trainable_parameters()
-            }
-            save_file(state, str(folder / "model.safetensors"))
-
     def save_checkpoint(self) -> Path | None:
         """Write the checkpoint of the current step (main process; all wait)."""
         path = None
         if self.is_main:
-            path = save_checkpoint(
-                self.output_dir / "checkpoints",
+            path = self.run_dir.save_checkpoint(
                 self.step,
-                write_model=self._write_model,
+                self.policy,
                 optimizer=self.optimizer.state_dict(),
                 noise=self.em.state_dict(),
                 state={
-                    "scheduler": _jsonable(self.scheduler.state_dict()),
+                    "scheduler": jsonable(self.scheduler.state_dict()),
                     "config": self.config.to_dict(),
                     "data_fingerprint": self.fingerprint,
                     "annotators": self.data.annotator_ids,
@@ -710,204 +361,43 @@ class Trainer:
         :raises CheckpointError: the checkpoint belongs to another configuration, data,
             noise model or model (the message names what differs).
         """
-        state = checkpoint.state
-        self._check_compatible(checkpoint)
-        self._load_model(checkpoint)
-        try:
-            self.optimizer.load_state_dict(
-                optimizer_from_tensors(checkpoint.optimizer, state["optimizer_groups"])
-            )
-            self.em.load_state_dict(checkpoint.noise)
-        except (KeyError, ValueError, RuntimeError) as error:
-            raise CheckpointError(
-                f"{checkpoint.path}: state does not fit this run: {error}"
-            ) from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(checkpoint.rng, state["rng"])
+        check_compatible(
+            checkpoint, self.config.to_dict(), self.fingerprint, self.accelerator.num_processes
+        )
+        restore_training_state(
+            checkpoint,
+            policy=self.policy,
+            optimizer=self.optimizer,
+            online_em=self.em,
+            scheduler=self.scheduler,
+        )
         self.step = checkpoint.step
         self._item_logits = None
         if self.is_main:
             self.metrics_log.truncate_after(self.step)
             self.annotator_log.truncate_after(self.step)
 
-    def _check_compatible(self, checkpoint: Checkpoint) -> None:
-        state = checkpoint.state
-        saved = state.get("config", {})
-        current = self.config.to_dict()
-        for section, fields in current.items():
-            for name, value in fields.items():
-                if name in _RESUMABLE.get(section, set()):
-                    continue
-                old = saved.get(section, {}).get(name, value)
-                if old != value:
-                    raise CheckpointError(
-                        f"{checkpoint.path} was written with [{section}] {name} = {old!r}, "
-                        f"this run has {value!r}"
-                    )
-        if state.get("data_fingerprint") != self.fingerprint:
-            raise CheckpointError(f"{checkpoint.path} was written for other data")
-        if state.get("processes") != self.accelerator.num_processes:
-            raise CheckpointError(
-                f"{checkpoint.path} was written by {state.get('processes')} processes, this run "
-                f"has {self.accelerator.num_processes} (the data order depends on it)"
-            )
-
-    def _load_model(self, checkpoint: Checkpoint) -> None:
-        from safetensors.torch import load_file
-
-        if self.policy.has_adapter:
-            from peft import set_peft_model_state_dict
-
-            file = checkpoint.adapter_dir / "adapter_model.safetensors"
-            if not file.is_file():
-                raise CheckpointError(f"{checkpoint.path}: no adapter/adapter_model.safetensors")
-            weights = load_file(str(file))
-            expected = {n for n, _ in self.policy.named_trainable_parameters()}
-            result = set_peft_model_state_dict(self.policy.lm, weights)
-            if result.unexpected_keys or len(weights) != len(expected):
-                raise CheckpointError(
-                    f"{checkpoint.path}: the adapter does not fit this model "
-                    f"({len(weights)} tensors for {len(expected)} trainable ones)"
-                )
-            return
-        file = checkpoint.path / "model.safetensors"
-        if not file.is_file():
-            raise CheckpointError(f"{checkpoint.path}: no model.safetensors")
-        weights = load_file(str(file))
-        params = dict(self.policy.named_trainable_parameters())
-        if set(weights) != set(params):
-            raise CheckpointError(f"{checkpoint.path}: the weights do not fit this model")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name])
-
     def evaluate(self, records: PreferenceData) -> dict[str, Any]:
         """Accuracy, margin and calibration of the current policy on ``records``
-        (see :mod:`repo.train.evaluate`); reference log-probs through the run's cache
-        when ``[model] reference = "precompute"``."""
-        from repo.train.evaluate import evaluate_policy
-
-        data = TrainingData.build(records, self.pair_tokenizer)
-        reference = None
-        if self.likelihood.needs_reference and self.config.model.reference == "precompute":
-            reference = self._reference_cache().get_or_compute(
-                self.policy,
-                data.pairs,
-                batch_size=self.config.optim.batch_size,
-                progress=self.is_main and self.config.run.progress,
-            )
-        return evaluate_policy(
-            self.policy,
-            self.likelihood,
-            data,
-            batch_size=self.config.optim.batch_size,
-            reference=reference,
+        (:func:`repo.train.evaluate.evaluate_records`)."""
+        return evaluate_records(
+            self.config, self.policy, self.likelihood, self.pair_tokenizer, records
         )
 
     # -- the end ------------------------------------------------------------------
     def _finish(self) -> None:
-        from safetensors.torch import save_file
-
-        out = self.output_dir
         posterior = None
         if self.config.run.posteriors and self.config.em.enabled:
             posterior = self.full_posterior()
-        if not self.is_main:
-            self.accelerator.wait_for_everyone()
-            return
-        if self.policy.has_adapter:
-            self.policy.save_adapter(out / "adapter")
-        else:
-            self._write_model(out)
-        save_file(
-            {k: v.contiguous() for k, v in self.em.state_dict().items()},
-            str(out / "noise.safetensors"),
-        )
-        _write_json(out / "reliability.json", self.reliability())
-        if posterior is not None:
-            self.write_posteriors(out / "posteriors.jsonl", *posterior)
+        if self.is_main:
+            run, n = self.run_dir, self.config.noise
+            run.save_final_policy(self.policy)
+            run.write_noise_state(self.em.state_dict())
+            run.write_reliability(reliability(self.noise, self.data, self.em.scale))
+            if posterior is not None:
+                rows = posterior_rows(self.noise, self.data, *posterior)
+                run.write_posteriors(rows)
+                ids, shared = self.data.annotator_ids, self.data.labels.shared_truth
+                fit = scored_fit(self.noise, rows, ids, shared_truth=shared, prior=n.prior)
+                run.write_noise_fit(fit)
         self.accelerator.wait_for_everyone()
-
-    def reliability(self) -> dict[str, Any]:
-        """Per annotator: label count and the noise model's parameters; the E-step's
-        logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``)."""
-        counts = self.data.label_counts()
-        params = self.noise.annotator_parameters()
-        return {
-            "model": self.noise.name,
-            "annotators": [
-                {
-                    "id": a,
-                    "n_labels": int(counts[k]),
-                    **{name: float(v[k]) for name, v in params.items()},
-                }
-                for k, a in enumerate(self.data.annotator_ids)
-            ],
-            "population": {k: float(v) for k, v in self.noise.population_parameters().items()},
-            "e_step_scale": self.em.scale,
-        }
-
-    def write_posteriors(self, path: Path, unit_logits: Tensor, posterior) -> None:
-        """Per label: its record, annotator, label (in the item's A/B order), ``w``, ``q``,
-        the item's induced logit and whether the label is flagged (``w < 1/2``)."""
-        labels = self.data.labels
-        w = labels.flat(self.noise.label_correct(unit_logits, labels, posterior.marginals))
-        q_unit = self.noise.truth_posterior(unit_logits, posterior.marginals)
-        q = labels.flat(q_unit.unsqueeze(-1).expand_as(labels.label))
-        logit = labels.flat(unit_logits.unsqueeze(-1).expand_as(labels.label))
-        annotator = labels.flat(labels.annotator)
-        label = labels.flat(labels.label)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for j in range(labels.num_labels):
-                n = int(self.data.label_record[j])
-                record = self.records[n]
-                fh.write(
-                    json.dumps(
-                        {
-                            "record": n,
-                            "row": record.row,
-                            "item": record.item,
-                            "annotator": self.data.annotator_ids[int(annotator[j])],
-                            "label": int(label[j]),
-                            "w": float(w[j]),
-                            "q": float(q[j]),
-                            "logit": float(logit[j]),
-                            "flipped": bool(w[j] < 0.5),
-                        }
-                    )
-                    + "\n"
-                )
-        os.replace(tmp, path)
-
-
-def _detached(stats):
-    from repo.likelihoods.stats import PairLogps
-
-    def d(t):
-        return None if t is None else t.detach()
-
-    return PairLogps(
-        d(stats.policy_a),
-        d(stats.policy_b),
-        d(stats.length_a),
-        d(stats.length_b),
-        d(stats.reference_a),
-        d(stats.reference_b),
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items() if not callable(v)}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return value
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,0 +1,479 @@
+r"""Building a run from its configuration: the one place that turns a :class:`TrainConfig`
+into the parts of a run.
+
+``re-po train``, ``eval``, ``export``, ``demo`` and ``diagnose`` all build here, so a
+run is read back with the components it was trained with (the same LoRA layout or
+full weights, the same reference, tokeniser limits, likelihood and noise model).
+
+:func:`build_run` builds in this order, so that everything that can be checked
+without a model is checked before a model loads:
+
+1. :func:`check_settings` - the recipe file, the loss family and its options, the
+   Beta prior, the noise model with that prior and its starting values, the policy
+   step's variant against the noise model (:class:`~repo.train.config.ConfigError`
+   naming ``[section] field``);
+2. :func:`load_records` - every data row, by the ``[data]`` policies
+   (:class:`~repo.data.errors.DataError` naming row and field);
+3. :func:`build_policy` - the model loads here: the recipe's network with its LoRA
+   adapter (``[model] use_lora``, ``lora_last_layers``) or every weight trainable,
+   and for full fine-tuning with a loss that needs one, a frozen copy as the
+   reference;
+4. :func:`build_pair_tokenizer` and :class:`~repo.train.dataset.TrainingData` -
+   tokenised items and the label layout;
+5. :func:`build_noise` - the noise model for the data's annotators, started at
+   ``[noise] eta_init`` (:func:`repo.noise.initial_arguments`, the map
+   ``re-po fit-noise`` uses too).
+
+:func:`build_online_em`, :func:`build_schedule`, :func:`build_optimizer`,
+:func:`build_scheduler` and :func:`build_reference` make the training-only parts;
+:func:`build_trained_policy` and :func:`build_trained_noise_fit` load a finished
+run's final policy and final noise model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from repo.data.loaders import load_preferences
+from repo.data.records import PreferenceData
+from repo.fit import NoiseFit, parse_prior
+from repo.inference.online import OnlineEM
+from repo.likelihoods import PreferenceLikelihood, get_likelihood
+from repo.noise import NoiseModel, initial_arguments, make_noise_model
+from repo.policy import (
+    LastLayersError,
+    ModelRecipe,
+    PairTokenizer,
+    Policy,
+    ReferenceCache,
+    ReferenceLogps,
+    load_model_and_tokenizer,
+    resolve_recipe,
+)
+from repo.train.config import ConfigError, TrainConfig
+from repo.train.dataset import BatchSchedule, TrainingData
+from repo.train.run_dir import RunDir
+from repo.train.summaries import scored_fit
+
+__all__ = [
+    "RunParts",
+    "build_likelihood",
+    "build_noise",
+    "build_online_em",
+    "build_optimizer",
+    "build_pair_tokenizer",
+    "build_policy",
+    "build_reference",
+    "build_reference_cache",
+    "build_run",
+    "build_schedule",
+    "build_scheduler",
+    "build_trained_noise_fit",
+    "build_trained_policy",
+    "check_settings",
+    "load_records",
+    "model_recipe",
+    "noise_prior",
+    "seed_everything",
+]
+
+
+@dataclass
+class RunParts:
+    """The components of a run (see :func:`build_run`).
+
+    :param records: the validated records.
+    :param policy: the policy (with its reference).
+    :param likelihood: the loss family with its hyper-parameters.
+    :param variant: the policy step's variant (``"nll"`` or ``"mixture"``).
+    :param pair_tokenizer: the tokeniser with the run's length limits.
+    :param data: tokenised items and their labels.
+    :param noise: the noise model at its starting values.
+    """
+
+    records: PreferenceData
+    policy: Policy
+    likelihood: PreferenceLikelihood
+    variant: str
+    pair_tokenizer: PairTokenizer
+    data: TrainingData
+    noise: NoiseModel
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch (all devices) and Pyro."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    pyro.set_rng_seed(seed)
+
+
+# ----------------------------------------------------------------------------- no model
+
+
+def model_recipe(config: TrainConfig) -> ModelRecipe:
+    """The recipe of ``[model] recipe`` (its TOML only; no weights are read)."""
+    try:
+        return resolve_recipe(config.model.recipe)
+    except FileNotFoundError as error:
+        raise ConfigError(f"[model] recipe: {error}") from None
+
+
+def noise_prior(config: TrainConfig):
+    """``[noise] prior`` as a float64 ``Beta`` (or ``None``)."""
+    try:
+        return parse_prior(config.noise.prior)
+    except ValueError as error:
+        raise ConfigError(f"[noise] prior: {error}") from None
+
+
+def build_noise_model(config: TrainConfig, num_annotators: int) -> NoiseModel:
+    """``[noise] model`` for ``K`` annotators with its prior, started at ``eta_init``."""
+    n = config.noise
+    try:
+        return make_noise_model(
+            n.model,
+            num_annotators,
+            prior=noise_prior(config),
+            **initial_arguments(n.model, n.eta_init),
+        )
+    except ValueError as error:
+        raise ConfigError(f"[noise] {error}") from None
+
+
+def build_likelihood(config: TrainConfig, recipe: ModelRecipe | None) -> PreferenceLikelihood:
+    """The loss family of ``[loss]``; ``beta`` from the recipe when ``[loss] beta = 0``
+    (0.1 without a recipe)."""
+    family = config.loss.family.strip().lower()
+    beta = recipe.beta_for(family) if recipe is not None else 0.1
+    try:
+        return get_likelihood(family, **config.likelihood_kwargs(beta))
+    except ValueError as error:
+        raise ConfigError(f"[loss] {error}") from None
+
+
+def policy_variant(config: TrainConfig, likelihood: PreferenceLikelihood) -> str:
+    """The policy step's variant: ``[loss] variant``, or the family's default."""
+    variant = config.loss.variant
+    return likelihood.default_variant if variant == "default" else variant
+
+
+def check_settings(
+    config: TrainConfig, recipe: ModelRecipe | None
+) -> tuple[PreferenceLikelihood, str]:
+    """Check what needs no model and no data; the likelihood and the variant.
+
+    :raises ConfigError: a bad prior, a prior the noise model cannot take, a loss
+        option out of range, or a variant other than ``nll`` with a noise model that
+        has no latent truth (the message names the field).
+    """
+    likelihood = build_likelihood(config, recipe)
+    variant = policy_variant(config, likelihood)
+    noise = build_noise_model(config, 1)  # the name, the prior and the starting values
+    if not noise.has_truth and variant != "nll" and config.em.enabled:
+        raise ConfigError(
+            f"[loss] variant: the {noise.name} noise model has no latent truth; use variant = 'nll'"
+        )
+    return likelihood, variant
+
+
+def load_records(config: TrainConfig, source: str | None = None) -> PreferenceData:
+    """The validated records of ``[data]`` (``source`` replaces ``data.train``)."""
+    from repo.data.hh_rlhf import load_hh_rlhf
+    from repo.data.pandalm import read_pandalm
+
+    d = config.data
+    path = source if source is not None else d.train
+    resolved = str(config.path(path)) if path else None
+    if d.format == "hh-rlhf":
+        records = load_hh_rlhf(
+            resolved,
+            on_invalid=d.on_invalid,
+            on_empty=d.on_empty,
+            on_identical=d.on_identical,
+        )
+    elif d.format == "pandalm":
+        records = read_pandalm(resolved, on_invalid=d.on_invalid, on_empty=d.on_empty)
+    else:
+        if resolved is None:
+            raise ConfigError("[data] train is required (a JSON, JSONL or Parquet file)")
+        records = load_preferences(
+            resolved,
+            prompt_column=d.prompt_column,
+            chosen_column=d.chosen_column,
+            rejected_column=d.rejected_column,
+            annotator_column=d.annotator_column or None,
+            item_column=d.item_column or None,
+            position_column=d.position_column or None,
+            on_invalid=d.on_invalid,
+            on_empty=d.on_empty,
+            on_identical=d.on_identical,
+        )
+    if d.max_records and len(records) > d.max_records:
+        records = PreferenceData(
+            records.records[: d.max_records], skipped=records.skipped, notes=records.notes
+        )
+    return records
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _device(config: TrainConfig, device: Any) -> Any:
+    if device is not None:
+        return device
+    return None if config.model.device == "auto" else config.model.device
+
+
+def build_policy(
+    config: TrainConfig, device: Any = None, *, weights: str | Path | None = None
+) -> Policy:
+    """The policy of ``[model]``: the recipe's network with LoRA (``use_lora``,
+    ``lora_last_layers``) or every weight trainable; for full fine-tuning with a loss
+    that needs a reference, a frozen copy of the recipe's network as the reference.
+
+    :param device: where the model goes; default ``[model] device``.
+    :param weights: a Hugging Face model folder (a full fine-tune's final policy) to
+        load instead of the recipe's weights; the recipe still supplies the settings
+        and the reference.
+    """
+    m = config.model
+    recipe = model_recipe(config)
+    device = _device(config, device)
+    dtype = m.dtype or None
+    checkpointing = {"auto": None, "on": True, "off": False}[m.gradient_checkpointing]
+    reference_model = None
+    if not m.use_lora and get_likelihood(config.loss.family).needs_reference:
+        reference_model, _ = load_model_and_tokenizer(recipe, device=device, dtype=dtype)
+    source = recipe
+    if weights is not None:
+        source = dataclasses.replace(
+            recipe,
+            source_kind="local",
+            source=str(Path(weights).resolve()),
+            package=None,
+            revision=None,
+        )
+    lora = None
+    if m.lora_last_layers:
+        lora = dataclasses.replace(recipe.lora, last_layers=m.lora_last_layers)
+    try:
+        policy = Policy.from_recipe(
+            source,
+            device=device,
+            dtype=dtype,
+            use_lora=m.use_lora,
+            lora=lora,
+            gradient_checkpointing=checkpointing,
+            reference_model=reference_model,
+        )
+    except LastLayersError as error:
+        raise ConfigError(f"[model] lora_last_layers: {error}") from None
+    policy.recipe = recipe
+    if m.layout != "auto":
+        policy.layout = m.layout
+    return policy
+
+
+def build_pair_tokenizer(config: TrainConfig, policy: Policy) -> PairTokenizer:
+    """The policy's tokeniser with ``[model]``'s length limits (the recipe's by default)."""
+    m = config.model
+    recipe = policy.recipe
+    max_length = m.max_length or (recipe.max_length if recipe is not None else 1024)
+    min_response = m.min_response_tokens or (
+        recipe.min_response_tokens if recipe is not None else 16
+    )
+    if policy.tokenizer is None:
+        raise ConfigError("[model] the policy has no tokenizer")
+    try:
+        return PairTokenizer(
+            policy.tokenizer,
+            max_length,
+            min_response_tokens=min_response,
+            max_prompt_length=m.max_prompt_length or None,
+            prompt_overflow=m.prompt_overflow,
+        )
+    except ValueError as error:
+        raise ConfigError(f"[model] {error}") from None
+
+
+def build_noise(config: TrainConfig, data: TrainingData) -> NoiseModel:
+    """The noise model for the annotators of ``data`` at its starting values.
+
+    :raises ConfigError: a model that reads the A/B position on labels given in both
+        display orders of one item.
+    """
+    noise = build_noise_model(config, len(data.annotator_ids))
+    reoriented = data.notes.get("reoriented_labels")
+    if reoriented and noise.reads_position:
+        raise ConfigError(
+            f"[noise] model: the {config.noise.model} model reads the A/B position, "
+            f"but {reoriented} labels were given in the other display order than their "
+            "item's first row; its position parameters would mix the two orders (use the "
+            "symmetric or hierarchical model, or one display order per item)"
+        )
+    return noise
+
+
+def build_run(
+    config: TrainConfig,
+    *,
+    device: Any = None,
+    policy: Policy | None = None,
+    records: PreferenceData | None = None,
+) -> RunParts:
+    """Every component of a run, in the order of the module docstring.
+
+    :param device: where the model goes; default ``[model] device``.
+    :param policy: a ready policy (then ``[model] recipe`` only supplies defaults).
+    :param records: ready records; default: read from ``[data]``.
+    """
+    recipe = policy.recipe if policy is not None else model_recipe(config)
+    likelihood, variant = check_settings(config, recipe)
+    if records is None:
+        records = load_records(config)
+    if policy is None:
+        policy = build_policy(config, device)
+    elif config.model.layout != "auto":
+        policy.layout = config.model.layout
+    pair_tokenizer = build_pair_tokenizer(config, policy)
+    data = TrainingData.build(records, pair_tokenizer, shared_truth=config.data.shared_truth)
+    noise = build_noise(config, data)
+    return RunParts(records, policy, likelihood, variant, pair_tokenizer, data, noise)
+
+
+# ----------------------------------------------------------------------------- training only
+
+
+def build_online_em(
+    config: TrainConfig, noise: NoiseModel, label_counts: torch.Tensor | None = None
+) -> OnlineEM:
+    """The online EM of ``[em]`` around ``noise`` (``label_counts``: labels per annotator
+    in the whole data, which scale a prior's weight)."""
+    em = config.em
+    return OnlineEM(
+        noise,
+        alpha=em.alpha,
+        label_counts=label_counts,
+        temperature=em.temperature,
+        warmup_steps=em.warmup_steps,
+        noise_lr=em.noise_lr,
+        calibrate=em.calibrate,
+    )
+
+
+def build_schedule(config: TrainConfig, num_units: int, processes: int) -> BatchSchedule:
+    """The order of truth units over optimizer steps (``[optim]`` batches, ``[run] seed``)."""
+    o = config.optim
+    return BatchSchedule(
+        num_units=num_units,
+        batch_size=o.batch_size,
+        accumulation=o.gradient_accumulation_steps,
+        world_size=processes,
+        seed=config.run.seed,
+    )
+
+
+def build_optimizer(config: TrainConfig, policy: Policy, device: torch.device):
+    """AdamW of ``[optim]`` over the policy's trainable parameters (fused on CUDA with
+    ``implementation = "auto"``, foreach elsewhere)."""
+    o = config.optim
+    params = policy.trainable_parameters()
+    if not params:
+        raise ConfigError("[model] the policy has no trainable parameters")
+    kind = o.implementation
+    if kind == "auto":
+        kind = "fused" if torch.device(device).type == "cuda" else "foreach"
+    return torch.optim.AdamW(
+        params,
+        lr=o.learning_rate,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+        weight_decay=o.weight_decay,
+        fused=kind == "fused",
+        foreach=kind == "foreach",
+    )
+
+
+def build_scheduler(config: TrainConfig, optimizer, total_steps: int):
+    """The learning-rate schedule of ``[optim]`` (linear warm-up, then transformers'
+    ``lr_scheduler``)."""
+    from transformers import get_scheduler
+
+    o = config.optim
+    warmup = o.warmup_steps or math.ceil(o.warmup_ratio * total_steps)
+    return get_scheduler(
+        o.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+
+
+def build_reference(
+    config: TrainConfig, parts: RunParts, *, progress: bool = False
+) -> ReferenceLogps | None:
+    """The reference log-probs of every item, computed once and cached
+    (:func:`build_reference_cache`); ``None`` when the family needs no reference or
+    ``[model] reference = "on-the-fly"`` (the policy's reference runs every step)."""
+    if not parts.likelihood.needs_reference or config.model.reference == "on-the-fly":
+        return None
+    return build_reference_cache(config).get_or_compute(
+        parts.policy, parts.data.pairs, batch_size=config.optim.batch_size, progress=progress
+    )
+
+
+def build_reference_cache(config: TrainConfig) -> ReferenceCache:
+    """The reference log-prob cache: ``[model] reference_cache_dir``, or the run
+    directory's."""
+    folder = config.model.reference_cache_dir
+    if folder:
+        return ReferenceCache(config.path(folder))
+    return ReferenceCache(RunDir(config.output_dir).reference_cache)
+
+
+# ----------------------------------------------------------------------------- a finished run
+
+
+def build_trained_policy(config: TrainConfig, run: RunDir, device: Any = None) -> Policy:
+    """The final policy of a finished run, built as the run built it.
+
+    LoRA: the recipe's network with the run's adapter layout, the adapter's weights
+    from ``adapter/``; full fine-tuning: the network of ``model/`` (and the recipe's as
+    the reference, when the loss needs one).
+
+    :raises FileNotFoundError: the run has no final policy (it did not finish).
+    """
+    seed_everything(config.run.seed)
+    if config.model.use_lora:
+        policy = build_policy(config, device)
+        run.load_final_adapter(policy)
+        return policy
+    return build_policy(config, device, weights=run.final_model())
+
+
+def build_trained_noise_fit(run: RunDir, *, posterior: bool = True) -> NoiseFit:
+    """A finished run's final noise model as a :class:`~repo.fit.NoiseFit` with its
+    live objects: the run's noise model at the trained parameters (the online EM's
+    final state), the labels with the final policy's logits (``posteriors.jsonl``)
+    and, with ``posterior``, EM's Laplace approximation at those parameters. No EM
+    is run: the estimates are the ones the run wrote (:meth:`RunDir.read_noise_fit`).
+
+    :raises FileNotFoundError: the run has no final state or posteriors.
+    """
+    config = run.read_config()
+    annotator_ids = run.read_annotators()
+    noise = build_noise_model(config, len(annotator_ids))
+    build_online_em(config, noise).load_state_dict(run.read_noise_state())
+    return scored_fit(
+        noise,
+        run.read_posteriors(),
+        annotator_ids,
+        shared_truth=config.data.shared_truth,
+        prior=config.noise.prior,
+        posterior=posterior,
+    )
