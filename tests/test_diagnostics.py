@@ -20,7 +20,7 @@ from repo.diagnostics import (
     predictive_checks,
     to_inference_data,
 )
-from repo.diagnostics.compat import group
+from repo.diagnostics.compat import group, group_names
 from repo.fit import fit_noise
 from repo.inference.bayes import BayesSettings, infer
 from repo.inference.em import fit_em
@@ -59,7 +59,7 @@ def test_inference_data_groups_and_marginal_log_likelihood(shared):
     ids = ["x", "y", "z"]
     idata = to_inference_data(result, annotator_ids=ids)
     assert {"posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"} <= set(
-        idata.groups()
+        group_names(idata)
     )
     posterior = group(idata, "posterior")
     assert posterior["eta"].dims == ("chain", "draw", "annotator")

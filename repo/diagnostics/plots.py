@@ -19,13 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import arviz as az  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from repo.diagnostics import compat  # noqa: E402
 
 MAX_ROWS = 60
 """Forest plots show at most this many annotators (those with the most labels)."""
@@ -78,12 +78,7 @@ def plot_w(labels: pd.DataFrame, title: str = "") -> plt.Figure:
 
 def plot_trace(idata, annotators: list[str]) -> plt.Figure:
     """Trace and density of ``eta`` for ``annotators`` (ArviZ)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        axes = az.plot_trace(
-            idata, var_names=["eta"], coords={"annotator": annotators}, compact=False
-        )
-    figure = np.asarray(axes).ravel()[0].figure
+    figure = compat.plot_trace(idata, "eta", {"annotator": annotators})
     figure.set_size_inches(9, 1.8 * len(annotators) + 0.5)
     figure.tight_layout()
     return figure

@@ -18,15 +18,14 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
-import arviz as az
 import numpy as np
 import pandas as pd
 import torch
 from pyro import poutine
 
+from repo.diagnostics import compat
 from repo.diagnostics.compat import attrs, group
 from repo.inference.draws import load_draw
 from repo.inference.enumeration import local_params
@@ -41,24 +40,18 @@ def summary_table(idata, var_names: list[str] | None = None) -> pd.DataFrame:
     posterior = group(idata, "posterior")
     names = var_names or [v for v in posterior.data_vars if v != "eta"] + ["eta"]
     chains = posterior.sizes["chain"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = az.summary(
-            idata, var_names=names, hdi_prob=0.9, kind="all" if chains > 1 else "stats"
-        )
+    table = compat.summary(idata, var_names=names, kind="all" if chains > 1 else "stats")
     if chains > 1:
         table["r_hat_ok"] = table["r_hat"] <= RHAT_MAX
         table["ess_ok"] = table["ess_bulk"] >= ESS_MIN
     return table
 
 
-def loo(idata) -> az.ELPDData:
+def loo(idata) -> compat.Loo:
     """PSIS-LOO of the marginal pointwise log-likelihood (ArviZ's ``loo``)."""
     if group(idata, "log_likelihood") is None:
         raise ValueError("no log_likelihood group: write the inference data with it")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return az.loo(idata, pointwise=True)
+    return compat.loo(idata)
 
 
 def _units(idata) -> tuple[str, int]:
@@ -68,10 +61,11 @@ def _units(idata) -> tuple[str, int]:
 
 
 def compare_models(models: Mapping[str, object]) -> pd.DataFrame:
-    """``az.compare`` by PSIS-LOO over noise models fitted to the same data.
+    """ArviZ's comparison by PSIS-LOO of noise models fitted to the same data.
 
-    :returns: ArviZ's table (``elpd_loo``, ``se``, ``elpd_diff``, ``dse``, ...)
-        ranked best first, plus ``diff_in_se`` = ``elpd_diff / dse``.
+    :returns: the table of :func:`repo.diagnostics.compat.compare` (``rank``,
+        ``elpd_loo``, ``p_loo``, ``elpd_diff``, ``weight``, ``se``, ``dse``,
+        ``warning``) ranked best first, plus ``diff_in_se`` = ``elpd_diff / dse``.
     """
     if len(models) < 2:
         raise ValueError("model comparison needs at least two fits")
@@ -81,9 +75,7 @@ def compare_models(models: Mapping[str, object]) -> pd.DataFrame:
         raise ValueError(
             f"fits are not on the same truth units and cannot be compared ({described})"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = az.compare(dict(models), ic="loo")
+    table = compat.compare(dict(models))
     with np.errstate(divide="ignore", invalid="ignore"):
         table["diff_in_se"] = table["elpd_diff"] / table["dse"]
     return table
