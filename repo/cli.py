@@ -47,16 +47,8 @@ def _write_side_files(fit, args: argparse.Namespace, base: Path) -> None:
             fit.files[key] = str(target)
 
 
-def _skipped_line(skipped: dict[str, int]) -> str | None:
-    """The one stderr line that says which rows were left out, by reason."""
-    if not skipped:
-        return None
-    total = sum(skipped.values())
-    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
-    return f"[re-po] skipped {total} row(s): {reasons}"
-
-
 def _fit_noise(args: argparse.Namespace) -> int:
+    from repo.data.errors import describe_skipped
     from repo.fit import fit_noise
 
     out = Path(args.out)
@@ -77,7 +69,7 @@ def _fit_noise(args: argparse.Namespace) -> int:
         method=args.method,
         bayes=_bayes_settings(args),
     )
-    line = _skipped_line(fit.skipped)
+    line = describe_skipped(fit.skipped)
     if line:
         print(line, file=sys.stderr)
     _write_side_files(fit, args, (out.parent if single_file else out).resolve())
@@ -126,6 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    from repo.data.errors import describe_skipped
     from repo.train import Trainer, describe_config, load_config
 
     if args.describe_config:
@@ -139,6 +132,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         config = config.replace("run", output_dir=str(Path(args.output_dir).resolve()))
     trainer = Trainer(config)
+    skipped = describe_skipped(trainer.data.skipped)
+    if skipped and trainer.is_main:
+        print(skipped, file=sys.stderr)
     metrics = trainer.train()
     if trainer.is_main:
         print(f"[re-po] {trainer.step} steps; run directory {trainer.output_dir}", file=sys.stderr)

@@ -171,7 +171,7 @@ def _text_codes(
     else:
         found, uniques = pd.factorize(texts[valid], sort=True)
     codes[valid] = found
-    return IdColumn(codes, [str(u) for u in uniques], missing, bad, problems)
+    return IdColumn(codes, [str(u) for u in uniques.tolist()], missing, bad, problems)
 
 
 def _integer_codes(
