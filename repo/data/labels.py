@@ -210,7 +210,8 @@ def _check_duplicates(
 ) -> np.ndarray:
     """Indices of the labels kept under the duplicate policy."""
     key = annotator.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
-    if pd.Index(key).is_unique:  # a hash pass; the sort below only when needed
+    ordered = np.sort(key)
+    if not (ordered[1:] == ordered[:-1]).any():
         return np.arange(key.shape[0])
     _, first = np.unique(key, return_index=True)
     if duplicates == "first":
@@ -296,7 +297,9 @@ def _encode_binary(
     annotators = encode_id_column(table["annotator"])
     items = encode_id_column(table["item"])
     values = encode_id_column(table["label"])  # labels coded as ids: 2, 2.0, "2" alike
-    values.missing = values.missing | (_spelled_nan(table["label"]) & ~values.bad)
+    spelled_nan = [code for code, text in enumerate(values.ids) if text.lower() == "nan"]
+    if spelled_nan:  # a CSV's way of writing a gap
+        values.missing = values.missing | np.isin(values.codes, spelled_nan)
     checks.add_ids(annotators, "annotator", "annotator id")
     checks.add_ids(items, "item", "item id")
     checks.add(values.missing, MISSING_LABEL, "label", lambda row: "missing label")
