@@ -135,7 +135,7 @@ def encode_id_column(values: pd.Series) -> IdColumn:
     if pd.api.types.is_string_dtype(dtype) and _all_text(values):
         # the distinct cells first, then the rule on those alone (cheap for long columns)
         raw, cells = pd.factorize(values, sort=False)
-        cells = pd.Series(cells, dtype=object if dtype == object else dtype).str.strip()
+        cells = pd.Series(cells).str.strip()
         if not cells.str.isascii().all():
             cells = cells.str.normalize("NFC")
         blank = cells.eq("").to_numpy(dtype=bool, na_value=True)
