@@ -23,6 +23,7 @@ def _bayes_settings(args: argparse.Namespace):
         target_accept=args.target_accept,
         svi_steps=args.svi_steps,
         chain_processes=args.chain_processes,
+        max_enumeration_draws=args.loo_draws,
     )
 
 
@@ -279,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     bayes.add_argument("--target-accept", type=float, default=0.8)
     bayes.add_argument("--svi-steps", type=int, default=3000, help="SVI/MAP optimisation steps")
     bayes.add_argument("--idata", default=None, help="also write the ArviZ InferenceData (.nc)")
+    bayes.add_argument(
+        "--loo-draws",
+        type=int,
+        default=None,
+        help="draws whose pointwise log-likelihood (per item under shared truth, else per "
+        "label; float32) is kept for PSIS-LOO; default: all, up to 50M values in all",
+    )
     bayes.add_argument("--trajectory", default=None, help="also write EM's eta trajectory (.jsonl)")
     fit.set_defaults(run=_fit_noise)
 
