@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +43,7 @@ def _write_side_files(fit, args: argparse.Namespace, base: Path) -> None:
             from repo.diagnostics.io import write_trajectory
 
             write_trajectory(fit.trajectory, target)
-        try:
-            fit.files[key] = str(target.relative_to(base))
-        except ValueError:
-            fit.files[key] = str(target)
+        fit.files[key] = os.path.relpath(target, base)
 
 
 def _fit_noise(args: argparse.Namespace) -> int:

@@ -183,7 +183,7 @@ def test_idata_keeps_a_bounded_float32_pointwise_log_likelihood(tmp_path, monkey
     from repo.diagnostics.compat import from_netcdf
 
     assert group(from_netcdf(path), "log_likelihood")["o_item"].shape == (1, 40, 60)
-    assert NoiseFit.load(tmp_path / "fit").files["inference_data"] == str(path)
+    assert NoiseFit.load(tmp_path / "fit").files["inference_data"] == "../fit.nc"
 
 
 def _csv(table: pd.DataFrame, tmp_path: Path) -> Path:
