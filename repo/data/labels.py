@@ -19,10 +19,18 @@ Policies, stated once:
   them (0 a tie, 1 and 2 a preference), and a value ``tie`` (any case) beside two
   others is a tie; ``tie_value=None`` recognises no tie;
 * duplicate ``(annotator, item)`` labels (binary; scored with items): an error
-  naming both rows, unless ``duplicates="first"`` keeps the first;
+  naming both rows, unless ``duplicates="first"`` keeps the first (counted as
+  ``duplicate``), the policy of training data too (:mod:`repo.data.records`);
+* a malformed row: an error naming its row and field (``on_invalid="error"``), or
+  left out and counted by reason (``"skip"``): ``missing_id``, ``bad_id`` (the id
+  rule of :mod:`repo.data.ids`, shared with training data), ``missing_label``
+  (blank, null, NaN or text spelling NaN), ``bad_label``, ``missing_score``,
+  ``bad_score`` and ``self_comparison`` (pairwise: winner == loser); a row is
+  counted once, under the first of these it fails (in column order);
 * rows are numbered from 0 in file order, header excluded.
 
-Every problem is a :class:`~repo.data.errors.DataError` naming the row and field.
+Every problem is a :class:`~repo.data.errors.DataError` naming the row and field;
+:attr:`EncodedLabels.skipped` counts the rows left out by reason (ties too).
 """
 
 from __future__ import annotations
