@@ -3,8 +3,9 @@
 :func:`fit_noise` reads (or takes) a label table in one of the formats of
 :mod:`repo.data.labels`, builds the truth layout and the scorer the format implies,
 refuses combinations that cannot be identified, runs EM and returns a
-:class:`NoiseFit` whose estimates are data frames, with :meth:`NoiseFit.to_json`
-writing the documented RESULT.json (``version`` 1).
+:class:`NoiseFit`: plain data whose estimates are data frames, saved as a directory
+(:meth:`NoiseFit.save`: ``fit.json`` and Parquet tables; :meth:`NoiseFit.load`) or
+as one JSON document (:meth:`NoiseFit.to_json`, RESULT.json ``version`` 1).
 
 =========  ===========  =======================================================
 format     truth        scorer
