@@ -205,7 +205,7 @@ def idata_benchmark(num_items: int, num_annotators: int, tmp: Path) -> dict:
         "idata_bytes": idata.stat().st_size,
         "idata_mb": round(idata.stat().st_size / 2**20, 1),
         "log_likelihood_draws": min(2000, max(1, LOG_LIKELIHOOD_VALUES // units)),
-        "log_likelihood": "per item (shared truth), float32, draws thinned to "
+        "log_likelihood": "per item (shared truth), float64, draws thinned to "
         "LOG_LIKELIHOOD_VALUES values in all",
     }
 

@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="draws whose pointwise log-likelihood (per item under shared truth, else per "
-        "label; float32) is kept for PSIS-LOO; default: all, up to 50M values in all",
+        "label) is kept for PSIS-LOO; default: all, up to 50M values in all",
     )
     bayes.add_argument("--trajectory", default=None, help="also write EM's eta trajectory (.jsonl)")
     fit.set_defaults(run=_fit_noise)

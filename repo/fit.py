@@ -45,7 +45,8 @@ LOG_LIKELIHOOD_VALUES = 50_000_000
 """At most this many pointwise log-likelihood values (draws x truth units) are
 enumerated from a posterior's draws (the ``log_likelihood`` group of the
 InferenceData, PSIS-LOO, the Rao-Blackwellised averages of NUTS and SVI) unless
-``BayesSettings.max_enumeration_draws`` says otherwise: 200 MB as float32 on disk.
+``BayesSettings.max_enumeration_draws`` says otherwise: 400 MB of float64 (kept
+at float64: ArviZ's PSIS gives NaN on some float32 log-likelihoods).
 Up to 25,000 units every draw is kept (2,000 Laplace draws); 2M labels in 667k
 items under shared truth keep 74 draws, evenly thinned."""
 

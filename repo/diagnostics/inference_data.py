@@ -10,7 +10,7 @@ Groups and their dims:
 * ``log_likelihood``: the pointwise marginal log-likelihood with every latent
   summed out, one value per truth unit: ``o`` per label (dim ``label``) or, under
   shared truth, ``o_item`` per item (dim ``item``): the unit PSIS-LOO leaves out;
-  float32, at the draws the enumeration kept (``BayesSettings.max_enumeration_draws``).
+  at the draws the enumeration kept (``BayesSettings.max_enumeration_draws``).
 * ``observed_data``: ``o``, the labels (1: A preferred) over ``label``.
 * ``constant_data``: ``annotator`` (index of each label's annotator, with the ids
   as the ``annotator`` coordinate), ``unit`` (each label's truth unit) and
@@ -70,8 +70,7 @@ def to_inference_data(
             keep = np.array(sorted({d for _, d in enumeration.index}))
             posterior = {name: value[:, keep] for name, value in posterior.items()}
             sample_stats = {name: value[:, keep] for name, value in sample_stats.items()}
-        values = enumeration.log_likelihood.astype(np.float32)  # float32 on disk: half the size
-        groups["log_likelihood"] = {log_likelihood_name(result): values}
+        groups["log_likelihood"] = {log_likelihood_name(result): enumeration.log_likelihood}
     dims = {name: ["annotator"] for name in posterior if name not in POPULATION}
     dims.update({"o": ["label"], "o_item": ["item"], "annotator_index": ["label"]})
     dims.update({"unit_index": ["label"], "logit": [units]})
