@@ -9,8 +9,7 @@ Groups and their dims:
 * ``sample_stats``: NUTS's ``diverging``, ``lp``, ``step_size``.
 * ``log_likelihood``: the pointwise marginal log-likelihood with every latent
   summed out, one value per truth unit: ``o`` per label (dim ``label``) or, under
-  shared truth, ``o_item`` per item (dim ``item``): the unit PSIS-LOO leaves out;
-  at the draws the enumeration kept (``BayesSettings.max_enumeration_draws``).
+  shared truth, ``o_item`` per item (dim ``item``): the unit PSIS-LOO leaves out.
 * ``observed_data``: ``o``, the labels (1: A preferred) over ``label``.
 * ``constant_data``: ``annotator`` (index of each label's annotator, with the ids
   as the ``annotator`` coordinate), ``unit`` (each label's truth unit) and
