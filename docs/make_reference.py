@@ -62,6 +62,8 @@ EXTRA_MODULES = (
     "repo.fit",
     "repo.scorers",
     "repo.data.loaders",
+    "repo.data.tables",
+    "repo.data.ids",
     "repo.data.hh_rlhf",
     "repo.data.pandalm",
     "repo.data.labels",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ def _bayes_settings(args: argparse.Namespace):
         target_accept=args.target_accept,
         svi_steps=args.svi_steps,
         chain_processes=args.chain_processes,
+        max_enumeration_draws=args.loo_draws,
     )
 
 
@@ -41,22 +43,11 @@ def _write_side_files(fit, args: argparse.Namespace, base: Path) -> None:
             from repo.diagnostics.io import write_trajectory
 
             write_trajectory(fit.trajectory, target)
-        try:
-            fit.files[key] = str(target.relative_to(base))
-        except ValueError:
-            fit.files[key] = str(target)
-
-
-def _skipped_line(skipped: dict[str, int]) -> str | None:
-    """The one stderr line that says which rows were left out, by reason."""
-    if not skipped:
-        return None
-    total = sum(skipped.values())
-    reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
-    return f"[re-po] skipped {total} row(s): {reasons}"
+        fit.files[key] = os.path.relpath(target, base)
 
 
 def _fit_noise(args: argparse.Namespace) -> int:
+    from repo.data.errors import describe_skipped
     from repo.fit import fit_noise
 
     out = Path(args.out)
@@ -77,7 +68,7 @@ def _fit_noise(args: argparse.Namespace) -> int:
         method=args.method,
         bayes=_bayes_settings(args),
     )
-    line = _skipped_line(fit.skipped)
+    line = describe_skipped(fit.skipped)
     if line:
         print(line, file=sys.stderr)
     _write_side_files(fit, args, (out.parent if single_file else out).resolve())
@@ -126,6 +117,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    from repo.data.errors import describe_skipped
     from repo.train import Trainer, describe_config, load_config
 
     if args.describe_config:
@@ -139,6 +131,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.output_dir is not None:
         config = config.replace("run", output_dir=str(Path(args.output_dir).resolve()))
     trainer = Trainer(config)
+    skipped = describe_skipped(trainer.data.skipped)
+    if skipped and trainer.is_main:
+        print(skipped, file=sys.stderr)
     metrics = trainer.train()
     if trainer.is_main:
         print(f"[re-po] {trainer.step} steps; run directory {trainer.output_dir}", file=sys.stderr)
@@ -283,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     bayes.add_argument("--target-accept", type=float, default=0.8)
     bayes.add_argument("--svi-steps", type=int, default=3000, help="SVI/MAP optimisation steps")
     bayes.add_argument("--idata", default=None, help="also write the ArviZ InferenceData (.nc)")
+    bayes.add_argument(
+        "--loo-draws",
+        type=int,
+        default=None,
+        help="draws whose pointwise log-likelihood (per item under shared truth, else per "
+        "label) is kept for PSIS-LOO; default: all, up to 50M values in all",
+    )
     bayes.add_argument("--trajectory", default=None, help="also write EM's eta trajectory (.jsonl)")
     fit.set_defaults(run=_fit_noise)
 

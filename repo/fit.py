@@ -3,8 +3,9 @@
 :func:`fit_noise` reads (or takes) a label table in one of the formats of
 :mod:`repo.data.labels`, builds the truth layout and the scorer the format implies,
 refuses combinations that cannot be identified, runs EM and returns a
-:class:`NoiseFit` whose estimates are data frames, with :meth:`NoiseFit.to_json`
-writing the documented RESULT.json (``version`` 1).
+:class:`NoiseFit`: plain data whose estimates are data frames, saved as a directory
+(:meth:`NoiseFit.save`: ``fit.json`` and Parquet tables; :meth:`NoiseFit.load`) or
+as one JSON document (:meth:`NoiseFit.to_json`, RESULT.json ``version`` 1).
 
 =========  ===========  =======================================================
 format     truth        scorer
@@ -17,6 +18,7 @@ scored     either       :class:`~repo.scorers.FixedLogits` (the ``score`` column
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -38,6 +40,15 @@ from repo.noise import NOISE_MODELS, LabelData, NoiseModel, initial_arguments, m
 from repo.scorers import BradleyTerry, ClassPrior, FixedLogits, Scorer
 
 RESULT_VERSION = 1
+
+LOG_LIKELIHOOD_VALUES = 50_000_000
+"""At most this many pointwise log-likelihood values (draws x truth units) are
+enumerated from a posterior's draws (the ``log_likelihood`` group of the
+InferenceData, PSIS-LOO, the Rao-Blackwellised averages of NUTS and SVI) unless
+``BayesSettings.max_enumeration_draws`` says otherwise: 400 MB of float64 (kept
+at float64: ArviZ's PSIS gives NaN on some float32 log-likelihoods).
+Up to 25,000 units every draw is kept (2,000 Laplace draws); 2M labels in 667k
+items under shared truth keep 74 draws, evenly thinned."""
 
 
 def parse_prior(spec: str | dist.Beta | None) -> dist.Beta | None:
@@ -481,10 +492,20 @@ def fit_noise(
         return fit
     if progress and method != "em":
         print(f"[re-po] {method}: sampling the posterior ...", file=sys.stderr)
-    posterior = infer(method, noise, scorer, data, bayes)
+    posterior = infer(method, noise, scorer, data, enumeration_budget(bayes, data.num_units))
     fit = attach_posterior(fit, posterior, labels)
     fit.inference["em_seconds"] = em_seconds
     return fit
+
+
+def enumeration_budget(settings: BayesSettings | None, num_units: int) -> BayesSettings:
+    """``settings`` with ``max_enumeration_draws`` set by :data:`LOG_LIKELIHOOD_VALUES`
+    when it is None (an explicit number is kept)."""
+    settings = settings or BayesSettings()
+    if settings.max_enumeration_draws is not None:
+        return settings
+    budget = max(1, LOG_LIKELIHOOD_VALUES // max(1, num_units))
+    return dataclasses.replace(settings, max_enumeration_draws=budget)
 
 
 def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabels) -> NoiseFit:

@@ -119,11 +119,11 @@ def test_null_annotator_names_row_and_field():
     rows = _pairs(3)
     for r, k in zip(rows, ["ann1", None, 7], strict=True):
         r["rater"] = k
-    with pytest.raises(DataError, match=r"row 1, field 'rater': null annotator id") as info:
+    with pytest.raises(DataError, match=r"row 1, field 'rater': missing annotator id") as info:
         load_preferences(rows, annotator_column="rater")
     assert (info.value.row, info.value.field) == (1, "rater")
     data = load_preferences(rows, annotator_column="rater", on_invalid="skip")
-    assert data.skipped == {"null_annotator": 1}
+    assert data.skipped == {"missing_id": 1}
     assert data.annotators == ["7", "ann1"]
 
 
@@ -189,7 +189,7 @@ def test_bad_position_and_item():
     with pytest.raises(DataError, match=r"row 1, field 'first': position must be"):
         load_preferences(rows, position_column="first")
     rows[1]["first"], rows[0]["id"], rows[1]["id"] = False, "a", None
-    with pytest.raises(DataError, match=r"row 1, field 'id': null item id"):
+    with pytest.raises(DataError, match=r"row 1, field 'id': missing item id"):
         load_preferences(rows, position_column="first", item_column="id")
 
 

@@ -161,3 +161,32 @@ def test_fit_noise_imports_no_heavy_library_it_does_not_use(tmp_path):
         assert heavy not in modules, heavy
     with_idata = _modules_after([*argv, "--idata", str(tmp_path / "fit.nc")], tmp_path)
     assert "arviz" in with_idata  # the test can fail: --idata does use it
+
+
+def test_idata_keeps_a_bounded_pointwise_log_likelihood(tmp_path, monkeypatch):
+    import repo.fit
+    from repo.diagnostics.compat import group
+
+    table = _binary(5)  # 60 items under shared truth
+    monkeypatch.setattr(repo.fit, "LOG_LIKELIHOOD_VALUES", 60 * 25)  # room for 25 draws
+    fit = fit_noise(table, format="binary", method="em")
+    idata = fit.to_inference_data()
+    values = group(idata, "log_likelihood")["o_item"]
+    assert np.isfinite(values).all()
+    assert values.shape == (1, 25, 60)  # one Laplace "chain", 25 of its 2000 draws, per item
+    assert group(idata, "posterior")["eta"].shape[:2] == (1, 25)  # thinned alike
+    path = tmp_path / "fit.nc"
+    assert main(
+        ["fit-noise", str(_csv(table, tmp_path)), "--format", "binary", "--loo-draws", "40",
+         "--idata", str(path), "--out", str(tmp_path / "fit")]
+    ) == 0  # fmt: skip
+    from repo.diagnostics.compat import from_netcdf
+
+    assert group(from_netcdf(path), "log_likelihood")["o_item"].shape == (1, 40, 60)
+    assert NoiseFit.load(tmp_path / "fit").files["inference_data"] == "../fit.nc"
+
+
+def _csv(table: pd.DataFrame, tmp_path: Path) -> Path:
+    path = tmp_path / "labels.csv"
+    table.to_csv(path, index=False)
+    return path

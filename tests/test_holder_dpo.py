@@ -202,7 +202,7 @@ def test_plain_holder_dpo_trains_the_tiny_model(tmp_path, monkeypatch) -> None:
     chance, the annotators are left alone, and the run records the family and gamma."""
     from repo.data.loaders import load_preferences
     from repo.experiments import Method, rule_config
-    from repo.train.config import load_run_config
+    from repo.train.run_dir import RunDir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
@@ -223,7 +223,7 @@ def test_plain_holder_dpo_trains_the_tiny_model(tmp_path, monkeypatch) -> None:
         accuracy = trainer.evaluate(load_preferences(held_out, annotator_column="annotator"))
         assert accuracy["accuracy"] > 0.7, accuracy
         torch.testing.assert_close(trainer.noise.eta.detach(), eta)
-        _, resolved = load_run_config(tmp_path / "run")  # what `re-po eval` rebuilds it from
+        resolved = RunDir(tmp_path / "run").read_resolved()  # what `re-po eval` rebuilds it from
         assert resolved["likelihood"] == {
             "family": "holder_dpo",
             "variant": "mixture",

@@ -180,9 +180,9 @@ def test_bad_records_are_counted_skips_or_errors_naming_row_and_field(tmp_path, 
     with pytest.raises(DataError) as info:  # default on_invalid = "error"
         load_records(config(tmp_path))
     assert (info.value.row, info.value.field) == (3, "annotator")
-    assert "null annotator id" in str(info.value)
+    assert "missing annotator id" in str(info.value)
     recs = load_records(config(tmp_path, data={"on_invalid": "skip"}))
-    assert recs.skipped == {"empty": 1, "identical": 1, "null_annotator": 1}
+    assert recs.skipped == {"empty": 1, "identical": 1, "missing_id": 1}
     assert len(recs) == 3
     with pytest.raises(DataError) as info:
         load_records(config(tmp_path, data={"on_invalid": "skip", "on_empty": "error"}))

@@ -11,7 +11,9 @@ a message path such as ``"chosen[0].content"``).  Its message always names both:
 
 from __future__ import annotations
 
-__all__ = ["DataError"]
+from collections.abc import Mapping
+
+__all__ = ["DataError", "describe_skipped"]
 
 
 class DataError(ValueError):
@@ -51,6 +53,16 @@ class DataError(ValueError):
 
     def __reduce__(self):  # keep row/field across pickling (multiprocessing, datasets.map)
         return (_rebuild, (self.problem, self.row, self.field, self.reason))
+
+
+def describe_skipped(skipped: Mapping[str, int]) -> str | None:
+    """The one console line that says which rows were left out, by reason (None when
+    none were): ``[re-po] skipped 3 row(s): 1 self_comparison, 2 tie``."""
+    counts = {reason: int(n) for reason, n in skipped.items() if n}
+    if not counts:
+        return None
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    return f"[re-po] skipped {sum(counts.values())} row(s): {reasons}"
 
 
 def _rebuild(problem: str, row: int | None, field: str | None, reason: str) -> DataError:

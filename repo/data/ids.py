@@ -133,13 +133,18 @@ def encode_id_column(values: pd.Series) -> IdColumn:
             numbers = np.asarray(fill).astype(np.int64)
             return _integer_codes(numbers, missing, np.zeros(n, dtype=bool), values)
     if pd.api.types.is_string_dtype(dtype) and _all_text(values):
-        stripped = values.str.strip()
-        missing = stripped.isna().to_numpy(dtype=bool) | stripped.eq("").to_numpy(
-            dtype=bool, na_value=True
-        )
-        if not stripped.str.isascii().all():
-            stripped = stripped.str.normalize("NFC")
-        return _text_codes(stripped, missing, np.zeros(n, dtype=bool), {})
+        # the distinct cells first, then the rule on those alone (cheap for long columns)
+        raw, cells = pd.factorize(values, sort=False)
+        cells = pd.Series(cells).str.strip()
+        if not cells.str.isascii().all():
+            cells = cells.str.normalize("NFC")
+        blank = cells.eq("").to_numpy(dtype=bool, na_value=True)
+        canonical, ids = pd.factorize(cells[~blank], sort=True)
+        to_id = np.full(len(cells) + 1, -1, dtype=np.int64)  # raw code -1 (a null) stays -1
+        to_id[np.flatnonzero(~blank)] = canonical
+        codes = to_id[raw]
+        missing = codes < 0
+        return IdColumn(codes, ids.tolist(), missing, np.zeros(n, dtype=bool), {})
     # mixed values (a JSON column of numbers and text, say): one at a time
     texts: list[str | None] = []
     problems: dict[int, str] = {}
@@ -171,7 +176,7 @@ def _text_codes(
     else:
         found, uniques = pd.factorize(texts[valid], sort=True)
     codes[valid] = found
-    return IdColumn(codes, [str(u) for u in uniques], missing, bad, problems)
+    return IdColumn(codes, [str(u) for u in uniques.tolist()], missing, bad, problems)
 
 
 def _integer_codes(

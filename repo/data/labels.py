@@ -19,10 +19,18 @@ Policies, stated once:
   them (0 a tie, 1 and 2 a preference), and a value ``tie`` (any case) beside two
   others is a tie; ``tie_value=None`` recognises no tie;
 * duplicate ``(annotator, item)`` labels (binary; scored with items): an error
-  naming both rows, unless ``duplicates="first"`` keeps the first;
+  naming both rows, unless ``duplicates="first"`` keeps the first (counted as
+  ``duplicate``), the policy of training data too (:mod:`repo.data.records`);
+* a malformed row: an error naming its row and field (``on_invalid="error"``), or
+  left out and counted by reason (``"skip"``): ``missing_id``, ``bad_id`` (the id
+  rule of :mod:`repo.data.ids`, shared with training data), ``missing_label``
+  (blank, null, NaN or text spelling NaN), ``bad_label``, ``missing_score``,
+  ``bad_score`` and ``self_comparison`` (pairwise: winner == loser); a row is
+  counted once, under the first of these it fails (in column order);
 * rows are numbered from 0 in file order, header excluded.
 
-Every problem is a :class:`~repo.data.errors.DataError` naming the row and field.
+Every problem is a :class:`~repo.data.errors.DataError` naming the row and field;
+:attr:`EncodedLabels.skipped` counts the rows left out by reason (ties too).
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from repo.data.errors import DataError
 from repo.data.ids import BAD_ID, MISSING_ID, IdColumn, encode_id_column
+from repo.data.tables import read_table
 
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "binary": (("annotator", "item", "label"), ()),
@@ -58,39 +68,30 @@ GLOBAL_ANNOTATOR = "all"
 
 
 def read_label_table(path: str | Path) -> pd.DataFrame:
-    """Read CSV, TSV, JSONL (or JSON lines ``.json``) or Parquet; every cell as read.
+    """Read CSV, TSV, JSON lines or Parquet (:func:`repo.data.tables.read_table`, the
+    reader training data come through too) as a DataFrame; every cell as read.
 
-    CSV and TSV cells are read as strings (nothing guessed), so that validation
-    can say exactly which cell is wrong.
+    CSV and TSV cells are text (nothing guessed), so that validation can say
+    exactly which cell is wrong; JSON and Parquet integers stay integers (nullable
+    ones too), Arrow text stays Arrow-backed text.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"no such file: {path}", field=None, reason="missing")
-    suffixes = [s.lower() for s in path.suffixes]
-    if path.stat().st_size == 0:
-        raise DataError(f"{path} is empty", reason="empty")
-    try:
-        if suffixes and suffixes[-1] == ".parquet":
-            table = pd.read_parquet(path)
-        elif (
-            suffixes
-            and suffixes[-1] in (".jsonl", ".json", ".ndjson")
-            or suffixes[-2:]
-            == [
-                ".jsonl",
-                ".gz",
-            ]
-        ):
-            table = pd.read_json(path, lines=True, dtype=False)
-        elif suffixes and suffixes[-1] in (".tsv", ".tab"):
-            table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-        else:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, pd.errors.ParserError) as error:
-        raise DataError(f"cannot read {path}: {error}", reason="unreadable") from error
-    if table.shape[0] == 0:
+    table = read_table(path)
+    if table.num_rows == 0:
         raise DataError(f"{path} has a header but no rows", reason="empty")
-    return table
+    return table.to_pandas(types_mapper=_NULLABLE.get)
+
+
+_NULLABLE = {
+    pa.int8(): pd.Int8Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.uint8(): pd.UInt8Dtype(),
+    pa.uint16(): pd.UInt16Dtype(),
+    pa.uint32(): pd.UInt32Dtype(),
+    pa.uint64(): pd.UInt64Dtype(),
+}
+"""Arrow integers as pandas' nullable integers (a gap stays a gap, not a float)."""
 
 
 @dataclass
@@ -217,7 +218,8 @@ def _check_duplicates(
 ) -> np.ndarray:
     """Indices of the labels kept under the duplicate policy."""
     key = annotator.astype(np.int64) * (int(item.max(initial=0)) + 1) + item
-    if pd.Index(key).is_unique:  # a hash pass; the sort below only when needed
+    ordered = np.sort(key)
+    if not (ordered[1:] == ordered[:-1]).any():
         return np.arange(key.shape[0])
     _, first = np.unique(key, return_index=True)
     if duplicates == "first":
@@ -303,7 +305,9 @@ def _encode_binary(
     annotators = encode_id_column(table["annotator"])
     items = encode_id_column(table["item"])
     values = encode_id_column(table["label"])  # labels coded as ids: 2, 2.0, "2" alike
-    values.missing = values.missing | (_spelled_nan(table["label"]) & ~values.bad)
+    spelled_nan = [code for code, text in enumerate(values.ids) if text.lower() == "nan"]
+    if spelled_nan:  # a CSV's way of writing a gap
+        values.missing = values.missing | np.isin(values.codes, spelled_nan)
     checks.add_ids(annotators, "annotator", "annotator id")
     checks.add_ids(items, "item", "item id")
     checks.add(values.missing, MISSING_LABEL, "label", lambda row: "missing label")
@@ -320,7 +324,7 @@ def _encode_binary(
     code = values.codes[keep]
     raw_values = values.ids
     if tie_value == "auto":
-        tie_value = _auto_tie_value(raw_values)
+        tie_value = _auto_tie_value([raw_values[i] for i in np.unique(code)])
     if tie_value is not None and str(tie_value) in raw_values:
         not_tie = code != raw_values.index(str(tie_value))
         if (~not_tie).any():

@@ -1,8 +1,9 @@
 """Load preference data in TRL's layout into validated :class:`PreferenceData`.
 
 Sources: a :class:`datasets.Dataset` (or a ``DatasetDict`` plus ``split``), a path to
-JSON / JSONL (optionally ``.gz``) / Parquet read through ``datasets`` (local files
-only, never the hub), or a list of dicts (read as is, without Arrow's type
+JSON / JSONL (optionally ``.gz``) / Parquet read by :func:`repo.data.tables.read_table`
+(the reader of ``re-po fit-noise``'s label tables too; local files only, never the
+hub), or a list of dicts (read as is, without Arrow's type
 unification, so a bad value is reported at its row).
 
 Layouts (TRL's preference formats):
@@ -34,9 +35,11 @@ from typing import Any
 
 import datasets
 import numpy as np
+from datasets.table import InMemoryTable
 
 from repo.data.errors import DataError
 from repo.data.records import (
+    Duplicates,
     OnEmpty,
     OnIdentical,
     OnInvalid,
@@ -46,30 +49,23 @@ from repo.data.records import (
     check_id,
     check_text,
 )
+from repo.data.tables import read_table
 
 __all__ = ["load_preferences", "read_dataset", "iter_rows", "check_row", "split_shared_prompt"]
 
-_JSON_SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
 _BATCH = 1024
 
 Source = datasets.Dataset | datasets.DatasetDict | str | os.PathLike | Sequence[Mapping[str, Any]]
 
 
-def read_dataset(path: str | os.PathLike, *, cache_dir: str | None = None) -> datasets.Dataset:
-    """Read a local JSON / JSONL(.gz) / Parquet file with ``datasets`` (no hub access)."""
+def read_dataset(path: str | os.PathLike) -> datasets.Dataset:
+    """Read a local JSON / JSONL(.gz) / Parquet file (no hub access) through the
+    reader label tables use too (:func:`repo.data.tables.read_table`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
-    name = path.name.lower()
-    if name.endswith(_PARQUET_SUFFIXES):
-        return datasets.Dataset.from_parquet(str(path), cache_dir=cache_dir)
-    if name.endswith(_JSON_SUFFIXES):
-        return datasets.Dataset.from_json(str(path), cache_dir=cache_dir)
-    raise ValueError(
-        f"unsupported data file {path.name!r}: expected one of "
-        f"{', '.join(_JSON_SUFFIXES + _PARQUET_SUFFIXES)}"
-    )
+    table = read_table(path, kinds=("json", "parquet"))
+    return datasets.Dataset(InMemoryTable(table))
 
 
 def _pick_split(data: datasets.DatasetDict, split: str | None) -> datasets.Dataset:
@@ -204,15 +200,21 @@ def load_preferences(
     on_invalid: OnInvalid = "error",
     on_empty: OnEmpty = "skip",
     on_identical: OnIdentical = "skip",
+    duplicates: Duplicates = "error",
 ) -> PreferenceData:
     """Load and validate preference pairs in TRL's layout (see the module docstring).
 
     ``prompt_column=None`` (or the default ``"prompt"`` being absent) selects the
     implicit-prompt layout.  ``position_column`` holds whether chosen was shown
-    first.  Policies: ``on_invalid`` for malformed rows, ``on_empty`` and
-    ``on_identical`` as in :mod:`repo.data.records`.
+    first.  Policies: ``on_invalid`` for malformed rows, ``on_empty``,
+    ``on_identical`` and ``duplicates`` as in :mod:`repo.data.records`.
     """
-    collector = RecordCollector(on_invalid=on_invalid, on_empty=on_empty, on_identical=on_identical)
+    collector = RecordCollector(
+        on_invalid=on_invalid,
+        on_empty=on_empty,
+        on_identical=on_identical,
+        duplicates=duplicates,
+    )
     columns, rows = iter_rows(source, split=split)
     implicit = prompt_column is None or (prompt_column == "prompt" and "prompt" not in columns)
     needed = [chosen_column, rejected_column]
@@ -226,11 +228,7 @@ def load_preferences(
             annotator = item = chosen_first = None
             if annotator_column is not None:
                 annotator = check_id(
-                    row.get(annotator_column),
-                    row=i,
-                    field=annotator_column,
-                    what="annotator id",
-                    null_reason="null_annotator",
+                    row.get(annotator_column), row=i, field=annotator_column, what="annotator id"
                 )
             if item_column is not None:
                 item = check_id(row.get(item_column), row=i, field=item_column, what="item id")
@@ -280,5 +278,6 @@ def load_preferences(
             chosen_field=chosen_column,
             rejected_field=rejected_column,
             item_field=item_column or "item",
+            annotator_field=annotator_column or "annotator",
         )
     return collector.result()

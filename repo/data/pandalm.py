@@ -43,6 +43,7 @@ import pandas as pd
 from repo.data.errors import DataError
 from repo.data.loaders import check_row
 from repo.data.records import (
+    Duplicates,
     OnEmpty,
     OnInvalid,
     PreferenceData,
@@ -105,12 +106,15 @@ def read_pandalm(
     *,
     on_invalid: OnInvalid = "error",
     on_empty: OnEmpty = "keep",
+    duplicates: Duplicates = "error",
 ) -> PreferenceData:
     """One record per non-tie (item, annotator) label; A = response1 (shown order).
 
     ``path`` defaults to the copy shipped in the package.  Policy: module docstring.
     """
-    collector = RecordCollector(on_invalid=on_invalid, on_empty=on_empty, on_identical="skip")
+    collector = RecordCollector(
+        on_invalid=on_invalid, on_empty=on_empty, on_identical="skip", duplicates=duplicates
+    )
     for i, row in enumerate(_read_json(path)):
         try:
             row = check_row(row, row_index=i)

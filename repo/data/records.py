@@ -29,8 +29,14 @@ leaves no partial result, a skipped row leaves no record)
   for a different comparison, a bad position value, no shared prompt (implicit
   layout): ``on_invalid="error"`` (default) raises; ``"skip"`` drops the row and
   counts it in ``skipped`` under the error's ``reason`` (``"missing"``, ``"type"``,
-  ``"null_annotator"``, ``"item_conflict"``, ``"bad_position"``,
+  ``"missing_id"``, ``"bad_id"``, ``"item_conflict"``, ``"bad_position"``,
   ``"no_shared_prompt"``).
+* **Ids** (annotator, item) follow the one rule of :mod:`repo.data.ids`, shared
+  with the label tables of ``re-po fit-noise``: NFC text, stripped; integers and
+  integral floats (``3``, ``3.0``) in decimal; ``2.5`` or a boolean is a bad id.
+* **Duplicate (annotator, item) labels**: ``duplicates="error"`` (default) raises,
+  naming both rows; ``"first"`` keeps the first and counts the rest as
+  ``"duplicate"``. Records without an annotator id are not checked.
 * **chosen == rejected**: ``on_identical="skip"`` (default; counted as
   ``"identical"``) or ``"error"``.  Checked first.
 * **Empty response** (blank after strip; a message list whose contents are all
@@ -52,16 +58,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, overload
 
-import numpy as np
 import pandas as pd
 
 from repo.data.errors import DataError
+from repo.data.ids import canonical_id
 
 __all__ = [
     "Text",
     "OnInvalid",
     "OnEmpty",
     "OnIdentical",
+    "Duplicates",
     "PreferenceRecord",
     "PreferenceData",
     "RecordCollector",
@@ -79,6 +86,7 @@ Text = str | list[dict[str, Any]]
 OnInvalid = Literal["error", "skip"]
 OnEmpty = Literal["skip", "error", "keep"]
 OnIdentical = Literal["skip", "error"]
+Duplicates = Literal["error", "first"]
 
 
 # ----------------------------------------------------------------------------- keys
@@ -309,20 +317,13 @@ def check_text(
     )
 
 
-def check_id(value: Any, *, row: int, field: str, what: str, null_reason: str = "missing") -> str:
-    """Validate an id (annotator, item): a non-blank string or an integer; returned as str."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"null {what}", row=row, field=field, reason=null_reason)
-    if isinstance(value, np.integer):
-        return str(int(value))
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(
-            f"{what} must be a string or an integer, got {_type_name(value)}",
-            row=row,
-            field=field,
-            reason="type",
-        )
-    return str(value)
+def check_id(value: Any, *, row: int, field: str, what: str) -> str:
+    """Validate an id (annotator, item) and return its canonical text: the one rule
+    of :mod:`repo.data.ids` (NFC text with surrounding whitespace removed, integers
+    and integral floats in decimal), shared with the label tables of
+    ``re-po fit-noise``. A missing id is a :class:`DataError` with reason
+    ``"missing_id"``, a value that is no id (``2.5``, ``true``) ``"bad_id"``."""
+    return canonical_id(value, row=row, field=field, what=what)
 
 
 # ----------------------------------------------------------------------------- collector
@@ -332,6 +333,7 @@ _POLICIES = {
     "on_invalid": ("error", "skip"),
     "on_empty": ("skip", "error", "keep"),
     "on_identical": ("skip", "error"),
+    "duplicates": ("error", "first"),
 }
 
 
@@ -354,13 +356,17 @@ class RecordCollector:
         on_invalid: OnInvalid = "error",
         on_empty: OnEmpty = "skip",
         on_identical: OnIdentical = "skip",
+        duplicates: Duplicates = "error",
     ) -> None:
         _check_policy("on_invalid", on_invalid)
         _check_policy("on_empty", on_empty)
         _check_policy("on_identical", on_identical)
+        _check_policy("duplicates", duplicates)
         self.on_invalid = on_invalid
         self.on_empty = on_empty
         self.on_identical = on_identical
+        self.duplicates = duplicates
+        self._labelled: dict[tuple[str, str], int] = {}
         self.records: list[PreferenceRecord] = []
         self.skipped: Counter[str] = Counter()
         self.notes: Counter[str] = Counter()
@@ -391,12 +397,15 @@ class RecordCollector:
         chosen_field: str = "chosen",
         rejected_field: str = "rejected",
         item_field: str = "item",
+        annotator_field: str = "annotator",
     ) -> PreferenceRecord | None:
         """Apply the identical / empty policies, then add the record (None if skipped).
 
         An explicit ``item`` already used for a different comparison (another prompt or
         another pair of responses) is a malformed row (reason ``"item_conflict"``,
-        handled by ``on_invalid``).
+        handled by ``on_invalid``). A second label of one annotator on one item is
+        an error naming both rows (``duplicates="error"``) or skipped, counted as
+        ``"duplicate"`` (``"first"``); labels without an annotator id are not checked.
         """
         if chosen == rejected:
             if self.on_identical == "error":
@@ -443,6 +452,19 @@ class RecordCollector:
             item=item,
             chosen_first=chosen_first,
         )
+        if annotator is not None:
+            first_row = self._labelled.setdefault((annotator, record.item), row)
+            if first_row != row:
+                if self.duplicates == "error":
+                    raise DataError(
+                        f"duplicate label: annotator {annotator!r} labelled this item at row "
+                        f"{first_row} (policy: duplicates='error'; 'first' keeps the first)",
+                        row=row,
+                        field=annotator_field,
+                        reason="duplicate",
+                    )
+                self.skipped["duplicate"] += 1
+                return None
         self.records.append(record)
         return record
 

@@ -119,18 +119,18 @@ def enumerate_draws(
     """
     index = draws.thinned(max_draws)
     totals: dict[str, Tensor] = {}
-    log_lik = []
+    log_lik = np.empty((len(index), data.num_units), dtype=np.float64)  # filled in place
     with torch.no_grad():
-        for chain, d in index:
+        for j, (chain, d) in enumerate(index):
             conditioned = poutine.condition(bayes_model, data=draws.draw(chain, d))
             posterior = enumerate_posterior(conditioned, logits, data)
             for name, value in posterior.marginals.items():
                 totals[name] = totals.get(name, 0) + value
-            log_lik.append(posterior.log_likelihood.numpy())
+            log_lik[j] = posterior.log_likelihood.numpy()
     marginals = {name: value / len(index) for name, value in totals.items()}
     per_chain = len(index) // draws.num_chains
     shape = (draws.num_chains, per_chain, -1)
-    return DrawEnumeration(marginals, np.stack(log_lik).reshape(shape), index)
+    return DrawEnumeration(marginals, log_lik.reshape(shape), index)
 
 
 def load_draw(point_model: NoiseModel, draw: dict[str, Tensor]) -> None:

@@ -45,6 +45,12 @@ from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
 
 
+def _hessian_vector(flat_grad: Tensor, leaves: list[Tensor], v: Tensor) -> tuple[Tensor, ...]:
+    """``H v`` as the gradient of the scalar ``g . v`` (the same product; torch's
+    ``grad_outputs`` path would import sympy, a noticeable start-up cost)."""
+    return torch.autograd.grad((flat_grad * v).sum(), leaves, retain_graph=True)
+
+
 def _unconstrained(model: NoiseModel) -> list[tuple[str, Tensor]]:
     """The model's point parameters: ``(name, unconstrained leaf tensor)``."""
     return [(name, getattr(model, name + "_unconstrained")) for name in model._pyro_params]
@@ -93,7 +99,7 @@ def observed_information(
             annotator = torch.arange(total) % k
             for g in range(len(leaves)):
                 v = (group == g).to(torch.float64)
-                hv = torch.autograd.grad(flat_grad, leaves, v, retain_graph=True)
+                hv = _hessian_vector(flat_grad, leaves, v)
                 column = torch.cat([h.reshape(-1) for h in hv])
                 rows = torch.arange(total)
                 hessian[rows, g * k + annotator] = column
@@ -101,7 +107,7 @@ def observed_information(
             for j in range(total):
                 v = torch.zeros(total, dtype=torch.float64)
                 v[j] = 1.0
-                hv = torch.autograd.grad(flat_grad, leaves, v, retain_graph=True)
+                hv = _hessian_vector(flat_grad, leaves, v)
                 hessian[:, j] = torch.cat([h.reshape(-1) for h in hv])
     hessian = 0.5 * (hessian + hessian.T)
     return names, -hessian.detach()
@@ -114,30 +120,33 @@ boundary, an annotator with no labels and no prior) gets a wide, finite Laplace
 posterior instead of none."""
 
 
-def _floored_inverse(block: Tensor) -> tuple[Tensor, bool]:
-    """``block^{-1}`` with eigenvalues floored at MIN_CURVATURE; whether any was."""
+def _floored_inverse(block: Tensor) -> tuple[Tensor, Tensor]:
+    """``block^{-1}`` (batched over leading dims) with eigenvalues floored at
+    MIN_CURVATURE; whether any of each block's was."""
     block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
     values, vectors = torch.linalg.eigh(block)
-    floored = bool((values < MIN_CURVATURE).any())
+    floored = (values < MIN_CURVATURE).any(-1)
     values = values.clamp_min(MIN_CURVATURE)
-    return (vectors / values) @ vectors.T, floored
+    return (vectors / values.unsqueeze(-2)) @ vectors.transpose(-1, -2), floored
+
+
+def _block_index(k: int, groups: int) -> Tensor:
+    """``(K, G)`` positions of annotator ``a``'s parameters (group-major layout)."""
+    return torch.arange(groups).unsqueeze(0) * k + torch.arange(k).unsqueeze(-1)
 
 
 def _laplace_covariance(information: Tensor, k: int, groups: int, independent: bool):
-    """Covariance ``I^{-1}`` and a mask of annotators with a floored curvature."""
-    total = information.shape[0]
-    improper = torch.zeros(k, dtype=torch.bool)
+    """Covariance ``I^{-1}``, a mask of annotators with a floored curvature, and
+    (block-diagonal information) the ``(K, G, G)`` per-annotator blocks, else None."""
     if not independent:
         cov, floored = _floored_inverse(information)
-        improper[:] = floored
-        return cov, improper
+        return cov, torch.full((k,), bool(floored)), None
+    idx = _block_index(k, groups)
+    blocks, improper = _floored_inverse(information[idx.unsqueeze(-1), idx.unsqueeze(-2)])
+    total = information.shape[0]
     cov = torch.zeros((total, total), dtype=torch.float64)
-    for a in range(k):
-        idx = torch.arange(groups) * k + a
-        block, floored = _floored_inverse(information[idx][:, idx])
-        cov[idx.unsqueeze(-1), idx] = block
-        improper[a] = floored
-    return cov, improper
+    cov[idx.unsqueeze(-1), idx.unsqueeze(-2)] = blocks
+    return cov, improper, blocks
 
 
 def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dict[str, Tensor]:
@@ -154,7 +163,7 @@ def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dic
         return {"logit_eta": (model.post_scale**2).clamp(1e-6, 1.0)}
     names, information = observed_information(model, logits, data)
     k = data.num_annotators
-    cov, improper = _laplace_covariance(information, k, len(names), block_diagonal(model, data))
+    cov, improper, _ = _laplace_covariance(information, k, len(names), block_diagonal(model, data))
     variances = torch.diagonal(cov).reshape(len(names), k).clone()
     variances[:, improper] = 1.0
     return {name: variances[g].clamp(1e-6, 1.0) for g, name in enumerate(names)}
@@ -181,11 +190,16 @@ def laplace_draws(
     names, information = observed_information(model, logits, data, include_prior=include_prior)
     k, groups = data.num_annotators, len(names)
     independent = block_diagonal(model, data)
-    cov, improper = _laplace_covariance(information, k, groups, independent)
+    cov, improper, blocks = _laplace_covariance(information, k, groups, independent)
     centre = torch.cat([getattr(model, n + "_unconstrained").detach().reshape(-1) for n in names])
     normal = torch.randn(num_draws, centre.numel(), generator=generator, dtype=torch.float64)
-    chol = torch.linalg.cholesky(cov + 1e-12 * torch.eye(cov.shape[0], dtype=torch.float64))
-    u = centre + normal @ chol.T
+    if blocks is None:
+        chol = torch.linalg.cholesky(cov + 1e-12 * torch.eye(cov.shape[0], dtype=torch.float64))
+        u = centre + normal @ chol.T
+    else:  # the Cholesky factor of a block-diagonal matrix, block by block
+        chol = torch.linalg.cholesky(blocks + 1e-12 * torch.eye(groups, dtype=torch.float64))
+        z = normal.reshape(num_draws, groups, k)
+        u = centre + torch.einsum("agh,dha->dga", chol, z).reshape(num_draws, groups * k)
     samples, point = {}, {}
     for g, name in enumerate(names):
         constraint, _ = model._pyro_params[name]

@@ -29,6 +29,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.util import broadcast_shape  # pure Python: torch's imports sympy
 from torch import Tensor
 
 from repo.noise.layout import LabelData
@@ -58,7 +59,7 @@ class AnnotatorLabels(TorchDistribution):
             )
         truth = truth.reshape(1) if truth.dim() == 0 else truth
         self.logits, self.truth, self.data = logits, truth, data
-        batch_shape = torch.broadcast_shapes(truth.shape, (data.num_units,))
+        batch_shape = broadcast_shape(truth.shape, (data.num_units,))
         super().__init__(batch_shape, (data.num_slots,), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None) -> AnnotatorLabels:
@@ -92,7 +93,7 @@ class AnnotatorLabels(TorchDistribution):
         else:
             per_slot = table[truth.unsqueeze(-2), code]
         log_prob = per_slot.sum(-2)  # per_slot: (..., S, I)
-        return log_prob.expand(torch.broadcast_shapes(log_prob.shape, self.batch_shape))
+        return log_prob.expand(broadcast_shape(log_prob.shape, self.batch_shape))
 
     def sample(self, sample_shape: torch.Size | tuple = ()) -> Tensor:
         with torch.no_grad():

@@ -200,7 +200,9 @@ def load_records(config: TrainConfig, source: str | None = None) -> PreferenceDa
             on_identical=d.on_identical,
         )
     elif d.format == "pandalm":
-        records = read_pandalm(resolved, on_invalid=d.on_invalid, on_empty=d.on_empty)
+        records = read_pandalm(
+            resolved, on_invalid=d.on_invalid, on_empty=d.on_empty, duplicates=d.duplicates
+        )
     else:
         if resolved is None:
             raise ConfigError("[data] train is required (a JSON, JSONL or Parquet file)")
@@ -215,6 +217,7 @@ def load_records(config: TrainConfig, source: str | None = None) -> PreferenceDa
             on_invalid=d.on_invalid,
             on_empty=d.on_empty,
             on_identical=d.on_identical,
+            duplicates=d.duplicates,
         )
     if d.max_records and len(records) > d.max_records:
         records = PreferenceData(

@@ -188,7 +188,17 @@ class DataSection:
     )
     on_invalid: Literal["error", "skip"] = field(
         default="error",
-        metadata=_doc("malformed rows (null fields, null annotator ids, ...): stop or skip"),
+        metadata=_doc(
+            "malformed rows (null fields, missing ids, ...): stop, naming the row and field, "
+            "or skip (counted by reason; one line on stderr)"
+        ),
+    )
+    duplicates: Literal["error", "first"] = field(
+        default="error",
+        metadata=_doc(
+            "a second label of one annotator on one item: stop, naming both rows, or keep the "
+            "first (as re-po fit-noise --duplicates)"
+        ),
     )
     on_empty: Literal["skip", "error", "keep"] = field(
         default="skip", metadata=_doc("empty chosen or rejected response")
