@@ -77,7 +77,8 @@ def _environment() -> dict[str, str]:
 def crowd_table(
     num_items: int, num_annotators: int, seed: int = 0
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """The crowd of ``benchmarks/noise_fit.py``: labels 1/2 and each item's truth (0/1)."""
+    """The crowd of this benchmark and ``benchmarks/noise_fit.py``: labels 1/2 (3 an item,
+    5% adversarial annotators) and each item's truth (0/1)."""
     sim = simulate_labels(
         num_items=num_items,
         num_annotators=num_annotators,

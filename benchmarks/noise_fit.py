@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from fit_noise_cli import crowd_table
 
 from repo.data.labels import encode_labels, read_label_table
 from repo.data.simulate import simulate_labels
@@ -112,17 +113,9 @@ def crowdkit_benchmark(
     num_items: int, num_annotators: int, repeats: int, seed: int = 0
 ) -> dict[str, dict]:
     """Ours against crowd-kit's one-coin and two-coin Dawid-Skene, alternating."""
-    sim = simulate_labels(
-        num_items=num_items,
-        num_annotators=num_annotators,
-        labels_per_item=3,
-        shared_truth=True,
-        adversarial_fraction=0.05,
-        seed=seed,
-    )
     # Labels 1 and 2 as a crowd would give them; crowd-kit sees the same values.
-    table = pd.DataFrame({"annotator": sim.annotator, "item": sim.item, "label": sim.label + 1})
-    truth = pd.Series(sim.item_truth, index=np.arange(num_items))
+    table, item_truth = crowd_table(num_items, num_annotators, seed)
+    truth = pd.Series(item_truth, index=np.arange(num_items))
     out = {}
     for ours_model, theirs_name in (("symmetric", "OneCoinDawidSkene"), ("two-coin", "DawidSkene")):
         ours_s, theirs_s, ratios = [], [], []

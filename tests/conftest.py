@@ -12,6 +12,12 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No hub: every model and tokenizer comes from files on disk."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op torch thread. The suite's tensors are small, and on a shared
     2-core machine a second thread contending with other processes makes small

@@ -11,21 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import repo
 from repo.experiments import annotator_pool, t_interval
 
 ROOT = Path(repo.__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_example(name: str):

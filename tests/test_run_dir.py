@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import tiny_config, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import repo
@@ -22,33 +23,9 @@ from repo.train.evaluate import load_run
 ROOT = Path(repo.__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
 def config(tmp_path: Path, **sections) -> TrainConfig:
-    base = {
-        "model": {"recipe": "tiny-llama", "device": "cpu", "max_length": 64},
-        "data": {"train": "data.jsonl", "annotator_column": "annotator"},
-        "loss": {"family": "dpo", "beta": 1.0},
-        "optim": {"batch_size": 8, "learning_rate": 1e-2, "max_steps": 3},
-        "run": {"output_dir": "run", "progress": False},
-    }
-    for name, fields in sections.items():
-        base.setdefault(name, {}).update(fields)
-    return TrainConfig.from_dict(base, base_dir=tmp_path)
+    """The tiny-model configuration, 3 steps unless ``sections`` say otherwise."""
+    return tiny_config(tmp_path, max_steps=3, **sections)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import tiny_config, write_jsonl
 from safetensors.torch import load_file
 from scipy.stats import spearmanr
 
@@ -53,36 +54,9 @@ ROOT = Path(repo.__file__).resolve().parents[1]
 ETA_POOL = [0.95, 0.9, 0.8, 0.65, 0.55, 0.35]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """One CPU thread: the tiny model's ops are too small for a thread pool (and the
-    machine is shared), and the numbers do not depend on the thread count."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
 def config(tmp_path: Path, **sections) -> TrainConfig:
-    """A tiny-model configuration; ``sections`` override fields section by section."""
-    base = {
-        "model": {"recipe": "tiny-llama", "device": "cpu", "max_length": 64},
-        "data": {"train": "data.jsonl", "annotator_column": "annotator"},
-        "loss": {"family": "dpo", "beta": 1.0},
-        "optim": {"batch_size": 8, "learning_rate": 1e-2, "max_steps": 8},
-        "run": {"output_dir": "run", "progress": False},
-    }
-    for name, fields in sections.items():
-        base.setdefault(name, {}).update(fields)
-    return TrainConfig.from_dict(base, base_dir=tmp_path)
+    """The tiny-model configuration, 8 steps unless ``sections`` say otherwise."""
+    return tiny_config(tmp_path, max_steps=8, **sections)
 
 
 @pytest.fixture(scope="module")
