@@ -195,9 +195,15 @@ class _RowChecks:
         )
 
     def resolve(self) -> tuple[np.ndarray, dict[str, int]]:
-        """``(keep, skipped)``: the rows kept and the skipped rows by reason."""
+        """``(keep, skipped)``: the rows kept and the skipped rows by reason.
+
+        :raises DataError: the first failing row under ``on_invalid = "error"``; no row
+            left (``reason="empty"``).
+        """
         keep = np.ones(self.n, dtype=bool)
         if not self.checks:
+            if not keep.any():
+                raise DataError("every row is malformed (skipped: {})", reason="empty")
             return keep, {}
         if self.on_invalid == "error":
             firsts = [int(np.argmax(mask)) for mask, *_ in self.checks]
@@ -210,6 +216,8 @@ class _RowChecks:
             if new.any():
                 skipped[reason] = skipped.get(reason, 0) + int(new.sum())
                 keep &= ~mask
+        if not keep.any():
+            raise DataError(f"every row is malformed (skipped: {skipped})", reason="empty")
         return keep, skipped
 
 
@@ -318,8 +326,6 @@ def _encode_binary(
         lambda row: f"label must be text or an integer, got {values.problems.get(row, '?')}",
     )
     keep, skipped = checks.resolve()
-    if not keep.any():
-        raise DataError(f"every row is malformed (skipped: {skipped})", reason="empty")
     rows = np.flatnonzero(keep)
     code = values.codes[keep]
     raw_values = values.ids
@@ -416,8 +422,6 @@ def _encode_pairwise(table: pd.DataFrame, checks: _RowChecks) -> EncodedLabels:
         lambda row: f"winner equals loser ({objects.ids[w_all[row]]!r}): a self-comparison",
     )
     keep, skipped = checks.resolve()
-    if not keep.any():
-        raise DataError(f"every row is malformed (skipped: {skipped})", reason="empty")
     rows = np.flatnonzero(keep)
     annotator, annotator_ids = _present(annotators, keep)
     w_code, l_code = w_all[keep], l_all[keep]
@@ -462,8 +466,6 @@ def _encode_scored(table: pd.DataFrame, checks: _RowChecks, duplicates: str) -> 
     checks.add(score_missing, MISSING_SCORE, "score", lambda row: "missing value")
     checks.add(score_bad, BAD_SCORE, "score", lambda row: _score_problem(table["score"], row))
     keep, skipped = checks.resolve()
-    if not keep.any():
-        raise DataError(f"every row is malformed (skipped: {skipped})", reason="empty")
     rows = np.flatnonzero(keep)
     score, label = score[keep], label[keep].astype(np.int64)
     if annotators is not None:
