@@ -159,6 +159,10 @@ class BradleyTerry(Scorer):
         return {"scores": u - u.mean()}
 
 
+MIN_SCALE, MAX_SCALE = 1e-2, 1e2
+"""The default bounds of a learned logit scale (:class:`CalibratedLogits`)."""
+
+
 class CalibratedLogits(Scorer):
     r"""Fixed logits :math:`c_i` times a learned scale: :math:`s_i = a\,c_i`, :math:`a > 0`.
 
@@ -193,8 +197,8 @@ class CalibratedLogits(Scorer):
         logits: Tensor,
         scale: float = 1.0,
         *,
-        min_scale: float = 1e-2,
-        max_scale: float = 1e2,
+        min_scale: float = MIN_SCALE,
+        max_scale: float = MAX_SCALE,
     ) -> None:
         super().__init__()
         if not 0 < min_scale <= scale <= max_scale:
@@ -231,7 +235,7 @@ def calibration_scale(
     truth: Tensor,
     *,
     start: float = 1.0,
-    bounds: tuple[float, float] = (1e-2, 1e2),
+    bounds: tuple[float, float] = (MIN_SCALE, MAX_SCALE),
     tol: float = 1e-10,
     max_iter: int = 100,
 ) -> float:

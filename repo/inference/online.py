@@ -40,9 +40,9 @@ Two remedies for early, confidently wrong posteriors of reference-free losses
 * ``temperature`` :math:`T`: the E-step reads :math:`s / T`;
 * ``calibrate``: the E-step reads :math:`a s`, with the scale :math:`a > 0` (starting
   at :math:`1/T`) learned by EM with the annotator parameters
-  (:class:`~repo.scorers.CalibratedLogits`): per optimizer step the maximiser of the
-  step's expected complete-data log-likelihood in :math:`a` (bounded to a factor 2
-  of the current scale) is blended in with the same EMA rate,
+  (:class:`~repo.scorers.CalibratedLogits`): per optimizer step one Newton step
+  :math:`\hat a` on the step's expected complete-data log-likelihood in :math:`a`
+  (kept within a factor 2 of the current scale) is blended in with the same EMA rate,
   :math:`a \leftarrow (1 - \alpha) a + \alpha \hat a`, and :meth:`OnlineEM.fit`
   fits :math:`a` jointly with the annotator parameters to convergence;
 * ``warmup_steps``: for the first steps no E-step is taken: :math:`w` is fixed at
@@ -65,7 +65,7 @@ from repo.inference.enumeration import enumerate_posterior
 from repo.noise.base import NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
-from repo.scorers import CalibratedLogits, FixedLogits, Scorer
+from repo.scorers import MAX_SCALE, MIN_SCALE, CalibratedLogits, FixedLogits, Scorer
 
 __all__ = ["EStep", "OnlineEM", "fit_minibatch_em", "frozen", "single_thread"]
 
@@ -408,7 +408,7 @@ class OnlineEM:
 
 def _clamp_scale(scale: float) -> float:
     """A scale inside :class:`~repo.scorers.CalibratedLogits`' default bounds."""
-    return min(max(scale, 1e-2), 1e2)
+    return min(max(scale, MIN_SCALE), MAX_SCALE)
 
 
 def _target_from_w(w: Tensor, data: LabelData) -> Tensor:
