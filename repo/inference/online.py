@@ -49,11 +49,25 @@ Two remedies for early, confidently wrong posteriors of reference-free losses
   the prior reliability the noise model implies before seeing the label
   (``implied_eta``; :math:`\eta_k` for the symmetric flip) and the annotators are
   not updated.
+
+**Out-of-sample annotator statistics** (``out_of_sample``). A policy that has trained
+on a label fits it, flipped or not, so statistics of labels it has seen push the
+reliabilities up (``docs/math.md`` section 8). With ``out_of_sample`` the annotator
+parameters learn only from each item's *first visit*, the E-step taken before any
+policy step on that item: the online M-steps use only those units' statistics (none
+after the first pass), and every item's first-visit logit :math:`c_i` is kept.
+:meth:`OnlineEM.fit_out_of_sample` then fits the annotator parameters by full EM on
+the kept logits with their Platt scale :math:`a` learned jointly
+(:class:`~repo.scorers.CalibratedLogits`: the first-visit scores of a policy still
+learning are under-confident, and a scale held at 1 reads that as reliable labels).
+The scale found there calibrates only those scores; the E-step that weights the
+policy step reads the policy's logits as the other options say.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -61,7 +75,8 @@ import torch
 from torch import Tensor
 
 from repo.inference.em import EM, EMResult, _has_parameters, ema_update, fit_em, set_value
-from repo.inference.enumeration import enumerate_posterior
+from repo.inference.enumeration import EnumPosterior, enumerate_posterior
+from repo.inference.profile import CHI2_1_95
 from repo.noise.base import NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
@@ -135,6 +150,11 @@ class OnlineEM:
     :param warmup_steps: optimizer steps with ``w`` fixed at the implied reliability.
     :param noise_lr: Adam step size of gradient M-steps.
     :param calibrate: learn the E-step's logit scale ``a`` (starting at ``1 / T``).
+    :param out_of_sample: learn the annotator parameters from first visits only
+        (module docstring); needs ``num_items``.
+    :param num_items: items in the data (the scorer's keys, ``LabelData.unit``); when
+        given, every item's first-visit logit is kept (:attr:`first_visit`), whether or
+        not the annotator parameters learn from them alone.
     """
 
     def __init__(
@@ -147,6 +167,8 @@ class OnlineEM:
         warmup_steps: int = 0,
         noise_lr: float = 0.05,
         calibrate: bool = False,
+        out_of_sample: bool = False,
+        num_items: int | None = None,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
@@ -158,6 +180,8 @@ class OnlineEM:
                 "and warm-up do not apply (leave [em] temperature = 1, calibrate = false and "
                 "warmup_steps = 0)"
             )
+        if out_of_sample and (num_items is None or num_items < 1):
+            raise ValueError(f"out_of_sample needs the number of items, got {num_items}")
         self.noise = noise
         self.alpha = float(alpha)
         self.temperature = float(temperature)
@@ -176,6 +200,12 @@ class OnlineEM:
         self._running: dict[str, Tensor] | None = None
         self._calibration: Tensor | None = None  # (g, h) of the scale's Newton step
         self._units = 0
+        self.out_of_sample = bool(out_of_sample)
+        # each item's logit at its first E-step (NaN: not visited yet)
+        self.first_visit: Tensor | None = (
+            torch.full((num_items,), float("nan"), dtype=torch.float64) if num_items else None
+        )
+        self.out_of_sample_scale: float | None = None  # a of the last fit_out_of_sample
 
     def _has_closed_form(self) -> bool:
         probe = LabelData.from_labels(
@@ -198,11 +228,13 @@ class OnlineEM:
 
         ``logits`` ``(U,)`` are the units' induced logits (any device; detached here).
         The sufficient statistics are accumulated for :meth:`m_step` (not during
-        warm-up).
+        warm-up; with ``out_of_sample``, only those of the units whose item is visited
+        for the first time).
         """
         logits = logits.detach().to("cpu", torch.float64)
         noise = self.noise
         with torch.no_grad(), single_thread():
+            new = self._record_first_visit(logits, data)
             if self.in_warmup(step):
                 w = noise.implied_eta(logits, data).expand_as(data.label)
                 q = _target_from_w(w, data)
@@ -211,15 +243,26 @@ class OnlineEM:
             posterior = enumerate_posterior(noise.e_step_model(), tempered, data)
             w = noise.label_correct(tempered, data, posterior.marginals) * data.mask
             q = noise.truth_posterior(tempered, posterior.marginals)
-            if self.closed_form:
-                stats = noise.sufficient_statistics(data, posterior.marginals, tempered)
-                self._add(stats)
-            if self.calibrate:
-                self._add_calibration(logits, q)
-        if not self.closed_form:
-            self._accumulate_gradient(tempered, data)
-        self._units += data.num_units
+            learn = _learning_part(new, data, tempered, posterior, noise)
+            if learn is not None and self.closed_form:
+                part, part_logits, part_posterior = learn
+                self._add(noise.sufficient_statistics(part, part_posterior.marginals, part_logits))
+            if learn is not None and self.calibrate:
+                keep = slice(None) if new is None else new
+                self._add_calibration(logits[keep], q[keep])
+        if learn is not None and not self.closed_form:
+            self._accumulate_gradient(learn[1], learn[0])
+        self._units += data.num_units if new is None else int(new.sum())
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
+
+    def _record_first_visit(self, logits: Tensor, data: LabelData) -> Tensor | None:
+        """Keep the logits of items not visited before; with ``out_of_sample`` return
+        the ``(U,)`` mask of those units, else ``None`` (every unit learns)."""
+        if self.first_visit is None:
+            return None
+        new = torch.isnan(self.first_visit[data.unit])
+        self.first_visit[data.unit[new]] = logits[new]
+        return new if self.out_of_sample else None
 
     def _add_calibration(self, logits: Tensor, q: Tensor) -> None:
         p = torch.sigmoid(self.scale * logits)
@@ -272,6 +315,69 @@ class OnlineEM:
         self._stats, self._running, self._units = None, None, 0
         self._calibration = None
         return result
+
+    def first_visit_logits(self, reduce: Reduce | None = None) -> Tensor | None:
+        """``(I,)`` every item's logit at its first E-step, combined over processes
+        (``reduce`` sums; an item seen by several processes gets their mean), NaN where
+        not visited; ``None`` when they are not kept (no ``num_items``)."""
+        if self.first_visit is None:
+            return None
+        reduce = reduce or (lambda t: t)
+        seen = ~torch.isnan(self.first_visit)
+        total = reduce(torch.where(seen, self.first_visit, 0.0))
+        count = reduce(seen.to(torch.float64))
+        return torch.where(count > 0, total / count.clamp_min(1.0), float("nan"))
+
+    def fit_out_of_sample(
+        self,
+        data: LabelData,
+        reduce: Reduce | None = None,
+        *,
+        tol: float = 1e-6,
+        max_iter: int = 500,
+    ) -> EMResult | None:
+        """Full-data EM of the annotator parameters on the first-visit logits.
+
+        The kept logits (:meth:`first_visit_logits`, over processes by ``reduce``):
+        the units of visited items are fitted with
+        the noise model and a Platt scale learned jointly
+        (:class:`~repo.scorers.CalibratedLogits`, started at 1), and the scale kept in
+        :attr:`out_of_sample_scale` (and used by the E-step too when ``calibrate``).
+        ``None``, the parameters unchanged, when nothing has been visited yet or the
+        scores carry no information about the truths (:meth:`_scores_inform`).
+        """
+        first = self.first_visit_logits(reduce)
+        if first is None:
+            raise ValueError("fit_out_of_sample needs the first visits: OnlineEM(num_items=...)")
+        units = (~torch.isnan(first[data.unit])).nonzero().reshape(-1)
+        if units.numel() == 0:
+            return None
+        part = data.subset(units)
+        before = {k: v.detach().clone() for k, v in self.noise.state_dict().items()}
+        scorer = CalibratedLogits(torch.nan_to_num(first, nan=0.0), 1.0)
+        with single_thread():
+            result = fit_em(self.noise, scorer, part, tol=tol, max_iter=max_iter)
+            informative = self._scores_inform(part, result.objective, tol, max_iter)
+        self._stats, self._running, self._units = None, None, 0
+        self._calibration = None
+        if not informative:
+            self.noise.load_state_dict(before)
+            return None
+        self.out_of_sample_scale = float(scorer.scale.detach())
+        if self.calibrate:
+            self.scale = self.out_of_sample_scale
+        return result
+
+    def _scores_inform(self, data: LabelData, objective: float, tol: float, max_iter: int) -> bool:
+        r"""Whether the first-visit scores say anything about the truths: the likelihood
+        ratio of the fit against the best fit with every score at 0 (:math:`a \to 0`),
+        :math:`2(\hat\ell - \hat\ell_0)`, exceeds the 0.95 quantile of
+        :math:`\chi^2_1` (one parameter, the scale). When it does not (a policy still
+        at chance), the fit only wanders along a flat likelihood and is not taken."""
+        null = copy.deepcopy(self.noise)
+        zeros = torch.zeros(int(data.unit.max()) + 1, dtype=torch.float64)
+        baseline = fit_em(null, FixedLogits(zeros), data, tol=tol, max_iter=max_iter)
+        return 2 * (objective - baseline.objective) > CHI2_1_95
 
     def m_step(self, reduce: Reduce | None = None, *, alpha: float | None = None) -> None:
         """Update the annotator parameters from this step's statistics, then reset them.
@@ -379,6 +485,10 @@ class OnlineEM:
         statistics, or the gradient M-step's Adam moments)."""
         state = {f"noise.{k}": v.detach().clone() for k, v in self.noise.state_dict().items()}
         state["calibration.scale"] = torch.tensor(self.scale, dtype=torch.float64)
+        if self.first_visit is not None:
+            state["first_visit.logits"] = self.first_visit.clone()
+        if self.out_of_sample_scale is not None:
+            state["first_visit.scale"] = torch.tensor(self.out_of_sample_scale, dtype=torch.float64)
         for k, v in (self._running or {}).items():
             state[f"running.{k}"] = v.clone()
         if self.optimizer is not None:
@@ -393,6 +503,10 @@ class OnlineEM:
         self.noise.load_state_dict(noise_state, strict=True)
         if "calibration.scale" in state:
             self.scale = float(state["calibration.scale"])
+        if self.first_visit is not None and "first_visit.logits" in state:
+            self.first_visit = state["first_visit.logits"].to(torch.float64).clone()
+        if "first_visit.scale" in state:
+            self.out_of_sample_scale = float(state["first_visit.scale"])
         running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
         self._running = running or None
         if self.optimizer is not None:
@@ -409,6 +523,25 @@ class OnlineEM:
 def _clamp_scale(scale: float) -> float:
     """A scale inside :class:`~repo.scorers.CalibratedLogits`' default bounds."""
     return min(max(scale, MIN_SCALE), MAX_SCALE)
+
+
+def _learning_part(
+    new: Tensor | None,
+    data: LabelData,
+    logits: Tensor,
+    posterior: EnumPosterior,
+    noise: NoiseModel,
+) -> tuple[LabelData, Tensor, EnumPosterior] | None:
+    """The part of a micro-batch the annotator parameters learn from:
+    ``(data, logits, posterior)`` of all units (``new is None``), of the new units
+    only (their posterior recomputed), or ``None`` when no unit is new."""
+    if new is None or bool(new.all()):
+        return data, logits, posterior
+    if not bool(new.any()):
+        return None
+    index = new.nonzero().reshape(-1)
+    part, part_logits = data.subset(index), logits[index]
+    return part, part_logits, enumerate_posterior(noise.e_step_model(), part_logits, part)
 
 
 def _target_from_w(w: Tensor, data: LabelData) -> Tensor:

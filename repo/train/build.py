@@ -356,10 +356,14 @@ def build_run(
 
 
 def build_online_em(
-    config: TrainConfig, noise: NoiseModel, label_counts: torch.Tensor | None = None
+    config: TrainConfig,
+    noise: NoiseModel,
+    label_counts: torch.Tensor | None = None,
+    num_items: int | None = None,
 ) -> OnlineEM:
     """The online EM of ``[em]`` around ``noise`` (``label_counts``: labels per annotator
-    in the whole data, which scale a prior's weight)."""
+    in the whole data, which scale a prior's weight; ``num_items``: items in the data,
+    needed by ``[em] out_of_sample``)."""
     em = config.em
     return OnlineEM(
         noise,
@@ -369,6 +373,8 @@ def build_online_em(
         warmup_steps=em.warmup_steps,
         noise_lr=em.noise_lr,
         calibrate=em.calibrate,
+        out_of_sample=em.out_of_sample and em.enabled,
+        num_items=num_items,
     )
 
 

@@ -316,6 +316,14 @@ class EMSection:
             "annotator parameters: the E-step reads a * s (docs/math.md, calibration)"
         ),
     )
+    out_of_sample: bool = field(
+        default=False,
+        metadata=_doc(
+            "learn the annotator parameters from each item's first visit only (before the "
+            "policy has trained on it), and refit them after every epoch by EM on those "
+            "logits with their scale learned (docs/math.md, section 9)"
+        ),
+    )
     epoch_m_step: bool = field(
         default=False,
         metadata=_doc(

@@ -6,7 +6,10 @@
 * :func:`data_report` - ``data_report.json``: what the data turned into and what was
   dropped under which policy;
 * :func:`reliability` - ``reliability.json``: per annotator the label count and the
-  noise model's parameters, and the population parameters;
+  noise model's parameters, and the population parameters; for one annotator under the
+  symmetric flip, what the labels can tell of its ``eta``: the profile likelihood's
+  estimate and 95% interval at the items' first-visit (out-of-sample) logits
+  (:func:`one_annotator_profile`);
 * :func:`posterior_rows` - ``posteriors.jsonl``: per label its record, annotator,
   label (in the item's A/B order), ``w`` (the posterior that the label is correct),
   ``q`` (that A is truly better), the item's induced logit and ``flipped``
@@ -34,14 +37,22 @@ from repo.fit import NoiseFit, attach_posterior, summarise
 from repo.inference.bayes import infer
 from repo.inference.em import EM
 from repo.inference.enumeration import EnumPosterior
+from repo.inference.profile import eta_profile
 from repo.likelihoods import PreferenceLikelihood
-from repo.noise import LabelData, NoiseModel
+from repo.noise import LabelData, NoiseModel, SymmetricFlip
 from repo.policy import ModelRecipe
 from repo.scorers import FixedLogits
 from repo.train.config import TrainConfig
 from repo.train.dataset import BatchSchedule, TrainingData
 
-__all__ = ["data_report", "posterior_rows", "reliability", "resolved_config", "scored_fit"]
+__all__ = [
+    "data_report",
+    "one_annotator_profile",
+    "posterior_rows",
+    "reliability",
+    "resolved_config",
+    "scored_fit",
+]
 
 
 def resolved_config(
@@ -99,12 +110,35 @@ def data_report(
     return report
 
 
-def reliability(noise: NoiseModel, data: TrainingData, e_step_scale: float = 1.0) -> dict[str, Any]:
+def one_annotator_profile(
+    noise: NoiseModel, labels: LabelData, first_visit: Tensor | None
+) -> dict[str, Any] | None:
+    """The profile likelihood of ``eta`` (:func:`~repo.inference.profile.eta_profile`)
+    at the items' first-visit logits, when the run has one annotator, per-label truth
+    and the symmetric flip (the only case it describes); else ``None``."""
+    one = noise.num_annotators == 1 and not labels.shared_truth and labels.num_slots == 1
+    if first_visit is None or not one or not isinstance(noise, SymmetricFlip):
+        return None
+    logits = first_visit[labels.unit]
+    seen = ~torch.isnan(logits)
+    if not bool(seen.any()):
+        return None
+    profile = eta_profile(logits[seen], labels.label[seen, 0], grid=201, scales=121)
+    return {"from": "first_visit_logits", **profile.to_dict()}
+
+
+def reliability(
+    noise: NoiseModel,
+    data: TrainingData,
+    e_step_scale: float = 1.0,
+    first_visit: Tensor | None = None,
+) -> dict[str, Any]:
     """Per annotator: label count and the noise model's parameters; the population's;
-    the E-step's logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``)."""
+    the E-step's logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``);
+    with one annotator, :func:`one_annotator_profile` at ``first_visit``."""
     counts = data.label_counts()
     params = noise.annotator_parameters()
-    return {
+    report = {
         "model": noise.name,
         "annotators": [
             {
@@ -117,6 +151,10 @@ def reliability(noise: NoiseModel, data: TrainingData, e_step_scale: float = 1.0
         "population": {k: float(v) for k, v in noise.population_parameters().items()},
         "e_step_scale": float(e_step_scale),
     }
+    profile = one_annotator_profile(noise, data.labels, first_visit)
+    if profile is not None:
+        report["eta_profile"] = profile
+    return report
 
 
 def posterior_rows(

@@ -103,7 +103,9 @@ class Trainer:
         self.records, self.policy, self.data = parts.records, parts.policy, parts.data
         self.likelihood, self.variant = parts.likelihood, parts.variant
         self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
-        self.em = build_online_em(config, self.noise, self.data.label_counts())
+        self.em = build_online_em(
+            config, self.noise, self.data.label_counts(), num_items=len(self.data.pairs)
+        )
         self.schedule = build_schedule(config, self.data.num_units, acc.num_processes)
         per_epoch = self.schedule.steps_per_epoch
         self.total_steps = config.optim.max_steps or config.optim.epochs * per_epoch
@@ -256,7 +258,8 @@ class Trainer:
         return unit_logits, posterior
 
     def epoch_m_step(self) -> None:
-        """Full-data EM of the annotator parameters at the current policy's logits.
+        """Full-data EM of the annotator parameters: on the items' first-visit logits
+        (``[em] out_of_sample``) or at the current policy's logits.
 
         E- and M-steps alternate to convergence with the policy held (every process
         holds the same full data, so all reach the same parameters); nothing
@@ -264,7 +267,10 @@ class Trainer:
         """
         if self.em.in_warmup(self.step):
             return
-        self.em.fit(self.item_logits(), self.data.labels)
+        if self.em.out_of_sample:
+            self.em.fit_out_of_sample(self.data.labels, self.reduce)
+        else:
+            self.em.fit(self.item_logits(), self.data.labels)
 
     # -- the loop ---------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -283,7 +289,8 @@ class Trainer:
                 metrics = {"step": self.step, "epoch": self.step / per_epoch, **metrics}
                 self.last_metrics = metrics
                 em = self.config.em
-                if em.enabled and em.epoch_m_step and self.step % per_epoch == 0:
+                end_of_epoch = self.step % per_epoch == 0 or self.step == self.total_steps
+                if em.enabled and (em.epoch_m_step or em.out_of_sample) and end_of_epoch:
                     self.epoch_m_step()
                 if self.is_main:
                     self._log(metrics)
@@ -389,11 +396,14 @@ class Trainer:
         posterior = None
         if self.config.run.posteriors and self.config.em.enabled:
             posterior = self.full_posterior()
+        first_visit = self.em.first_visit_logits(self.reduce)
         if self.is_main:
             run, n = self.run_dir, self.config.noise
             run.save_final_policy(self.policy)
             run.write_noise_state(self.em.state_dict())
-            run.write_reliability(reliability(self.noise, self.data, self.em.scale))
+            run.write_reliability(
+                reliability(self.noise, self.data, self.em.scale, first_visit=first_visit)
+            )
             if posterior is not None:
                 rows = posterior_rows(self.noise, self.data, *posterior)
                 run.write_posteriors(rows)

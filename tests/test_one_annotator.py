@@ -1,0 +1,197 @@
+"""One annotator: the profile likelihood of eta, and out-of-sample annotator statistics."""
+
+import json
+
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+
+from repo.data.simulate import simulate_labels
+from repo.inference.em import fit_em, set_value
+from repo.inference.online import OnlineEM
+from repo.inference.profile import eta_profile
+from repo.noise import SymmetricFlip
+from repo.noise.layout import LabelData
+from repo.scorers import CalibratedLogits, FixedLogits
+
+
+def _one_annotator(num: int, eta: float, seed: int, shrink: float = 1.0):
+    """Labels of one annotator with reliability ``eta`` over truths drawn from
+    ``sigmoid(s)``; the scorer reports ``s / shrink``."""
+    sim = simulate_labels(
+        num_items=num, num_annotators=1, shared_truth=False, eta_range=(eta, eta), seed=seed
+    )
+    data = LabelData.from_labels(sim.annotator, sim.label, num_annotators=1)
+    return torch.as_tensor(sim.scores, dtype=torch.float64) / shrink, data
+
+
+def test_profile_matches_a_direct_maximisation_over_the_scale():
+    c, data = _one_annotator(300, 0.8, seed=4, shrink=2.0)
+    o = data.label[:, 0]
+    profile = eta_profile(c, o)
+    t = c * (2 * o - 1)
+    for index in (60, 250, 400):
+        eta = float(profile.eta[index])
+
+        def negative(log_a: float, eta: float = eta) -> float:
+            p = torch.sigmoid(torch.exp(torch.tensor(log_a)) * t)
+            return -float(torch.log((1 - eta) + (2 * eta - 1) * p).sum())
+
+        best = minimize_scalar(negative, bounds=(-4.6, 4.6), method="bounded")
+        assert float(profile.log_likelihood[index]) == pytest.approx(-best.fun, abs=1e-3)
+
+
+def test_profile_recovers_eta_and_scale_of_an_informative_scorer():
+    # an under-confident but informative scorer (true logits / 2.5): the profile's
+    # maximum is the joint maximum likelihood, near the truth, and the interval is short
+    c, data = _one_annotator(20_000, 0.8, seed=5, shrink=2.5)
+    profile = eta_profile(c, data.label[:, 0])
+    assert profile.estimate == pytest.approx(0.8, abs=0.015)
+    assert profile.scale_estimate == pytest.approx(2.5, rel=0.1)
+    low, high = profile.interval
+    assert low < 0.8 < high and profile.width < 0.04
+    # the same point as EM over (eta, a)
+    noise, scorer = SymmetricFlip(1), CalibratedLogits(c, 1.0)
+    fit_em(noise, scorer, data, tol=1e-10)
+    assert float(noise.eta.detach()[0]) == pytest.approx(profile.estimate, abs=2e-3)
+
+
+def test_profile_is_flat_when_the_scorer_is_never_confident():
+    # every |a c| small: only (2 eta - 1) a is identified, so eta = 0.6 and eta = 0.95
+    # explain the labels equally well and the interval spans most of [1/2, 1]
+    g = torch.Generator().manual_seed(6)
+    s = 0.3 * torch.randn(5_000, generator=g, dtype=torch.float64)
+    truth = torch.rand(5_000, generator=g, dtype=torch.float64) < torch.sigmoid(s)
+    flip = torch.rand(5_000, generator=g, dtype=torch.float64) < 0.3
+    labels = (truth ^ flip).double()
+    profile = eta_profile(s, labels)
+    at = {
+        round(float(e), 3): float(v)
+        for e, v in zip(profile.eta, profile.log_likelihood, strict=True)
+    }
+    assert abs(at[0.6] - at[0.95]) < 0.5
+    assert profile.interval[0] < 0.62 and profile.interval[1] == 1.0
+
+
+def test_profile_rejects_bad_input():
+    with pytest.raises(ValueError, match="as many"):
+        eta_profile(torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match="0 or 1"):
+        eta_profile(torch.zeros(2), torch.tensor([0.0, 0.5]))
+    with pytest.raises(ValueError, match="finite"):
+        eta_profile(torch.tensor([0.0, float("nan")]), torch.tensor([0.0, 1.0]))
+
+
+def _batch(data: LabelData, index: list[int]) -> LabelData:
+    return data.subset(torch.tensor(index))
+
+
+def test_out_of_sample_learns_only_from_first_visits():
+    c, data = _one_annotator(40, 0.8, seed=7)
+    online = OnlineEM(SymmetricFlip(1), alpha=1.0, out_of_sample=True, num_items=40)
+    first = _batch(data, list(range(20)))
+    online.e_step(c[first.unit], first, step=0)
+    online.m_step()
+    after_first = float(online.noise.eta[0])
+    assert after_first != 0.9
+    # the same items again (in-sample now): their logits are not overwritten and the
+    # annotator parameters do not move
+    online.e_step(10 * c[first.unit], first, step=1)
+    online.m_step()
+    assert float(online.noise.eta[0]) == after_first
+    torch.testing.assert_close(online.first_visit[first.unit], c[first.unit])
+    assert torch.isnan(online.first_visit[20:]).all()
+    # a batch of old and new items learns from the new ones only: the same update as
+    # the new ones alone
+    mixed = _batch(data, list(range(15, 30)))
+    online.e_step(c[mixed.unit], mixed, step=2)
+    online.m_step()
+    reference = OnlineEM(SymmetricFlip(1), alpha=1.0)  # from where `online` stood
+    set_value(reference.noise, "eta", torch.tensor([after_first], dtype=torch.float64))
+    new = _batch(data, list(range(20, 30)))
+    reference.e_step(c[new.unit], new, step=0)
+    reference.m_step()
+    assert float(online.noise.eta[0]) == pytest.approx(float(reference.noise.eta[0]), abs=1e-12)
+
+
+def test_fit_out_of_sample_learns_the_scale_of_under_confident_scores():
+    # first-visit logits of an under-confident scorer (true / 2.5): the out-of-sample
+    # fit learns the scale with eta and recovers eta; held at scale 1 it is too high
+    c, data = _one_annotator(20_000, 0.75, seed=8, shrink=2.5)
+    online = OnlineEM(SymmetricFlip(1), out_of_sample=True, num_items=20_000)
+    for start in range(0, 20_000, 500):
+        batch = _batch(data, list(range(start, start + 500)))
+        online.e_step(c[batch.unit], batch, step=start // 500)
+        online.m_step()
+    assert not torch.isnan(online.first_visit).any()
+    online.fit_out_of_sample(data)
+    assert float(online.noise.eta[0]) == pytest.approx(0.75, abs=0.015)
+    assert online.out_of_sample_scale == pytest.approx(2.5, rel=0.1)
+    assert online.scale == 1.0  # the E-step's own scale is not calibrate's to change here
+    held = SymmetricFlip(1)
+    fit_em(held, FixedLogits(c), data)
+    assert float(held.eta[0]) > 0.85
+    # the kept logits and the scale survive a checkpoint
+    other = OnlineEM(SymmetricFlip(1), out_of_sample=True, num_items=20_000)
+    other.load_state_dict(online.state_dict())
+    torch.testing.assert_close(other.first_visit, online.first_visit)
+    assert other.out_of_sample_scale == online.out_of_sample_scale
+
+
+def test_out_of_sample_needs_the_item_count():
+    with pytest.raises(ValueError, match="number of items"):
+        OnlineEM(SymmetricFlip(1), out_of_sample=True)
+    with pytest.raises(ValueError, match="first visits"):
+        OnlineEM(SymmetricFlip(1)).fit_out_of_sample(
+            LabelData.from_labels(torch.zeros(1, dtype=torch.long), torch.ones(1))
+        )
+
+
+def test_trainer_fits_eta_on_first_visits_after_each_epoch(tmp_path, monkeypatch):
+    from repo.data.loaders import load_preferences
+    from repo.data.rule_pairs import rule_pairs
+    from repo.experiments import Method, rule_config
+    from repo.train import Trainer
+
+    calls = []
+    fit = OnlineEM.fit_out_of_sample
+
+    def spy(self, data, reduce=None, **kwargs):
+        calls.append(self.first_visit.clone())
+        return fit(self, data, reduce, **kwargs)
+
+    monkeypatch.setattr(OnlineEM, "fit_out_of_sample", spy)
+    rows = rule_pairs(64, [0.8], seed=2, markers=4).rows
+    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"out_of_sample": True})
+    cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
+    trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
+    trainer.train()
+    # one fit per epoch, each on every item's first-visit logit (none NaN after the
+    # first pass, and the same ones after the second: the policy's later scores of
+    # items it has trained on are not kept)
+    assert len(calls) == 2
+    assert not torch.isnan(calls[0]).any()
+    torch.testing.assert_close(calls[0], calls[1])
+    assert not torch.allclose(calls[1], trainer.item_logits())
+    # one annotator: reliability.json says what its labels tell of eta
+    report = json.loads((tmp_path / "run" / "reliability.json").read_text())
+    profile = eta_profile(calls[1][trainer.data.labels.unit], trainer.data.labels.label[:, 0])
+    assert report["eta_profile"]["from"] == "first_visit_logits"
+    assert report["eta_profile"]["interval"][0] == pytest.approx(profile.interval[0], abs=0.01)
+    assert report["eta_profile"]["interval"][1] == pytest.approx(profile.interval[1], abs=0.01)
+
+
+def test_fit_out_of_sample_keeps_the_parameters_when_the_scores_say_nothing():
+    # a policy at chance: first-visit logits unrelated to the labels. The likelihood
+    # is flat along (2 eta - 1) a, so the fit would wander (to eta near 0 or 1); the
+    # likelihood-ratio check against all-zero scores refuses it.
+    g = torch.Generator().manual_seed(9)
+    labels = (torch.rand(400, generator=g) < 0.5).double()
+    data = LabelData.from_labels(torch.zeros(400, dtype=torch.long), labels, num_annotators=1)
+    noise = SymmetricFlip(1)
+    online = OnlineEM(noise, out_of_sample=True, num_items=400)
+    online.e_step(1e-3 * torch.randn(400, generator=g, dtype=torch.float64), data, step=0)
+    online.m_step()
+    before = float(noise.eta.detach()[0])
+    assert online.fit_out_of_sample(data) is None
+    assert float(noise.eta.detach()[0]) == before and online.out_of_sample_scale is None
