@@ -14,8 +14,12 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
+import shutil
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,14 +392,16 @@ def test_label_columns_reach_the_loss(rt, tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
-def _train(rt, tmp_path, rows, kind="dpo", **fields):
+def _train(rt, tmp_path, rows, kind="dpo", eval_rows=None, **fields):
     model, tokenizer = tiny()
+    eval_dataset = None if eval_rows is None else _dataset(eval_rows)
     if kind == "dpo":
         args = dpo_config(rt, tmp_path, **fields)
         trainer = rt.REDPOTrainer(
             model,
             args=args,
             train_dataset=_dataset(rows),
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=lora(),
         )
@@ -417,6 +423,7 @@ def _train(rt, tmp_path, rows, kind="dpo", **fields):
             model,
             args=args,
             train_dataset=_dataset(rows),
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=lora(),
         )
@@ -451,8 +458,12 @@ def test_four_annotators_eta_moves_toward_the_truth(rt, tmp_path):
     "kind, noise_model", [("dpo", n) for n in NOISE_MODELS] + [("cpo", "symmetric")]
 )
 def test_every_noise_model_trains(rt, tmp_path, kind, noise_model):
+    """Two optimizer steps (E-step, loss, M-step) under each noise model, shared truth;
+    with the symmetric flip also TRL's evaluation (TRL's loss on held-out labels)."""
     rows = crowd_rows(8, TRUE_ETA, per_item=3, seed=3)
     fields = {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0} if kind == "cpo" else {}
+    if noise_model == "symmetric":  # held-out pairs need TRL's columns only
+        fields.update(eval_rows=per_label_rows(4, seed=9), eval_strategy="steps", eval_steps=1)
     trainer = _train(
         rt,
         tmp_path,
@@ -463,14 +474,19 @@ def test_every_noise_model_trains(rt, tmp_path, kind, noise_model):
         position_column="chosen_first",
         shared_truth=True,
         policy_step="nll" if noise_model == "boltzmann" else "mixture",
-        max_steps=2,
+        max_steps=2,  # at step 1 the policy is its reference: s = 0 tells tau nothing
         **fields,
     )
     before = {k: v.detach().clone() for k, v in trainer.noise.state_dict().items()}
     trainer.train()
     after = trainer.noise.state_dict()
     assert any(not torch.allclose(before[k], after[k]) for k in before)  # the M-step ran
-    assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and np.isfinite(logged[0]["loss"]) and 0 < logged[0]["w/mean"] < 1
+    if noise_model == "symmetric":
+        evaluated = [h for h in trainer.state.log_history if "eval_loss" in h]
+        assert evaluated and np.isfinite(evaluated[0]["eval_loss"])
+        assert 0 <= evaluated[0]["eval_rewards/accuracies"] <= 1
 
 
 def test_boltzmann_needs_the_nll_step(rt, tmp_path):
@@ -517,3 +533,37 @@ def test_checkpoints_hold_the_state_and_resume_gives_the_same_eta(rt, tmp_path):
     saved = tmp_path / "saved"
     resumed.save_model(str(saved))  # the final folder holds the state too
     assert json.loads((saved / "repo_em.json").read_text())["parameters"]["eta"] == got
+
+
+@pytest.mark.slow
+def test_two_processes_hold_the_same_eta_as_one(rt, tmp_path, monkeypatch):
+    """torchrun starts 2 CPU processes (gloo): the E-step statistics are all-reduced, so
+    both hold the same eta, equal to one process's on the same global batches (4 per
+    process x 2 = 8); the checkpoint's posterior table gathers both processes' labels."""
+    root = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    worker = str(root / "tests" / "_trl_dist_worker.py")
+    port = str(29600 + os.getpid() % 1000)
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", port, worker]
+        + [str(tmp_path / "two"), "4"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    monkeypatch.syspath_prepend(str(root / "tests"))
+    importlib.import_module("_trl_dist_worker").main(tmp_path / "one", 8)  # one process
+    rank0, rank1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert rank0["world_size"] == 2 and single["world_size"] == 1
+    assert rank0["eta"] == rank1["eta"]
+    for a, value in single["eta"].items():
+        assert rank0["eta"][a] == pytest.approx(value, abs=1e-5)
+    assert rank0["eta"]["a0"] != rank0["eta"]["a3"]
+    assert rank0["posteriors"] == single["posteriors"] == 3 * 8 * 4  # 3 steps, 8 items, 4 labels
+    info = json.loads((tmp_path / "two" / "trl" / "checkpoint-3" / "repo_em.json").read_text())
+    assert info["parameters"]["eta"] == rank0["eta"]

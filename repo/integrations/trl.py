@@ -479,8 +479,9 @@ class _REPOTrainerMixin:
 
     def _training_units(self, dataset: Any, tokenizer: Any, name: str) -> dict[str, list]:
         """Read, validate, tokenise and lay out ``dataset`` in truth units (module
-        docstring). The training set fixes the annotators; an evaluation set is read
-        with one annotator for every label (its loss is TRL's on the observed labels)."""
+        docstring). The training set fixes the annotators; an evaluation set needs TRL's
+        columns only (one label per row, one annotator for every label): its loss is
+        TRL's on the observed labels, which does not depend on the A/B order."""
         a = self._repo_args
         train = name == "train"
         if not isinstance(dataset, Dataset):
@@ -492,7 +493,7 @@ class _REPOTrainerMixin:
             dataset,
             annotator_column=a.annotator_column if train else None,
             item_column=a.item_column if train else None,
-            position_column=a.position_column,
+            position_column=a.position_column if train else None,
         )
         data = TrainingData.build(
             records,
