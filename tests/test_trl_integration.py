@@ -567,3 +567,33 @@ def test_two_processes_hold_the_same_eta_as_one(rt, tmp_path, monkeypatch):
     assert rank0["posteriors"] == single["posteriors"] == 3 * 8 * 4  # 3 steps, 8 items, 4 labels
     info = json.loads((tmp_path / "two" / "trl" / "checkpoint-3" / "repo_em.json").read_text())
     assert info["parameters"]["eta"] == rank0["eta"]
+
+
+def test_no_prompt_prefix_warning(rt, tmp_path, caplog):
+    """Rule-pair prompts end mid-word for TRL's tokenizer ("...river" + "planet ..."):
+    TRL's own DPOTrainer warns that the tokenized prompt is not a prefix; REDPOTrainer
+    tokenises prompt and response apart and has nothing to warn about."""
+    from trl import DPOConfig, DPOTrainer
+
+    rows = per_label_rows(8, seed=21)
+    model, tokenizer = tiny()
+    with caplog.at_level("WARNING"):
+        DPOTrainer(
+            model,
+            args=DPOConfig(output_dir=str(tmp_path / "dpo"), report_to=[], use_cpu=True),
+            train_dataset=_dataset(rows),
+            processing_class=tokenizer,
+            peft_config=lora(),
+        )
+    assert "not a prefix" in caplog.text
+    caplog.clear()
+    model, tokenizer = tiny()
+    with caplog.at_level("WARNING"):
+        rt.REDPOTrainer(
+            model,
+            args=dpo_config(rt, tmp_path),
+            train_dataset=_dataset(rows),
+            processing_class=tokenizer,
+            peft_config=lora(),
+        )
+    assert "not a prefix" not in caplog.text
