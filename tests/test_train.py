@@ -697,7 +697,7 @@ def test_trl_example_runs_re_dpo_inside_dpo_trainer(tmp_path):
     spec = importlib.util.spec_from_file_location("trl_re_dpo", path)
     module = importlib.util.module_from_spec(spec)
     if importlib.util.find_spec("trl") is None:
-        with pytest.raises(ImportError, match=r"pip install 're-po\[bench\]'"):
+        with pytest.raises(ImportError, match=r"pip install 're-po\[trl\]'"):
             spec.loader.exec_module(module)
         return
     spec.loader.exec_module(module)
