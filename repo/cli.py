@@ -130,6 +130,8 @@ def _train(args: argparse.Namespace) -> int:
         config = config.replace("run", resume=True)
     if args.output_dir is not None:
         config = config.replace("run", output_dir=str(Path(args.output_dir).resolve()))
+    if args.dry_run:
+        return _dry_run(config)
     trainer = Trainer(config)
     skipped = describe_skipped(trainer.data.skipped)
     if skipped and trainer.is_main:
@@ -138,6 +140,32 @@ def _train(args: argparse.Namespace) -> int:
     if trainer.is_main:
         print(f"[re-po] {trainer.step} steps; run directory {trainer.output_dir}", file=sys.stderr)
         print(json.dumps(metrics))
+    return 0
+
+
+def _dry_run(config) -> int:
+    """``re-po train --dry-run``: the configuration and every data row checked, the data
+    summary printed (JSON on stdout, one line per data set on stderr); no model loads."""
+    import json
+
+    from repo.data.errors import describe_skipped
+    from repo.train.build import dry_run
+
+    summary = dry_run(config)
+    for name in ("train", "eval"):
+        part = summary[name]
+        if part is None:
+            continue
+        print(
+            f"[re-po] {name}: {part['pairs']} pairs, {part['items']} items, "
+            f"{part['annotators']} annotators",
+            file=sys.stderr,
+        )
+        skipped = describe_skipped(part["skipped"])
+        if skipped:
+            print(skipped.replace("[re-po]", f"[re-po] {name}:", 1), file=sys.stderr)
+    print("[re-po] dry run: the configuration and every data row are valid", file=sys.stderr)
+    print(json.dumps(summary))
     return 0
 
 
@@ -178,6 +206,12 @@ def _add_training_commands(commands) -> None:
     train.add_argument("--output-dir", default=None, help="override [run] output_dir")
     train.add_argument(
         "--describe-config", action="store_true", help="print every configuration field and exit"
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the configuration and every data row (train and eval), print the data "
+        "summary (pairs, items, annotators, skipped rows by reason) and exit; no model loads",
     )
     train.set_defaults(run=_train)
 

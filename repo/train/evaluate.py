@@ -46,6 +46,7 @@ __all__ = [
     "evaluate_records",
     "evaluate_run",
     "item_scores",
+    "label_metrics",
     "load_run",
 ]
 
@@ -118,6 +119,15 @@ def evaluate_policy(
     logits, reward_a, reward_b = item_scores(
         policy, likelihood, data, batch_size=batch_size, reference=reference
     )
+    return label_metrics(data, logits, reward_a, reward_b, bins=bins)
+
+
+def label_metrics(
+    data: TrainingData, logits: Tensor, reward_a: Tensor, reward_b: Tensor, *, bins: int = 10
+) -> dict[str, Any]:
+    """Accuracy, margin and calibration (the module docstring) of the labels of ``data``
+    from every item's induced logit and rewards (``(I,)`` each, as
+    :func:`item_scores` gives them)."""
     labels = data.labels
     item = labels.flat(labels.unit.unsqueeze(-1).expand_as(labels.label))
     o = labels.flat(labels.label)
