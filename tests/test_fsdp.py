@@ -122,3 +122,16 @@ def test_fsdp_is_for_full_fine_tuning(tmp_path):
             },
             base_dir=tmp_path,
         )
+
+
+def test_the_paper_scale_fsdp_configuration_validates():
+    """docs/scaling.md's full fine-tune command names a configuration that loads: FSDP,
+    every weight trained, the paper's EM defaults."""
+    from repo.policy import load_recipe
+    from repo.train import load_config
+
+    config = load_config(ROOT / "examples" / "paper_llama3_full_fsdp.toml")
+    assert config.run.distributed == "fsdp" and not config.model.use_lora
+    assert load_recipe(config.model.recipe).source_kind == "hub"
+    assert (config.noise.eta_init, config.em.alpha) == (0.9, 0.1)
+    assert config.run.report_to == ("tensorboard",) and config.data.eval
