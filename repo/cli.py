@@ -174,7 +174,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     from repo.train.evaluate import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.data, batch_size=args.batch_size, bins=args.bins)
+    result = evaluate_run(
+        args.run_dir, args.data, batch_size=args.batch_size, bins=args.bins, split=args.split
+    )
     text = json.dumps(result)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
@@ -220,7 +222,17 @@ def _add_training_commands(commands) -> None:
         help="preference accuracy, margins and calibration of a trained run on labelled pairs",
     )
     evaluate.add_argument("run_dir", help="a finished run directory")
-    evaluate.add_argument("--data", required=True, help="labelled pairs (the run's data format)")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="labelled pairs (the run's data format): a file, a data set folder or a Hugging "
+        "Face data set name",
+    )
+    evaluate.add_argument(
+        "--split",
+        default=None,
+        help="the split of a data set read by name (default: the run's [data] eval_split)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--bins", type=int, default=10, help="calibration bins")
     evaluate.add_argument("--out", default=None, help="also write the JSON result here")

@@ -16,7 +16,7 @@ from _helpers import tiny_config, write_jsonl
 from repo.data.errors import DataError
 from repo.data.loaders import is_dataset_name, load_preferences, open_dataset
 from repo.data.rule_pairs import rule_pairs
-from repo.train import ConfigError, Trainer
+from repo.train import ConfigError, Trainer, evaluate_run
 from repo.train.build import load_eval_records, load_records
 from repo.train.run_dir import RunDir
 
@@ -225,6 +225,11 @@ def test_a_data_set_folder_trains(tmp_path):
     )
     metrics = Trainer(config).train()
     assert metrics["step"] == 2 and metrics["eval/labels"] == 8
+    # re-po eval reads the folder too (split: the run's eval_split), and agrees
+    result = evaluate_run(tmp_path / "run", folder)
+    assert result["labels"] == 8 and result["data"] == str(folder)
+    assert result["accuracy"] == pytest.approx(metrics["eval/accuracy"])
+    assert result["log_loss"] == pytest.approx(metrics["eval/log_loss"], rel=1e-5)
 
 
 def test_an_unknown_data_set_name_is_a_clear_error(tmp_path):
