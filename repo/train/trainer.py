@@ -48,7 +48,7 @@ from torch import Tensor
 from repo.data.records import PreferenceData
 from repo.inference.enumeration import enumerate_posterior
 from repo.inference.online import single_thread
-from repo.policy import Policy, ResponseLogps, batch_to
+from repo.policy import Policy, ReferenceLogps, ResponseLogps, batch_to
 from repo.train.build import (
     build_online_em,
     build_optimizer,
@@ -193,15 +193,12 @@ class Trainer:
         return out.to(tensor.device)
 
     def _reference_logps(
-        self, batch: dict[str, Tensor], reference: Any = "train"
+        self, batch: dict[str, Tensor], reference: ReferenceLogps | None
     ) -> ResponseLogps | None:
-        """The batch's reference log-probs: from ``reference`` (a precomputed
-        :class:`~repo.policy.ReferenceLogps`; default the training data's), or by the
-        policy's reference when none was precomputed."""
+        """The batch's reference log-probs: from ``reference`` (the precomputed log-probs
+        of the batch's data), or by the policy's reference when none were precomputed."""
         if not self.likelihood.needs_reference:
             return None
-        if reference == "train":
-            reference = self.reference
         if reference is not None:
             return reference.for_batch(batch)
         return self.policy.reference_logps(batch)
@@ -222,7 +219,8 @@ class Trainer:
             last = a == len(micro_units) - 1
             with self._gradient_sync(last):
                 logps = self.model(batch)
-                stats = gather_stats(logps.to_stats(self._reference_logps(batch)), micro.unit_item)
+                reference = self._reference_logps(batch, self.reference)
+                stats = gather_stats(logps.to_stats(reference), micro.unit_item)
                 logits = self.likelihood.logits(stats)
                 if use_em:
                     estep = self.em.e_step(logits, micro.labels, step)
@@ -275,14 +273,15 @@ class Trainer:
 
     # -- full passes ------------------------------------------------------------
     @torch.no_grad()
-    def item_scores(self, data: TrainingData, reference: Any = "train") -> Tensor:
+    def item_scores(self, data: TrainingData, reference: ReferenceLogps | None) -> Tensor:
         """Induced logit and rewards of A and B of every item of ``data`` under the
         current policy: ``(3, I)`` float64 on the CPU (rows: logit, reward A, reward B).
 
         Items are shared out over processes and the results summed, so every process
         gets all of them. Every process runs the same number of forwards (one with
         nothing of its own to score runs a batch and drops it), as FSDP's collective
-        forward needs. ``reference``: see :meth:`_reference_logps`.
+        forward needs. ``reference``: the precomputed reference log-probs of ``data``
+        (``None``: the policy's reference runs).
         """
         acc = self.accelerator
         self.model.eval()
@@ -312,7 +311,7 @@ class Trainer:
         posteriors share them.
         """
         if self._item_logits is None:
-            self._item_logits = self.item_scores(self.data)[0]
+            self._item_logits = self.item_scores(self.data, self.reference)[0]
         return self._item_logits
 
     def evaluate_held_out(self) -> dict[str, float]:
