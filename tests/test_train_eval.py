@@ -226,10 +226,12 @@ def test_a_data_set_folder_trains(tmp_path):
     metrics = Trainer(config).train()
     assert metrics["step"] == 2 and metrics["eval/labels"] == 8
     # re-po eval reads the folder too (split: the run's eval_split), and agrees
-    result = evaluate_run(tmp_path / "run", folder)
+    # (the reloaded adapter, the reference by a forward instead of the cache: equal up
+    # to float summation order)
+    result = evaluate_run(tmp_path / "run", folder, batch_size=8)
     assert result["labels"] == 8 and result["data"] == str(folder)
     assert result["accuracy"] == pytest.approx(metrics["eval/accuracy"])
-    assert result["log_loss"] == pytest.approx(metrics["eval/log_loss"], rel=1e-5)
+    assert result["log_loss"] == pytest.approx(metrics["eval/log_loss"], rel=1e-3)
 
 
 def test_an_unknown_data_set_name_is_a_clear_error(tmp_path):
