@@ -161,13 +161,7 @@ def config_page() -> str:
         lines.append("| field | type | default | meaning |")
         lines.append("|---|---|---|---|")
         for f in dataclasses.fields(section_cls):
-            default = f.default
-            if isinstance(default, bool):
-                shown = str(default).lower()
-            elif isinstance(default, str):
-                shown = f'"{default}"'
-            else:
-                shown = repr(default)
+            shown = cfg.toml_value(f.default)
             type_name = cfg._type_name(hints[f.name])
             lines.append(
                 f"| `{f.name}` | {_cell(type_name)} | `{_cell(shown)}` | "

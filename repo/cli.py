@@ -130,6 +130,8 @@ def _train(args: argparse.Namespace) -> int:
         config = config.replace("run", resume=True)
     if args.output_dir is not None:
         config = config.replace("run", output_dir=str(Path(args.output_dir).resolve()))
+    if args.dry_run:
+        return _dry_run(config)
     trainer = Trainer(config)
     skipped = describe_skipped(trainer.data.skipped)
     if skipped and trainer.is_main:
@@ -141,12 +143,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(config) -> int:
+    """``re-po train --dry-run``: the configuration and every data row checked, the data
+    summary printed (JSON on stdout, one line per data set on stderr); no model loads."""
+    import json
+
+    from repo.data.errors import describe_skipped
+    from repo.train.build import dry_run
+
+    summary = dry_run(config)
+    for name in ("train", "eval"):
+        part = summary[name]
+        if part is None:
+            continue
+        print(
+            f"[re-po] {name}: {part['pairs']} pairs, {part['items']} items, "
+            f"{part['annotators']} annotators",
+            file=sys.stderr,
+        )
+        skipped = describe_skipped(part["skipped"])
+        if skipped:
+            print(skipped.replace("[re-po]", f"[re-po] {name}:", 1), file=sys.stderr)
+    print("[re-po] dry run: the configuration and every data row are valid", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
     from repo.train.evaluate import evaluate_run
 
-    result = evaluate_run(args.run_dir, args.data, batch_size=args.batch_size, bins=args.bins)
+    result = evaluate_run(
+        args.run_dir, args.data, batch_size=args.batch_size, bins=args.bins, split=args.split
+    )
     text = json.dumps(result)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
@@ -179,6 +209,12 @@ def _add_training_commands(commands) -> None:
     train.add_argument(
         "--describe-config", action="store_true", help="print every configuration field and exit"
     )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the configuration and every data row (train and eval), print the data "
+        "summary (pairs, items, annotators, skipped rows by reason) and exit; no model loads",
+    )
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
@@ -186,7 +222,17 @@ def _add_training_commands(commands) -> None:
         help="preference accuracy, margins and calibration of a trained run on labelled pairs",
     )
     evaluate.add_argument("run_dir", help="a finished run directory")
-    evaluate.add_argument("--data", required=True, help="labelled pairs (the run's data format)")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="labelled pairs (the run's data format): a file, a data set folder or a Hugging "
+        "Face data set name",
+    )
+    evaluate.add_argument(
+        "--split",
+        default=None,
+        help="the split of a data set read by name (default: the run's [data] eval_split)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--bins", type=int, default=10, help="calibration bins")
     evaluate.add_argument("--out", default=None, help="also write the JSON result here")

@@ -2,9 +2,11 @@
 
 Sources: a :class:`datasets.Dataset` (or a ``DatasetDict`` plus ``split``), a path to
 JSON / JSONL (optionally ``.gz``) / Parquet read by :func:`repo.data.tables.read_table`
-(the reader of ``re-po fit-noise``'s label tables too; local files only, never the
-hub), or a list of dicts (read as is, without Arrow's type
-unification, so a bad value is reported at its row).
+(the reader of ``re-po fit-noise``'s label tables too), a data set folder or a
+Hugging Face data set name read by ``datasets.load_dataset(name, split=split)``
+(:func:`open_dataset`; ``HF_DATASETS_OFFLINE=1`` keeps it to the local cache), or a
+list of dicts (read as is, without Arrow's type unification, so a bad value is
+reported at its row).
 
 Layouts (TRL's preference formats):
 
@@ -29,6 +31,7 @@ Rows are numbered from 0 in source order.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,15 @@ from repo.data.records import (
 )
 from repo.data.tables import read_table
 
-__all__ = ["load_preferences", "read_dataset", "iter_rows", "check_row", "split_shared_prompt"]
+__all__ = [
+    "check_row",
+    "is_dataset_name",
+    "iter_rows",
+    "load_preferences",
+    "open_dataset",
+    "read_dataset",
+    "split_shared_prompt",
+]
 
 _BATCH = 1024
 
@@ -66,6 +77,42 @@ def read_dataset(path: str | os.PathLike) -> datasets.Dataset:
         raise FileNotFoundError(f"no such data file: {path}")
     table = read_table(path, kinds=("json", "parquet"))
     return datasets.Dataset(InMemoryTable(table))
+
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".parquet", ".csv", ".tsv")
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_dataset_name(value: str) -> bool:
+    """Whether ``value`` reads as a Hugging Face data set name (``"Anthropic/hh-rlhf"``,
+    ``"imdb"``) rather than a file path: at most one ``/``, no data-file suffix."""
+    return bool(_NAME.match(value)) and not value.lower().endswith(_FILE_SUFFIXES)
+
+
+def open_dataset(source: str | os.PathLike, *, split: str = "train") -> datasets.Dataset:
+    """The rows of ``source``: a local JSON / JSONL(.gz) / Parquet file
+    (:func:`read_dataset`; ``split`` does not apply), or a data set folder or Hugging
+    Face data set name through ``datasets.load_dataset(source, split=split)``.
+
+    :raises FileNotFoundError: no such file, folder or data set (or no such split); the
+        message names ``source`` and ``datasets``' reason.
+    """
+    path = Path(source)
+    if path.is_file():
+        return read_dataset(path)
+    if not path.is_dir() and not is_dataset_name(str(source)):
+        raise FileNotFoundError(f"no such data file: {path}")
+    try:
+        data = datasets.load_dataset(str(source), split=split)
+    except Exception as error:  # datasets raises many types (hub, builder, split errors)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FileNotFoundError(
+            f"cannot read data set {str(source)!r} (split {split!r}) with "
+            f"datasets.load_dataset: {reason}"
+        ) from error
+    if not isinstance(data, datasets.Dataset):  # an IterableDataset or a DatasetDict
+        raise ValueError(f"data set {str(source)!r}: expected one split, got {type(data).__name__}")
+    return data
 
 
 def _pick_split(data: datasets.DatasetDict, split: str | None) -> datasets.Dataset:
@@ -89,10 +136,10 @@ def iter_rows(
     """
     if isinstance(source, datasets.DatasetDict):
         source = _pick_split(source, split)
+    elif isinstance(source, (str, os.PathLike)):
+        source = open_dataset(source, split=split or "train")
     elif split is not None:
-        raise ValueError("split= applies to a DatasetDict source only")
-    if isinstance(source, (str, os.PathLike)):
-        source = read_dataset(source)
+        raise ValueError("split= applies to a DatasetDict, a data set folder or a name only")
     if isinstance(source, datasets.Dataset):
         ds = source
 

@@ -13,7 +13,8 @@ without a model is checked before a model loads:
    step's variant against the noise model (:class:`~repo.train.config.ConfigError`
    naming ``[section] field``);
 2. :func:`load_records` - every data row, by the ``[data]`` policies
-   (:class:`~repo.data.errors.DataError` naming row and field);
+   (:class:`~repo.data.errors.DataError` naming row and field), the training data's
+   and then the held-out ``[data] eval`` data's (:func:`load_eval_records`);
 3. :func:`build_policy` - the model loads here: the recipe's network with its LoRA
    adapter (``[model] use_lora``, ``lora_last_layers``) or every weight trainable,
    and for full fine-tuning with a loss that needs one, a frozen copy as the
@@ -27,7 +28,9 @@ without a model is checked before a model loads:
 :func:`build_online_em`, :func:`build_schedule`, :func:`build_optimizer`,
 :func:`build_scheduler` and :func:`build_reference` make the training-only parts;
 :func:`build_trained_policy` and :func:`build_trained_noise_fit` load a finished
-run's final policy and final noise model.
+run's final policy and final noise model. :func:`dry_run` is steps 1 and 2 alone
+(``re-po train --dry-run``): the configuration and every data row checked, a summary
+of the data, no model.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any
 import pyro
 import torch
 
-from repo.data.loaders import load_preferences
+from repo.data.loaders import is_dataset_name, load_preferences
 from repo.data.records import PreferenceData
 from repo.fit import NoiseFit, parse_prior
 from repo.inference.online import OnlineEM
@@ -78,6 +81,10 @@ __all__ = [
     "build_trained_noise_fit",
     "build_trained_policy",
     "check_settings",
+    "check_trackers",
+    "data_summary",
+    "dry_run",
+    "load_eval_records",
     "load_records",
     "model_recipe",
     "noise_prior",
@@ -96,6 +103,7 @@ class RunParts:
     :param pair_tokenizer: the tokeniser with the run's length limits.
     :param data: tokenised items and their labels.
     :param noise: the noise model at its starting values.
+    :param eval_data: the tokenised held-out pairs of ``[data] eval`` (``None``: none).
     """
 
     records: PreferenceData
@@ -105,6 +113,7 @@ class RunParts:
     pair_tokenizer: PairTokenizer
     data: TrainingData
     noise: NoiseModel
+    eval_data: TrainingData | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -184,14 +193,44 @@ def check_settings(
     return likelihood, variant
 
 
-def load_records(config: TrainConfig, source: str | None = None) -> PreferenceData:
-    """The validated records of ``[data]`` (``source`` replaces ``data.train``)."""
+def data_source(config: TrainConfig, value: str, field: str = "train") -> str:
+    """Where ``[data] <field> = value`` is read from: the path resolved against the
+    configuration's folder when it exists (a file or a data set folder) or does not read
+    as a data set name, else the name itself (``datasets.load_dataset`` finds it on the
+    Hugging Face hub or in its cache).
+
+    :raises ConfigError: a data set name with a format other than ``'trl'`` (the
+        HH-RLHF and PandaLM readers take files).
+    """
+    local = config.path(value)
+    if local.exists() or not is_dataset_name(value):
+        return str(local)
+    if config.data.format != "trl":
+        raise ConfigError(
+            f"[data] {field}: {value!r} is not a file; data set names are read with format "
+            f"'trl' (prompt/chosen/rejected columns or the implicit-prompt layout), not "
+            f"{config.data.format!r}"
+        )
+    return value
+
+
+def load_records(
+    config: TrainConfig,
+    source: str | None = None,
+    *,
+    split: str | None = None,
+    field: str = "train",
+) -> PreferenceData:
+    """The validated records of ``[data]`` (``source`` replaces ``data.train`` and
+    ``split`` ``data.split``): a file, a data set folder or a data set name
+    (:func:`data_source`; ``field`` names the ``[data]`` field in its errors)."""
     from repo.data.hh_rlhf import load_hh_rlhf
     from repo.data.pandalm import read_pandalm
 
     d = config.data
     path = source if source is not None else d.train
-    resolved = str(config.path(path)) if path else None
+    resolved = data_source(config, path, field) if path else None
+    split = split if split is not None else d.split
     if d.format == "hh-rlhf":
         records = load_hh_rlhf(
             resolved,
@@ -206,8 +245,10 @@ def load_records(config: TrainConfig, source: str | None = None) -> PreferenceDa
     else:
         if resolved is None:
             raise ConfigError("[data] train is required (a JSON, JSONL or Parquet file)")
+        is_file = Path(resolved).is_file()
         records = load_preferences(
             resolved,
+            split=None if is_file else split,
             prompt_column=d.prompt_column,
             chosen_column=d.chosen_column,
             rejected_column=d.rejected_column,
@@ -224,6 +265,68 @@ def load_records(config: TrainConfig, source: str | None = None) -> PreferenceDa
             records.records[: d.max_records], skipped=records.skipped, notes=records.notes
         )
     return records
+
+
+def load_eval_records(config: TrainConfig) -> PreferenceData | None:
+    """The validated held-out records of ``[data] eval`` (split ``eval_split`` for a data
+    set read by name), read as the training data is; ``None`` without ``[data] eval``.
+    ``max_records`` applies to the training data only."""
+    if not config.data.eval:
+        return None
+    whole = config.replace("data", max_records=0)
+    return load_records(whole, config.data.eval, split=config.data.eval_split, field="eval")
+
+
+def check_trackers(config: TrainConfig) -> None:
+    """Every tracker of ``[run] report_to`` has its package installed (accelerate would
+    leave one out without a word).
+
+    :raises ConfigError: naming the tracker and its package.
+    """
+    from accelerate.tracking import LoggerType, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for name in config.run.report_to:
+        if str(LoggerType(name)) not in available:
+            raise ConfigError(
+                f"[run] report_to: the {name!r} tracker's package is not installed "
+                f"(pip install {name})"
+            )
+
+
+def data_summary(records: PreferenceData) -> dict[str, Any]:
+    """Records (pairs), items, annotators, and what was skipped by reason (the data
+    before tokenisation; the run's ``data_report.json`` adds what tokenising dropped)."""
+    return {
+        "pairs": len(records),
+        "items": len(records.items),
+        "annotators": len(records.annotators),
+        "skipped": dict(records.skipped),
+        "notes": dict(records.notes),
+    }
+
+
+def dry_run(config: TrainConfig) -> dict[str, Any]:
+    """``re-po train --dry-run``: check the configuration (:func:`check_settings`) and
+    every row of the training and held-out data (:func:`load_records`,
+    :func:`load_eval_records`); no model or tokenizer loads.
+
+    :returns: ``{"likelihood", "variant", "noise", "train", "eval"}``, the data parts
+        from :func:`data_summary` (``eval`` is ``None`` without ``[data] eval``).
+    :raises ConfigError: a bad setting. :raises DataError: a bad row (training data
+        first).
+    """
+    recipe = model_recipe(config)
+    likelihood, variant = check_settings(config, recipe)
+    check_trackers(config)
+    records = load_records(config)
+    held_out = load_eval_records(config)
+    return {
+        "likelihood": {"family": likelihood.name, "variant": variant, **likelihood.hparams()},
+        "noise": config.noise.model,
+        "train": data_summary(records),
+        "eval": None if held_out is None else data_summary(held_out),
+    }
 
 
 # ----------------------------------------------------------------------------- the model
@@ -340,8 +443,10 @@ def build_run(
     """
     recipe = policy.recipe if policy is not None else model_recipe(config)
     likelihood, variant = check_settings(config, recipe)
+    check_trackers(config)
     if records is None:
         records = load_records(config)
+    eval_records = load_eval_records(config)
     if policy is None:
         policy = build_policy(config, device)
     elif config.model.layout != "auto":
@@ -349,7 +454,10 @@ def build_run(
     pair_tokenizer = build_pair_tokenizer(config, policy)
     data = TrainingData.build(records, pair_tokenizer, shared_truth=config.data.shared_truth)
     noise = build_noise(config, data)
-    return RunParts(records, policy, likelihood, variant, pair_tokenizer, data, noise)
+    eval_data = None
+    if eval_records is not None:
+        eval_data = TrainingData.build(eval_records, pair_tokenizer)
+    return RunParts(records, policy, likelihood, variant, pair_tokenizer, data, noise, eval_data)
 
 
 # ----------------------------------------------------------------------------- training only
@@ -424,15 +532,21 @@ def build_scheduler(config: TrainConfig, optimizer, total_steps: int):
 
 
 def build_reference(
-    config: TrainConfig, parts: RunParts, *, progress: bool = False
+    config: TrainConfig,
+    parts: RunParts,
+    *,
+    progress: bool = False,
+    data: TrainingData | None = None,
 ) -> ReferenceLogps | None:
-    """The reference log-probs of every item, computed once and cached
-    (:func:`build_reference_cache`); ``None`` when the family needs no reference or
-    ``[model] reference = "on-the-fly"`` (the policy's reference runs every step)."""
+    """The reference log-probs of every item of ``data`` (default the training data),
+    computed once and cached (:func:`build_reference_cache`); ``None`` when the family
+    needs no reference or ``[model] reference = "on-the-fly"`` (the policy's reference
+    runs every step)."""
     if not parts.likelihood.needs_reference or config.model.reference == "on-the-fly":
         return None
+    data = data if data is not None else parts.data
     return build_reference_cache(config).get_or_compute(
-        parts.policy, parts.data.pairs, batch_size=config.optim.batch_size, progress=progress
+        parts.policy, data.pairs, batch_size=config.optim.batch_size, progress=progress
     )
 
 

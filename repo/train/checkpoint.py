@@ -142,8 +142,11 @@ RESUMABLE: dict[str, set[str]] = {
         "save_steps",
         "save_total_limit",
         "posteriors",
+        "eval_steps",
+        "report_to",
     },
     "model": {"reference_cache_dir", "device"},
+    "data": {"eval", "eval_split"},
 }
 """Configuration fields a resumed run may change (the rest must match the checkpoint)."""
 
@@ -195,13 +198,18 @@ def jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------- weights
 
 
-def write_policy_weights(policy: Any, folder: Path) -> None:
+def write_policy_weights(
+    policy: Any, folder: Path, weights: Mapping[str, Tensor] | None = None
+) -> None:
     """Write the policy's trainable weights into a checkpoint folder: the LoRA adapter
-    (``adapter/``, peft's format), or every trainable tensor (``model.safetensors``)."""
+    (``adapter/``, peft's format), or every trainable tensor (``model.safetensors``;
+    ``weights``: those tensors gathered whole from a sharded policy)."""
     if policy.has_adapter:
         policy.lm.save_pretrained(folder / ADAPTER)
         return
-    state = {n: p.detach().cpu().contiguous() for n, p in policy.named_trainable_parameters()}
+    if weights is None:
+        weights = dict(policy.named_trainable_parameters())
+    state = {n: p.detach().cpu().contiguous() for n, p in weights.items()}
     save_file(state, str(folder / MODEL_WEIGHTS))
 
 
@@ -431,12 +439,23 @@ def restore_training_state(
     :raises CheckpointError: a piece that does not fit (another model, optimizer or
         noise model).
     """
+    from repo.train.sharding import is_sharded, load_full_state
+
     state = checkpoint.state
-    load_policy_weights(policy, checkpoint.path)
+    optimizer_state = optimizer_from_tensors(checkpoint.optimizer, state["optimizer_groups"])
+    if is_sharded(policy):  # every process reads the whole tensors and keeps its shards
+        file = checkpoint.path / MODEL_WEIGHTS
+        if not file.is_file():
+            raise CheckpointError(f"{checkpoint.path}: no {MODEL_WEIGHTS}")
+        try:
+            load_full_state(policy, optimizer, load_file(str(file)), optimizer_state)
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{checkpoint.path}: {error}") from None
+    else:
+        load_policy_weights(policy, checkpoint.path)
     try:
-        optimizer.load_state_dict(
-            optimizer_from_tensors(checkpoint.optimizer, state["optimizer_groups"])
-        )
+        if not is_sharded(policy):
+            optimizer.load_state_dict(optimizer_state)
         online_em.load_state_dict(checkpoint.noise)
     except (KeyError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{checkpoint.path}: state does not fit this run: {error}") from None

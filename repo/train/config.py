@@ -57,6 +57,7 @@ __all__ = [
     "TrainConfig",
     "describe_config",
     "load_config",
+    "toml_value",
 ]
 
 
@@ -216,6 +217,24 @@ class DataSection:
     )
     max_records: int = field(
         default=0, metadata=_doc("use only the first N records (after validation); 0: all")
+    )
+    split: str = field(
+        default="train",
+        metadata=_doc(
+            "the split of a data set read by name (a Hugging Face data set, or a local "
+            "folder that datasets.load_dataset reads); files have no splits"
+        ),
+    )
+    eval: str = field(
+        default="",
+        metadata=_doc(
+            "held-out pairs evaluated during training ([run] eval_steps) and at the end: a "
+            "file or a data set name as for train, read with the same format, columns and "
+            "policies; empty: no evaluation"
+        ),
+    )
+    eval_split: str = field(
+        default="test", metadata=_doc("the split of an eval data set read by name")
     )
 
 
@@ -404,6 +423,28 @@ class RunSection:
         default=True,
         metadata=_doc("at the end, a full-data E-step with the final policy: per-label posteriors"),
     )
+    eval_steps: int = field(
+        default=0,
+        metadata=_doc(
+            "evaluate on [data] eval every N optimizer steps (eval/accuracy, eval/margin, "
+            "eval/log_loss, ... in metrics.jsonl) and at the end; 0: at the end only"
+        ),
+    )
+    report_to: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            'metric trackers through accelerate, e.g. ["tensorboard"] or ["wandb"] (logs '
+            "in <output_dir>/trackers); empty: metrics.jsonl only"
+        ),
+    )
+    distributed: Literal["ddp", "fsdp"] = field(
+        default="ddp",
+        metadata=_doc(
+            "several processes: 'ddp' (every process holds the whole model) or 'fsdp' "
+            "(FSDP2 fully_shard: parameters, gradients and optimizer state sharded, one unit "
+            "per transformer block); one process ignores it"
+        ),
+    )
 
 
 _SECTIONS: dict[str, type] = {
@@ -482,7 +523,17 @@ class TrainConfig:
         if not self.model.recipe:
             raise ConfigError("[model] recipe is required")
         if not self.data.train and self.data.format == "trl":
-            raise ConfigError("[data] train is required (a JSON, JSONL or Parquet file)")
+            raise ConfigError(
+                "[data] train is required (a JSON, JSONL or Parquet file, or a data set name)"
+            )
+        if self.run.distributed == "fsdp" and self.model.use_lora:
+            raise ConfigError(
+                "[run] distributed = 'fsdp' shards a full fine-tune: set [model] use_lora = "
+                "false (a LoRA adapter trains with 'ddp', the whole model on every process)"
+            )
+        if self.run.eval_steps and not self.data.eval:
+            raise ConfigError("[run] eval_steps needs held-out data: set [data] eval")
+        _check_trackers(self.run.report_to)
         family = self.loss.family.strip().lower()
         if family not in available_likelihoods():
             raise ConfigError(
@@ -525,6 +576,7 @@ class TrainConfig:
             ("run", "logging_steps", self.run.logging_steps >= 1, ">= 1"),
             ("run", "save_steps", self.run.save_steps >= 0, ">= 0"),
             ("run", "save_total_limit", self.run.save_total_limit >= 1, ">= 1"),
+            ("run", "eval_steps", self.run.eval_steps >= 0, ">= 0"),
         ]
         for section, name, ok, rule in checks:
             if not ok:
@@ -541,6 +593,20 @@ class TrainConfig:
         kwargs = _family_options(self.loss)
         kwargs["beta"] = self.loss.beta if self.loss.beta > 0 else recipe_beta
         return kwargs
+
+
+def _check_trackers(names: tuple[str, ...]) -> None:
+    """``[run] report_to`` names trackers that accelerate knows."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"[run] report_to: unknown tracker {name!r}; accelerate's trackers are "
+                f"{', '.join(LOGGER_TYPE_TO_CLASS)}"
+            )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"[run] report_to names a tracker twice: {list(names)}")
 
 
 _FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -587,7 +653,20 @@ def _family_options(loss: LossSection) -> dict[str, Any]:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
+
+
+def toml_value(value: Any) -> str:
+    """``value`` written as TOML (the defaults shown by :func:`describe_config`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
 
 
 def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
@@ -601,6 +680,11 @@ def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
                 f"{where} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
             )
         return value
+    if origin is tuple:  # a TOML array of one item type
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {_describe(value)}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(section, f"{name}[{i}]", item, v) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
     if tp is bool:
@@ -660,10 +744,7 @@ def describe_config() -> str:
         hints = typing.get_type_hints(cls)
         lines += ["", f"[{name}]  # {cls.__doc__.splitlines()[0]}"]
         for f in dataclasses.fields(cls):
-            default = f.default
-            shown = repr(default).lower() if isinstance(default, bool) else repr(default)
-            if isinstance(default, str):
-                shown = '"' + default + '"'
+            shown = toml_value(f.default)
             lines.append(f"# {f.name} ({_type_name(hints[f.name])}): {f.metadata['doc']}")
             lines.append(f"{f.name} = {shown}")
     return "\n".join(lines) + "\n"

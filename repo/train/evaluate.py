@@ -46,6 +46,7 @@ __all__ = [
     "evaluate_records",
     "evaluate_run",
     "item_scores",
+    "label_metrics",
     "load_run",
 ]
 
@@ -118,6 +119,15 @@ def evaluate_policy(
     logits, reward_a, reward_b = item_scores(
         policy, likelihood, data, batch_size=batch_size, reference=reference
     )
+    return label_metrics(data, logits, reward_a, reward_b, bins=bins)
+
+
+def label_metrics(
+    data: TrainingData, logits: Tensor, reward_a: Tensor, reward_b: Tensor, *, bins: int = 10
+) -> dict[str, Any]:
+    """Accuracy, margin and calibration (the module docstring) of the labels of ``data``
+    from every item's induced logit and rewards (``(I,)`` each, as
+    :func:`item_scores` gives them)."""
     labels = data.labels
     item = labels.flat(labels.unit.unsqueeze(-1).expand_as(labels.label))
     o = labels.flat(labels.label)
@@ -176,21 +186,30 @@ def load_run(run_dir: str | os.PathLike) -> tuple[TrainConfig, Policy, Preferenc
 
 
 def evaluate_run(
-    run_dir: str | os.PathLike, data: str | os.PathLike, *, batch_size: int = 16, bins: int = 10
+    run_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    batch_size: int = 16,
+    bins: int = 10,
+    split: str | None = None,
 ) -> dict[str, Any]:
     """``re-po eval``: the run's final policy on the labelled pairs of ``data``.
 
-    ``data`` is read with the run's ``[data]`` settings (format, columns, policies),
-    and every row is checked before the model loads.
+    ``data`` is a file, a data set folder or a data set name (read by
+    ``datasets.load_dataset``; ``split``, default the run's ``[data] eval_split``), read
+    with the run's ``[data]`` settings (format, columns, policies), and every row is
+    checked before the model loads.
     """
     run = RunDir(run_dir)
     config = run.read_config().replace("data", max_records=0)  # a training subset only
     likelihood, _ = check_settings(config, model_recipe(config))
-    records = load_records(config, source=str(Path(data).resolve()))
+    source = str(Path(data).resolve()) if Path(data).exists() else str(data)
+    split = split if split is not None else config.data.eval_split
+    records = load_records(config, source=source, split=split, field="eval")
     policy = build_trained_policy(config, run)
     pairs = TrainingData.build(records, build_pair_tokenizer(config, policy))
     result = evaluate_policy(policy, likelihood, pairs, batch_size=batch_size, bins=bins)
     result["skipped"] = pairs.skipped
     result["run"] = str(run.path.resolve())
-    result["data"] = str(Path(data).resolve())
+    result["data"] = source
     return result

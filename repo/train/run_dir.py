@@ -18,6 +18,7 @@ A run directory (``[run] output_dir``) holds::
     posteriors.jsonl     per label at the end: w (label correct), q (A truly better),
                          logit (the item's induced logit), flipped (w < 1/2)
     reference-cache/     reference log-probs (unless [model] reference_cache_dir is set)
+    trackers/            [run] report_to: the trackers' logs (TensorBoard: trackers/<name>/)
     export-<mode>.jsonl  what ``re-po export`` writes by default
 
 :class:`RunDir` writes and reads each of them; every other module asks it for
@@ -116,6 +117,12 @@ class RunDir:
         return self.path / "posteriors.jsonl"
 
     @property
+    def trackers(self) -> Path:
+        """The metric trackers' folder (``[run] report_to``: TensorBoard's event files
+        under ``trackers/<run name>/``)."""
+        return self.path / "trackers"
+
+    @property
     def reference_cache(self) -> Path:
         """The default folder of the reference log-prob cache."""
         return self.path / "reference-cache"
@@ -180,12 +187,14 @@ class RunDir:
         noise: dict[str, Tensor],
         state: dict[str, Any],
         keep: int,
+        weights: dict[str, Tensor] | None = None,
     ) -> Path:
-        """Write the checkpoint of ``step`` (:func:`~repo.train.checkpoint.save_checkpoint`)."""
+        """Write the checkpoint of ``step`` (:func:`~repo.train.checkpoint.save_checkpoint`;
+        ``weights``: the trainable tensors gathered whole from a sharded policy)."""
         return save_checkpoint(
             self.checkpoints,
             step,
-            write_model=lambda folder: write_policy_weights(policy, folder),
+            write_model=lambda folder: write_policy_weights(policy, folder, weights),
             optimizer=optimizer,
             noise=noise,
             state=state,
@@ -193,16 +202,17 @@ class RunDir:
         )
 
     # -- the end of a run ---------------------------------------------------------
-    def save_final_policy(self, policy: Any) -> Path:
+    def save_final_policy(self, policy: Any, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the final policy: the adapter (LoRA) or the whole model (full
-        fine-tuning), each with the tokenizer, as Hugging Face folders."""
+        fine-tuning), each with the tokenizer, as Hugging Face folders (``state_dict``:
+        the whole model's tensors, gathered from a sharded one)."""
         target = self.adapter if policy.has_adapter else self.model
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".tmp-{target.name}-"))
         try:
             if policy.has_adapter:
                 policy.save_adapter(tmp)
             else:
-                policy.lm.save_pretrained(tmp)
+                policy.lm.save_pretrained(tmp, state_dict=state_dict)
                 if policy.tokenizer is not None:
                     policy.tokenizer.save_pretrained(tmp)
             if target.exists():

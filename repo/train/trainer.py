@@ -15,10 +15,13 @@ One optimizer step (the paper's Algorithm 1, any noise model, any loss family):
    micro-batches and all-reduced over processes, then an EMA update. Every process
    holds the same annotator parameters.
 
-Processes come from ``accelerate`` (``torchrun`` / ``accelerate launch``): the
-policy is wrapped by ``Accelerator.prepare_model`` (DDP), gradients of all but the
-last micro-batch skip synchronisation, and small sums (statistics, metrics) go
-through ``Accelerator.reduce``.
+Processes come from ``accelerate`` (``torchrun`` / ``accelerate launch``): with
+``[run] distributed = "ddp"`` the policy is wrapped by ``Accelerator.prepare_model``
+(DDP, every process holds the whole model); with ``"fsdp"`` its network is sharded
+in place by FSDP2 (:mod:`repo.train.sharding`: parameters, gradients and AdamW's
+moments split over the processes; checkpoints and the final model gathered whole).
+Gradients of all but the last micro-batch skip synchronisation, and small sums
+(statistics, metrics) go through ``Accelerator.reduce``.
 
 The trainer holds the loop only. Its components (records, policy and reference,
 tokeniser, likelihood, noise model, online EM, optimizer, schedule) come from
@@ -35,6 +38,7 @@ the final policy's logits).
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ from torch import Tensor
 from repo.data.records import PreferenceData
 from repo.inference.enumeration import enumerate_posterior
 from repo.inference.online import single_thread
-from repo.policy import Policy, ResponseLogps, batch_to
+from repo.policy import Policy, ReferenceLogps, ResponseLogps, batch_to
 from repo.train.build import (
     build_online_em,
     build_optimizer,
@@ -62,10 +66,18 @@ from repo.train.checkpoint import (
     restore_training_state,
 )
 from repo.train.config import ConfigError, TrainConfig
-from repo.train.evaluate import evaluate_records
+from repo.train.dataset import TrainingData
+from repo.train.evaluate import evaluate_records, label_metrics
 from repo.train.metrics import MetricSums, ProgressBar, add_micro_metrics, parameter_summary
 from repo.train.objective import gather_stats, plain_loss, policy_objective
 from repo.train.run_dir import RunDir
+from repo.train.sharding import (
+    clip_grad_norm,
+    full_model_state,
+    full_optimizer_state,
+    full_trainable_state,
+    shard_policy,
+)
 from repo.train.summaries import (
     data_report,
     posterior_rows,
@@ -74,7 +86,17 @@ from repo.train.summaries import (
     scored_fit,
 )
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "tracker_config"]
+
+
+def tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """The configuration as the flat ``{"section/field": value}`` of numbers, strings
+    and booleans that trackers take as hyper-parameters (lists as strings)."""
+    flat = {}
+    for section, fields in config.to_dict().items():
+        for name, value in fields.items():
+            flat[f"{section}/{name}"] = str(list(value)) if isinstance(value, tuple) else value
+    return flat
 
 
 class Trainer:
@@ -96,13 +118,14 @@ class Trainer:
         accelerator: Any | None = None,
     ) -> None:
         self.config = config
-        self.accelerator = accelerator or self._make_accelerator(config.model.device)
+        self.accelerator = accelerator or self._make_accelerator(config)
         acc = self.accelerator
         self.seed_everything(config.run.seed)
         parts = build_run(config, device=acc.device, policy=policy, records=records)
         self.records, self.policy, self.data = parts.records, parts.policy, parts.data
         self.likelihood, self.variant = parts.likelihood, parts.variant
         self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
+        self.eval_data = parts.eval_data
         self.em = build_online_em(
             config, self.noise, self.data.label_counts(), num_items=len(self.data.pairs)
         )
@@ -112,9 +135,17 @@ class Trainer:
         with acc.main_process_first():  # one process computes the reference cache
             show = self.is_main and config.run.progress
             self.reference = build_reference(config, parts, progress=show)
+            self.eval_reference = None
+            if self.eval_data is not None:
+                self.eval_reference = build_reference(
+                    config, parts, progress=show, data=self.eval_data
+                )
+        self.sharded = config.run.distributed == "fsdp" and acc.num_processes > 1
+        if self.sharded:  # the optimizer then holds the shards
+            shard_policy(self.policy, acc.device)
         self.optimizer = build_optimizer(config, self.policy, acc.device)
         self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
-        self.model = acc.prepare_model(self.policy)
+        self.model = self.policy if self.sharded else acc.prepare_model(self.policy)
         self.step = 0
         self.fingerprint = self.data.fingerprint()
         self.output_dir = config.output_dir
@@ -126,14 +157,25 @@ class Trainer:
 
     # -- construction ---------------------------------------------------------
     @staticmethod
-    def _make_accelerator(device: str):
-        """An Accelerator on ``device``; ``"auto"`` as :func:`~repo.policy.device.select_device`
-        picks it, so a torchrun launch without CUDA is one gloo run of all its processes."""
+    def _make_accelerator(config: TrainConfig):
+        """An Accelerator on ``[model] device`` (``"auto"`` as
+        :func:`~repo.policy.device.select_device` picks it, so a torchrun launch without
+        CUDA is one gloo run of all its processes), with the trackers of ``[run]
+        report_to`` logging under ``<output_dir>/trackers``."""
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
         from repo.policy import select_device
 
-        return Accelerator(cpu=select_device(device).type == "cpu")
+        report_to = list(config.run.report_to)
+        return Accelerator(
+            cpu=select_device(config.model.device).type == "cpu",
+            log_with=report_to or None,
+            project_config=ProjectConfiguration(
+                project_dir=str(config.output_dir),
+                logging_dir=str(RunDir(config.output_dir).trackers),
+            ),
+        )
 
     @staticmethod
     def seed_everything(seed: int) -> None:
@@ -152,11 +194,15 @@ class Trainer:
         out = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
         return out.to(tensor.device)
 
-    def _reference_logps(self, batch: dict[str, Tensor]) -> ResponseLogps | None:
+    def _reference_logps(
+        self, batch: dict[str, Tensor], reference: ReferenceLogps | None
+    ) -> ResponseLogps | None:
+        """The batch's reference log-probs: from ``reference`` (the precomputed log-probs
+        of the batch's data), or by the policy's reference when none were precomputed."""
         if not self.likelihood.needs_reference:
             return None
-        if self.reference is not None:
-            return self.reference.for_batch(batch)
+        if reference is not None:
+            return reference.for_batch(batch)
         return self.policy.reference_logps(batch)
 
     # -- one optimizer step ---------------------------------------------------
@@ -173,10 +219,10 @@ class Trainer:
             micro = self.data.batch(units, self.policy.collate)
             batch = batch_to(micro.batch, acc.device)
             last = a == len(micro_units) - 1
-            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
-            with sync:
+            with self._gradient_sync(last):
                 logps = self.model(batch)
-                stats = gather_stats(logps.to_stats(self._reference_logps(batch)), micro.unit_item)
+                reference = self._reference_logps(batch, self.reference)
+                stats = gather_stats(logps.to_stats(reference), micro.unit_item)
                 logits = self.likelihood.logits(stats)
                 if use_em:
                     estep = self.em.e_step(logits, micro.labels, step)
@@ -204,7 +250,10 @@ class Trainer:
             )
         params = self.policy.trainable_parameters()
         max_norm = self.config.optim.max_grad_norm or float("inf")
-        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        if self.sharded:
+            grad_norm = clip_grad_norm(params, max_norm)
+        else:
+            grad_norm = acc.clip_grad_norm_(params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,32 +265,66 @@ class Trainer:
         metrics.update(parameter_summary(self.noise.annotator_parameters()))
         return metrics
 
+    def _gradient_sync(self, sync: bool):
+        """Gradient synchronisation on (``sync``) or off for the next backward pass:
+        DDP's ``no_sync``, FSDP's ``set_requires_gradient_sync``."""
+        if self.sharded:
+            self.policy.lm.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+
     # -- full passes ------------------------------------------------------------
     @torch.no_grad()
-    def item_logits(self) -> Tensor:
-        """Induced logits of every item under the current policy ``(I,)`` (float64, CPU).
+    def item_scores(self, data: TrainingData, reference: ReferenceLogps | None) -> Tensor:
+        """Induced logit and rewards of A and B of every item of ``data`` under the
+        current policy: ``(3, I)`` float64 on the CPU (rows: logit, reward A, reward B).
 
         Items are shared out over processes and the results summed, so every process
-        gets all of them. Kept until the policy changes (the next optimizer step or a
-        resume): the epoch's full-data EM and the run's final posteriors share them.
+        gets all of them. Every process runs the same number of forwards (one with
+        nothing of its own to score runs a batch and drops it), as FSDP's collective
+        forward needs. ``reference``: the precomputed reference log-probs of ``data``
+        (``None``: the policy's reference runs).
         """
-        if self._item_logits is not None:
-            return self._item_logits
         acc = self.accelerator
         self.model.eval()
-        num_items = len(self.data.pairs)
-        out = torch.zeros(num_items, dtype=torch.float64)
+        num_items = len(data.pairs)
+        out = torch.zeros(3, num_items, dtype=torch.float64)
         mine = list(range(acc.process_index, num_items, acc.num_processes))
         size = self.config.optim.batch_size
-        for start in range(0, len(mine), size):
-            chunk = [self.data.pairs[i] for i in mine[start : start + size]]
-            batch = batch_to(self.policy.collate(chunk, self.data.pad_token_id), acc.device)
-            stats = self.policy(batch).to_stats(self._reference_logps(batch))
-            out[batch["index"].cpu()] = self.likelihood.logits(stats).double().cpu()
+        rounds = math.ceil(math.ceil(num_items / acc.num_processes) / size)
+        for r in range(rounds):
+            chunk = mine[r * size : (r + 1) * size]
+            pairs = [data.pairs[i] for i in chunk] or data.pairs[:1]
+            batch = batch_to(self.policy.collate(pairs, data.pad_token_id), acc.device)
+            stats = self.policy(batch).to_stats(self._reference_logps(batch, reference))
+            if chunk:
+                index = batch["index"].cpu()
+                out[0, index] = self.likelihood.logits(stats).double().cpu()
+                reward_a, reward_b = self.likelihood.rewards(stats)
+                out[1, index] = reward_a.double().cpu()
+                out[2, index] = reward_b.double().cpu()
         self.model.train()
-        out = self.reduce(out)
-        self._item_logits = out
-        return out
+        return self.reduce(out)
+
+    def item_logits(self) -> Tensor:
+        """Induced logits of every training item under the current policy ``(I,)``
+        (float64, CPU; :meth:`item_scores`). Kept until the policy changes (the next
+        optimizer step or a resume): the epoch's full-data EM and the run's final
+        posteriors share them.
+        """
+        if self._item_logits is None:
+            self._item_logits = self.item_scores(self.data, self.reference)[0]
+        return self._item_logits
+
+    def evaluate_held_out(self) -> dict[str, float]:
+        """The current policy on ``[data] eval``: ``eval/accuracy``, ``eval/margin``,
+        ``eval/log_loss``, ``eval/brier``, ``eval/ece``, ... (see
+        :mod:`repo.train.evaluate`); every process gets the same numbers."""
+        if self.eval_data is None:
+            raise ConfigError("[data] eval is not set: there is no held-out data")
+        scores = self.item_scores(self.eval_data, self.eval_reference)
+        result = label_metrics(self.eval_data, *scores)
+        return {f"eval/{name}": value for name, value in result.items()}
 
     def full_posterior(self, logits: Tensor | None = None):
         """The exact E-step over the whole data at the current parameters.
@@ -276,6 +359,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run (or resume) training to the end; write the run directory. Final metrics."""
         self._start_or_resume()
+        eval_steps = self.config.run.eval_steps
         progress = None
         if self.is_main and self.config.run.progress:
             em = "re-" if self.config.em.enabled else ""
@@ -292,6 +376,11 @@ class Trainer:
                 end_of_epoch = self.step % per_epoch == 0 or self.step == self.total_steps
                 if em.enabled and (em.epoch_m_step or em.out_of_sample) and end_of_epoch:
                     self.epoch_m_step()
+                last = self.step == self.total_steps
+                if self.eval_data is not None and (
+                    last or (eval_steps and self.step % eval_steps == 0)
+                ):
+                    metrics.update(self.evaluate_held_out())
                 if self.is_main:
                     self._log(metrics)
                     if progress is not None:
@@ -304,11 +393,19 @@ class Trainer:
                 progress.close()
         self.save_checkpoint()
         self._finish()
+        for tracker in self.accelerator.trackers:  # not end_training: it ends the process group
+            tracker.finish()
         return self.last_metrics
 
     def _log(self, metrics: dict[str, float]) -> None:
-        if self.step % self.config.run.logging_steps == 0 or self.step == self.total_steps:
+        evaluated = any(name.startswith("eval/") for name in metrics)
+        if (
+            self.step % self.config.run.logging_steps == 0
+            or self.step == self.total_steps
+            or evaluated
+        ):
             self.metrics_log.write(metrics)
+            self.accelerator.log(metrics, step=self.step)
         params = {k: v.tolist() for k, v in self.noise.annotator_parameters().items()}
         self.annotator_log.write({"step": self.step, **params})
 
@@ -335,18 +432,32 @@ class Trainer:
                 schedule=self.schedule,
             )
             report = data_report(self.records, self.data, self.noise, self.schedule)
+            if self.eval_data is not None:
+                report["eval"] = {
+                    "items": len(self.eval_data.pairs),
+                    "labels": self.eval_data.labels.num_labels,
+                    "skipped": self.eval_data.skipped,
+                }
             run.start(resolved, self.data.annotator_ids, report)
+        if self.config.run.report_to:
+            self.accelerator.init_trackers(run.path.name, config=tracker_config(self.config))
         self.accelerator.wait_for_everyone()
 
     # -- checkpoints ------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Write the checkpoint of the current step (main process; all wait)."""
+        """Write the checkpoint of the current step (main process; all wait; under FSDP
+        every process first takes part in gathering the weights and AdamW's state)."""
         path = None
+        weights, optimizer = None, None
+        if self.sharded:
+            weights = full_trainable_state(self.policy)
+            optimizer = full_optimizer_state(self.policy, self.optimizer)
         if self.is_main:
             path = self.run_dir.save_checkpoint(
                 self.step,
                 self.policy,
-                optimizer=self.optimizer.state_dict(),
+                weights=weights,
+                optimizer=optimizer or self.optimizer.state_dict(),
                 noise=self.em.state_dict(),
                 state={
                     "scheduler": jsonable(self.scheduler.state_dict()),
@@ -397,9 +508,10 @@ class Trainer:
         if self.config.run.posteriors and self.config.em.enabled:
             posterior = self.full_posterior()
         first_visit = self.em.first_visit_logits(self.reduce)
+        whole = full_model_state(self.policy) if self.sharded else None
         if self.is_main:
             run, n = self.run_dir, self.config.noise
-            run.save_final_policy(self.policy)
+            run.save_final_policy(self.policy, state_dict=whole)
             run.write_noise_state(self.em.state_dict())
             run.write_reliability(
                 reliability(self.noise, self.data, self.em.scale, first_visit=first_visit)
