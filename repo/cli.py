@@ -76,12 +76,8 @@ def _fit_noise(args: argparse.Namespace) -> int:
         fit.to_json(out)
     else:
         fit.save(out)
-    if fit.divergences:
-        print(
-            f"[re-po] WARNING: {fit.divergences} divergent transition(s) after warm-up; "
-            "the posterior summaries may be biased (recorded in the result)",
-            file=sys.stderr,
-        )
+    for warning in fit.warnings:  # also recorded in the result
+        print(f"[re-po] WARNING: {warning}", file=sys.stderr)
     state = "converged" if fit.converged else "NOT converged"
     print(
         f"[re-po] {fit.model} on {len(fit.annotators)} annotators: {state} after "
