@@ -286,10 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     diagnose = commands.add_parser(
         "diagnose",
-        help="report (markdown + PNG) on fits: diagnostics, LOO, predictive checks",
-        description="Diagnose RESULT (a RESULT.json or a run directory); further RESULTs "
-        "fitted to the same labels are compared by PSIS-LOO, and an EM fit beside a "
-        "NUTS/SVI fit of one model is compared annotator by annotator.",
+        help="one report (markdown + PNG) on one or more fits: warnings, diagnostics, LOO, "
+        "predictive checks",
+        description="Diagnose one or more fits to the same labels (RESULT.json files or run "
+        "directories) in one report: every fit's warnings first, the fits side by side, "
+        "PSIS-LOO ranking the NUTS fits (EM/MAP/SVI approximations in their own, unranked "
+        "table), EM against NUTS/SVI for each model fitted both ways, then each fit's "
+        "diagnostics and figures.",
     )
     diagnose.add_argument("results", nargs="+", metavar="RUN_DIR_OR_RESULT")
     diagnose.add_argument("--out", required=True, help="directory for report.md and figures")

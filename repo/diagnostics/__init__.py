@@ -1,5 +1,7 @@
-"""Posterior diagnostics: ArviZ conversion, summaries, model comparison, plots, reports."""
+"""Posterior diagnostics: warnings, ArviZ conversion, summaries, model comparison, plots,
+reports."""
 
+from repo.diagnostics.checks import FitWarning, fit_warnings
 from repo.diagnostics.compare import EMBayesComparison, compare_em_bayes
 from repo.diagnostics.inference_data import to_inference_data
 from repo.diagnostics.io import Run, load_run
@@ -8,10 +10,12 @@ from repo.diagnostics.summary import compare_models, loo, predictive_checks, sum
 
 __all__ = [
     "EMBayesComparison",
+    "FitWarning",
     "Run",
     "compare_em_bayes",
     "compare_models",
     "diagnose",
+    "fit_warnings",
     "load_run",
     "loo",
     "predictive_checks",

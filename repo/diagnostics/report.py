@@ -303,12 +303,14 @@ def _order(annotators: pd.DataFrame) -> list[str]:
 
 
 def _flagged(warnings: list[FitWarning], num_annotators: int) -> set[str]:
-    """Annotators named by a warning (not those of a warning naming every annotator,
-    such as an improper approximation coupling them all)."""
+    """Annotators named by a warning, except by an improper Laplace approximation
+    that couples every annotator (no one annotator is to blame there)."""
     return {
-        a for w in warnings if len(w.annotators) < num_annotators or num_annotators == 1
+        a
+        for w in warnings
+        if not (w.check == "laplace" and len(w.annotators) == num_annotators > 1)
         for a in w.annotators
-    }  # fmt: skip
+    }
 
 
 def _paged(out: Path, stem: str, count: int) -> list[Path]:  # trace.png, trace-2.png, ...
