@@ -1,11 +1,11 @@
 """``re-po diagnose`` over several fits: one report comparing them, and its figures."""
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from test_fit_warnings import boundary_labels  # the crowd with annotators on the boundary
 
 from repo.cli import main
 from repo.data.simulate import simulate_labels
@@ -167,9 +167,6 @@ def test_forest_plot_marks_chance_and_does_not_clip_at_one():
 
 
 def boundary_table(tmp):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_fit_warnings import boundary_labels
-
     path = tmp / "crowd.csv"
     boundary_labels().to_csv(path, index=False)
     return path
