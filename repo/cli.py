@@ -47,27 +47,32 @@ def _write_side_files(fit, args: argparse.Namespace, base: Path) -> None:
 
 
 def _fit_noise(args: argparse.Namespace) -> int:
+    import warnings
+
     from repo.data.errors import describe_skipped
+    from repo.diagnostics.checks import FitCheckWarning
     from repo.fit import fit_noise
 
     out = Path(args.out)
     single_file = out.suffix.lower() == ".json"
-    fit = fit_noise(
-        args.labels,
-        format=args.format,
-        model=args.model,
-        shared_truth=True if args.shared_truth else None,
-        prior=args.prior,
-        eta_init=args.eta_init,
-        tie_value=None if args.tie_value.lower() == "none" else args.tie_value,
-        duplicates=args.duplicates,
-        on_invalid=args.on_invalid,
-        tol=args.tol,
-        max_iter=args.max_iter,
-        progress=True,
-        method=args.method,
-        bayes=_bayes_settings(args),
-    )
+    with warnings.catch_warnings():  # printed below as [re-po] lines instead
+        warnings.simplefilter("ignore", FitCheckWarning)
+        fit = fit_noise(
+            args.labels,
+            format=args.format,
+            model=args.model,
+            shared_truth=True if args.shared_truth else None,
+            prior=args.prior,
+            eta_init=args.eta_init,
+            tie_value=None if args.tie_value.lower() == "none" else args.tie_value,
+            duplicates=args.duplicates,
+            on_invalid=args.on_invalid,
+            tol=args.tol,
+            max_iter=args.max_iter,
+            progress=True,
+            method=args.method,
+            bayes=_bayes_settings(args),
+        )
     line = describe_skipped(fit.skipped)
     if line:
         print(line, file=sys.stderr)

@@ -510,6 +510,9 @@ def fit_noise(
     posterior = infer(method, noise, scorer, data, enumeration_budget(bayes, data.num_units))
     fit = attach_posterior(fit, posterior, labels)
     fit.inference["em_seconds"] = em_seconds
+    from repo.diagnostics.checks import emit
+
+    emit(fit.warnings)  # on stderr now; kept in fit.warnings
     return fit
 
 

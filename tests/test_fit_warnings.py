@@ -12,6 +12,7 @@ from repo.data.simulate import simulate_labels
 from repo.diagnostics.checks import (
     ESS_MIN,
     RHAT_MAX,
+    FitCheckWarning,
     FitWarning,
     convergence_warnings,
     laplace_warnings,
@@ -105,7 +106,9 @@ def boundary_labels(seed=0, items=150):
 
 
 def test_a_boundary_laplace_fit_names_the_annotators_and_suggests_a_prior():
-    fit = fit_noise(boundary_labels(), format="binary", method="em")
+    with pytest.warns(FitCheckWarning, match="boundary: 2 annotator") as caught:
+        fit = fit_noise(boundary_labels(), format="binary", method="em")
+    assert len([w for w in caught if w.category is FitCheckWarning]) == len(fit.warnings) == 2
     found = {w.check: w for w in fit.warnings}
     assert set(found) == {"laplace", "boundary"}
     boundary = found["boundary"]
@@ -208,3 +211,4 @@ def test_cli_prints_the_warnings_and_records_them(tmp_path, capsys):
     assert "[re-po] WARNING: bulk ESS under 400" in err
     for record in document["warnings"]:
         assert record["message"] in err and record["remedy"] in err
+    assert "FitCheckWarning" not in err  # printed once, as the CLI's own lines

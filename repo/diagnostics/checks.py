@@ -25,7 +25,8 @@ The thresholds are those of Vehtari, Gelman, Simpson, Carpenter and Bürkner
 assessing convergence of MCMC", and Stan's defaults for divergences and tree depth.
 
 :func:`fit_warnings` runs every check on a fitted :class:`~repo.fit.NoiseFit` (it is
-called where fits are made, and the result keeps the list); :func:`run_warnings`
+called where fits are made, and the result keeps the list; :func:`~repo.fit.fit_noise`
+also issues them as Python warnings, :func:`emit`); :func:`run_warnings`
 does the same for a saved result that has none recorded (an older RESULT.json).
 The checks themselves take plain inputs: :func:`convergence_warnings` an ArviZ
 posterior (an :class:`xarray.Dataset` of ``(chain, draw, ...)`` draws, dims named
@@ -72,6 +73,10 @@ SAMPLED = ("nuts",)
 
 LAPLACE = ("em", "map")
 """Methods whose posterior is a Laplace approximation at a point estimate."""
+
+
+class FitCheckWarning(UserWarning):
+    """A fit failed one of the checks (:func:`emit` raises one per :class:`FitWarning`)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,13 @@ def _named(names: Sequence[str]) -> str:
     shown = ", ".join(names[:MAX_NAMED])
     more = len(names) - MAX_NAMED
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def emit(found: Sequence[FitWarning], stacklevel: int = 3) -> None:
+    """Issue each warning as a Python :class:`FitCheckWarning` (shown on stderr once
+    per place by default; the CLI silences them and prints its own lines)."""
+    for warning in found:
+        warnings.warn(f"{warning.check}: {warning}", FitCheckWarning, stacklevel=stacklevel)
 
 
 def _element_names(array) -> tuple[list[str], list[str | None]]:
