@@ -189,6 +189,16 @@ def test_warnings_are_saved_and_loaded_with_the_fit(tmp_path):
         FitWarning.from_dict({"check": "r_hat", "message": "x"})
 
 
+def test_an_unfinished_svi_optimisation_is_warned():
+    settings = BayesSettings(svi_steps=50, svi_draws=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_noise(scored_table(), format="scored", method="svi", bayes=settings)
+    assert fit.inference["converged"] is False
+    (found,) = [w for w in fit.warnings if w.check == "optimisation"]
+    assert "SVI stopped after 50 steps" in found.message and "--svi-steps" in found.remedy
+
+
 def test_infinite_values_survive_json():
     warning = FitWarning("r_hat", "m", "r", ("a",), ("eta[a]",), float("inf"))
     record = json.loads(json.dumps(warning.to_dict()))

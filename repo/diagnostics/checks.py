@@ -18,6 +18,8 @@ check               warns when                                                 m
 ``boundary``        an estimate on the boundary of the parameter space         EM, MAP
                     (``eta`` within :data:`BOUNDARY_DISTANCE` of 0 or 1) or
                     a 90% interval of no width (< :data:`MIN_INTERVAL_WIDTH`)
+``optimisation``    SVI's ELBO (or MAP's objective) still moving when the      SVI, MAP
+                    step limit stopped it
 ==================  ========================================================  ==============
 
 The thresholds are those of Vehtari, Gelman, Simpson, Carpenter and Bürkner
@@ -65,7 +67,10 @@ MIN_INTERVAL_WIDTH = 1e-6
 MAX_NAMED = 10
 """At most this many parameters or annotators are named in a warning's message."""
 
-CHECKS = ("r_hat", "ess_bulk", "ess_tail", "divergences", "tree_depth", "laplace", "boundary")
+CHECKS = (
+    "r_hat", "ess_bulk", "ess_tail", "divergences", "tree_depth", "laplace", "boundary",
+    "optimisation",
+)  # fmt: skip
 """The checks, in the order warnings are listed."""
 
 SAMPLED = ("nuts",)
@@ -359,6 +364,23 @@ def laplace_warnings(
     return out
 
 
+def optimisation_warnings(method: str, inference: Mapping[str, Any]) -> list[FitWarning]:
+    """SVI or MAP stopped at its step limit before its objective settled."""
+    facts = inference.get("optimisation") if method == "map" else inference
+    if method not in ("svi", "map") or not facts or facts.get("converged", True):
+        return []
+    steps = facts.get("steps")
+    return [
+        FitWarning(
+            "optimisation",
+            f"{method.upper()} stopped after {steps} steps with its objective still moving: "
+            f"the {'variational posterior' if method == 'svi' else 'mode'} is not its optimum",
+            "more steps (--svi-steps), or --method nuts",
+            value=None if steps is None else float(steps),
+        )
+    ]
+
+
 def _warnings(
     method: str,
     annotators: pd.DataFrame,
@@ -377,6 +399,7 @@ def _warnings(
             inference.get("improper_annotators") or (),
             inference.get("hessian", "block-diagonal"),
         )
+    out += optimisation_warnings(method, inference)
     return sorted(out, key=lambda w: CHECKS.index(w.check))
 
 
