@@ -406,12 +406,21 @@ def _draws_sections(
     elpd: Loo | None,
 ) -> list[str]:
     idata = run.idata
-    lines = ["### Convergence diagnostics (ArviZ)", ""]
+    posterior = group(idata, "posterior")
+    if posterior.sizes["chain"] > 1:
+        lines = ["### Convergence diagnostics (ArviZ)", ""]
+    else:
+        lines = [
+            "### Posterior summary (ArviZ)",
+            "",
+            "One sequence of independent draws from the approximation: nothing to converge, "
+            "no R-hat or ESS.",
+            "",
+        ]
     table = summary_table(idata).reset_index(names="parameter")
     lines += [markdown_table(table.head(60)), ""]
     if len(table) > 60:
         lines += [f"(first 60 of {len(table)} parameters)", ""]
-    posterior = group(idata, "posterior")
     if posterior.sizes["chain"] > 1 and "eta" in posterior:
         order = _order(annotators)
         chunks = plots.pages(order, plots.TRACE_PAGE)
