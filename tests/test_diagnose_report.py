@@ -161,9 +161,12 @@ def test_forest_plot_marks_chance_and_does_not_clip_at_one():
     labels = [t.get_text() for t in ax.get_yticklabels()]
     assert max(len(label.split(" (")[0]) for label in labels) <= plots.LABEL_LENGTH
     assert any("…" in label for label in labels)
-    # nothing clipped: a fit far from chance still shows the chance line
+    # intervals all far above chance are not squashed to slivers: the axis zooms in
+    # and says where 0.5 is
     good = annotators.assign(eta_lo90=[0.95, 0.97, 0.96], eta=[0.97, 0.99, 0.98])
-    assert plots.plot_forest(good).axes[0].get_xlim()[0] < 0.5
+    ax = plots.plot_forest(good).axes[0]
+    assert 0.9 < ax.get_xlim()[0] < 0.95 and ax.get_xlim()[1] > 1.0
+    assert "0.5, a coin, is off to the left" in ax.get_xlabel()
 
 
 def boundary_table(tmp):

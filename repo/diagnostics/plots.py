@@ -54,6 +54,10 @@ LABEL_LENGTH = 14
 CHANCE = 0.5
 """``eta = 0.5``: an annotator no better than a coin."""
 
+ZOOM_ABOVE = 0.75
+"""Forest plots whose intervals all lie above this zoom in on them (0.5 would squash
+them to slivers) and say that 0.5 is off the axis."""
+
 COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
@@ -80,9 +84,15 @@ def short(name: object, length: int = LABEL_LENGTH) -> str:
 
 
 def _eta_axis(ax, lowest: float) -> None:
-    """x from below the lowest interval (and chance) to just past 1, chance and 1 marked."""
-    ax.axvline(CHANCE, color="grey", lw=1, ls="--", zorder=0)
+    """x from below the lowest interval to just past 1 (a point at 1 drawn whole), with
+    1 marked and chance (0.5) dashed; when every interval lies above
+    :data:`ZOOM_ABOVE` the axis starts near them instead, and says where 0.5 is."""
     ax.axvline(1.0, color="grey", lw=0.8, ls=":", zorder=0)
+    if lowest > ZOOM_ABOVE:
+        ax.set_xlim(lowest - 0.15 * (1 - lowest) - 0.005, 1 + 0.05 * (1 - lowest) + 0.002)
+        ax.set_xlabel("eta (probability that a label is correct; 0.5, a coin, is off to the left)")
+        return
+    ax.axvline(CHANCE, color="grey", lw=1, ls="--", zorder=0)
     ax.set_xlim(max(-0.02, min(CHANCE, lowest) - 0.04), 1.02)
     ax.set_xlabel("eta (probability that a label is correct; dashed: 0.5, a coin)")
 
