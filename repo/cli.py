@@ -47,27 +47,32 @@ def _write_side_files(fit, args: argparse.Namespace, base: Path) -> None:
 
 
 def _fit_noise(args: argparse.Namespace) -> int:
+    import warnings
+
     from repo.data.errors import describe_skipped
+    from repo.diagnostics.checks import FitCheckWarning
     from repo.fit import fit_noise
 
     out = Path(args.out)
     single_file = out.suffix.lower() == ".json"
-    fit = fit_noise(
-        args.labels,
-        format=args.format,
-        model=args.model,
-        shared_truth=True if args.shared_truth else None,
-        prior=args.prior,
-        eta_init=args.eta_init,
-        tie_value=None if args.tie_value.lower() == "none" else args.tie_value,
-        duplicates=args.duplicates,
-        on_invalid=args.on_invalid,
-        tol=args.tol,
-        max_iter=args.max_iter,
-        progress=True,
-        method=args.method,
-        bayes=_bayes_settings(args),
-    )
+    with warnings.catch_warnings():  # printed below as [re-po] lines instead
+        warnings.simplefilter("ignore", FitCheckWarning)
+        fit = fit_noise(
+            args.labels,
+            format=args.format,
+            model=args.model,
+            shared_truth=True if args.shared_truth else None,
+            prior=args.prior,
+            eta_init=args.eta_init,
+            tie_value=None if args.tie_value.lower() == "none" else args.tie_value,
+            duplicates=args.duplicates,
+            on_invalid=args.on_invalid,
+            tol=args.tol,
+            max_iter=args.max_iter,
+            progress=True,
+            method=args.method,
+            bayes=_bayes_settings(args),
+        )
     line = describe_skipped(fit.skipped)
     if line:
         print(line, file=sys.stderr)
@@ -76,12 +81,8 @@ def _fit_noise(args: argparse.Namespace) -> int:
         fit.to_json(out)
     else:
         fit.save(out)
-    if fit.divergences:
-        print(
-            f"[re-po] WARNING: {fit.divergences} divergent transition(s) after warm-up; "
-            "the posterior summaries may be biased (recorded in the result)",
-            file=sys.stderr,
-        )
+    for warning in fit.warnings:  # also recorded in the result
+        print(f"[re-po] WARNING: {warning}", file=sys.stderr)
     state = "converged" if fit.converged else "NOT converged"
     print(
         f"[re-po] {fit.model} on {len(fit.annotators)} annotators: {state} after "
@@ -336,10 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     diagnose = commands.add_parser(
         "diagnose",
-        help="report (markdown + PNG) on fits: diagnostics, LOO, predictive checks",
-        description="Diagnose RESULT (a RESULT.json or a run directory); further RESULTs "
-        "fitted to the same labels are compared by PSIS-LOO, and an EM fit beside a "
-        "NUTS/SVI fit of one model is compared annotator by annotator.",
+        help="one report (markdown + PNG) on one or more fits: warnings, diagnostics, LOO, "
+        "predictive checks",
+        description="Diagnose one or more fits to the same labels (RESULT.json files or run "
+        "directories) in one report: every fit's warnings first, the fits side by side, "
+        "PSIS-LOO ranking the NUTS fits (EM/MAP/SVI approximations in their own, unranked "
+        "table), EM against NUTS/SVI for each model fitted both ways, then each fit's "
+        "diagnostics and figures.",
     )
     diagnose.add_argument("results", nargs="+", metavar="RUN_DIR_OR_RESULT")
     diagnose.add_argument("--out", required=True, help="directory for report.md and figures")

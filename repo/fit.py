@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,9 @@ from repo.inference.em import EMResult, fit_em
 from repo.inference.enumeration import EnumPosterior, enumerate_posterior
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel, initial_arguments, make_noise_model
 from repo.scorers import BradleyTerry, ClassPrior, FixedLogits, Scorer
+
+if TYPE_CHECKING:
+    from repo.diagnostics.checks import FitWarning
 
 RESULT_VERSION = 1
 
@@ -141,6 +145,8 @@ class NoiseFit:
     :param settings: what the fit was asked (format options, tolerance, ...).
     :param truth_values: the input's two label values, A first, whose posteriors
         the ``p_<value>`` item columns hold (None without shared truth).
+    :param warnings: the checks the posterior failed (R-hat, ESS, divergences, tree
+        depth, improper or boundary Laplace fits: :mod:`repo.diagnostics.checks`).
 
     The last five fields (``noise_model``, ``scorer``, ``data``, ``em``,
     ``posterior``) are the live objects of a fit made in this process, for
@@ -176,6 +182,7 @@ class NoiseFit:
     trajectory: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     truth_values: tuple[str, str] | None = None
+    warnings: list[FitWarning] = field(default_factory=list)
     noise_model: NoiseModel | None = field(default=None, repr=False, compare=False)
     scorer: Scorer | None = field(default=None, repr=False, compare=False)
     data: LabelData | None = field(default=None, repr=False, compare=False)
@@ -217,6 +224,7 @@ class NoiseFit:
                 "labels": len(self.labels),
             },
             "annotators": _records(self.annotators),
+            "warnings": [w.to_dict() for w in self.warnings],
         }
 
     def to_dict(self) -> dict:
@@ -292,6 +300,7 @@ class NoiseFit:
             settings=dict(document.get("settings", {})),
             files=dict(document.get("files", {})),
             truth_values=truth_values,
+            warnings=_read_warnings(document.get("warnings", [])),
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -361,6 +370,12 @@ class NoiseFit:
             model_name=self.model,
             log_likelihood=log_likelihood,
         )
+
+
+def _read_warnings(records: list) -> list[FitWarning]:
+    from repo.diagnostics.checks import FitWarning
+
+    return [FitWarning.from_dict(record) for record in records]
 
 
 SUMMARY = "fit.json"
@@ -495,6 +510,9 @@ def fit_noise(
     posterior = infer(method, noise, scorer, data, enumeration_budget(bayes, data.num_units))
     fit = attach_posterior(fit, posterior, labels)
     fit.inference["em_seconds"] = em_seconds
+    from repo.diagnostics.checks import emit
+
+    emit(fit.warnings)  # on stderr now; kept in fit.warnings
     return fit
 
 
@@ -545,6 +563,9 @@ def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabel
     out.settings = fit.settings
     out.divergences = posterior.draws.num_divergences
     out.inference = _inference_facts(posterior)
+    from repo.diagnostics.checks import fit_warnings
+
+    out.warnings = fit_warnings(out)
     return out
 
 

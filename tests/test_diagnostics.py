@@ -20,6 +20,7 @@ from repo.diagnostics import (
     predictive_checks,
     to_inference_data,
 )
+from repo.diagnostics.checks import sampler_warnings
 from repo.diagnostics.compat import group, group_names
 from repo.fit import fit_noise
 from repo.inference.bayes import BayesSettings, infer
@@ -182,8 +183,8 @@ def test_diagnose_writes_the_report(tmp_path, capsys):
         assert heading in text
     assert "divergences: 0" in text
     for figure in ("forest", "w", "trace", "calibration", "trajectories"):
-        assert (out / f"{figure}.png").stat().st_size > 1000
-        assert f"({figure}.png)" in text
+        assert (out / f"fit1-{figure}.png").stat().st_size > 1000
+        assert f"(fit1-{figure}.png)" in text
     comparison = compare_em_bayes(load_run(em), load_run(nuts))
     assert comparison.share_inside == 1.0
     assert set(comparison.table.columns) >= {"em_eta", "em_lo90", "bayes_lo90", "em_inside"}
@@ -204,9 +205,12 @@ def test_diagnose_warns_of_divergences(tmp_path, capsys):
     nuts = fit_cli(tmp_path, path, "nuts")
     document = json.loads(nuts.read_text())
     document["divergences"] = 3
+    stats = {"diverging": np.zeros((2, 100), bool)}
+    stats["diverging"][0, :3] = True
+    document["warnings"] = [w.to_dict() for w in sampler_warnings(stats)]
     nuts.write_text(json.dumps(document))
     report = diagnose([nuts], tmp_path / "out")
-    assert "WARNING: 3 divergent transition(s)" in report.read_text()
+    assert "`divergences`: 3 divergent transition(s)" in report.read_text()
 
 
 @pytest.mark.parametrize(

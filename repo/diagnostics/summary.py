@@ -26,13 +26,11 @@ import torch
 from pyro import poutine
 
 from repo.diagnostics import compat
+from repo.diagnostics.checks import ESS_MIN, RHAT_MAX
 from repo.diagnostics.compat import attrs, group
 from repo.inference.draws import load_draw
 from repo.inference.enumeration import local_params
 from repo.noise import LabelData, make_noise_model
-
-RHAT_MAX = 1.01
-ESS_MIN = 400
 
 
 def summary_table(idata, var_names: list[str] | None = None) -> pd.DataFrame:

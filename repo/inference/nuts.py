@@ -51,7 +51,22 @@ class DivergenceWarning(UserWarning):
     """NUTS reported divergent transitions: the posterior summaries may be biased."""
 
 
-class PreconditionedNUTS(NUTS):
+class CountingNUTS(NUTS):
+    """Pyro's NUTS that counts each iteration's leapfrog steps (``num_steps``): its
+    tree depth is ``ceil(log2(num_steps + 1))``, as Stan reports ``treedepth__``."""
+
+    num_steps = 0
+
+    def sample(self, params):
+        self.num_steps = 0
+        return super().sample(params)
+
+    def _build_basetree(self, *args, **kwargs):
+        self.num_steps += 1
+        return super()._build_basetree(*args, **kwargs)
+
+
+class PreconditionedNUTS(CountingNUTS):
     """NUTS whose diagonal inverse mass matrix starts at given values.
 
     :param inverse_mass: site name -> unconstrained variances (the site's shape),
@@ -102,7 +117,7 @@ def _kernel(potential_fn, transforms, options: dict, inverse_mass: dict | None) 
     options = dict(options, potential_fn=potential_fn, transforms=transforms)
     if inverse_mass:
         return PreconditionedNUTS(inverse_mass=inverse_mass, **options)
-    return NUTS(**options)
+    return CountingNUTS(**options)
 
 
 def _potential(
@@ -140,7 +155,9 @@ def _run_chain(
     """One chain: its draws, per-draw statistics, and warm-up and sampling seconds."""
     pyro.set_rng_seed(seed)
     kernel = _kernel(potential_fn, transforms, options, inverse_mass)
-    record: dict[str, list[float]] = {"diverging": [], "lp": [], "step_size": []}
+    record: dict[str, list[float]] = {
+        "diverging": [], "lp": [], "step_size": [], "n_steps": [], "tree_depth": []
+    }  # fmt: skip
     clock = {"start": time.perf_counter(), "sampling": None}
 
     def hook(kernel, params, stage, i):
@@ -152,6 +169,8 @@ def _run_chain(
         record["diverging"].append(float(diverged))
         record["lp"].append(-float(kernel._potential_energy_last))
         record["step_size"].append(float(kernel.step_size))
+        record["n_steps"].append(float(kernel.num_steps))
+        record["tree_depth"].append(float(np.ceil(np.log2(kernel.num_steps + 1))))
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -216,7 +235,8 @@ def run_nuts(
         thread (1: one after another in this process). A chain's draws depend only
         on its seed, so the result does not depend on this number.
     :returns: draws ``(num_chains, draws, ...)`` with per-draw ``diverging``,
-        ``lp`` (log density in unconstrained space) and ``step_size``.
+        ``lp`` (log density in unconstrained space), ``step_size``, ``n_steps``
+        (leapfrog steps) and ``tree_depth``.
     """
     check_sampler_settings(num_chains, warmup, draws, data)
     if chain_processes < 1:
@@ -286,6 +306,8 @@ def run_nuts(
     stats = [r[1] for r in results]
     sample_stats = {key: np.array([s[key] for s in stats], dtype=np.float64) for key in stats[0]}
     sample_stats["diverging"] = sample_stats["diverging"].astype(bool)
+    for key in ("n_steps", "tree_depth"):
+        sample_stats[key] = sample_stats[key].astype(np.int64)
     result = PosteriorDraws(
         method="nuts",
         samples=samples,
