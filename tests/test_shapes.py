@@ -24,6 +24,7 @@ import torch
 
 import repo
 from repo.cli import main
+from repo.diagnostics.summary import predictive_checks
 from repo.fit import NoiseFit, fit_noise
 from repo.inference.bayes import BayesSettings, infer, summarise_plates
 from repo.inference.em import fit_em
@@ -127,6 +128,9 @@ def test_glad_runs_every_method_into_arviz(crowd, method, tmp_path):
     assert list(posterior["annotator"].values) == fit.annotators["id"].tolist()
     saved = NoiseFit.load(fit.save(tmp_path / method))
     assert np.allclose(saved.items["beta"], fit.items["beta"])
+    if method == "map":  # diagnose's predictive checks rebuild the model from the data
+        checks = predictive_checks(idata, num_draws=10)
+        assert set(checks["statistic"]) == {"agreement", "balance"}
 
 
 def test_glad_from_the_command_line(crowd, tmp_path, capsys):
@@ -317,3 +321,17 @@ def test_defining_priors_does_not_turn_em_into_map_em(crowd):
         assert float(map_.log_prior()) != 0.0
     fit = fit_noise(table, format="binary", model="glad", method=None)
     assert fit.estimate == "ml" and fit.inference["estimate"] == "ml"
+
+
+def test_the_glad_benchmark_runs_quick(tmp_path, monkeypatch):
+    pytest.importorskip("crowdkit")  # the benchmark's anchor (the bench extra)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import glad
+
+    out = tmp_path / "glad-quick.json"
+    figures = glad.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(figures))
+    assert figures["quick"] and figures["crowd"]["replications"] == 1
+    for tool in ("repo", "crowdkit"):
+        assert 0.5 < figures[f"accuracy_{tool}"] <= 1.0
+        assert figures[f"alpha_corr_{tool}"] > 0.5

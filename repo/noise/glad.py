@@ -17,6 +17,8 @@ Priors (the defaults of crowd-kit's GLAD, the benchmark's anchor)::
 
     alpha_k ~ Normal(1, 1),   log beta_i ~ Normal(1, 1)
 
+and MAP is the mode in ``(alpha, log beta)`` (:meth:`GLAD.log_prior`).
+
 The likelihood depends on ``alpha`` and ``beta`` only through their products, so
 the maximum-likelihood estimate (``estimate="ml"``) is not unique (``alpha c``,
 ``beta / c`` fit alike) and its Laplace approximation is improper in that
@@ -95,6 +97,16 @@ class GLAD(NoiseModel):
             "alpha": dist.Normal(loc, scale).expand([k]).to_event(1),
             "beta": dist.LogNormal(loc, scale).expand([i]).to_event(1),
         }
+
+    def log_prior(self) -> Tensor:
+        """The log prior density of ``(alpha, log beta)``: MAP is the mode in the
+        coordinates EM, the Laplace approximation and NUTS work in (the LogNormal
+        density of ``beta`` plus the log-Jacobian ``log beta``), as crowd-kit's GLAD
+        and Whitehill et al. have it."""
+        total = super().log_prior()
+        if self._estimate == "map":
+            total = total + torch.log(self.beta).sum()
+        return total
 
     def logit_correct(self, alpha: Tensor, beta: Tensor, data: LabelData) -> Tensor:
         """``alpha_k beta_i`` for every label slot ``(..., I, S)``."""
