@@ -105,8 +105,8 @@ class HierarchicalFlip(NoiseModel):
         the reliabilities' prior, so a Beta prior is an error."""
         if prior is not None:
             raise ValueError(
-                "the hierarchical model has no Beta prior on its reliabilities: the "
-                "population Normal(mu, sigma) is their prior"
+                "the hierarchical model has no reliability probability for a Beta prior: "
+                "the population Normal(mu, sigma) is the prior of logit eta"
             )
         return cls(sizes.annotators, mu_init=logit(eta_init))
 
