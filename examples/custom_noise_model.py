@@ -22,7 +22,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.nn import PyroParam
 from torch import Tensor
 
 import repo  # noqa: F401  (module-local Pyro parameters)
@@ -39,8 +38,8 @@ class DifficultyFlip(NoiseModel):
 
     def __init__(self, num_annotators: int) -> None:
         super().__init__(num_annotators)
-        self.alpha = PyroParam(torch.full((num_annotators,), 1.0, dtype=torch.float64))
-        self.beta = PyroParam(torch.zeros(num_annotators, dtype=torch.float64))
+        self.parameter("alpha", 1.0, "annotators", reliability=True)  # (K,), real
+        self.parameter("beta", 0.0, "annotators")
 
     def logit_correct(self, logits: Tensor, data: LabelData) -> Tensor:
         k = data.annotator
@@ -60,9 +59,6 @@ class DifficultyFlip(NoiseModel):
 
     def implied_eta(self, logits: Tensor, data: LabelData) -> Tensor:
         return torch.sigmoid(self.logit_correct(logits, data)).detach()
-
-    def annotator_parameters(self) -> dict[str, Tensor]:
-        return {"alpha": self.alpha.detach(), "beta": self.beta.detach()}
 
 
 def simulate(num_labels: int, alpha: np.ndarray, beta: np.ndarray, seed: int = 0):

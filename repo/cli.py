@@ -84,8 +84,19 @@ def _fit_noise(args: argparse.Namespace) -> int:
     for warning in fit.warnings:  # also recorded in the result
         print(f"[re-po] WARNING: {warning}", file=sys.stderr)
     state = "converged" if fit.converged else "NOT converged"
+    em = (
+        "MAP-EM (posterior mode under the prior)"
+        if fit.estimate == "map"
+        else ("EM (maximum likelihood)")
+    )
+    ran = {
+        "em": f"{em}, Laplace intervals",
+        "map": f"{em}, Laplace intervals at the mode",
+        "nuts": f"NUTS, started at {em}",
+        "svi": f"SVI (mean-field Normal), started at {em}",
+    }[args.method]
     print(
-        f"[re-po] {fit.model} on {len(fit.annotators)} annotators: {state} after "
+        f"[re-po] {fit.model} on {len(fit.annotators)} annotators: ran {ran}; EM {state} after "
         f"{fit.iterations} iterations, log-likelihood {fit.log_likelihood:.4f}; wrote {args.out}",
         file=sys.stderr,
     )
@@ -273,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="an item's labels share one truth (always for binary; scored needs 'item')",
     )
-    fit.add_argument("--prior", default="none", help="'beta:A,B' (MAP-EM) or 'none'")
+    fit.add_argument(
+        "--prior",
+        default="none",
+        help="'beta:A,B' on the reliability probabilities (EM then estimates the posterior "
+        "mode, MAP-EM) or 'none' (maximum-likelihood EM unless --method map)",
+    )
     fit.add_argument("--eta-init", type=float, default=0.9)
     fit.add_argument(
         "--tie-value",
@@ -308,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="em",
         choices=["em", "map", "nuts", "svi"],
-        help="em: Laplace at the EM estimate; map: AutoDelta mode + Laplace; "
-        "nuts: NUTS; svi: AutoNormal",
+        help="em: Laplace at the EM estimate; map: MAP-EM under the model's priors + "
+        "Laplace at the mode; nuts: NUTS; svi: AutoNormal",
     )
     bayes.add_argument("--chains", type=int, default=4, help="NUTS chains")
     bayes.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps per chain")

@@ -34,10 +34,19 @@ import torch
 
 from repo.data.errors import DataError
 from repo.data.labels import EncodedLabels, encode_labels, read_label_table
-from repo.inference.bayes import METHODS, BayesResult, BayesSettings, infer, summarise_draws
+from repo.inference.bayes import METHODS, BayesResult, BayesSettings, infer, summarise_plates
 from repo.inference.em import EMResult, fit_em
 from repo.inference.enumeration import EnumPosterior, enumerate_posterior
-from repo.noise import NOISE_MODELS, LabelData, NoiseModel, initial_arguments, make_noise_model
+from repo.noise import (
+    ANNOTATORS,
+    ITEMS,
+    NOISE_MODELS,
+    LabelData,
+    NoiseModel,
+    Sizes,
+    make_noise_model,
+)
+from repo.noise.base import REPORTED
 from repo.scorers import BradleyTerry, ClassPrior, FixedLogits, Scorer
 
 if TYPE_CHECKING:
@@ -147,6 +156,13 @@ class NoiseFit:
         the ``p_<value>`` item columns hold (None without shared truth).
     :param warnings: the checks the posterior failed (R-hat, ESS, divergences, tree
         depth, improper or boundary Laplace fits: :mod:`repo.diagnostics.checks`).
+    :param estimate: what EM estimated: ``"ml"`` (maximum likelihood) or ``"map"``
+        (the posterior mode under the prior).
+    :param plates: parameters on plates other than annotators and items, one table
+        per plate (``index`` and the parameters' columns). Per-annotator parameters
+        are columns of ``annotators``; per-item ones (on the ``items`` plate) columns
+        of ``items`` under shared truth and of ``labels`` under per-label truth
+        (where each label is its own item); global ones entries of ``population``.
 
     The last five fields (``noise_model``, ``scorer``, ``data``, ``em``,
     ``posterior``) are the live objects of a fit made in this process, for
@@ -183,6 +199,8 @@ class NoiseFit:
     files: dict[str, str] = field(default_factory=dict)
     truth_values: tuple[str, str] | None = None
     warnings: list[FitWarning] = field(default_factory=list)
+    estimate: str = "ml"
+    plates: dict[str, pd.DataFrame] = field(default_factory=dict)
     noise_model: NoiseModel | None = field(default=None, repr=False, compare=False)
     scorer: Scorer | None = field(default=None, repr=False, compare=False)
     data: LabelData | None = field(default=None, repr=False, compare=False)
@@ -207,6 +225,7 @@ class NoiseFit:
             "model": self.model,
             "format": self.format,
             "method": self.method,
+            "estimate": self.estimate,
             "prior": self.prior,
             "converged": bool(self.converged),
             "iterations": int(self.iterations),
@@ -225,6 +244,7 @@ class NoiseFit:
             },
             "annotators": _records(self.annotators),
             "warnings": [w.to_dict() for w in self.warnings],
+            "plates": {name: _records(frame) for name, frame in self.plates.items()},
         }
 
     def to_dict(self) -> dict:
@@ -301,6 +321,8 @@ class NoiseFit:
             files=dict(document.get("files", {})),
             truth_values=truth_values,
             warnings=_read_warnings(document.get("warnings", [])),
+            estimate=document.get("estimate", "ml"),
+            plates={k: pd.DataFrame(v) for k, v in document.get("plates", {}).items()},
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -438,13 +460,19 @@ def fit_noise(
     method: str | None = None,
     bayes: BayesSettings | None = None,
 ) -> NoiseFit:
-    """Fit ``model`` to a label table by EM (MAP-EM under ``prior``), then, by
-    ``method``, attach a posterior: ``"em"`` the Laplace approximation at the EM
-    estimate, ``"map"`` the mode (AutoDelta) with its Laplace approximation,
+    """Fit ``model`` to a label table by EM, then, by ``method``, attach a posterior:
+    ``"em"`` the Laplace approximation at the EM estimate, ``"map"`` the posterior
+    mode (MAP-EM, then AutoDelta from there) with its Laplace approximation,
     ``"nuts"`` or ``"svi"`` full Bayes with the scorer held at its EM fit
     (:mod:`repo.inference.bayes`; ``bayes`` holds their settings). ``None`` (the
     default) is EM alone, with no uncertainty (the cheapest; ``re-po fit-noise``
     defaults to ``"em"``).
+
+    The EM estimate is chosen, not inferred from the model's priors: ``"map"`` is the
+    posterior mode under the model's priors (its declared ``priors()``, and the Beta
+    ``prior`` on reliability probabilities); every other method starts from
+    maximum-likelihood EM, or MAP-EM when a Beta ``prior`` is given (the fit's
+    ``estimate`` records which).
 
     :param table: a DataFrame, a path (CSV, TSV, JSONL, Parquet) or a dict of
         equal-length columns.
@@ -465,9 +493,8 @@ def fit_noise(
     check_identifiable(model, format, shared_truth, labels)
     beta = parse_prior(prior)
     data, scorer = _build(labels, shared_truth)
-    noise = make_noise_model(
-        model, len(labels.annotator_ids), prior=beta, **initial_arguments(model, eta_init)
-    )
+    noise = make_noise_model(model, Sizes.of(data), beta, eta_init=eta_init)
+    estimate = "map" if method == "map" or beta is not None else "ml"
 
     trajectory: list[dict] = []
     counts = data.label_counts().clamp_min(1)
@@ -489,9 +516,11 @@ def fit_noise(
         max_iter=max_iter,
         accelerate=accelerate,
         callback=report,
+        estimate=estimate,
     )
     em_seconds = time.perf_counter() - em_start
     fit = summarise(noise, scorer, data, labels, result, prior=prior)
+    fit.estimate = estimate
     fit.trajectory = trajectory
     fit.settings = {
         "shared_truth": bool(shared_truth),
@@ -503,12 +532,15 @@ def fit_noise(
         "max_iter": int(max_iter),
     }
     if method is None:
-        fit.inference = {"method": "em", "em_seconds": em_seconds}
+        fit.inference = {"method": "em", "estimate": estimate, "em_seconds": em_seconds}
         return fit
     if progress and method != "em":
         print(f"[re-po] {method}: sampling the posterior ...", file=sys.stderr)
-    posterior = infer(method, noise, scorer, data, enumeration_budget(bayes, data.num_units))
+    settings = enumeration_budget(bayes, data.num_units)
+    posterior = infer(method, noise, scorer, data, settings, estimate=estimate)
     fit = attach_posterior(fit, posterior, labels)
+    fit.estimate = estimate
+    fit.inference["estimate"] = estimate
     fit.inference["em_seconds"] = em_seconds
     from repo.diagnostics.checks import emit
 
@@ -527,7 +559,7 @@ def enumeration_budget(settings: BayesSettings | None, num_units: int) -> BayesS
 
 
 def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabels) -> NoiseFit:
-    """``fit`` with the posterior's summaries (:func:`summarise_draws`) added.
+    """``fit`` with the posterior's summaries (:func:`summarise_plates`) added.
 
     NUTS and SVI replace the per-label ``w`` and the items' posteriors by their
     Rao-Blackwellised averages over draws and the pointwise log-likelihood by the
@@ -554,9 +586,8 @@ def attach_posterior(fit: NoiseFit, posterior: BayesResult, labels: EncodedLabel
         out = summarise(mode, scorer, data, labels, result, prior=fit.prior, method="map")
     else:
         out = fit
-    frame, population = summarise_draws(posterior, eta_point=out.annotators["eta"].to_numpy())
-    for column in frame.columns:
-        out.annotators[column] = frame[column].to_numpy()
+    tables, population = summarise_plates(posterior, eta_point=out.annotators["eta"].to_numpy())
+    place_plate_columns(out, tables)
     out.population.update(population)
     out.posterior = posterior
     out.trajectory = fit.trajectory
@@ -605,7 +636,7 @@ def summarise(
         {"id": labels.annotator_ids, "n_labels": counts.long().numpy(), "eta": eta}
     )
     for name, value in noise.annotator_parameters().items():
-        if name != "eta":
+        if name != REPORTED:  # the reported eta is implied_eta's, above
             annotators[name] = value.numpy()
 
     truth = noise.truth_posterior(logits, marginals).numpy()
@@ -632,7 +663,7 @@ def summarise(
     if isinstance(scorer, ClassPrior):
         population["pi_a"] = float(torch.sigmoid(scorer.logit_pi.detach()))
     prior_text = prior if isinstance(prior, str) or prior is None else repr(prior)
-    return NoiseFit(
+    fit = NoiseFit(
         model=noise.name,
         format=labels.format,
         method=method,
@@ -651,3 +682,34 @@ def summarise(
         em=result,
         truth_values=truth_values,
     )
+    tables = {
+        plate: pd.DataFrame({n: v.numpy() for n, v in noise.plate_parameters(plate).items()})
+        for plate in noise.plates()
+        if plate not in (None, ANNOTATORS)
+    }
+    place_plate_columns(fit, tables)
+    return fit
+
+
+def place_plate_columns(fit: NoiseFit, tables: dict[str, pd.DataFrame]) -> None:
+    """Put per-plate parameter columns where :class:`NoiseFit` keeps them: the
+    annotators' in ``annotators``, the items' (one row per item key, ``data.unit``)
+    in ``items`` under shared truth or ``labels`` under per-label truth, any other
+    plate's in ``plates`` (with an ``index`` column)."""
+    data = fit.data
+    for plate, frame in tables.items():
+        if plate == ANNOTATORS:
+            for column in frame.columns:
+                fit.annotators[column] = frame[column].to_numpy()
+        elif plate == ITEMS:
+            for column in frame.columns:
+                per_unit = torch.tensor(frame[column].to_numpy())[data.unit]
+                if data.shared_truth:
+                    fit.items[column] = per_unit.numpy()
+                else:
+                    fit.labels[column] = data.flat(per_unit.unsqueeze(-1)).numpy()
+        else:
+            table = fit.plates.get(plate, pd.DataFrame({"index": np.arange(len(frame))}))
+            for column in frame.columns:
+                table[column] = frame[column].to_numpy()
+            fit.plates[plate] = table

@@ -13,7 +13,7 @@ from _helpers import tiny_config, write_jsonl
 
 from repo.data.errors import DataError
 from repo.data.rule_pairs import rule_pairs
-from repo.noise import NOISE_MODELS, initial_arguments
+from repo.noise import NOISE_MODELS
 from repo.train import ConfigError, TrainConfig, Trainer, evaluate_run
 from repo.train.build import build_noise_model, build_run, check_settings, model_recipe
 
@@ -80,41 +80,42 @@ def test_eval_checks_every_row_before_the_model_loads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", list(NOISE_MODELS))
 def test_the_noise_model_starts_at_eta_init(tmp_path, name):
-    """One map from [noise] eta_init to each model's starting values, shared with
-    re-po fit-noise (repo.fit uses repo.noise.initial_arguments)."""
+    """One constructor contract from [noise] eta_init to each model's starting values
+    (NoiseModel.build), shared with re-po fit-noise."""
     cfg = config(tmp_path, noise={"model": name, "eta_init": 0.7})
+    if name == "glad":  # a parameter per item: the trainer gives annotator counts only
+        with pytest.raises(ConfigError, match="number of items"):
+            build_noise_model(cfg, 3)
+        return
     noise = build_noise_model(cfg, 3)
     params = {k: v.detach() for k, v in noise.annotator_parameters().items()}
-    start = initial_arguments(name, 0.7)
     if name in ("symmetric", "two-coin"):
-        assert start == {"eta_init": 0.7}
         assert all(torch.allclose(v, torch.full_like(v, 0.7)) for v in params.values())
     elif name == "spammer":
-        assert start == {"theta_init": 0.7}
         assert torch.allclose(params["theta"], torch.full((3,), 0.7, dtype=torch.float64))
     elif name == "hierarchical":
-        assert start["mu_init"] == pytest.approx(math.log(0.7 / 0.3))
         assert float(noise.population_parameters()["mu"]) == pytest.approx(math.log(0.7 / 0.3))
     else:
-        assert start == {}
         assert torch.allclose(params["tau"], torch.ones(3, dtype=torch.float64))
 
 
 def test_fit_noise_starts_where_training_starts(monkeypatch):
-    """repo.fit builds its noise model with the same start map."""
+    """repo.fit builds its noise model through the same contract and eta_init."""
     import repo.fit
 
     seen = {}
     original = repo.fit.make_noise_model
 
-    def spy(name, k, prior=None, **kwargs):
+    def spy(name, sizes, prior=None, **kwargs):
         seen.update(kwargs)
-        return original(name, k, prior=prior, **kwargs)
+        model = original(name, sizes, prior, **kwargs)
+        seen["mu"] = float(model.mu.detach())
+        return model
 
     monkeypatch.setattr(repo.fit, "make_noise_model", spy)
     table = {"annotator": ["a", "b", "a", "b"], "item": ["1", "1", "2", "2"], "label": [1, 1, 0, 0]}
     repo.fit.fit_noise(table, format="binary", model="hierarchical", eta_init=0.8, max_iter=2)
-    assert seen == initial_arguments("hierarchical", 0.8)
+    assert seen == {"eta_init": 0.8, "mu": pytest.approx(math.log(0.8 / 0.2))}
 
 
 def test_build_run_gives_every_part(tmp_path):

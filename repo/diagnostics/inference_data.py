@@ -2,8 +2,10 @@
 
 Groups and their dims:
 
-* ``posterior``: every parameter site (per-annotator ones over ``annotator``;
-  ``mu``, ``sigma`` scalar) and ``eta``, each annotator's probability of a correct
+* ``posterior``: every parameter site, over the dim of the plate it is declared on
+  (:class:`~repo.noise.base.Parameter`; :func:`~repo.noise.base.dim_name`:
+  ``annotators`` -> ``annotator``, ``items`` -> ``item``, any other plate its own
+  name; global ones scalar) and ``eta``, each annotator's probability of a correct
   label; ``(chain, draw, ...)``. For EM and MAP the draws are the Laplace
   approximation's (one chain; ``attrs["approximation"]`` says so).
 * ``sample_stats``: NUTS's ``diverging``, ``lp``, ``step_size``.
@@ -29,7 +31,8 @@ import numpy as np
 import torch
 
 from repo.diagnostics.compat import from_dict
-from repo.inference.bayes import POPULATION, BayesResult
+from repo.inference.bayes import BayesResult
+from repo.noise.base import ITEMS, REPORTED, dim_name
 
 
 def unit_dim(result: BayesResult) -> str:
@@ -60,7 +63,7 @@ def to_inference_data(
     ids = [str(a) for a in (annotator_ids if annotator_ids is not None else range(k))]
     units = unit_dim(result)
     unit_names = list(unit_ids) if unit_ids is not None else data.unit.tolist()
-    posterior = {"eta": result.eta, **draws.samples}
+    posterior = {**draws.samples, REPORTED: result.eta}  # eta: always implied_eta
     sample_stats = dict(draws.sample_stats)
     groups: dict[str, dict] = {}
     if log_likelihood:
@@ -70,7 +73,30 @@ def to_inference_data(
             posterior = {name: value[:, keep] for name, value in posterior.items()}
             sample_stats = {name: value[:, keep] for name, value in sample_stats.items()}
         groups["log_likelihood"] = {log_likelihood_name(result): enumeration.log_likelihood}
-    dims = {name: ["annotator"] for name in posterior if name not in POPULATION}
+    model = result.point_model
+    dims: dict[str, list[str]] = {REPORTED: ["annotator"]}
+    coords: dict[str, list] = {"annotator": ids, "label": np.arange(data.num_labels)}
+    if units == "item":
+        coords["item"] = unit_names
+    for name in draws.samples:
+        if name == REPORTED:
+            continue
+        plate = model.plate_of(name)
+        if plate is None:
+            dims[name] = []
+            continue
+        dim = dim_name(plate)
+        size = model.plate_sizes[plate]
+        if plate == ITEMS:
+            keys = [str(k) for k in range(size)]
+            for key, unit in zip(data.unit.tolist(), unit_names, strict=True):
+                keys[key] = str(unit)
+            if units == "item" and keys != [str(u) for u in unit_names]:
+                dim = "item_key"  # items without labels: the plate is not the units
+            coords[dim] = keys
+        else:
+            coords.setdefault(dim, np.arange(size))
+        dims[name] = [dim]
     dims.update({"o": ["label"], "o_item": ["item"], "annotator_index": ["label"]})
     dims.update({"unit_index": ["label"], "logit": [units]})
     groups["posterior"] = posterior
@@ -82,9 +108,6 @@ def to_inference_data(
         "unit_index": data.flat(unit_of_slot).numpy(),
         "logit": result.logits.numpy(),
     }
-    coords = {"annotator": ids, "label": np.arange(data.num_labels)}
-    if units == "item":
-        coords["item"] = unit_names
     attrs = {
         "method": result.method,
         "model": model_name or result.point_model.name,

@@ -30,7 +30,7 @@ from repo.diagnostics.checks import ESS_MIN, RHAT_MAX
 from repo.diagnostics.compat import attrs, group
 from repo.inference.draws import load_draw
 from repo.inference.enumeration import local_params
-from repo.noise import LabelData, make_noise_model
+from repo.noise import LabelData, Sizes, make_noise_model
 
 
 def summary_table(idata, var_names: list[str] | None = None) -> pd.DataFrame:
@@ -95,7 +95,7 @@ def _rebuild(idata):
         num_annotators=k,
     )
     logits = torch.as_tensor(constant["logit"].values, dtype=torch.float64)
-    model = make_noise_model(str(info["model"]), k)
+    model = make_noise_model(str(info["model"]), Sizes.of(data))
     return data, logits, model, posterior
 
 

@@ -6,22 +6,27 @@ class-prior scorer at its EM estimate, a policy's logits as given) and returns a
 :class:`BayesResult` for one of
 
 * ``"em"``: the EM estimate with its Laplace posterior (:mod:`repo.inference.laplace`);
-* ``"map"``: the posterior mode by SVI with an AutoDelta guide, with the Laplace
-  posterior there;
+* ``"map"``: the posterior mode (MAP-EM's estimate, or by SVI with an AutoDelta
+  guide from another estimate), with the Laplace posterior there;
 * ``"nuts"``: NUTS (:mod:`repo.inference.nuts`), its chains started near the EM
   estimate and its diagonal metric at the Laplace variances (``precondition``);
 * ``"svi"``: mean-field Normal SVI (:mod:`repo.inference.svi`).
 
-Full Bayes needs a proper prior on every parameter. Flip models without one get
-the uniform ``Beta(1, 1)`` (so MAP equals maximum likelihood); the hierarchical
-model's population and the Boltzmann model's ``tau`` carry their own priors
-(:meth:`NoiseModel.priors`).
+Full Bayes needs a proper prior on every parameter: a model's parameter without
+one is an error when the Bayesian model is made (:meth:`NoiseModel.bayesian`),
+before NUTS or SVI start. Flip models without a Beta prior get the uniform
+``Beta(1, 1)`` (so MAP equals maximum likelihood); the hierarchical model's
+population, the Boltzmann model's ``tau`` and GLAD's ability and ease carry their
+own priors (:meth:`NoiseModel.priors`).
 
-:func:`summarise_draws` turns draws into the RESULT.json columns: for every
-parameter ``P`` (``eta``, the probability that a label is correct, and the model's
-own) ``P_mean``, ``P_sd``, ``P_lo90``, ``P_hi90`` (equal-tailed 90%) and, for NUTS,
-``P_r_hat`` and ``P_ess_bulk`` (rank-normalised split R-hat and bulk ESS, as
-ArviZ computes them).
+:func:`summarise_plates` turns draws into the RESULT.json columns, one table per
+plate of the model's declared parameters (annotators, items, any other; global
+parameters as single entries): for every parameter ``P`` (``eta``, the probability
+that a label is correct, always from :meth:`NoiseModel.implied_eta`, and the
+model's own) ``P_mean``, ``P_sd``, ``P_lo90``, ``P_hi90`` (equal-tailed 90%) and,
+for NUTS, ``P_r_hat`` and ``P_ess_bulk`` (rank-normalised split R-hat and bulk
+ESS, as ArviZ computes them). :func:`summarise_draws` is its annotator table and
+global entries.
 """
 
 from __future__ import annotations
@@ -46,14 +51,12 @@ from repo.inference.draws import (
 from repo.inference.laplace import laplace_draws, laplace_variances
 from repo.inference.nuts import run_nuts
 from repo.inference.svi import run_map, run_svi
-from repo.noise.base import NoiseModel
+from repo.noise.base import ANNOTATORS, REPORTED, NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
 from repo.scorers import Scorer
 
 METHODS = ("em", "map", "nuts", "svi")
-POPULATION = ("mu", "sigma")
-"""Sites shared by all annotators (hierarchical model): summarised in ``population``."""
 
 
 @dataclass
@@ -113,14 +116,16 @@ class BayesResult:
         return self._enumeration
 
 
-def bayesian_copy(model: NoiseModel) -> NoiseModel:
+def bayesian_copy(model: NoiseModel, missing_prior: str = "error") -> NoiseModel:
     """A copy of ``model`` with its parameters as random variables under their priors
-    (a uniform Beta(1, 1) for flip models that have none)."""
+    (a uniform Beta(1, 1) for reliability probabilities without a Beta prior); a
+    parameter with no prior is an error (``missing_prior="flat"``: an improper flat
+    density, for a model only conditioned on draws)."""
     out = copy.deepcopy(model)
     if out.reliability_names and out.prior is None:
         f64 = torch.float64
         out.prior = dist.Beta(torch.ones((), dtype=f64), torch.ones((), dtype=f64))
-    return out.bayesian()
+    return out.bayesian(missing_prior)
 
 
 def point_values(model: NoiseModel) -> dict[str, Tensor]:
@@ -138,49 +143,64 @@ def infer(
     scorer: Scorer,
     data: LabelData,
     settings: BayesSettings | None = None,
+    *,
+    estimate: str | None = None,
 ) -> BayesResult:
-    """Posterior draws for ``method`` starting from an EM-fitted ``model``."""
+    """Posterior draws for ``method`` starting from an EM-fitted ``model``.
+
+    :param estimate: what EM estimated (``"ml"`` or ``"map"``; None: as the model was
+        constructed, :mod:`repo.inference.em`): the EM Laplace approximation is of
+        the log-likelihood or of the log posterior accordingly, and ``"map"`` starts
+        at a model already at its MAP-EM mode (no AutoDelta climb).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     settings = settings or BayesSettings()
     with torch.no_grad():
         logits = scorer(data).detach()
     point_model = copy.deepcopy(model)
-    bayes_model = bayesian_copy(model)
+    bayes_model = bayesian_copy(model, "flat" if method == "em" else "error")
     start = point_values(model)
     if method == "em":
-        draws = laplace_draws(
-            point_model,
-            logits,
-            data,
-            method="em",
-            num_draws=settings.laplace_draws,
-            seed=settings.seed,
-        )
+        with point_model.estimating(estimate or point_model._estimate):
+            draws = laplace_draws(
+                point_model,
+                logits,
+                data,
+                method="em",
+                num_draws=settings.laplace_draws,
+                seed=settings.seed,
+                include_prior=(estimate or point_model._estimate) == "map",
+            )
     elif method == "map":
         if isinstance(model, HierarchicalFlip):
             raise ValueError(
                 "MAP for the hierarchical model is degenerate (the joint density grows "
                 "without bound as sigma -> 0): use em (marginal empirical Bayes), nuts or svi"
             )
-        mode, info = run_map(
-            bayes_model, logits, data, seed=settings.seed, steps=settings.svi_steps, init=start
-        )
-        load_draw(point_model, mode)
-        draws = laplace_draws(
-            point_model,
-            logits,
-            data,
-            method="map",
-            num_draws=settings.laplace_draws,
-            seed=settings.seed,
-        )
-        draws.info["optimisation"] = info
-        draws.seconds["optimisation"] = info["seconds"]
+        info = None
+        if estimate != "map":  # EM's estimate is not the mode: climb to it (AutoDelta)
+            mode, info = run_map(
+                bayes_model, logits, data, seed=settings.seed, steps=settings.svi_steps, init=start
+            )
+            load_draw(point_model, mode)
+        with point_model.estimating("map"):
+            draws = laplace_draws(
+                point_model,
+                logits,
+                data,
+                method="map",
+                num_draws=settings.laplace_draws,
+                seed=settings.seed,
+            )
+        if info is not None:
+            draws.info["optimisation"] = info
+            draws.seconds["optimisation"] = info["seconds"]
     elif method == "nuts":
         inverse_mass = None
         if settings.precondition:
-            inverse_mass = laplace_variances(point_model, logits, data)
+            with point_model.estimating("map"):  # the curvature of the log posterior
+                inverse_mass = laplace_variances(point_model, logits, data)
         draws = run_nuts(
             bayes_model,
             logits,
@@ -241,36 +261,49 @@ def parameter_summary(
     return out
 
 
-def summarise_draws(
+def summarise_plates(
     result: BayesResult, eta_point: np.ndarray | None = None
-) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per-annotator columns and population entries from ``result``.
+) -> tuple[dict[str, pd.DataFrame], dict[str, float]]:
+    """One table per plate of the model's declared parameters, and the global entries.
 
     :param eta_point: the point summary of ``eta`` for EM and MAP (the implied
         reliability at the estimate); NUTS and SVI report the posterior mean.
-    :returns: a frame with one row per annotator and columns ``P`` (point),
-        ``P_mean``, ``P_sd``, ``P_lo90``, ``P_hi90`` (and ``P_r_hat``,
-        ``P_ess_bulk`` for NUTS), with the unprefixed ``mean``, ``sd``, ...
-        for ``eta``; and the population parameters' entries (same suffixes).
+    :returns: per plate (``"annotators"`` always, with ``eta``; ``"items"`` and any
+        other plate a parameter is declared on) a frame with one row per plate index
+        and columns ``P`` (point), ``P_mean``, ``P_sd``, ``P_lo90``, ``P_hi90`` (and
+        ``P_r_hat``, ``P_ess_bulk`` for NUTS), with the unprefixed ``mean``, ``sd``,
+        ... for ``eta``; and the global parameters' entries (same suffixes).
     """
     draws = result.draws
+    model = result.point_model
     chains = result.method == "nuts"
     use_point = result.method in ("em", "map")
-    columns: dict[str, np.ndarray] = {}
-    population: dict[str, float] = {}
-    parameters = {"eta": (result.eta, eta_point if use_point else None)}
+    parameters = {REPORTED: (ANNOTATORS, result.eta, eta_point if use_point else None)}
     for name, values in draws.samples.items():
+        if name == REPORTED:  # declared the reliability: reported through implied_eta
+            continue
         point = draws.point.get(name) if use_point else None
-        parameters.setdefault(name, (values, point))
-    for name, (values, point) in parameters.items():
+        parameters[name] = (model.plate_of(name), values, point)
+    tables: dict[str, dict[str, np.ndarray]] = {ANNOTATORS: {}}
+    population: dict[str, float] = {}
+    for name, (plate, values, point) in parameters.items():
         summary = parameter_summary(values, point, chains)
-        if name in POPULATION:
+        if plate is None:
             population[name] = float(summary.pop("point"))
             population.update({f"{name}_{k}": float(v) for k, v in summary.items()})
             continue
+        columns = tables.setdefault(plate, {})
         columns[name] = summary.pop("point")
         for key, value in summary.items():
             columns[f"{name}_{key}"] = value
-            if name == "eta":
+            if name == REPORTED:
                 columns[key] = value
-    return pd.DataFrame(columns), population
+    return {plate: pd.DataFrame(columns) for plate, columns in tables.items()}, population
+
+
+def summarise_draws(
+    result: BayesResult, eta_point: np.ndarray | None = None
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The per-annotator table and the global entries of :func:`summarise_plates`."""
+    tables, population = summarise_plates(result, eta_point)
+    return tables[ANNOTATORS], population

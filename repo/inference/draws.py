@@ -153,13 +153,11 @@ def implied_eta_draws(
     """``(chains, draws, K)`` draws of each annotator's reliability ``eta_k``.
 
     ``eta_k`` is the probability that a label of annotator ``k`` is correct, averaged
-    over their labels (:meth:`NoiseModel.implied_eta`): the parameter itself for the
-    flip models, a function of the parameters and the scores for the others.
+    over their labels (:meth:`NoiseModel.implied_eta`) at each draw: always the
+    model's own statement of its reliability, never a parameter looked up by name
+    (a model's parameter called ``eta`` is reported as ``eta`` only because it is
+    declared the reliability and ``implied_eta`` returns it).
     """
-    if "eta" in draws.samples:
-        return draws.samples["eta"]
-    if "logit_eta" in draws.samples:  # hierarchical: eta_k = sigmoid(x_k)
-        return 1 / (1 + np.exp(-draws.samples["logit_eta"]))
     model = copy.deepcopy(point_model)
     counts = data.label_counts().clamp_min(1)
     out = np.empty((draws.num_chains, draws.num_draws, data.num_annotators))

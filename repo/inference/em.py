@@ -11,11 +11,20 @@ One EM iteration at parameters ``theta`` (annotator parameters and the scorer's)
   over that module's parameters with the others held (an ECM step; by Fisher's
   identity its gradient at the start equals the expected complete-data one).
 
-Every step increases ``L(theta) + log p(theta)`` (the hierarchical model's evidence
-bound). Full-batch EM stops when the relative change of the objective falls below
-``tol``. When every update is closed form, iterations are accelerated by SQUAREM
-(Varadhan and Roland, 2008, scheme S3), with a monotone safeguard: an extrapolated
-point is kept only if its objective is no lower than the last EM iterate's.
+The estimate is chosen, never inferred from whether the model declares priors:
+``estimate="ml"`` maximises the likelihood ``L(theta)`` alone (a Beta ``prior`` of
+the model is hidden from its closed-form M-step,
+:meth:`~repo.noise.base.NoiseModel.estimating`); ``estimate="map"`` maximises
+``L(theta) + log p(theta)`` under the model's priors (MAP-EM). Left as None, a
+model is estimated as constructed: MAP under the Beta ``prior`` it was given,
+maximum likelihood without one (priors declared by ``priors()`` for full Bayes do
+not count).
+
+Every step increases the objective (the hierarchical model's evidence bound).
+Full-batch EM stops when the relative change of the objective falls below ``tol``.
+When every update is closed form, iterations are accelerated by SQUAREM (Varadhan
+and Roland, 2008, scheme S3), with a monotone safeguard: an extrapolated point is
+kept only if its objective is no lower than the last EM iterate's.
 
 :func:`repo.inference.online.fit_minibatch_em` is the paper's Algorithm 1: per
 mini-batch an E-step, then ``eta_k <- (1 - alpha) eta_k + alpha * (batch estimate)``
@@ -34,7 +43,7 @@ from pyro.nn import PyroModule
 from torch import Tensor
 
 from repo.inference.enumeration import EnumPosterior, enumerate_posterior
-from repo.noise.base import NoiseModel
+from repo.noise.base import ESTIMATES, NoiseModel
 from repo.noise.layout import LabelData
 from repo.scorers import Scorer
 
@@ -79,6 +88,8 @@ def _has_parameters(module: torch.nn.Module) -> bool:
 class EM:
     """EM over ``noise`` and ``scorer`` on ``data``; see the module docstring.
 
+    :param estimate: ``"ml"`` (maximum likelihood), ``"map"`` (the posterior mode
+        under the model's priors) or None (as constructed; see the module docstring).
     :param lbfgs_iterations: L-BFGS iterations per gradient M-step.
     """
 
@@ -88,9 +99,13 @@ class EM:
         scorer: Scorer,
         data: LabelData,
         *,
+        estimate: str | None = None,
         lbfgs_iterations: int = 20,
     ) -> None:
+        if estimate is not None and estimate not in ESTIMATES:
+            raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
         self.noise, self.scorer, self.data = noise, scorer, data
+        self.estimate = estimate
         self.lbfgs_iterations = lbfgs_iterations
         self._closed: tuple[bool, bool] | None = None
 
@@ -202,6 +217,12 @@ class EM:
         callback: Callable[[int, float], None] | None = None,
     ) -> EMResult:
         """Full-batch EM until the relative change of the objective is below ``tol``."""
+        if self.estimate is None:
+            return self._fit(tol, max_iter, accelerate, callback)
+        with self.noise.estimating(self.estimate):
+            return self._fit(tol, max_iter, accelerate, callback)
+
+    def _fit(self, tol, max_iter, accelerate, callback) -> EMResult:
         logits, posterior, value = self.e_step()
         if callback:
             callback(1, value)
@@ -269,9 +290,12 @@ def fit_em(
     max_iter: int = 1000,
     accelerate: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    estimate: str | None = None,
 ) -> EMResult:
-    """Full-batch EM; see :class:`EM`. Parameters are updated in place."""
-    return EM(noise, scorer, data).fit(tol, max_iter, accelerate, callback)
+    """Full-batch EM for the ``estimate`` (``"ml"``, ``"map"``, None: as constructed);
+    see :class:`EM`.
+    Parameters are updated in place."""
+    return EM(noise, scorer, data, estimate=estimate).fit(tol, max_iter, accelerate, callback)
 
 
 def ema_update(

@@ -14,15 +14,22 @@ the enumerated likelihood). The Laplace posterior is::
 so intervals respect the parameter's support. Draws from it go through the same
 summaries, ArviZ conversion and PSIS-LOO as NUTS draws (one "chain").
 
-The Hessian is assembled from Hessian-vector products (double backward through
-:func:`~repo.inference.enumeration.marginal_log_likelihood`). Under per-label truth
-(and for the Boltzmann model) annotators do not interact, so ``I`` is
-block-diagonal with one ``P x P`` block per annotator (``P`` parameters each) and
-``P`` products give every block; under shared truth the full matrix takes ``K P``.
-Directions with (almost) no curvature (an estimate on the boundary, an annotator
-with no labels and no prior) have no proper Laplace posterior: their curvature is
-floored at :data:`MIN_CURVATURE` (a wide, finite approximation) and their
-annotators are listed in ``info["improper_annotators"]``.
+Parameters may live on any plate (their declarations,
+:class:`~repo.noise.base.Parameter`): the unconstrained vector ``u`` is every
+entry of every declared point parameter. The Hessian is assembled from
+Hessian-vector products (double backward through
+:func:`~repo.inference.enumeration.marginal_log_likelihood`). When every parameter
+is per annotator and annotators do not interact (per-label truth, or the Boltzmann
+model), ``I`` is block-diagonal with one ``P x P`` block per annotator (``P``
+parameters each) and ``P`` products give every block; otherwise the full matrix
+takes one product per entry, up to :data:`MAX_FULL_HESSIAN` entries, beyond which
+the cross-index terms are dropped (one block per plate index: an approximation,
+``info["cross_annotator_terms_dropped"]``). Directions with (almost) no curvature
+(an estimate on the boundary, an annotator with no labels and no prior, the
+unidentified scale of GLAD's maximum-likelihood estimate) have no proper Laplace
+posterior: their curvature is floored at :data:`MIN_CURVATURE` (a wide, finite
+approximation) and the indices that load on them are listed per plate in
+``info["improper"]`` (the annotators also in ``info["improper_annotators"]``).
 
 The hierarchical model under EM is marginal empirical Bayes: ``x_k = logit eta_k``
 is integrated out on a grid at the estimated ``(mu, sigma)``. Its draws come from
@@ -33,6 +40,7 @@ uncertainty is not propagated, and they get no draws).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from pyro.distributions.transforms import biject_to
@@ -40,7 +48,7 @@ from torch import Tensor
 
 from repo.inference.draws import PosteriorDraws
 from repo.inference.enumeration import enumerate_posterior, local_params, marginal_log_likelihood
-from repo.noise.base import NoiseModel
+from repo.noise.base import ANNOTATORS, NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
 
@@ -51,20 +59,60 @@ def _hessian_vector(flat_grad: Tensor, leaves: list[Tensor], v: Tensor) -> tuple
     return torch.autograd.grad((flat_grad * v).sum(), leaves, retain_graph=True)
 
 
-def _unconstrained(model: NoiseModel) -> list[tuple[str, Tensor]]:
-    """The model's point parameters: ``(name, unconstrained leaf tensor)``."""
-    return [(name, getattr(model, name + "_unconstrained")) for name in model._pyro_params]
-
-
 MAX_FULL_HESSIAN = 300
 """Largest number of parameters for which the full (coupled) Hessian is formed."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each declared point parameter sits in the flat unconstrained vector.
+
+    :param names: the parameters, in order.
+    :param offsets: the first flat position of each.
+    :param plates: each one's plate (None: global).
+    :param sizes: each one's number of entries.
+    """
+
+    names: list[str]
+    offsets: list[int]
+    plates: list[str | None]
+    sizes: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def groups(self) -> list[tuple[str | None, Tensor]]:
+        """Per plate, the ``(n, m)`` flat positions of its ``m`` parameters at each of
+        its ``n`` indices (global parameters: one row): the blocks of a block-diagonal
+        information."""
+        out = []
+        for plate in dict.fromkeys(self.plates):
+            members = [g for g, p in enumerate(self.plates) if p == plate]
+            n = self.sizes[members[0]]
+            columns = [self.offsets[g] + torch.arange(n) for g in members]
+            index = torch.stack(columns, -1) if plate is not None else torch.cat(columns)[None]
+            out.append((plate, index))
+        return out
+
+
+def parameter_layout(model: NoiseModel) -> Layout:
+    """The :class:`Layout` of the model's declared point parameters."""
+    names = model.point_parameters()
+    sizes = [getattr(model, n + "_unconstrained").numel() for n in names]
+    offsets = [sum(sizes[:g]) for g in range(len(names))]
+    return Layout(names, offsets, [model.plate_of(n) for n in names], sizes)
+
+
 def block_diagonal(model: NoiseModel, data: LabelData) -> bool:
-    """Whether the information is taken block-diagonal per annotator: exact when
-    annotators do not share latents, an approximation beyond MAX_FULL_HESSIAN."""
-    exact = not data.shared_truth or not model.has_truth
-    return exact or len(model._pyro_params) * data.num_annotators > MAX_FULL_HESSIAN
+    """Whether the information is taken block-diagonal per plate index (each
+    annotator's parameters one block, each item's one block, the global ones one):
+    exact when every parameter is per annotator and annotators do not share latents;
+    an approximation (cross-index terms dropped) beyond MAX_FULL_HESSIAN."""
+    layout = parameter_layout(model)
+    per_annotator = all(p == ANNOTATORS for p in layout.plates)
+    exact = per_annotator and (not data.shared_truth or not model.has_truth)
+    return exact or layout.total > MAX_FULL_HESSIAN
 
 
 def observed_information(
@@ -72,37 +120,32 @@ def observed_information(
 ) -> tuple[list[str], Tensor]:
     """``-d^2 l / du du^T`` at the model's current parameters.
 
-    :returns: the parameter names (each a ``(K,)`` block, in this order) and the
-        ``(P K, P K)`` information matrix (block-diagonal per annotator under
-        per-label truth, with zeros between annotators).
+    :returns: the parameter names (in this order, each a flat block of its
+        entries) and the ``(P, P)`` information matrix over all ``P`` entries; under
+        :func:`block_diagonal`, zero between different plate indices.
 
-    Under shared truth with more than :data:`MAX_FULL_HESSIAN` parameters the
-    cross-annotator terms are dropped (the per-annotator blocks are still exact).
+    Block-diagonal information takes one Hessian-vector product per parameter (the
+    product with the parameter's indicator gives, at each index, the column of that
+    index: exact when indices do not interact); the full one takes ``P``.
     """
-    params = _unconstrained(model)
-    names = [n for n, _ in params]
-    leaves = [p for _, p in params]
-    sizes = [p.numel() for p in leaves]
-    k = data.num_annotators
-    if any(s != k for s in sizes):
-        raise ValueError(f"expected per-annotator parameters of size {k}, got {sizes}")
+    layout = parameter_layout(model)
+    leaves = [getattr(model, n + "_unconstrained") for n in layout.names]
+    total = layout.total
     with local_params(), torch.enable_grad():
         value = marginal_log_likelihood(model.model, logits.detach(), data)
         if include_prior:
             value = value + model.log_prior()
         grads = torch.autograd.grad(value, leaves, create_graph=True)
         flat_grad = torch.cat([g.reshape(-1) for g in grads])
-        total = flat_grad.numel()
         hessian = torch.zeros(total, total, dtype=torch.float64)
-        if block_diagonal(model, data):  # one product per parameter group gives every block
-            group = torch.arange(total) // k
-            annotator = torch.arange(total) % k
-            for g in range(len(leaves)):
-                v = (group == g).to(torch.float64)
-                hv = _hessian_vector(flat_grad, leaves, v)
-                column = torch.cat([h.reshape(-1) for h in hv])
-                rows = torch.arange(total)
-                hessian[rows, g * k + annotator] = column
+        if block_diagonal(model, data):
+            for _, index in layout.groups():
+                for column in range(index.shape[1]):
+                    v = torch.zeros(total, dtype=torch.float64)
+                    v[index[:, column]] = 1.0
+                    hv = torch.cat([h.reshape(-1) for h in _hessian_vector(flat_grad, leaves, v)])
+                    rows = index  # the same index's entries of every parameter of the plate
+                    hessian[rows, index[:, column : column + 1]] = hv[rows]
         else:
             for j in range(total):
                 v = torch.zeros(total, dtype=torch.float64)
@@ -110,7 +153,7 @@ def observed_information(
                 hv = _hessian_vector(flat_grad, leaves, v)
                 hessian[:, j] = torch.cat([h.reshape(-1) for h in hv])
     hessian = 0.5 * (hessian + hessian.T)
-    return names, -hessian.detach()
+    return layout.names, -hessian.detach()
 
 
 MIN_CURVATURE = 1e-2
@@ -119,40 +162,90 @@ unconstrained scale): a direction the data do not inform (an estimate on the
 boundary, an annotator with no labels and no prior) gets a wide, finite Laplace
 posterior instead of none."""
 
+IMPROPER_LOADING = 0.1
+"""An entry whose weight in a floored eigenvector exceeds this is listed as improper."""
+
 
 def _floored_inverse(block: Tensor) -> tuple[Tensor, Tensor]:
     """``block^{-1}`` (batched over leading dims) with eigenvalues floored at
-    MIN_CURVATURE; whether any of each block's was."""
+    MIN_CURVATURE; per entry (last dim), whether it loads on a floored direction."""
     block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
     values, vectors = torch.linalg.eigh(block)
-    floored = (values < MIN_CURVATURE).any(-1)
+    floored = values < MIN_CURVATURE
+    loading = (vectors.abs() * floored.unsqueeze(-2).to(vectors.dtype)).amax(-1)
     values = values.clamp_min(MIN_CURVATURE)
-    return (vectors / values.unsqueeze(-2)) @ vectors.transpose(-1, -2), floored
+    inverse = (vectors / values.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+    return inverse, loading > IMPROPER_LOADING
 
 
-def _block_index(k: int, groups: int) -> Tensor:
-    """``(K, G)`` positions of annotator ``a``'s parameters (group-major layout)."""
-    return torch.arange(groups).unsqueeze(0) * k + torch.arange(k).unsqueeze(-1)
+@dataclass
+class LaplaceCovariance:
+    """``I^{-1}`` of the Laplace posterior: dense, or per plate-index blocks.
+
+    :param blocks: ``(positions (n, m), covariance (n, m, m))`` per plate, or None.
+    :param dense: the full covariance, or None.
+    :param improper: per flat entry, whether its curvature was floored.
+    """
+
+    blocks: list[tuple[Tensor, Tensor]] | None
+    dense: Tensor | None
+    improper: Tensor
+
+    def variances(self, total: int) -> Tensor:
+        """The marginal variance of every flat entry."""
+        if self.dense is not None:
+            return torch.diagonal(self.dense).clone()
+        out = torch.empty(total, dtype=torch.float64)
+        for index, cov in self.blocks:
+            out[index] = torch.diagonal(cov, dim1=-2, dim2=-1)
+        return out
+
+    def sample(self, centre: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
+        """``num_draws`` draws of ``Normal(centre, I^{-1})``, ``(draws, P)``."""
+        total = centre.numel()
+        normal = torch.randn(num_draws, total, generator=generator, dtype=torch.float64)
+        if self.dense is not None:
+            eye = torch.eye(total, dtype=torch.float64)
+            return centre + normal @ torch.linalg.cholesky(self.dense + 1e-12 * eye).T
+        u = centre.expand(num_draws, total).clone()
+        for index, cov in self.blocks:  # the Cholesky factor block by block
+            eye = torch.eye(cov.shape[-1], dtype=torch.float64)
+            chol = torch.linalg.cholesky(cov + 1e-12 * eye)  # (n, m, m)
+            z = normal[:, index]  # (draws, n, m)
+            u[:, index] = centre[index] + torch.einsum("nab,dnb->dna", chol, z)
+        return u
 
 
-def _laplace_covariance(information: Tensor, k: int, groups: int, independent: bool):
-    """Covariance ``I^{-1}``, a mask of annotators with a floored curvature, and
-    (block-diagonal information) the ``(K, G, G)`` per-annotator blocks, else None."""
-    if not independent:
-        cov, floored = _floored_inverse(information)
-        return cov, torch.full((k,), bool(floored)), None
-    idx = _block_index(k, groups)
-    blocks, improper = _floored_inverse(information[idx.unsqueeze(-1), idx.unsqueeze(-2)])
-    total = information.shape[0]
-    cov = torch.zeros((total, total), dtype=torch.float64)
-    cov[idx.unsqueeze(-1), idx.unsqueeze(-2)] = blocks
-    return cov, improper, blocks
+def laplace_covariance(information: Tensor, layout: Layout, blocked: bool) -> LaplaceCovariance:
+    """The floored inverse of ``information``: dense, or per plate-index block."""
+    if not blocked:
+        cov, improper = _floored_inverse(information)
+        return LaplaceCovariance(None, cov, improper)
+    improper = torch.zeros(layout.total, dtype=torch.bool)
+    blocks = []
+    for _, index in layout.groups():
+        cov, flags = _floored_inverse(information[index.unsqueeze(-1), index.unsqueeze(-2)])
+        improper[index] = flags
+        blocks.append((index, cov))
+    return LaplaceCovariance(blocks, None, improper)
+
+
+def improper_indices(layout: Layout, improper: Tensor) -> dict[str, list[int]]:
+    """Per plate (``"global"`` for global parameters), the indices whose Laplace
+    posterior is improper (a floored curvature in any of their parameters)."""
+    out: dict[str, set[int]] = {}
+    for offset, plate, size in zip(layout.offsets, layout.plates, layout.sizes, strict=True):
+        flags = improper[offset : offset + size]
+        key = "global" if plate is None else plate
+        out.setdefault(key, set()).update(torch.nonzero(flags).reshape(-1).tolist())
+    return {plate: sorted(indices) for plate, indices in out.items()}
 
 
 def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dict[str, Tensor]:
     """Marginal variances of the unconstrained parameters under the Laplace
-    approximation at the model's current point (1 where it is improper); the
-    hierarchical model's ``logit_eta`` takes its grid posterior's variance.
+    approximation at the model's current point (1 where it is improper), each of
+    its parameter's shape; the hierarchical model's ``logit_eta`` takes its grid
+    posterior's variance.
 
     Used to start NUTS's diagonal inverse mass matrix near the posterior's scales,
     so the values are kept in ``[1e-6, 1]``: an estimate on the boundary of the
@@ -161,12 +254,15 @@ def laplace_variances(model: NoiseModel, logits: Tensor, data: LabelData) -> dic
     """
     if isinstance(model, HierarchicalFlip):
         return {"logit_eta": (model.post_scale**2).clamp(1e-6, 1.0)}
-    names, information = observed_information(model, logits, data)
-    k = data.num_annotators
-    cov, improper, _ = _laplace_covariance(information, k, len(names), block_diagonal(model, data))
-    variances = torch.diagonal(cov).reshape(len(names), k).clone()
-    variances[:, improper] = 1.0
-    return {name: variances[g].clamp(1e-6, 1.0) for g, name in enumerate(names)}
+    layout = parameter_layout(model)
+    _, information = observed_information(model, logits, data)
+    cov = laplace_covariance(information, layout, block_diagonal(model, data))
+    variances = cov.variances(layout.total)
+    variances[cov.improper] = 1.0
+    return {
+        name: variances[offset : offset + size].reshape(getattr(model, name).shape).clamp(1e-6, 1.0)
+        for name, offset, size in zip(layout.names, layout.offsets, layout.sizes, strict=True)
+    }
 
 
 def laplace_draws(
@@ -182,31 +278,35 @@ def laplace_draws(
     """Draws from the Laplace posterior at the model's current (fitted) parameters.
 
     :param method: the label of the point estimate (``"em"`` or ``"map"``).
+    :param include_prior: the information of the log posterior (MAP) rather than of
+        the log-likelihood (maximum likelihood).
     """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     if isinstance(model, HierarchicalFlip):
         return _empirical_bayes_draws(model, logits, data, method, num_draws, generator, start)
-    names, information = observed_information(model, logits, data, include_prior=include_prior)
-    k, groups = data.num_annotators, len(names)
-    independent = block_diagonal(model, data)
-    cov, improper, blocks = _laplace_covariance(information, k, groups, independent)
+    layout = parameter_layout(model)
+    _, information = observed_information(model, logits, data, include_prior=include_prior)
+    blocked = block_diagonal(model, data)
+    cov = laplace_covariance(information, layout, blocked)
+    names = layout.names
     centre = torch.cat([getattr(model, n + "_unconstrained").detach().reshape(-1) for n in names])
-    normal = torch.randn(num_draws, centre.numel(), generator=generator, dtype=torch.float64)
-    if blocks is None:
-        chol = torch.linalg.cholesky(cov + 1e-12 * torch.eye(cov.shape[0], dtype=torch.float64))
-        u = centre + normal @ chol.T
-    else:  # the Cholesky factor of a block-diagonal matrix, block by block
-        chol = torch.linalg.cholesky(blocks + 1e-12 * torch.eye(groups, dtype=torch.float64))
-        z = normal.reshape(num_draws, groups, k)
-        u = centre + torch.einsum("agh,dha->dga", chol, z).reshape(num_draws, groups * k)
-    samples, point = {}, {}
-    for g, name in enumerate(names):
+    u = cov.sample(centre, num_draws, generator)
+    sd = cov.variances(layout.total).sqrt()
+    samples, point, unconstrained_sd = {}, {}, {}
+    for name, offset, size in zip(names, layout.offsets, layout.sizes, strict=True):
         constraint, _ = model._pyro_params[name]
-        block = u[:, g * k : (g + 1) * k]
+        shape = tuple(getattr(model, name).shape)
+        block = u[:, offset : offset + size].reshape(num_draws, *shape)
         samples[name] = biject_to(constraint)(block).numpy()[None]
         point[name] = getattr(model, name).detach().numpy().copy()
-    sd = torch.sqrt(torch.diagonal(cov)).reshape(groups, k)
+        unconstrained_sd[name] = sd[offset : offset + size].reshape(shape).numpy().tolist()
+    improper = improper_indices(layout, cov.improper)
+    exact = (
+        not blocked
+        or all(p == ANNOTATORS for p in layout.plates)
+        and (not data.shared_truth or not model.has_truth)
+    )
     return PosteriorDraws(
         method=method,
         samples=samples,
@@ -214,11 +314,12 @@ def laplace_draws(
         seconds={"total": time.perf_counter() - start},
         info={
             "approximation": "laplace",
-            "unconstrained_sd": {n: sd[g].numpy().tolist() for g, n in enumerate(names)},
-            "improper_annotators": torch.nonzero(improper).reshape(-1).tolist(),
+            "unconstrained_sd": unconstrained_sd,
+            "improper_annotators": improper.get(ANNOTATORS, []),
+            "improper": improper,
             "num_draws": num_draws,
-            "hessian": "block-diagonal" if independent else "full",
-            "cross_annotator_terms_dropped": independent and data.shared_truth and model.has_truth,
+            "hessian": "block-diagonal" if blocked else "full",
+            "cross_annotator_terms_dropped": not exact,
         },
     )
 

@@ -13,18 +13,18 @@ so NUTS never sees a discrete variable. With ``jit_compile`` the potential and i
 gradient are traced once by the PyTorch JIT and shared by all chains.
 
 Chains run one after the other (or ``chain_processes`` at a time, each in its own
-process on one thread), chain ``c`` seeded with ``seed + c`` and started
-from the point estimate (when given) jittered by ``Normal(0, init_jitter^2)`` in
-unconstrained space, else uniformly in ``(-2, 2)`` there (Pyro's default).
+process on one thread, :mod:`repo.inference.processes`: the model travels by
+value, so a class defined in a script, a notebook or on stdin works), chain ``c``
+seeded with ``seed + c`` and started from the point estimate (when given)
+jittered by ``Normal(0, init_jitter^2)`` in unconstrained space, else uniformly
+in ``(-2, 2)`` there (Pyro's default).
 Divergent transitions after warm-up are recorded per draw, never dropped.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pyro
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from repo.inference.draws import PosteriorDraws
 from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
+from repo.inference.processes import map_in_processes
 from repo.noise.base import NoiseModel
 from repo.noise.layout import LabelData
 
@@ -239,6 +240,7 @@ def run_nuts(
         (leapfrog steps) and ``tree_depth``.
     """
     check_sampler_settings(num_chains, warmup, draws, data)
+    bayes_model.check_bayesian()
     if chain_processes < 1:
         raise ValueError(f"chain_processes must be >= 1, got {chain_processes}")
     logits = logits.detach()
@@ -294,10 +296,7 @@ def run_nuts(
                 }
                 for chain_start, job in zip(starts, jobs, strict=True)
             ]
-            context = multiprocessing.get_context("spawn")
-            workers = min(chain_processes, num_chains)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                results = list(pool.map(_chain_in_process, payloads))
+            results = map_in_processes(_chain_in_process, payloads, chain_processes)
     for _, _, warmup_s, sampling_s in results:
         seconds["warmup"] += warmup_s
         seconds["sampling"] += sampling_s

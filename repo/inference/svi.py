@@ -76,6 +76,7 @@ def fit_autoguide(
     """
     if guide not in ("normal", "delta"):
         raise ValueError(f"guide must be 'normal' or 'delta', got {guide!r}")
+    bayes_model.check_bayesian()
     logits = logits.detach()
     pyro.set_rng_seed(seed)
     hidden = enumerated_sites(bayes_model, logits, data)

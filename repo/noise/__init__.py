@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 
-from repo.noise.base import EPS, NoiseModel
+from repo.noise.base import ANNOTATORS, EPS, ITEMS, NoiseModel, Parameter, Sizes, dim_name
 from repo.noise.boltzmann import Boltzmann
+from repo.noise.glad import GLAD
 from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
 from repo.noise.spammer import Spammer
@@ -20,58 +19,47 @@ NOISE_MODELS: dict[str, type[NoiseModel]] = {
     "hierarchical": HierarchicalFlip,
     "spammer": Spammer,
     "boltzmann": Boltzmann,
+    "glad": GLAD,
 }
 
 
 def make_noise_model(
-    name: str, num_annotators: int, prior: dist.Beta | None = None, **kwargs
+    name: str,
+    sizes: Sizes | int,
+    prior: dist.Beta | None = None,
+    *,
+    eta_init: float = 0.9,
 ) -> NoiseModel:
-    """The noise model called ``name`` (see :data:`NOISE_MODELS`) for ``K`` annotators.
-
-    ``prior`` (a Beta on the reliability parameters) applies to the flip models;
-    the hierarchical model has its population instead, and the Boltzmann model has
-    no probability parameter, so a prior there is an error.
+    """The noise model called ``name`` (see :data:`NOISE_MODELS`) for data of these
+    ``sizes`` (an int: ``K`` annotators alone), through the class's
+    :meth:`~repo.noise.base.NoiseModel.build`: started at reliability ``eta_init``,
+    with ``prior`` (a Beta on the reliability probabilities) where the model takes one.
     """
     if name not in NOISE_MODELS:
         raise ValueError(f"unknown noise model {name!r}; choose from {', '.join(NOISE_MODELS)}")
-    cls = NOISE_MODELS[name]
-    if prior is not None:
-        if not cls.reliability_names:
-            raise ValueError(
-                f"the {name} model has no reliability probability for a Beta prior "
-                "(hierarchical: the population is the prior; boltzmann: tau is real-valued)"
-            )
-        kwargs["prior"] = prior
-    return cls(num_annotators, **kwargs)
-
-
-def initial_arguments(name: str, eta_init: float) -> dict[str, float]:
-    """Constructor arguments that start the model ``name`` at reliability ``eta_init``.
-
-    The flip models start every reliability at ``eta_init``, the spammer its
-    honesty ``theta``, the hierarchical model its population location
-    ``mu = logit eta_init``; the Boltzmann model starts at its own ``tau = 1``. The
-    one map of ``re-po fit-noise`` and ``re-po train``.
-    """
-    if name in ("symmetric", "two-coin"):
-        return {"eta_init": eta_init}
-    if name == "spammer":
-        return {"theta_init": eta_init}
-    if name == "hierarchical":
-        return {"mu_init": math.log(eta_init / (1 - eta_init))}
-    return {}
+    if isinstance(sizes, int):
+        sizes = Sizes(annotators=sizes)
+    model = NOISE_MODELS[name].build(sizes, eta_init=eta_init, prior=prior)
+    if prior is not None and not model.reliability_names:
+        raise ValueError(f"the {name} model has no reliability probability for a Beta prior")
+    return model
 
 
 __all__ = [
+    "ANNOTATORS",
     "EPS",
+    "GLAD",
+    "ITEMS",
     "NOISE_MODELS",
     "Boltzmann",
     "HierarchicalFlip",
     "LabelData",
     "NoiseModel",
+    "Parameter",
+    "Sizes",
     "Spammer",
     "SymmetricFlip",
     "TwoCoin",
-    "initial_arguments",
+    "dim_name",
     "make_noise_model",
 ]

@@ -4,7 +4,7 @@ A noise model is a Pyro program for the observed labels ``o`` given a scorer's
 preference logits ``s`` (one per truth unit)::
 
     z_i  ~ Bernoulli(logits = s_i)                  # true preference, enumerated
-    o_ij ~ p(o_ij | z_i, annotator parameters)      # the noise process
+    o_ij ~ p(o_ij | z_i, parameters)                # the noise process
 
 Subclasses write :meth:`NoiseModel.model` with the truth units in a plate named
 ``"items"``. The labels of a unit are independent given its truth; they are
@@ -19,9 +19,36 @@ vector is :class:`~repo.noise.channel.AnnotatorLabels`: a ``(truth, annotator)``
 table of logits, each label's log-probability one look-up in it. That program is
 all EM, MAP, NUTS and SVI need.
 
-Annotator parameters are :class:`~pyro.nn.PyroParam` (point estimates: EM, MAP
-under a prior) and become :class:`~pyro.nn.PyroSample` (full Bayes) through
-:meth:`NoiseModel.bayesian`, on the same class.
+**Conventions the base class carries** (in the manner of Pyro's
+``contrib.forecast.ForecastingModel``):
+
+* *Declared parameters.* Every parameter is created by :meth:`NoiseModel.parameter`,
+  which declares the plate it lives on (:class:`Parameter`): ``None`` (one value,
+  global), :data:`ANNOTATORS` (``(K,)``), :data:`ITEMS` (``(I,)``, indexed by
+  ``data.unit``, the truth unit's global key) or any other plate the model names
+  in ``plate_sizes``; and whether it is a *reliability* (a measure of the
+  annotator's accuracy, listed beside ``eta``; a Beta ``prior`` applies to the
+  reliabilities that are probabilities). Random effects of the program that
+  inference samples (the hierarchical model's ``logit_eta``) are declared with
+  :meth:`NoiseModel.declare`. Inference, summaries and ArviZ read the
+  declarations, never the names: ArviZ dims are named after the plates.
+* *The reported reliability.* ``eta``, the probability that an annotator's label is
+  correct, is always :meth:`NoiseModel.implied_eta` averaged over the annotator's
+  labels; ``eta`` is therefore not a free parameter name: a parameter called
+  ``eta`` must be declared a reliability, and it is then reported as ``eta``.
+* *One constructor contract.* :meth:`NoiseModel.build` makes a model from the sizes
+  of the data (:class:`Sizes`: annotators, items, units), a starting reliability
+  and an optional Beta prior; the registry, ``fit_noise`` and the trainer use it.
+* *Explicit estimates.* Priors (:meth:`NoiseModel.priors`) are declared for full
+  Bayes; whether a point estimate uses them is chosen (:meth:`NoiseModel.estimating`:
+  ``"ml"`` or ``"map"``; ``fit_em(estimate=...)``), never inferred from their
+  existence. Left unchosen, a model constructed with a Beta ``prior`` is estimated
+  under it (MAP), any other by maximum likelihood. :meth:`NoiseModel.bayesian`
+  refuses a parameter without a prior.
+
+Point parameters are :class:`~pyro.nn.PyroParam` (EM, MAP) and become
+:class:`~pyro.nn.PyroSample` (full Bayes) through :meth:`NoiseModel.bayesian`,
+on the same class.
 
 Two optional hooks make EM faster where the model is conjugate:
 :meth:`sufficient_statistics` (additive over labels, so mini-batches and ranks can
@@ -31,7 +58,10 @@ Without them EM takes gradient steps on the enumerated marginal likelihood.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pyro.distributions as dist
 import torch
@@ -44,6 +74,66 @@ from repo.noise.layout import LabelData
 
 EPS = 1e-6
 """Probability parameters are kept inside ``[EPS, 1 - EPS]``."""
+
+ANNOTATORS = "annotators"
+"""The plate of per-annotator parameters (size ``K``)."""
+
+ITEMS = "items"
+"""The plate of per-item parameters: one value per truth unit key (``data.unit``)."""
+
+REPORTED = "eta"
+"""The name under which every model reports its reliability (:meth:`NoiseModel.implied_eta`)."""
+
+ESTIMATES = ("ml", "map")
+"""Point estimates: maximum likelihood, or the posterior mode under :meth:`NoiseModel.priors`."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """The declaration of one parameter of a noise model.
+
+    :param name: the attribute and Pyro site name.
+    :param plate: ``None`` (a single global value), :data:`ANNOTATORS`, :data:`ITEMS`
+        or another plate in the model's ``plate_sizes``; the value's shape is
+        ``(size,)`` of that plate (``()`` when global).
+    :param reliability: whether it measures an annotator's accuracy (a Beta ``prior``
+        applies to reliabilities that are probabilities).
+    :param point: whether it is a point parameter (PyroParam) under EM; ``False``
+        for a random effect of the program that EM integrates out.
+    """
+
+    name: str
+    plate: str | None
+    reliability: bool = False
+    point: bool = True
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes a model may need, from the data (:meth:`NoiseModel.build`'s input).
+
+    :param annotators: ``K``.
+    :param items: the number of item keys: ``max(data.unit) + 1`` (per-item
+        parameters are indexed by ``data.unit``; under shared truth the items, under
+        per-label truth the labels).
+    :param units: truth units of the layout (``data.num_units``).
+    """
+
+    annotators: int
+    items: int | None = None
+    units: int | None = None
+
+    @classmethod
+    def of(cls, data: LabelData) -> Sizes:
+        """The sizes of a label layout."""
+        items = int(data.unit.max()) + 1 if data.num_units else 0
+        return cls(annotators=data.num_annotators, items=items, units=data.num_units)
+
+
+def dim_name(plate: str) -> str:
+    """The ArviZ dim of a plate: ``annotators`` -> ``annotator``, ``items`` -> ``item``,
+    any other plate its own name."""
+    return {ANNOTATORS: "annotator", ITEMS: "item"}.get(plate, plate)
 
 
 def beta_map(successes: Tensor, trials: Tensor, prior: dist.Beta | None) -> Tensor:
@@ -78,17 +168,24 @@ def agree_logits(z: Tensor, logit_correct: Tensor) -> Tensor:
     return (2 * z - 1) * logit_correct
 
 
+def _is_probability(constraint) -> bool:
+    base = getattr(constraint, "base_constraint", constraint)
+    lower = getattr(base, "lower_bound", None)
+    upper = getattr(base, "upper_bound", None)
+    return lower is not None and upper is not None and lower >= 0 and upper <= 1
+
+
 class NoiseModel(PyroModule):
     """A Pyro model of labels given preference logits; see the module docstring.
 
     :param num_annotators: ``K``.
     :param prior: an optional ``Beta(a, b)`` prior on the model's reliability
-        parameters (:attr:`reliability_names`): MAP under EM, the prior under
-        full Bayes.
+        probabilities: the prior of MAP and of full Bayes; a model given one is
+        estimated under it unless told otherwise (:meth:`estimating`).
+    :param plate_sizes: sizes of further plates the model's parameters live on
+        (e.g. ``{"items": I}``); ``"annotators"`` is ``K``.
     """
 
-    #: per-annotator probabilities that ``prior`` applies to.
-    reliability_names: tuple[str, ...] = ()
     #: whether the model reads the A/B position (bias towards A or B).
     reads_position: bool = False
     #: whether the model has a latent true preference ``z`` (all but Boltzmann).
@@ -96,45 +193,180 @@ class NoiseModel(PyroModule):
     #: the name the CLI and result files use.
     name: str = ""
 
-    def __init__(self, num_annotators: int, prior: dist.Beta | None = None) -> None:
+    def __init__(
+        self,
+        num_annotators: int,
+        prior: dist.Beta | None = None,
+        plate_sizes: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         if num_annotators < 1:
             raise ValueError(f"num_annotators must be >= 1, got {num_annotators}")
         self.num_annotators = num_annotators
         self.prior = prior
+        self.plate_sizes = {ANNOTATORS: num_annotators, **(plate_sizes or {})}
+        self.declarations: dict[str, Parameter] = {}
+        self._estimate = "ml" if prior is None else "map"
+
+    # -- the constructor contract ----------------------------------------------
+    @classmethod
+    def build(
+        cls, sizes: Sizes, *, eta_init: float = 0.9, prior: dist.Beta | None = None
+    ) -> NoiseModel:
+        """The model for data of these ``sizes``, started near reliability ``eta_init``,
+        with an optional Beta ``prior`` on its reliability probabilities.
+
+        The one contract by which the registry, ``fit_noise`` and the trainer make a
+        model. The default calls ``cls(K)`` or ``cls(K, prior=prior)``; a model that
+        needs more sizes or starts its parameters from ``eta_init`` overrides it.
+        """
+        return cls(sizes.annotators) if prior is None else cls(sizes.annotators, prior=prior)
 
     # -- declaring parameters ------------------------------------------------
-    def _probability(self, name: str, init: float | Tensor) -> None:
+    def parameter(
+        self,
+        name: str,
+        init: float | Tensor,
+        plate: str | None = ANNOTATORS,
+        constraint: constraints.Constraint = constraints.real,
+        *,
+        reliability: bool = False,
+    ) -> None:
+        """Create the point parameter ``name`` (a PyroParam of the plate's shape, float64,
+        every entry started at ``init``) and declare it (:class:`Parameter`)."""
+        shape = () if plate is None else (self._plate_size(plate, name),)
+        value = torch.as_tensor(init, dtype=torch.float64).expand(shape).clone()
+        self.declare(name, plate, reliability=reliability)
+        setattr(self, name, PyroParam(value, constraint=constraint))
+
+    def declare(
+        self, name: str, plate: str | None, *, reliability: bool = False, point: bool = True
+    ) -> None:
+        """Declare a parameter or a random effect of the program (``point=False``)."""
+        if name == REPORTED and not reliability:
+            raise ValueError(
+                f"{type(self).__name__}: a parameter named {REPORTED!r} must be declared "
+                f"reliability=True: {REPORTED!r} is the reported probability that a label "
+                "is correct (implied_eta); name the parameter otherwise"
+            )
+        if plate is not None:
+            self._plate_size(plate, name)
+        self.declarations[name] = Parameter(name, plate, reliability, point)
+
+    def _probability(self, name: str, init: float | Tensor, reliability: bool = True) -> None:
         """Declare a per-annotator probability ``(K,)`` kept in ``[EPS, 1 - EPS]``."""
-        value = torch.as_tensor(init, dtype=torch.float64).expand(self.num_annotators).clone()
-        setattr(self, name, PyroParam(value, constraint=constraints.interval(EPS, 1 - EPS)))
+        interval = constraints.interval(EPS, 1 - EPS)
+        self.parameter(name, init, ANNOTATORS, interval, reliability=reliability)
+
+    def _plate_size(self, plate: str, name: str) -> int:
+        if plate not in self.plate_sizes:
+            raise ValueError(
+                f"{type(self).__name__}: parameter {name!r} is on plate {plate!r}, whose "
+                f"size the model does not know (plate_sizes: {sorted(self.plate_sizes)})"
+            )
+        return self.plate_sizes[plate]
+
+    def declaration(self, name: str) -> Parameter:
+        """The declaration of site ``name``; a clear error for an undeclared one."""
+        if name not in self.declarations:
+            raise ValueError(
+                f"{type(self).__name__}: parameter {name!r} is not declared; create it "
+                "with self.parameter(name, init, plate, constraint) (or self.declare for a "
+                "random effect of the program)"
+            )
+        return self.declarations[name]
+
+    def point_parameters(self) -> list[str]:
+        """The declared point parameters (PyroParams), checked against the module."""
+        for name in self._pyro_params:
+            self.declaration(name)
+        return [n for n, p in self.declarations.items() if p.point and n in self._pyro_params]
+
+    def plate_of(self, name: str) -> str | None:
+        """The plate of site ``name`` (``None``: global)."""
+        return self.declaration(name).plate
+
+    @property
+    def reliability_names(self) -> tuple[str, ...]:
+        """The declared reliability probabilities (those a Beta ``prior`` applies to)."""
+        return tuple(
+            name
+            for name, p in self.declarations.items()
+            if p.reliability
+            and name in self._pyro_params
+            and _is_probability(self._pyro_params[name][0])
+        )
 
     def priors(self) -> dict[str, dist.Distribution]:
-        """Priors of the point parameters: used for MAP and by :meth:`bayesian`."""
+        """Priors of the point parameters: used by MAP and by :meth:`bayesian`. The
+        default: ``prior`` on every reliability probability."""
         if self.prior is None:
             return {}
-        k = self.num_annotators
-        return {n: self.prior.expand([k]).to_event(1) for n in self.reliability_names}
+        out = {}
+        for name in self.reliability_names:
+            shape = tuple(getattr(self, name).shape)
+            out[name] = self.prior.expand(shape).to_event(len(shape))
+        return out
+
+    @contextmanager
+    def estimating(self, estimate: str) -> Iterator[None]:
+        """Within this block the point estimate is ``estimate``: ``"ml"`` (the Beta
+        ``prior`` hidden from closed-form M-steps and :meth:`log_prior` zero) or
+        ``"map"`` (both as declared)."""
+        if estimate not in ESTIMATES:
+            raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+        saved = self._estimate, self.prior
+        self._estimate = estimate
+        if estimate == "ml":
+            self.prior = None
+        try:
+            yield
+        finally:
+            self._estimate, self.prior = saved
 
     def log_prior(self) -> Tensor:
-        """``sum log p(param)`` of the point parameters under :meth:`priors`."""
+        """``sum log p(param)`` of the point parameters under :meth:`priors` (zero for a
+        maximum-likelihood estimate, :meth:`estimating`)."""
         total = torch.zeros((), dtype=torch.float64)
+        if self._estimate == "ml":
+            return total
         for name, prior in self.priors().items():
             total = total + prior.log_prob(getattr(self, name)).sum()
         return total
 
-    def bayesian(self) -> NoiseModel:
-        """Turn every parameter with a prior into a random variable (PyroSample)."""
+    def bayesian(self, missing_prior: str = "error") -> NoiseModel:
+        """Turn every point parameter into a random variable (PyroSample) under its
+        prior. A parameter without one is an error (NUTS and SVI would otherwise hold
+        it at its point value, or fail under jit); ``missing_prior="flat"`` gives it
+        an improper flat density instead, for a model that is only conditioned on
+        given draws (the Laplace approximation's), never sampled."""
         priors = self.priors()
-        if not priors:
+        names = self.point_parameters()
+        missing = [n for n in names if n not in priors]
+        if missing and missing_prior == "flat":
+            for name in missing:
+                constraint, _ = self._pyro_params[name]
+                shape = tuple(getattr(self, name).shape)
+                priors[name] = dist.ImproperUniform(constraint, (), shape)
+        elif missing:
             raise ValueError(
-                f"{type(self).__name__} has no prior: give one (e.g. prior=Beta(2, 1)) "
-                "before asking for full Bayes"
+                f"{type(self).__name__}: full Bayes needs a prior on every parameter; "
+                f"none for {', '.join(missing)} (give prior=Beta(a, b) for reliability "
+                "probabilities, or define priors() for the others)"
             )
-        for name, prior in priors.items():
+        for name in names:
             delattr(self, name)
-            setattr(self, name, PyroSample(prior))
+            setattr(self, name, PyroSample(priors[name]))
         return self
+
+    def check_bayesian(self) -> None:
+        """Raise ValueError unless every declared parameter is a random variable."""
+        left = [n for n in self.point_parameters()]
+        if left:
+            raise ValueError(
+                f"{type(self).__name__}: parameters {', '.join(left)} are point values in "
+                "a model given to NUTS or SVI; call bayesian() (every parameter needs a prior)"
+            )
 
     # -- the probabilistic program ------------------------------------------
     def model(self, logits: Tensor, data: LabelData) -> None:
@@ -196,9 +428,30 @@ class NoiseModel(PyroModule):
         raise NotImplementedError
 
     def annotator_parameters(self) -> dict[str, Tensor]:
-        """The model's own per-annotator parameters by name, each ``(K,)``."""
-        return {}
+        """The model's own per-annotator values by name, each ``(K,)``: by default its
+        declared point parameters on the annotators plate."""
+        return self.plate_parameters(ANNOTATORS)
 
     def population_parameters(self) -> dict[str, Tensor]:
-        """Parameters shared by all annotators (hierarchical models)."""
-        return {}
+        """Global values (one number each): by default the declared global point
+        parameters."""
+        return self.plate_parameters(None)
+
+    def plate_parameters(self, plate: str | None) -> dict[str, Tensor]:
+        """The declared point parameters on ``plate`` (None: global), detached."""
+        return {
+            name: getattr(self, name).detach()
+            for name in self.point_parameters()
+            if self.declarations[name].plate == plate
+        }
+
+    def plates(self) -> list[str | None]:
+        """The plates of the declared parameters, annotators first, global last."""
+        seen = {p.plate for p in self.declarations.values()}
+        named = sorted(p for p in seen if p is not None and p != ANNOTATORS)
+        return [ANNOTATORS, *named] + ([None] if None in seen else [])
+
+
+def logit(p: float) -> float:
+    """``log(p / (1 - p))`` of a probability strictly inside ``(0, 1)``."""
+    return math.log(p / (1 - p))

@@ -19,10 +19,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.nn import PyroParam
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, label_likelihood
+from repo.noise.base import ANNOTATORS, NoiseModel, Sizes, label_likelihood
 from repo.noise.layout import LabelData
 
 
@@ -35,16 +34,22 @@ class Boltzmann(NoiseModel):
     def __init__(self, num_annotators: int, tau_init: float = 1.0, tau_prior_scale: float = 3.0):
         super().__init__(num_annotators, None)
         self.tau_prior_scale = tau_prior_scale
-        tau = torch.full((num_annotators,), float(tau_init), dtype=torch.float64)
-        self.tau = PyroParam(tau, constraint=constraints.real)
+        self.parameter("tau", float(tau_init), ANNOTATORS, constraints.real, reliability=True)
+
+    @classmethod
+    def build(cls, sizes: Sizes, *, eta_init: float = 0.9, prior: dist.Beta | None = None):
+        """``tau`` starts at 1 (calibrated like the scorer); there is no Beta prior."""
+        if prior is not None:
+            raise ValueError(
+                "the boltzmann model has no reliability probability for a Beta prior "
+                "(tau is real-valued; its prior is Normal(1, tau_prior_scale))"
+            )
+        return cls(sizes.annotators)
 
     def priors(self):
         scale = torch.tensor(self.tau_prior_scale, dtype=torch.float64)
         normal = dist.Normal(torch.ones((), dtype=torch.float64), scale)
         return {"tau": normal.expand([self.num_annotators]).to_event(1)}
-
-    def log_prior(self) -> Tensor:  # EM for this model is maximum likelihood
-        return torch.zeros((), dtype=torch.float64)
 
     def model(self, logits: Tensor, data: LabelData) -> None:
         tau = self.tau
@@ -54,6 +59,3 @@ class Boltzmann(NoiseModel):
 
     def implied_eta(self, logits, data):
         return torch.sigmoid(self.tau.detach()[data.annotator] * logits.abs().unsqueeze(-1))
-
-    def annotator_parameters(self):
-        return {"tau": self.tau.detach()}

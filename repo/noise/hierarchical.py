@@ -49,11 +49,10 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
-from pyro.nn import PyroParam
 from torch import Tensor
 from torch.nn.functional import logsigmoid
 
-from repo.noise.base import NoiseModel
+from repo.noise.base import ANNOTATORS, NoiseModel, Sizes, logit
 from repo.noise.channel import AnnotatorLabels
 from repo.noise.layout import LabelData
 
@@ -90,14 +89,26 @@ class HierarchicalFlip(NoiseModel):
     ) -> None:
         super().__init__(num_annotators, None)
         f64 = torch.float64
-        self.mu = PyroParam(torch.tensor(mu_init, dtype=f64))
-        self.sigma = PyroParam(torch.tensor(sigma_init, dtype=f64), constraint=constraints.positive)
+        self.parameter("mu", mu_init, None)
+        self.parameter("sigma", sigma_init, None, constraints.positive)
+        self.declare("logit_eta", ANNOTATORS, reliability=True, point=False)
         grid = torch.linspace(-grid_bound, grid_bound, grid_size, dtype=f64)
         self.register_buffer("grid", grid, persistent=False)
         k = num_annotators
         self.register_buffer("post_loc", torch.full((k,), mu_init, dtype=f64))
         self.register_buffer("post_scale", torch.full((k,), sigma_init, dtype=f64))
         self.register_buffer("post_eta", torch.sigmoid(self.post_loc).clone())
+
+    @classmethod
+    def build(cls, sizes: Sizes, *, eta_init: float = 0.9, prior: dist.Beta | None = None):
+        """The population location starts at ``mu = logit eta_init``; the population is
+        the reliabilities' prior, so a Beta prior is an error."""
+        if prior is not None:
+            raise ValueError(
+                "the hierarchical model has no reliability probability for a Beta prior: "
+                "the population Normal(mu, sigma) is the prior of logit eta"
+            )
+        return cls(sizes.annotators, mu_init=logit(eta_init))
 
     def priors(self):
         f64 = torch.float64
@@ -232,6 +243,3 @@ class HierarchicalFlip(NoiseModel):
             "logit_eta_mean": self.post_loc.clone(),
             "logit_eta_sd": self.post_scale.clone(),
         }
-
-    def population_parameters(self):
-        return {"mu": self.mu.detach(), "sigma": self.sigma.detach()}

@@ -21,14 +21,13 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, beta_map
+from repo.noise.base import NoiseModel, Sizes, beta_map
 from repo.noise.layout import LabelData
 
 
 class Spammer(NoiseModel):
     """Per-annotator honesty ``theta`` and spam bias ``bias`` (towards A)."""
 
-    reliability_names = ("theta",)
     reads_position = True
     name = "spammer"
 
@@ -41,7 +40,12 @@ class Spammer(NoiseModel):
     ) -> None:
         super().__init__(num_annotators, prior)
         self._probability("theta", theta_init)
-        self._probability("bias", bias_init)
+        self._probability("bias", bias_init, reliability=False)
+
+    @classmethod
+    def build(cls, sizes: Sizes, *, eta_init: float = 0.9, prior: dist.Beta | None = None):
+        """The honesty ``theta`` starts at ``eta_init``, the bias at 0.5."""
+        return cls(sizes.annotators, theta_init=eta_init, prior=prior)
 
     def priors(self):
         priors = super().priors()
@@ -89,6 +93,3 @@ class Spammer(NoiseModel):
         k = data.annotator
         theta, bias = self.theta.detach()[k], self.bias.detach()[k]
         return theta + (1 - theta) * (p * bias + (1 - p) * (1 - bias))
-
-    def annotator_parameters(self):
-        return {"theta": self.theta.detach(), "bias": self.bias.detach()}

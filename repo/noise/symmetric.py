@@ -20,7 +20,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, beta_map
+from repo.noise.base import NoiseModel, Sizes, beta_map
 from repo.noise.channel import AnnotatorLabels
 from repo.noise.layout import LabelData
 
@@ -28,7 +28,6 @@ from repo.noise.layout import LabelData
 class SymmetricFlip(NoiseModel):
     """One reliability ``eta_k`` per annotator (one global eta when ``K = 1``)."""
 
-    reliability_names = ("eta",)
     name = "symmetric"
 
     def __init__(
@@ -36,6 +35,11 @@ class SymmetricFlip(NoiseModel):
     ) -> None:
         super().__init__(num_annotators, prior)
         self._probability("eta", eta_init)
+
+    @classmethod
+    def build(cls, sizes: Sizes, *, eta_init: float = 0.9, prior: dist.Beta | None = None):
+        """Every ``eta_k`` starts at ``eta_init``."""
+        return cls(sizes.annotators, eta_init=eta_init, prior=prior)
 
     def model(self, logits: Tensor, data: LabelData) -> None:
         logit_eta = torch.logit(self.eta)
@@ -54,6 +58,3 @@ class SymmetricFlip(NoiseModel):
 
     def implied_eta(self, logits, data):
         return self.eta.detach()[data.annotator]
-
-    def annotator_parameters(self):
-        return {"eta": self.eta.detach()}

@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
-from repo.noise.base import NoiseModel, beta_map
+from repo.noise.base import NoiseModel, Sizes, beta_map
 from repo.noise.channel import AnnotatorLabels
 from repo.noise.layout import LabelData
 
@@ -29,7 +29,6 @@ from repo.noise.layout import LabelData
 class TwoCoin(NoiseModel):
     """Per-annotator ``eta_a`` (truth A) and ``eta_b`` (truth B)."""
 
-    reliability_names = ("eta_a", "eta_b")
     reads_position = True
     name = "two-coin"
 
@@ -39,6 +38,11 @@ class TwoCoin(NoiseModel):
         super().__init__(num_annotators, prior)
         self._probability("eta_a", eta_init)
         self._probability("eta_b", eta_init)
+
+    @classmethod
+    def build(cls, sizes: Sizes, *, eta_init: float = 0.9, prior: dist.Beta | None = None):
+        """Both reliabilities start at ``eta_init``."""
+        return cls(sizes.annotators, eta_init=eta_init, prior=prior)
 
     def model(self, logits: Tensor, data: LabelData) -> None:
         # logit p(o = 1 | z, k): -logit eta_b_k when z = 0, logit eta_a_k when z = 1
@@ -71,6 +75,3 @@ class TwoCoin(NoiseModel):
         p = torch.sigmoid(logits).unsqueeze(-1)
         k = data.annotator
         return p * self.eta_a.detach()[k] + (1 - p) * self.eta_b.detach()[k]
-
-    def annotator_parameters(self):
-        return {"eta_a": self.eta_a.detach(), "eta_b": self.eta_b.detach()}

@@ -22,8 +22,8 @@ without a model is checked before a model loads:
 4. :func:`build_pair_tokenizer` and :class:`~repo.train.dataset.TrainingData` -
    tokenised items and the label layout;
 5. :func:`build_noise` - the noise model for the data's annotators, started at
-   ``[noise] eta_init`` (:func:`repo.noise.initial_arguments`, the map
-   ``re-po fit-noise`` uses too).
+   ``[noise] eta_init`` (the model's :meth:`~repo.noise.NoiseModel.build`, the
+   constructor contract ``re-po fit-noise`` uses too).
 
 :func:`build_online_em`, :func:`build_schedule`, :func:`build_optimizer`,
 :func:`build_scheduler` and :func:`build_reference` make the training-only parts;
@@ -49,7 +49,7 @@ from repo.data.records import PreferenceData
 from repo.fit import NoiseFit, parse_prior
 from repo.inference.online import OnlineEM
 from repo.likelihoods import PreferenceLikelihood, get_likelihood
-from repo.noise import NoiseModel, initial_arguments, make_noise_model
+from repo.noise import NoiseModel, make_noise_model
 from repo.policy import (
     LastLayersError,
     ModelRecipe,
@@ -147,12 +147,7 @@ def build_noise_model(config: TrainConfig, num_annotators: int) -> NoiseModel:
     """``[noise] model`` for ``K`` annotators with its prior, started at ``eta_init``."""
     n = config.noise
     try:
-        return make_noise_model(
-            n.model,
-            num_annotators,
-            prior=noise_prior(config),
-            **initial_arguments(n.model, n.eta_init),
-        )
+        return make_noise_model(n.model, num_annotators, noise_prior(config), eta_init=n.eta_init)
     except ValueError as error:
         raise ConfigError(f"[noise] {error}") from None
 

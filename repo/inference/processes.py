@@ -1,0 +1,74 @@
+"""Run a function over jobs in worker processes, whatever defined the jobs' classes.
+
+:func:`map_in_processes` sends each worker its jobs serialised by ``cloudpickle``
+(which pickles by value what lives in ``__main__``: a noise model class defined in
+a script, a notebook or on stdin) and starts it as ``python -m
+repo.inference.processes`` with the parent's ``sys.path``. No ``multiprocessing``
+start method is involved, so the parent's main module is never re-imported (the
+``spawn`` method re-runs it from its path, which fails for ``<stdin>`` and
+notebooks, and plain pickling fails for classes defined there).
+
+Each worker runs its share of the jobs one after another and writes the results
+(or the exception it raised, re-raised in the parent) to a file; jobs are dealt to
+the ``workers`` round-robin, and the results come back in the jobs' order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+
+class WorkerError(RuntimeError):
+    """A worker process ended without a result (killed, or failed before running)."""
+
+
+def map_in_processes(function: Callable, jobs: Sequence[Any], workers: int) -> list[Any]:
+    """``[function(job) for job in jobs]`` in ``min(workers, len(jobs))`` processes."""
+    workers = max(1, min(workers, len(jobs)))
+    shares = [list(range(w, len(jobs), workers)) for w in range(workers)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    with tempfile.TemporaryDirectory(prefix="repo-workers-") as folder:
+        running = []
+        for w, share in enumerate(shares):
+            payload, result = Path(folder, f"jobs-{w}.pkl"), Path(folder, f"result-{w}.pkl")
+            payload.write_bytes(cloudpickle.dumps((function, [jobs[i] for i in share])))
+            command = [sys.executable, "-m", "repo.inference.processes", str(payload), str(result)]
+            process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+            running.append((process, result))
+        outcomes = []
+        for process, result in running:
+            _, stderr = process.communicate()
+            if stderr:
+                sys.stderr.write(stderr)
+            if not result.is_file():
+                tail = "\n".join(stderr.strip().splitlines()[-5:])
+                raise WorkerError(f"a worker process exited with code {process.returncode}: {tail}")
+            outcomes.append(cloudpickle.loads(result.read_bytes()))
+    out: list[Any] = [None] * len(jobs)
+    for share, (ok, values) in zip(shares, outcomes, strict=True):
+        if not ok:
+            raise values
+        for i, value in zip(share, values, strict=True):
+            out[i] = value
+    return out
+
+
+def _main(payload: str, result: str) -> None:
+    function, jobs = cloudpickle.loads(Path(payload).read_bytes())
+    try:
+        outcome = (True, [function(job) for job in jobs])
+    except Exception as error:  # re-raised in the parent
+        outcome = (False, error)
+    Path(result).write_bytes(cloudpickle.dumps(outcome))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])
