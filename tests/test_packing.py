@@ -65,9 +65,7 @@ def test_packed_and_padded_log_probs_agree(policy):
 def test_packed_rows_of_a_set_length_agree(policy):
     pairs = _pairs(SIZES, seed=1)
     with torch.no_grad():
-        one_row, _ = shared_prompt_logps(
-            policy.lm, collate_shared_prompt(pairs, 0, row_length=200)
-        )
+        one_row, _ = shared_prompt_logps(policy.lm, collate_shared_prompt(pairs, 0, row_length=200))
         padded, _ = sequence_logps(policy.lm, collate_pairs(pairs, 0))
     torch.testing.assert_close(one_row, padded, rtol=0, atol=1e-5)
 
