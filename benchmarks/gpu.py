@@ -20,9 +20,9 @@ stamp), pairs per second (``batch_size`` / step), tokens per second (the mean pr
 A + B tokens of the pairs times ``batch_size``, per second: the same numerator for
 every system, whatever it pads or repeats) and the peak of
 ``torch.cuda.max_memory_allocated`` over the configuration (model, optimizer state and
-activations). A configuration that runs out of memory is recorded as such and the next
-one runs; once ``--budget-s`` seconds have passed the remaining ones are recorded as
-skipped, so the whole run stays within one lent machine's time.
+activations). A configuration that runs out of memory (or fails otherwise) is recorded
+as such and the next one runs; once ``--budget-s`` seconds have passed the remaining
+ones are recorded as skipped, so the whole run stays within one lent machine's time.
 
     python benchmarks/gpu.py            # on a CUDA machine, about 5 minutes on an H200
     python benchmarks/gpu.py --quick    # the same code on the CPU, a tiny model, seconds
@@ -218,11 +218,13 @@ def pair_tokens(records, tokenizer, max_length: int) -> float:
 
 
 def run_one(shape, tuning, system, records, tokenizer, s: Settings, tokens: float) -> dict:
-    """One configuration's figures, or ``{"status": "out of memory", ...}``."""
+    """One configuration's figures, or ``{"status": "out of memory" | "error", "error": ...}``
+    (the run goes on with the next configuration)."""
     if s.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
+    failure = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             if system == "trl/dpo":
@@ -231,11 +233,15 @@ def run_one(shape, tuning, system, records, tokenizer, s: Settings, tokens: floa
                 loss = system.split("/")[1]
                 seconds = ours_step_seconds(shape, tuning, loss, records, tokenizer, s, tmp)
     except torch.OutOfMemoryError as error:
-        return {"status": "out of memory", "error": str(error).splitlines()[0]}
-    finally:
-        gc.collect()
-        if s.device == "cuda":
-            torch.cuda.empty_cache()
+        failure = {"status": "out of memory", "error": str(error).splitlines()[0]}
+    except Exception as error:  # noqa: BLE001 - one failed configuration must not end the run
+        failure = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
+    # the exception (and the frames holding the models) is gone here: free the memory
+    gc.collect()
+    if s.device == "cuda":
+        torch.cuda.empty_cache()
+    if failure is not None:
+        return failure
     step = statistics.median(seconds)
     peak = torch.cuda.max_memory_allocated() / 2**30 if s.device == "cuda" else None
     return {
@@ -263,7 +269,7 @@ def versions() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model on the CPU, seconds")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="skip what starts later")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip what starts later")
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--out", type=Path, help="write the JSON here instead of results/")
     args = parser.parse_args()
