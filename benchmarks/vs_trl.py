@@ -18,14 +18,19 @@ over reference modes and data sets). Data: synthetic rule pairs (short prompts)
 and, in the full run, pairs of the shipped HH-RLHF subsample (real multi-turn
 prompts, longer than the responses) that fit 512 tokens.
 
-re-po's edge comes from its batch layout: one row ``[prompt | A | B]`` per pair
+re-po's edge comes from its batch layout: one block ``[prompt | A | B]`` per pair
 with B masked from A (``repo.policy.collate_shared_prompt``), so the prompt runs
-through the model once instead of twice and rows carry less padding; the
-log-probs are the same.
+through the model once instead of twice, and blocks packed into rows without
+padding between them (a row no longer than the longest block, each block attending
+to itself only); the log-probs are the same. The machine's load average (1, 5 and 15
+minutes) is recorded at the start and the end: on a shared machine CPU times drift
+with it (caches and hyper-threads are shared), which the alternating blocks spread
+over every system.
 
     pip install 're-po[bench]'                # TRL
     python benchmarks/vs_trl.py --quick        # under a minute
     python benchmarks/vs_trl.py                # more steps
+    python benchmarks/vs_trl.py --repeats 1    # one block per system (a busy machine)
 
 The last line printed is one JSON object with the figures; it is also written
 to ``benchmarks/results/`` (``-quick`` for the quick run).
@@ -34,6 +39,7 @@ to ``benchmarks/results/`` (``-quick`` for the quick run).
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import torch
@@ -198,7 +204,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (CPU time = wall time at 1)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating blocks per system (full run)"
+    )
     args = parser.parse_args()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     try:
         import trl
     except ImportError:
@@ -212,10 +222,10 @@ def main() -> None:
         datasets["rule_pairs"] = compare(args.model, records, default=False, **settings)
     else:
         records = rule_records(8 * 24, seed=2, filler=(8, 14))
-        settings = dict(batch_size=8, max_length=128, steps=20, warmup=3, repeats=2)
+        settings = dict(batch_size=8, max_length=128, steps=20, warmup=3, repeats=args.repeats)
         datasets["rule_pairs"] = compare(args.model, records, default=True, **settings)
         records = hh_records(4 * 14, max_length=512)
-        settings = dict(batch_size=4, max_length=512, steps=10, warmup=3, repeats=2)
+        settings = dict(batch_size=4, max_length=512, steps=10, warmup=3, repeats=args.repeats)
         datasets["hh_rlhf"] = compare(args.model, records, default=True, **settings)
     ratios = [m["ratio"] for d in datasets.values() for m in d["modes"].values()]
     emit(
@@ -233,6 +243,7 @@ def main() -> None:
             "trl": trl.__version__,
             "quick": args.quick,
             "datasets": datasets,
+            "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
             "machine": machine(),
         },
         "vs_trl",

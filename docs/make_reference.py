@@ -673,6 +673,14 @@ def benchmarks_page() -> str:
         "available when they were recorded (see [scaling.md](scaling.md)). Floats are shown "
         "to four significant digits; the JSON files hold the full values.\n"
     )
+    if not (ROOT / "benchmarks" / "results" / "gpu.json").is_file():
+        lines.append(
+            "GPU figures are not yet measured: `python benchmarks/gpu.py` (bf16 models of "
+            "0.5B and 1.5B parameters, LoRA and full fine-tune, re-po against TRL's "
+            "DPOTrainer; under ten minutes on one GPU) writes `benchmarks/results/gpu.json` "
+            "when it is run on a CUDA machine, and its section appears here once that file "
+            "is committed.\n"
+        )
     for path in results:
         data = json.loads(path.read_text(encoding="utf-8"))
         name = data.get("benchmark", path.stem)

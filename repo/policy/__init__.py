@@ -5,8 +5,9 @@
   ``policy.reference_logps(batch)`` the same under the reference (adapter disabled).
 * :class:`PairTokenizer`, :func:`collate_pairs` - tokenising and padding pairs
   (batch keys ``input_ids``, ``attention_mask``, ``response_mask``, ``index``);
-  :func:`collate_shared_prompt` - one row ``[prompt | A | B]`` per pair, the prompt
-  computed once (``Policy.collate`` picks the layout).
+  :func:`collate_shared_prompt` - one block ``[prompt | A | B]`` per pair, the prompt
+  computed once, blocks packed into rows without padding between them
+  (``Policy.collate`` picks the layout).
 * :func:`sequence_logps` - the masked, summed next-token log-probs.
 * :class:`ReferenceCache` - reference log-probs computed once, cached on disk.
 * :func:`load_recipe`, :func:`load_model_and_tokenizer`, :func:`build_random_model`

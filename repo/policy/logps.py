@@ -167,10 +167,11 @@ def sequence_logps(
     return sums, lengths.to(sums.device)
 
 
-def shared_prompt_mask(segment: torch.Tensor) -> torch.Tensor:
-    """The attention mask (B, 1, T, T) of :func:`~repo.policy.tokenize.collate_shared_prompt`
-    rows: causal, except that response B does not see response A; padding sees only
-    itself (keeps the softmax finite; its outputs are never read). True = attend."""
+def shared_prompt_mask(segment: torch.Tensor, pair: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention mask (R, 1, T, T) of :func:`~repo.policy.tokenize.collate_shared_prompt`
+    rows: causal within each pair's block (``pair``; default: one block a row), except
+    that response B does not see response A; padding sees only itself (keeps the softmax
+    finite; its outputs are never read). True = attend."""
     from repo.policy.tokenize import PADDING, RESPONSE_A, RESPONSE_B
 
     T = segment.shape[1]
@@ -178,6 +179,8 @@ def shared_prompt_mask(segment: torch.Tensor) -> torch.Tensor:
     causal = position[None, :] <= position[:, None]  # (T, T): key <= query
     query, key = segment[:, :, None], segment[:, None, :]
     allowed = causal & (key != PADDING) & ~((query == RESPONSE_B) & (key == RESPONSE_A))
+    if pair is not None:
+        allowed &= pair[:, :, None] == pair[:, None, :]
     allowed = allowed | ((query == PADDING) & torch.eye(T, dtype=torch.bool, device=segment.device))
     return allowed.unsqueeze(1)
 
@@ -188,23 +191,25 @@ def shared_prompt_logps(
     *,
     chunk_size: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and lengths of A and B from ``[prompt | A | B]`` rows.
+    """Summed response log-probs and lengths of A and B from ``[prompt | A | B]`` blocks.
 
     ONE forward of ``model`` over the rows of
-    :func:`~repo.policy.tokenize.collate_shared_prompt` with their position ids and
-    :func:`shared_prompt_mask`; returns ``(sum_logps, lengths)`` of shape (2B,) in
-    :func:`sequence_logps`' order (the B responses A, then the B responses B), so
-    :func:`split_pair` applies. Equal to :func:`sequence_logps` on the
+    :func:`~repo.policy.tokenize.collate_shared_prompt` (one or more blocks a row) with
+    their position ids and :func:`shared_prompt_mask`; returns ``(sum_logps, lengths)``
+    of shape (2B,) in :func:`sequence_logps`' order (the B responses A, then the B
+    responses B), so :func:`split_pair` applies. Equal to :func:`sequence_logps` on the
     :func:`~repo.policy.tokenize.collate_pairs` layout of the same pairs.
     """
     from repo.policy.tokenize import RESPONSE_A, RESPONSE_B
 
     input_ids, segment, source = batch["input_ids"], batch["segment"], batch["source"]
-    n, T = input_ids.shape
+    rows_n, T = input_ids.shape
+    pair = batch.get("pair")  # absent: one pair a row, in order
+    n = int(batch["index"].shape[0]) if pair is not None else rows_n
     scored = (segment == RESPONSE_A) | (segment == RESPONSE_B)
-    scored &= source >= 0  # a response token at position 0 has no predecessor
+    scored &= source >= 0  # a response token at a block's start has no predecessor
     kwargs: dict[str, object] = {
-        "attention_mask": shared_prompt_mask(segment),
+        "attention_mask": shared_prompt_mask(segment, pair),
         "position_ids": batch["position_ids"],
         "use_cache": False,
     }
@@ -219,7 +224,8 @@ def shared_prompt_logps(
         logits[rows, source[rows, cols] - offset], input_ids[rows, cols], chunk_size=chunk_size
     )
     is_b = (segment[rows, cols] == RESPONSE_B).long()
-    slot = rows + n * is_b  # A of row r -> r, B of row r -> n + r
+    owner = rows if pair is None else pair[rows, cols]
+    slot = owner + n * is_b  # A of pair i -> i, B of pair i -> n + i
     sums = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, tok)
     ones = torch.ones_like(tok)
     lengths = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, ones)

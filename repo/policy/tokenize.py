@@ -53,6 +53,7 @@ __all__ = [
     "TokenizedPairs",
     "collate_pairs",
     "collate_shared_prompt",
+    "pack_rows",
     "PairCollator",
     "batch_to",
     "PROMPT",
@@ -316,62 +317,100 @@ def collate_pairs(
     }
 
 
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the positions of ``lengths`` grouped into rows whose lengths
+    sum to at most ``capacity`` (each length at most ``capacity``), longest first."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
 def collate_shared_prompt(
     pairs: Sequence[TokenizedPair],
     pad_token_id: int,
     *,
     pad_to_multiple_of: int | None = None,
+    row_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pad B pairs into B rows ``[prompt | A | B]``: the prompt is computed once per pair.
+    """Lay out B pairs as blocks ``[prompt | A | B]``: the prompt is computed once per pair.
 
     Response B continues the *prompt*, not A: its tokens take positions
     ``P, P + 1, ...`` (as A's do) and may not attend to A's tokens (the attention
     mask built by :func:`repo.policy.logps.shared_prompt_mask`), and its first token
     is scored from the prompt's last position. So every log-prob equals the one of
     :func:`collate_pairs`' layout, while the prompt's tokens run through the model
-    once instead of twice and each row is padded to ``P + |A| + |B|`` rather than
-    the batch's longest ``P + |response|`` twice.
+    once instead of twice and each block is ``P + |A| + |B|`` tokens rather than the
+    batch's longest ``P + |response|`` twice.
 
-    Returns a dict of tensors:
+    Padding-free packing: the blocks are packed into rows of at most
+    ``max(row_length, longest block)`` tokens (:func:`pack_rows`; default: the longest
+    block, so no row is longer, and attention spans no more positions, than with one
+    block a row). Each block keeps its own positions (from 0) and sees only itself (the
+    mask is block-diagonal), so packing changes no log-prob; it removes the padding of
+    short blocks that fit beside others.
 
-    * ``input_ids`` (B, T) int64, padded with ``pad_token_id`` on the right;
-    * ``position_ids`` (B, T) int64 (padding: 0);
-    * ``segment`` (B, T) int64: :data:`PROMPT`, :data:`RESPONSE_A`, :data:`RESPONSE_B`
+    Returns a dict of tensors (R rows of T tokens, R <= B):
+
+    * ``input_ids`` (R, T) int64, padded with ``pad_token_id`` on the right;
+    * ``position_ids`` (R, T) int64 (padding: 0);
+    * ``segment`` (R, T) int64: :data:`PROMPT`, :data:`RESPONSE_A`, :data:`RESPONSE_B`
       or :data:`PADDING`;
-    * ``source`` (B, T) int64: the position whose output scores each token (its
-      predecessor, or the prompt's last position for the first token of B);
+    * ``source`` (R, T) int64: the position in the row whose output scores each token
+      (its predecessor in the block, the prompt's last position for the first token of
+      B; -1 for a block's first token, which has no predecessor);
+    * ``pair`` (R, T) int64: the pair (0..B-1) each token belongs to (padding: -1);
     * ``index`` (B,) int64: the record index of each pair.
     """
     if not pairs:
         raise ValueError("cannot collate an empty list of pairs")
-    T = max(len(p.prompt_ids) + len(p.response_a_ids) + len(p.response_b_ids) for p in pairs)
+    sizes = [len(p.prompt_ids) + len(p.response_a_ids) + len(p.response_b_ids) for p in pairs]
+    rows = pack_rows(sizes, max(max(sizes), row_length or 0))
+    T = max(sum(sizes[i] for i in row) for row in rows)
     if pad_to_multiple_of:
         T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    n = len(pairs)
+    n = len(rows)
     input_ids = torch.full((n, T), int(pad_token_id), dtype=torch.long)
     position_ids = torch.zeros((n, T), dtype=torch.long)
     segment = torch.full((n, T), PADDING, dtype=torch.long)
     source = torch.zeros((n, T), dtype=torch.long)
-    for row, p in enumerate(pairs):
-        P, A, B = len(p.prompt_ids), len(p.response_a_ids), len(p.response_b_ids)
-        L = P + A + B
-        input_ids[row, :L] = torch.tensor(
-            list(p.prompt_ids) + list(p.response_a_ids) + list(p.response_b_ids), dtype=torch.long
-        )
-        position_ids[row, : P + A] = torch.arange(P + A)
-        position_ids[row, P + A : L] = torch.arange(P, P + B)
-        segment[row, :P] = PROMPT
-        segment[row, P : P + A] = RESPONSE_A
-        segment[row, P + A : L] = RESPONSE_B
-        source[row, :L] = torch.arange(-1, L - 1)
-        if B:
-            source[row, P + A] = P - 1
+    pair_of = torch.full((n, T), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        o = 0  # the block's offset in the row
+        for i in row:
+            p = pairs[i]
+            P, A, B = len(p.prompt_ids), len(p.response_a_ids), len(p.response_b_ids)
+            L = P + A + B
+            input_ids[r, o : o + L] = torch.tensor(
+                list(p.prompt_ids) + list(p.response_a_ids) + list(p.response_b_ids),
+                dtype=torch.long,
+            )
+            position_ids[r, o : o + P + A] = torch.arange(P + A)
+            position_ids[r, o + P + A : o + L] = torch.arange(P, P + B)
+            segment[r, o : o + P] = PROMPT
+            segment[r, o + P : o + P + A] = RESPONSE_A
+            segment[r, o + P + A : o + L] = RESPONSE_B
+            source[r, o : o + L] = torch.arange(o - 1, o + L - 1)
+            source[r, o] = -1
+            if B:
+                source[r, o + P + A] = o + P - 1 if P else -1
+            pair_of[r, o : o + L] = i
+            o += L
     index = torch.tensor([p.index for p in pairs], dtype=torch.long)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "segment": segment,
         "source": source,
+        "pair": pair_of,
         "index": index,
     }
 
