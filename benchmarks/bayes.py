@@ -37,13 +37,13 @@ import pyro.distributions as dist
 import torch
 from _numpyro_flip import run_numpyro_nuts
 from _results import record
-from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 
 from repo.data.simulate import simulate_labels
 from repo.inference.bayes import BayesSettings, bayesian_copy, infer, summarise_draws
 from repo.inference.em import fit_em
-from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
+from repo.inference.enumeration import local_params
+from repo.inference.nuts import _potential
 from repo.noise import LabelData, SymmetricFlip
 from repo.scorers import FixedLogits
 
@@ -63,16 +63,15 @@ def simulate(num_labels: int, num_annotators: int, seed: int = 0):
 
 
 def jit_effect(model, logits, data, repeats: int = 20) -> dict:
-    """Seconds per potential+gradient with and without jit, and the tracing cost."""
+    """Seconds per potential+gradient with and without jit, and the tracing cost,
+    of the potential NUTS runs (:class:`repo.inference.nuts.CachedEnumEvaluator`)."""
     bayes = bayesian_copy(model)
     out = {}
     for jit in (False, True):
         with local_params():
             start = time.perf_counter()
-            init, potential, _, _ = initialize_model(
-                bayes, (logits, data), max_plate_nesting=MAX_PLATE_NESTING, jit_compile=jit,
-                skip_jit_warnings=True,
-            )  # fmt: skip
+            initial, potential, _ = _potential(bayes, logits, data, jit)
+            init = {name: value[0] for name, value in initial.items()}
             potential_grad(potential, init)  # the first call traces under jit
             first = time.perf_counter() - start
             start = time.perf_counter()
