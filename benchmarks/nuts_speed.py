@@ -7,9 +7,11 @@ variances as initial metric) on 300 labels from 3 annotators (per-label truth,
 known scores; ``repo.data.simulate.simulate_labels``, seed 12). Recorded:
 
 * ``cli_s``: wall time of the whole CLI process (``python -m repo.cli fit-noise``),
-  the median of ``--repeats`` runs; with ``--baseline DIR`` (another checkout, e.g.
-  the code before a change) the same command from there, the two alternated, and
-  the median of the paired ratios;
+  the median of ``--repeats`` runs; ``cli_sequential_s`` the same with
+  ``--chain-processes 1`` (chains one after the other rather than in as many
+  processes as there are cores); with ``--baseline DIR`` (another checkout, e.g.
+  the code before a change) the same command from there, the runs alternated, and
+  the medians of the paired ratios (``speedup``: baseline over ours);
 * ``import_s``: a fresh process importing ``repo.cli`` and ``repo.fit``;
 * ``phases_s``: in this process, EM, NUTS (setup, warm-up and sampling, summed over
   chains), the per-draw enumeration of the truth (Rao-Blackwellised posteriors and
@@ -98,27 +100,39 @@ def _timed(command: list[str], root: Path) -> float:
 def cli_times(
     csv: Path, out: Path, chains: int, warmup: int, draws: int, repeats: int, baseline: Path | None
 ) -> dict:
-    """Wall seconds of the whole ``fit-noise`` process (and of ``baseline``'s)."""
+    """Wall seconds of the whole ``fit-noise`` process: with its defaults (chains in
+    as many processes as there are cores), with ``--chain-processes 1`` (one after
+    the other) and, given ``baseline``, that checkout's with its defaults."""
     command = [
         sys.executable, "-m", "repo.cli", "fit-noise", str(csv), "--format", "scored",
         "--method", "nuts", "--chains", str(chains), "--warmup", str(warmup),
         "--draws", str(draws), "--out", str(out),
     ]  # fmt: skip
-    ours, theirs = [], []
+    runs: dict[str, list[float]] = {"default": [], "sequential": [], "baseline": []}
     for _ in range(repeats):
-        ours.append(_timed(command, ROOT))
+        runs["default"].append(_timed(command, ROOT))
+        runs["sequential"].append(_timed([*command, "--chain-processes", "1"], ROOT))
         if baseline is not None:
-            theirs.append(_timed(command, baseline))
-    figures = {"cli_s": statistics.median(ours), "cli_runs_s": ours}
+            runs["baseline"].append(_timed(command, baseline))
+    figures = {
+        "cli_s": statistics.median(runs["default"]),
+        "cli_runs_s": runs["default"],
+        "cli_sequential_s": statistics.median(runs["sequential"]),
+        "cli_sequential_runs_s": runs["sequential"],
+    }
     if baseline is not None:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=baseline, capture_output=True, text=True
-        ).stdout.strip()
+        ).stdout.strip()  # empty for an exported tree (git archive)
+        pairs = zip(runs["baseline"], runs["default"], runs["sequential"], strict=True)
+        pairs = list(pairs)
         figures["baseline"] = {
+            "path": str(baseline),
             "commit": commit,
-            "cli_s": statistics.median(theirs),
-            "cli_runs_s": theirs,
-            "speedup": statistics.median(t / o for t, o in zip(theirs, ours, strict=True)),
+            "cli_s": statistics.median(runs["baseline"]),
+            "cli_runs_s": runs["baseline"],
+            "speedup": statistics.median(b / d for b, d, _ in pairs),
+            "speedup_sequential": statistics.median(b / s for b, _, s in pairs),
         }
     return figures
 

@@ -23,7 +23,11 @@ def _bayes_settings(args: argparse.Namespace):
         jit_compile=not args.no_jit,
         target_accept=args.target_accept,
         svi_steps=args.svi_steps,
-        chain_processes=args.chain_processes,
+        chain_processes=(
+            min(args.chains, os.cpu_count() or 1)
+            if args.chain_processes is None
+            else args.chain_processes
+        ),
         max_enumeration_draws=args.loo_draws,
     )
 
@@ -270,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     bayes.add_argument(
         "--chain-processes",
         type=int,
-        default=1,
-        help="NUTS chains run at once, each in its own process (e.g. the number of cores)",
+        default=None,
+        help="NUTS chains run at once, each in its own process on one thread; default: "
+        "as many as there are cores, at most --chains (the draws do not depend on it)",
     )
     bayes.add_argument("--seed", type=int, default=0)
     bayes.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")

@@ -176,6 +176,7 @@ class CachedEnumEvaluator(TraceEinsumEvaluator):
         return log_probs
 
     def log_prob(self, model_trace) -> Tensor:
+        """``log p(theta, o)`` of ``model_trace``, the enumerated sites summed out."""
         if not self.has_enumerable_sites:
             return super().log_prob(model_trace)
         log_probs = self._get_log_factors(model_trace)
