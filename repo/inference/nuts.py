@@ -24,6 +24,7 @@ warm-up are recorded per draw, never dropped.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -89,10 +90,11 @@ class PreconditionedNUTS(NUTS):
 
 
 def start_method() -> str:
-    """How chain processes start: ``fork`` where the platform has it (the worker
-    inherits the imported modules, so it starts in milliseconds rather than the
-    seconds of importing torch and Pyro again), else ``spawn``."""
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    """How chain processes start: ``fork`` on Linux (the worker inherits the imported
+    modules, so it starts in milliseconds rather than the seconds of importing torch
+    and Pyro again; it sets one thread before any work), else ``spawn`` (macOS and
+    Windows, where forking a process that has threads is unsafe or unavailable)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def check_sampler_settings(num_chains: int, warmup: int, draws: int, data: LabelData) -> None:
