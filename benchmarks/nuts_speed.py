@@ -28,7 +28,7 @@ known scores; ``repo.data.simulate.simulate_labels``, seed 12). Recorded:
 The machine's load average is recorded at the start and the end: on a shared
 machine absolute seconds vary with the load, ratios measured side by side less so.
 
-``--quick``: 2 chains of 100 + 100 and one CLI run. The last line printed is one
+``--quick``: 2 chains of 100 + 100 and one CLI run (with the defaults). The last line printed is one
 JSON object with the figures, also written to ``benchmarks/results/``.
 
 Run: ``python benchmarks/nuts_speed.py [--quick] [--repeats 3] [--baseline DIR]``
@@ -98,7 +98,14 @@ def _timed(command: list[str], root: Path) -> float:
 
 
 def cli_times(
-    csv: Path, out: Path, chains: int, warmup: int, draws: int, repeats: int, baseline: Path | None
+    csv: Path,
+    out: Path,
+    chains: int,
+    warmup: int,
+    draws: int,
+    repeats: int,
+    baseline: Path | None,
+    sequential: bool = True,
 ) -> dict:
     """Wall seconds of the whole ``fit-noise`` process: with its defaults (chains in
     as many processes as there are cores), with ``--chain-processes 1`` (one after
@@ -111,29 +118,31 @@ def cli_times(
     runs: dict[str, list[float]] = {"default": [], "sequential": [], "baseline": []}
     for _ in range(repeats):
         runs["default"].append(_timed(command, ROOT))
-        runs["sequential"].append(_timed([*command, "--chain-processes", "1"], ROOT))
+        if sequential:
+            runs["sequential"].append(_timed([*command, "--chain-processes", "1"], ROOT))
         if baseline is not None:
             runs["baseline"].append(_timed(command, baseline))
-    figures = {
-        "cli_s": statistics.median(runs["default"]),
-        "cli_runs_s": runs["default"],
-        "cli_sequential_s": statistics.median(runs["sequential"]),
-        "cli_sequential_runs_s": runs["sequential"],
-    }
+    figures = {"cli_s": statistics.median(runs["default"]), "cli_runs_s": runs["default"]}
+    if sequential:
+        figures["cli_sequential_s"] = statistics.median(runs["sequential"])
+        figures["cli_sequential_runs_s"] = runs["sequential"]
     if baseline is not None:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=baseline, capture_output=True, text=True
         ).stdout.strip()  # empty for an exported tree (git archive)
-        pairs = zip(runs["baseline"], runs["default"], runs["sequential"], strict=True)
-        pairs = list(pairs)
         figures["baseline"] = {
             "path": str(baseline),
             "commit": commit,
             "cli_s": statistics.median(runs["baseline"]),
             "cli_runs_s": runs["baseline"],
-            "speedup": statistics.median(b / d for b, d, _ in pairs),
-            "speedup_sequential": statistics.median(b / s for b, _, s in pairs),
+            "speedup": statistics.median(
+                b / d for b, d in zip(runs["baseline"], runs["default"], strict=True)
+            ),
         }
+        if sequential:
+            figures["baseline"]["speedup_sequential"] = statistics.median(
+                b / s for b, s in zip(runs["baseline"], runs["sequential"], strict=True)
+            )
     return figures
 
 
@@ -245,7 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         csv = write_csv(Path(tmp) / "labels.csv")
-        cli = cli_times(csv, Path(tmp) / "fit.json", chains, warmup, draws, repeats, args.baseline)
+        cli = cli_times(
+            csv, Path(tmp) / "fit.json", chains, warmup, draws, repeats, args.baseline,
+            sequential=not args.quick,
+        )  # fmt: skip
     figures = {
         "labels": NUM_LABELS,
         "annotators": NUM_ANNOTATORS,

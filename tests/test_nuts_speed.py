@@ -78,7 +78,7 @@ def test_nuts_speed_quick(tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(result))
     assert (result["chains"], result["warmup"], result["draws"]) == (2, 100, 100)
-    assert result["cli_s"] > 0 and result["cli_sequential_s"] > 0 and result["import_s"] > 0
+    assert result["cli_s"] > 0 and result["import_s"] > 0
     assert {"em", "nuts", "enumeration", "summaries"} <= set(result["phases_s"])
     assert result["phases_s"]["nuts"]["warmup"] > 0
     anchor = result["anchor"]
