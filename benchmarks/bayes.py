@@ -9,7 +9,11 @@ time by phase, the minimum over annotators of bulk ESS per second of sampling
 (and of the whole run), max R-hat, divergences, coverage of the true eta by the
 90% intervals, and what ``jit_compile`` did: the time of one potential-and-gradient
 evaluation with and without it (steady state, after tracing), and the tracing cost.
-Budget: 10 minutes on this machine.
+Budget: 10 minutes on this machine. The anchor: NumPyro's NUTS on the same model
+written in NumPyro (``benchmarks/_numpyro_flip.py``; same chains, warm-up, draws and
+start, chains one after the other on one thread), its min bulk ESS per second of
+wall time and per CPU second beside Pyro's, and the ratios (NumPyro over Pyro).
+The load average at the start and the end is recorded (the machine is shared).
 
 ``--quick`` (10,000 labels, 50 annotators, 2 chains of 150 + 150) finishes within a
 minute. The last line printed is one JSON object with the figures; it is also
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -30,14 +35,15 @@ from pathlib import Path
 import numpy as np
 import pyro.distributions as dist
 import torch
+from _numpyro_flip import run_numpyro_nuts
 from _results import record
-from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 
 from repo.data.simulate import simulate_labels
 from repo.inference.bayes import BayesSettings, bayesian_copy, infer, summarise_draws
 from repo.inference.em import fit_em
-from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
+from repo.inference.enumeration import local_params
+from repo.inference.nuts import _potential
 from repo.noise import LabelData, SymmetricFlip
 from repo.scorers import FixedLogits
 
@@ -57,16 +63,15 @@ def simulate(num_labels: int, num_annotators: int, seed: int = 0):
 
 
 def jit_effect(model, logits, data, repeats: int = 20) -> dict:
-    """Seconds per potential+gradient with and without jit, and the tracing cost."""
+    """Seconds per potential+gradient with and without jit, and the tracing cost,
+    of the potential NUTS runs (:class:`repo.inference.nuts.CachedEnumEvaluator`)."""
     bayes = bayesian_copy(model)
     out = {}
     for jit in (False, True):
         with local_params():
             start = time.perf_counter()
-            init, potential, _, _ = initialize_model(
-                bayes, (logits, data), max_plate_nesting=MAX_PLATE_NESTING, jit_compile=jit,
-                skip_jit_warnings=True,
-            )  # fmt: skip
+            initial, potential, _ = _potential(bayes, logits, data, jit)
+            init = {name: value[0] for name, value in initial.items()}
             potential_grad(potential, init)  # the first call traces under jit
             first = time.perf_counter() - start
             start = time.perf_counter()
@@ -78,6 +83,41 @@ def jit_effect(model, logits, data, repeats: int = 20) -> dict:
         out[f"{key}_setup_s"] = first
     out["speedup"] = out["no_jit_grad_ms"] / out["jit_grad_ms"]
     return out
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (chain processes)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def anchor(pyro_side: dict, annotator, label, scores, model, chains, warmup, draws) -> dict:
+    """NumPyro's NUTS on the same model, beside Pyro's figures ``pyro_side``."""
+    from repo.diagnostics.compat import ess_bulk, rhat
+
+    cpu = cpu_seconds()
+    run = run_numpyro_nuts(
+        annotator, label, scores, model.num_annotators, (4.0, 1.5), model.eta.detach().numpy(),
+        chains=chains, warmup=warmup, draws=draws,
+    )  # fmt: skip
+    ess = float(ess_bulk(run["eta"]).min())
+    numpyro = {
+        "wall_s": run["seconds"],
+        "cpu_s": cpu_seconds() - cpu,
+        "min_ess_bulk": ess,
+        "max_r_hat": float(rhat(run["eta"]).max()),
+        "divergences": run["divergences"],
+    }
+    numpyro["min_ess_per_s"] = ess / numpyro["wall_s"]
+    numpyro["min_ess_per_cpu_s"] = ess / numpyro["cpu_s"]
+    return {
+        "pyro": pyro_side,
+        "numpyro": numpyro,
+        "numpyro_over_pyro_ess_per_s": numpyro["min_ess_per_s"] / pyro_side["min_ess_per_s"],
+        "numpyro_over_pyro_ess_per_cpu_s": numpyro["min_ess_per_cpu_s"]
+        / pyro_side["min_ess_per_cpu_s"],
+    }
 
 
 def run(num_labels: int, num_annotators: int, chains: int, warmup: int, draws: int) -> dict:
@@ -101,13 +141,25 @@ def run(num_labels: int, num_annotators: int, chains: int, warmup: int, draws: i
         adapt_mass_matrix=False,
         chain_processes=min(chains, os.cpu_count() or 1),
     )
-    start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    cpu, start = cpu_seconds(), time.perf_counter()
     result = infer("nuts", model, scorer, data, settings)
     nuts_s = time.perf_counter() - start
+    nuts_cpu_s = cpu_seconds() - cpu
     frame, _ = summarise_draws(result)
     seconds = result.draws.seconds
     ess = frame["eta_ess_bulk"].to_numpy()
     lo, hi = frame["eta_lo90"].to_numpy(), frame["eta_hi90"].to_numpy()
+    pyro_side = {
+        "wall_s": nuts_s,
+        "cpu_s": nuts_cpu_s,
+        "min_ess_bulk": float(ess.min()),
+        "max_r_hat": float(frame["eta_r_hat"].max()),
+        "divergences": result.draws.num_divergences,
+        "min_ess_per_s": float(ess.min() / nuts_s),
+        "min_ess_per_cpu_s": float(ess.min() / nuts_cpu_s),
+    }
+    numpyro = anchor(pyro_side, annotator, label, scores, model, chains, warmup, draws)
     return {
         "labels": num_labels,
         "annotators": num_annotators,
@@ -131,6 +183,10 @@ def run(num_labels: int, num_annotators: int, chains: int, warmup: int, draws: i
         "jit_compile": jit,
         "budget_s": BUDGET_S,
         "within_budget": bool(em_s + nuts_s <= BUDGET_S),
+        "anchor": numpyro,
+        "cpu_count": os.cpu_count(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0],
     }
 
 

@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chain-processes",
         type=int,
         default=1,
-        help="NUTS chains run at once, each in its own process (e.g. the number of cores)",
+        help="NUTS chains run at once, each in its own process on one thread (each "
+        "process imports torch and Pyro anew; the draws do not depend on it)",
     )
     bayes.add_argument("--seed", type=int, default=0)
     bayes.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")

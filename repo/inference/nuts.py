@@ -9,8 +9,9 @@ hierarchical model, ``mu`` and ``sigma``)::
 Pyro builds the potential energy ``-log p(theta | o)`` (in unconstrained
 coordinates, log-Jacobian included) from the noise model itself: sites marked
 ``infer={"enumerate": "parallel"}`` are summed out exactly by variable elimination,
-so NUTS never sees a discrete variable. With ``jit_compile`` the potential and its
-gradient are traced once by the PyTorch JIT and shared by all chains.
+so NUTS never sees a discrete variable (:class:`CachedEnumEvaluator`: Pyro's
+evaluator, with the factors that do not depend on ``theta`` computed once). With
+``jit_compile`` the potential is traced once by the PyTorch JIT.
 
 Chains run one after the other (or ``chain_processes`` at a time, each in its own
 process on one thread, :mod:`repo.inference.processes`: the model travels by
@@ -25,16 +26,21 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pyro
 import torch
-from pyro.infer import MCMC, NUTS
-from pyro.infer.mcmc.util import initialize_model
+from pyro import poutine
+from pyro.infer import MCMC, NUTS, config_enumerate
+from pyro.infer.mcmc.util import TraceEinsumEvaluator, _PEMaker, initialize_model
+from pyro.ops import packed
+from pyro.ops.contract import contract_to_tensor
+from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
 from repo.inference.draws import PosteriorDraws
-from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
+from repo.inference.enumeration import MAX_PLATE_NESTING, BroadcastLogRing, local_params
 from repo.inference.processes import map_in_processes
 from repo.noise.base import NoiseModel
 from repo.noise.layout import LabelData
@@ -121,23 +127,100 @@ def _kernel(potential_fn, transforms, options: dict, inverse_mass: dict | None) 
     return CountingNUTS(**options)
 
 
+class CachedEnumEvaluator(TraceEinsumEvaluator):
+    """``log p(theta, o)`` of an enumerated model trace, with the discrete sites summed
+    out; Pyro's :class:`~pyro.infer.mcmc.util.TraceEinsumEvaluator` with two changes
+    that leave the value unchanged:
+
+    * factors that do not depend on ``theta`` (with the logits held fixed, the truth
+      prior ``log p(z_i | s_i)`` at the enumerated values) are computed once, on a
+      probe trace whose parameters require grad, and reused (under ``jit_compile``
+      they become constants of the traced graph);
+    * the sum over the enumerated values is :class:`BroadcastLogRing`'s direct
+      ``logsumexp`` of the broadcast log-terms, not the log-space einsum (which
+      exponentiates, multiplies and takes a custom-gradient log).
+    """
+
+    def __init__(self, model_trace, has_enumerable_sites: bool, max_plate_nesting: int):
+        super().__init__(model_trace, has_enumerable_sites, max_plate_nesting)
+        symbols = getattr(model_trace, "plate_to_symbol", {})  # set when enumerated
+        self.sizes = {
+            symbols[frame.name]: frame.size
+            for site in model_trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized and frame.name in symbols
+        }
+        self.constant: dict[str, Tensor] = {}
+
+    def _sites(self, model_trace):
+        return [
+            (name, site)
+            for name, site in model_trace.nodes.items()
+            if site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+        ]
+
+    def probe(self, model_trace) -> None:
+        """Record the factors of ``model_trace`` (run with parameters that require
+        grad) that do not depend on the parameters."""
+        model_trace.compute_log_prob()
+        model_trace.pack_tensors()
+        self.constant = {}
+        for name, site in self._sites(model_trace):
+            if not site["log_prob"].requires_grad:
+                term = site["packed"]["log_prob"]
+                self.constant[name] = term.detach()
+                self.constant[name]._pyro_dims = term._pyro_dims
+
+    def _get_log_factors(self, model_trace):
+        model_trace.compute_log_prob(lambda name, site: name not in self.constant)
+        model_trace.symbolize_dims()
+        log_probs: OrderedDict[frozenset, list[Tensor]] = OrderedDict()
+        for name, site in self._sites(model_trace):
+            term = self.constant.get(name)
+            if term is None:
+                term = packed.pack(site["log_prob"], site["infer"]["_dim_to_symbol"])
+            log_probs.setdefault(self.ordering[name], []).append(term)
+        return log_probs
+
+    def log_prob(self, model_trace) -> Tensor:
+        """``log p(theta, o)`` of ``model_trace``, the enumerated sites summed out."""
+        if not self.has_enumerable_sites:
+            return super().log_prob(model_trace)
+        log_probs = self._get_log_factors(model_trace)
+        ring = BroadcastLogRing(dim_to_size=dict(self.sizes))
+        return contract_to_tensor(log_probs, self._enum_dims, ring=ring)
+
+
 def _potential(
     bayes_model: NoiseModel, logits: Tensor, data: LabelData, jit_compile: bool, num_chains: int = 1
 ):
     """Initial values (a leading chain dim), potential energy and transforms of
-    ``p(theta | o)`` (Pyro's ``initialize_model``; discrete sites enumerated out)."""
+    ``p(theta | o)``: Pyro's ``initialize_model`` for the start and the transforms,
+    the potential from :class:`CachedEnumEvaluator` (discrete sites enumerated out)."""
+    args = (logits, data)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        initial, potential_fn, transforms, _ = initialize_model(
+        initial, _, transforms, prototype = initialize_model(
             bayes_model,
-            (logits, data),
+            args,
             max_plate_nesting=MAX_PLATE_NESTING,
-            jit_compile=jit_compile,
-            skip_jit_warnings=True,
             num_chains=num_chains,
         )
     if num_chains == 1:  # Pyro adds the chain dimension only for several chains
         initial = {k: v.unsqueeze(0) for k, v in initial.items()}
+    # the program initialize_model runs: discrete sites enumerated in parallel
+    enumerated = poutine.enum(
+        config_enumerate(bayes_model), first_available_dim=-1 - MAX_PLATE_NESTING
+    )
+    sites = prototype.iter_stochastic_nodes()
+    discrete = any(site["fn"].has_enumerate_support for _, site in sites)
+    evaluator = CachedEnumEvaluator(prototype, discrete, MAX_PLATE_NESTING)
+    point = {k: v[0].detach().requires_grad_() for k, v in initial.items()}
+    constrained = {k: transforms[k].inv(v) for k, v in point.items()}
+    evaluator.probe(poutine.trace(poutine.condition(enumerated, constrained)).get_trace(*args))
+    maker = _PEMaker(enumerated, args, {}, evaluator, transforms)
+    potential_fn = maker.get_potential_fn(jit_compile, skip_jit_warnings=True)
     return initial, potential_fn, transforms
 
 

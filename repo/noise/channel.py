@@ -89,7 +89,9 @@ class AnnotatorLabels(TorchDistribution):
         truth = self.truth.long()
         if truth.shape[-1] == 1 and code.dim() == 2:  # one truth for all units (enumerated)
             rows = table[truth.reshape(-1)]  # (M, 2 K + 1): one row per truth value
-            per_slot = rows[:, code].reshape(truth.shape[:-1] + code.shape)
+            # a gather (its gradient a scatter-add), not rows[:, code] (an index_put)
+            per_slot = rows.gather(1, code.reshape(1, -1).expand(rows.shape[0], -1))
+            per_slot = per_slot.reshape(truth.shape[:-1] + code.shape)
         else:
             per_slot = table[truth.unsqueeze(-2), code]
         log_prob = per_slot.sum(-2)  # per_slot: (..., S, I)

@@ -1,0 +1,97 @@
+"""NUTS's potential (CachedEnumEvaluator) against Pyro's own, and the quick mode of
+benchmarks/nuts_speed.py (Pyro's NUTS beside NumPyro's on one model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.mcmc.util import initialize_model
+from pyro.ops.integrator import potential_grad
+
+import repo
+from repo.data.simulate import simulate_labels
+from repo.inference.bayes import bayesian_copy
+from repo.inference.em import fit_em
+from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
+from repo.inference.nuts import _potential
+from repo.noise import LabelData, make_noise_model
+from repo.scorers import FixedLogits
+
+BENCHMARKS = Path(repo.__file__).resolve().parents[1] / "benchmarks"
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("name", ["symmetric", "two-coin", "spammer", "hierarchical", "boltzmann"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_cached_potential_equals_pyros(name, jit):
+    # The theta-free factors are computed once and the enumerated sum is a direct
+    # logsumexp: value and gradient must be Pyro's, away from the start too.
+    k = 3
+    sim = simulate_labels(num_items=200, num_annotators=k, shared_truth=False, model=name, seed=3)
+    data = LabelData.from_labels(sim.annotator, sim.label, num_annotators=k)
+    scorer = FixedLogits(torch.as_tensor(sim.scores))
+    prior = None
+    if name in ("symmetric", "two-coin", "spammer"):
+        prior = dist.Beta(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+    model = make_noise_model(name, k, prior=prior)
+    fit_em(model, scorer, data)
+    bayes, logits = bayesian_copy(model), scorer(data).detach()
+    with local_params(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        init, pyros, _, _ = initialize_model(
+            bayes, (logits, data), max_plate_nesting=MAX_PLATE_NESTING
+        )
+        _, cached, _ = _potential(bayes, logits, data, jit)
+        for shift in (0.0, 0.3, -0.7):
+            point = {key: value + shift for key, value in init.items()}
+            expected_grad, expected = potential_grad(pyros, point)
+            grad, value = potential_grad(cached, point)
+            assert torch.allclose(value, expected, rtol=1e-10, atol=1e-9), (shift, value)
+            for key, g in expected_grad.items():
+                assert torch.allclose(grad[key], g, rtol=1e-8, atol=1e-8), (shift, key)
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (its helpers import from that folder)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_nuts_speed_quick(tmp_path, capsys):
+    pytest.importorskip("numpyro")
+    speed = load_benchmark("nuts_speed")
+    result = speed.main(["--quick", "--out", str(tmp_path / "nuts_speed-quick.json")])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert (result["chains"], result["warmup"], result["draws"]) == (2, 100, 100)
+    assert result["cli_s"] > 0 and result["import_s"] > 0
+    assert {"em", "nuts", "enumeration", "summaries"} <= set(result["phases_s"])
+    assert result["phases_s"]["nuts"]["warmup"] > 0
+    anchor = result["anchor"]
+    for side in ("pyro", "numpyro"):
+        assert anchor[side]["min_ess_bulk"] > 20, anchor
+        assert anchor[side]["min_ess_per_s"] > 0 and anchor[side]["divergences"] == 0
+    # one model, two programs: the posterior means agree within Monte Carlo error
+    np.testing.assert_allclose(anchor["pyro"]["eta_mean"], anchor["numpyro"]["eta_mean"], atol=0.03)
+    gradients = result["potential_grad_ms"]
+    assert set(gradients) == {
+        "pyro_no_jit",
+        "pyro_jit",
+        "cached_no_jit",
+        "cached_jit",
+        "speedup_jit",
+    }
