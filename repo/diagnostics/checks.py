@@ -42,13 +42,10 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
-if TYPE_CHECKING:
-    from repo.fit import NoiseFit
 
 RHAT_MAX = 1.01
 """R-hat above this: the chains have not mixed (Vehtari et al., 2021)."""
@@ -403,7 +400,7 @@ def _warnings(
     return sorted(out, key=lambda w: CHECKS.index(w.check))
 
 
-def fit_warnings(fit: NoiseFit) -> list[FitWarning]:
+def fit_warnings(fit: Any) -> list[FitWarning]:
     """Every check that applies to ``fit``'s method, on its attached posterior.
 
     A fit without a posterior (EM alone) has nothing to check.
