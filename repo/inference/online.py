@@ -312,8 +312,8 @@ class OnlineEM:
             result = fit_em(self.noise, scorer, data, tol=tol, max_iter=max_iter)
         if self.calibrate:
             self.scale = float(scorer.scale.detach())
-        self._stats, self._running, self._units = None, None, 0
-        self._calibration = None
+        self._discard_step()
+        self._running = None
         return result
 
     def first_visit_logits(self, reduce: Reduce | None = None) -> Tensor | None:
@@ -358,8 +358,8 @@ class OnlineEM:
         with single_thread():
             result = fit_em(self.noise, scorer, part, tol=tol, max_iter=max_iter)
             informative = self._scores_inform(part, result.objective, tol, max_iter)
-        self._stats, self._running, self._units = None, None, 0
-        self._calibration = None
+        self._discard_step()
+        self._running = None
         if not informative:
             self.noise.load_state_dict(before)
             return None
@@ -395,9 +395,13 @@ class OnlineEM:
             elif self.optimizer is not None:
                 self._gradient_step(reduce)
         finally:
-            self._stats = None
-            self._calibration = None
-            self._units = 0
+            self._discard_step()
+
+    def _discard_step(self) -> None:
+        """Forget the statistics accumulated since the last M-step."""
+        self._stats = None
+        self._calibration = None
+        self._units = 0
 
     def _calibration_step(self, reduce: Reduce, alpha: float) -> None:
         r"""One Newton step for the scale on this step's units, damped by the EMA rate.
