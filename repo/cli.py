@@ -150,6 +150,8 @@ def _train(args: argparse.Namespace) -> int:
         print(skipped, file=sys.stderr)
     metrics = trainer.train()
     if trainer.is_main:
+        for warning in trainer.warnings:  # also in reliability.json / noise_fit
+            print(f"[re-po] WARNING: {warning}", file=sys.stderr)
         print(f"[re-po] {trainer.step} steps; run directory {trainer.output_dir}", file=sys.stderr)
         print(json.dumps(metrics))
     return 0

@@ -20,6 +20,10 @@ check               warns when                                                 m
                     a 90% interval of no width (< :data:`MIN_INTERVAL_WIDTH`)
 ``optimisation``    SVI's ELBO (or MAP's objective) still moving when the      SVI, MAP
                     step limit stopped it
+``identification``  one annotator's ``eta`` is poorly identified: its 95%      training
+                    profile-likelihood interval is wider than                  (K = 1)
+                    :data:`IDENTIFICATION_WIDTH`, or the learned ``eta``
+                    lies outside it (:func:`identification_warnings`)
 ==================  ========================================================  ==============
 
 The thresholds are those of Vehtari, Gelman, Simpson, Carpenter and Bürkner
@@ -64,9 +68,14 @@ MIN_INTERVAL_WIDTH = 1e-6
 MAX_NAMED = 10
 """At most this many parameters or annotators are named in a warning's message."""
 
+IDENTIFICATION_WIDTH = 0.1
+"""A 95% profile-likelihood interval of one annotator's ``eta`` wider than this: the
+labels fix ``eta`` only to within several hundredths either way (``docs/math.md``
+section 9), so a point estimate alone misleads."""
+
 CHECKS = (
     "r_hat", "ess_bulk", "ess_tail", "divergences", "tree_depth", "laplace", "boundary",
-    "optimisation",
+    "optimisation", "identification",
 )  # fmt: skip
 """The checks, in the order warnings are listed."""
 
@@ -374,6 +383,38 @@ def optimisation_warnings(method: str, inference: Mapping[str, Any]) -> list[Fit
             f"the {'variational posterior' if method == 'svi' else 'mode'} is not its optimum",
             "more steps (--svi-steps), or --method nuts",
             value=None if steps is None else float(steps),
+        )
+    ]
+
+
+def identification_warnings(
+    profile: Mapping[str, Any], eta: float, annotator: str
+) -> list[FitWarning]:
+    """One annotator's learned ``eta`` against what its labels can tell of it.
+
+    ``profile`` is :meth:`repo.inference.profile.EtaProfile.to_dict` (``interval``,
+    ``num_labels``); it warns when the interval is wider than
+    :data:`IDENTIFICATION_WIDTH` or does not contain ``eta``. With one annotator the
+    labels and the scorer cannot tell noisy labels on clear pairs from clean labels on
+    unclear ones (``docs/math.md`` section 9): the interval is the honest answer.
+    """
+    low, high = (float(v) for v in profile["interval"])
+    outside = not low <= eta <= high
+    if not outside and high - low <= IDENTIFICATION_WIDTH:
+        return []
+    where = "outside" if outside else "inside"
+    return [
+        FitWarning(
+            "identification",
+            f"the labels of one annotator fix its eta only to [{low:.3f}, {high:.3f}] (95% "
+            f"profile-likelihood interval at {int(profile['num_labels'])} first-visit "
+            f"logits); the learned eta {eta:.3f} lies {where} it",
+            "report the interval rather than the point; several annotators, or items "
+            "labelled more than once, identify eta (docs/math.md section 9); "
+            "[em] out_of_sample = true keeps the annotator update out of sample",
+            annotators=(annotator,),
+            parameters=(f"eta[{annotator}]",),
+            value=high - low,
         )
     ]
 

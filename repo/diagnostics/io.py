@@ -209,6 +209,8 @@ def read_training_run(path: str | Path) -> Run | None:
     resolved = run_dir.read_resolved()
     config = resolved.get("config", {})
     result = fit.to_dict()
+    # what the run's own checks found (one annotator's eta, ...) before the fit's
+    result["warnings"] = run_dir.read_reliability().get("warnings", []) + result["warnings"]
     result["training"] = {
         "loss": resolved.get("likelihood", {}),
         "total_steps": resolved.get("total_steps"),

@@ -9,7 +9,8 @@
   noise model's parameters, and the population parameters; for one annotator under the
   symmetric flip, what the labels can tell of its ``eta``: the profile likelihood's
   estimate and 95% interval at the items' first-visit (out-of-sample) logits
-  (:func:`one_annotator_profile`);
+  (:func:`one_annotator_profile`), and a warning when that interval is wide or misses
+  the learned ``eta``;
 * :func:`posterior_rows` - ``posteriors.jsonl``: per label its record, annotator,
   label (in the item's A/B order), ``w`` (the posterior that the label is correct),
   ``q`` (that A is truly better), the item's induced logit and ``flipped``
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from repo.data.labels import EncodedLabels
 from repo.data.records import PreferenceData
+from repo.diagnostics.checks import identification_warnings
 from repo.fit import NoiseFit, attach_posterior, summarise
 from repo.inference.bayes import infer
 from repo.inference.em import EM
@@ -135,7 +137,8 @@ def reliability(
 ) -> dict[str, Any]:
     """Per annotator: label count and the noise model's parameters; the population's;
     the E-step's logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``);
-    with one annotator, :func:`one_annotator_profile` at ``first_visit``."""
+    with one annotator, :func:`one_annotator_profile` at ``first_visit`` and the
+    ``warnings`` of :func:`~repo.diagnostics.checks.identification_warnings` on it."""
     counts = data.label_counts()
     params = noise.annotator_parameters()
     report = {
@@ -154,6 +157,9 @@ def reliability(
     profile = one_annotator_profile(noise, data.labels, first_visit)
     if profile is not None:
         report["eta_profile"] = profile
+        eta = float(params["eta"][0])
+        found = identification_warnings(profile, eta, data.annotator_ids[0])
+        report["warnings"] = [w.to_dict() for w in found]
     return report
 
 

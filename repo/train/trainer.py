@@ -32,7 +32,10 @@ start, metrics and the annotator trajectory per step, checkpoints, and at the en
 the final policy (the LoRA adapter, or for full fine-tuning a Hugging Face model
 folder), the online EM's state, per-annotator reliability, per-label posteriors and
 the final noise model as a :class:`~repo.fit.NoiseFit` (the trained parameters at
-the final policy's logits).
+the final policy's logits). What that final fit fails of
+:mod:`repo.diagnostics.checks` (a boundary estimate; with one annotator, an ``eta``
+its labels do not pin down) is kept in :attr:`Trainer.warnings`, and ``re-po train``
+prints it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import torch
 from torch import Tensor
 
 from repo.data.records import PreferenceData
+from repo.diagnostics.checks import FitWarning
 from repo.inference.enumeration import enumerate_posterior
 from repo.inference.online import single_thread
 from repo.policy import Policy, ReferenceLogps, ResponseLogps, batch_to
@@ -153,6 +157,7 @@ class Trainer:
         self.metrics_log = self.run_dir.metrics_log()
         self.annotator_log = self.run_dir.trajectory_log()
         self.last_metrics: dict[str, float] = {}
+        self.warnings: list[FitWarning] = []  # the final fit's checks (main process)
         self._item_logits: Tensor | None = None  # of the current policy; see item_logits
 
     # -- construction ---------------------------------------------------------
@@ -513,13 +518,14 @@ class Trainer:
             run, n = self.run_dir, self.config.noise
             run.save_final_policy(self.policy, state_dict=whole)
             run.write_noise_state(self.em.state_dict())
-            run.write_reliability(
-                reliability(self.noise, self.data, self.em.scale, first_visit=first_visit)
-            )
+            report = reliability(self.noise, self.data, self.em.scale, first_visit=first_visit)
+            run.write_reliability(report)
+            self.warnings = [FitWarning.from_dict(w) for w in report.get("warnings", [])]
             if posterior is not None:
                 rows = posterior_rows(self.noise, self.data, *posterior)
                 run.write_posteriors(rows)
                 ids, shared = self.data.annotator_ids, self.data.labels.shared_truth
                 fit = scored_fit(self.noise, rows, ids, shared_truth=shared, prior=n.prior)
                 run.write_noise_fit(fit)
+                self.warnings += fit.warnings
         self.accelerator.wait_for_everyone()
