@@ -163,11 +163,27 @@ def fit_cli(tmp_path, path, method, model="symmetric", extra=()):
     return out
 
 
-def test_diagnose_writes_the_report(tmp_path, capsys):
-    path = labels_file(tmp_path)
-    nuts = fit_cli(tmp_path, path, "nuts")
-    em = fit_cli(tmp_path, path, "em")
-    boltzmann = fit_cli(tmp_path, path, "em", model="boltzmann")
+@pytest.fixture(scope="module")
+def three_fits(tmp_path_factory):
+    """One set of labels fitted three ways by ``re-po fit-noise``: NUTS and EM of the
+    symmetric flip, EM of the Boltzmann model (each RESULT.json beside its side files)."""
+    tmp = tmp_path_factory.mktemp("fits")
+    path = labels_file(tmp)
+    nuts = fit_cli(tmp, path, "nuts")
+    em = fit_cli(tmp, path, "em")
+    boltzmann = fit_cli(tmp, path, "em", model="boltzmann")
+    return tmp, (nuts.name, em.name, boltzmann.name)
+
+
+def copied_fits(fits, tmp_path):
+    """The module's fits, copied to this test's folder (which may edit them)."""
+    source, names = fits
+    shutil.copytree(source, tmp_path / "fits")
+    return [tmp_path / "fits" / name for name in names]
+
+
+def test_diagnose_writes_the_report(three_fits, tmp_path, capsys):
+    nuts, em, boltzmann = copied_fits(three_fits, tmp_path)
     out = tmp_path / "report"
     code = main(["diagnose", str(nuts), str(em), str(boltzmann), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -200,9 +216,8 @@ def test_diagnose_writes_the_report(tmp_path, capsys):
     assert "No InferenceData" in report.read_text()
 
 
-def test_diagnose_warns_of_divergences(tmp_path, capsys):
-    path = labels_file(tmp_path)
-    nuts = fit_cli(tmp_path, path, "nuts")
+def test_diagnose_warns_of_divergences(three_fits, tmp_path, capsys):
+    nuts, _, _ = copied_fits(three_fits, tmp_path)
     document = json.loads(nuts.read_text())
     document["divergences"] = 3
     stats = {"diverging": np.zeros((2, 100), bool)}
@@ -211,6 +226,13 @@ def test_diagnose_warns_of_divergences(tmp_path, capsys):
     nuts.write_text(json.dumps(document))
     report = diagnose([nuts], tmp_path / "out")
     assert "`divergences`: 3 divergent transition(s)" in report.read_text()
+
+
+@pytest.fixture(scope="module")
+def small_em_fit(tmp_path_factory):
+    """An EM fit of 200 labels by ``re-po fit-noise`` (the folder and the result's name)."""
+    tmp = tmp_path_factory.mktemp("small")
+    return tmp, (fit_cli(tmp, labels_file(tmp, n=200), "em").name,)
 
 
 @pytest.mark.parametrize(
@@ -222,12 +244,11 @@ def test_diagnose_warns_of_divergences(tmp_path, capsys):
         ({"files": {"inference_data": "missing.nc"}}, "does not exist"),
     ],
 )
-def test_diagnose_refuses_foreign_results(tmp_path, capsys, change, message):
-    path = labels_file(tmp_path, n=200)
-    em = fit_cli(tmp_path, path, "em")
+def test_diagnose_refuses_foreign_results(small_em_fit, tmp_path, capsys, change, message):
+    (em,) = copied_fits(small_em_fit, tmp_path)
     document = json.loads(em.read_text())
     document.update(change)
-    bad = tmp_path / "bad.json"
+    bad = em.parent / "bad.json"
     bad.write_text(json.dumps(document))
     code = main(["diagnose", str(bad), "--out", str(tmp_path / "out")])
     assert code == 2
