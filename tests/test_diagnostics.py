@@ -31,6 +31,8 @@ from repo.scorers import FixedLogits
 
 F64 = torch.float64
 FAST = BayesSettings(num_chains=2, warmup=100, draws=100, laplace_draws=400)
+# for tests that check the shape of a result, not what it says
+STRUCTURE = BayesSettings(num_chains=2, warmup=30, draws=20, laplace_draws=50)
 
 
 def fitted(name, sim, k, shared=False, prior=None):
@@ -56,7 +58,7 @@ def test_inference_data_groups_and_marginal_log_likelihood(shared):
     )  # fmt: skip
     prior = dist.Beta(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64))
     model, scorer, data = fitted("symmetric", sim, k, shared, prior)
-    result = infer("nuts", model, scorer, data, FAST)
+    result = infer("nuts", model, scorer, data, STRUCTURE)
     ids = ["x", "y", "z"]
     idata = to_inference_data(result, annotator_ids=ids)
     assert {"posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"} <= set(
@@ -65,7 +67,7 @@ def test_inference_data_groups_and_marginal_log_likelihood(shared):
     posterior = group(idata, "posterior")
     assert posterior["eta"].dims == ("chain", "draw", "annotator")
     assert list(posterior["annotator"].values) == ids
-    assert posterior.sizes["chain"] == 2 and posterior.sizes["draw"] == 100
+    assert posterior.sizes["chain"] == 2 and posterior.sizes["draw"] == STRUCTURE.draws
     assert "diverging" in group(idata, "sample_stats")
     name, unit = ("o_item", "item") if shared else ("o", "label")
     log_lik = group(idata, "log_likelihood")[name]
@@ -116,9 +118,9 @@ def test_loo_prefers_the_generating_model(generator):
 
 def test_comparison_refuses_different_units():
     sim = simulate_labels(num_items=200, num_annotators=2, shared_truth=False, seed=2)
-    a = to_inference_data(infer("em", *fitted("symmetric", sim, 2), FAST))
+    a = to_inference_data(infer("em", *fitted("symmetric", sim, 2), STRUCTURE))
     sim2 = simulate_labels(num_items=150, num_annotators=2, shared_truth=False, seed=2)
-    b = to_inference_data(infer("em", *fitted("symmetric", sim2, 2), FAST))
+    b = to_inference_data(infer("em", *fitted("symmetric", sim2, 2), STRUCTURE))
     with pytest.raises(ValueError, match="not on the same truth units"):
         compare_models({"a": a, "b": b})
 
@@ -277,7 +279,9 @@ def test_fit_noise_python_api_to_inference_data():
     frame = pd.DataFrame({"annotator": sim.annotator, "label": sim.label, "score": sim.scores})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = fit_noise(frame, format="scored", method="svi", bayes=BayesSettings(svi_steps=800))
+        fit = fit_noise(
+            frame, format="scored", method="svi", bayes=BayesSettings(svi_steps=200, svi_draws=100)
+        )
     idata = fit.to_inference_data()
     assert idata.attrs["method"] == "svi"
     assert group(idata, "posterior").sizes["chain"] == 1
