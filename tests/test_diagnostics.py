@@ -153,6 +153,11 @@ def labels_file(tmp_path, n=600, k=3, seed=4):
     return path
 
 
+# EM's pointwise log-likelihood kept for 200 of its 2,000 Laplace draws (the NUTS fit
+# has 200): enough for the report's PSIS-LOO and predictive-check sections
+LOO_DRAWS = ("--loo-draws", "200")
+
+
 def fit_cli(tmp_path, path, method, model="symmetric", extra=()):
     out = tmp_path / f"{model}-{method}.json"
     code = main(
@@ -172,8 +177,8 @@ def three_fits(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fits")
     path = labels_file(tmp)
     nuts = fit_cli(tmp, path, "nuts")
-    em = fit_cli(tmp, path, "em")
-    boltzmann = fit_cli(tmp, path, "em", model="boltzmann")
+    em = fit_cli(tmp, path, "em", extra=LOO_DRAWS)
+    boltzmann = fit_cli(tmp, path, "em", model="boltzmann", extra=LOO_DRAWS)
     return tmp, (nuts.name, em.name, boltzmann.name)
 
 
@@ -234,7 +239,7 @@ def test_diagnose_warns_of_divergences(three_fits, tmp_path, capsys):
 def small_em_fit(tmp_path_factory):
     """An EM fit of 200 labels by ``re-po fit-noise`` (the folder and the result's name)."""
     tmp = tmp_path_factory.mktemp("small")
-    return tmp, (fit_cli(tmp, labels_file(tmp, n=200), "em").name,)
+    return tmp, (fit_cli(tmp, labels_file(tmp, n=200), "em", extra=LOO_DRAWS).name,)
 
 
 @pytest.mark.parametrize(
@@ -266,10 +271,10 @@ def test_diagnose_refuses_other_inputs(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     path_a = labels_file(tmp_path, n=200, seed=5)
-    a = fit_cli(tmp_path, path_a, "em")
+    a = fit_cli(tmp_path, path_a, "em", extra=LOO_DRAWS)
     other = tmp_path / "other"
     other.mkdir()
-    b = fit_cli(other, labels_file(other, n=150, seed=6), "em")
+    b = fit_cli(other, labels_file(other, n=150, seed=6), "em", extra=LOO_DRAWS)
     assert main(["diagnose", str(a), str(b), "--out", str(tmp_path / "o")]) == 2
     assert "not fits to the same labels" in capsys.readouterr().err
 
