@@ -1,7 +1,7 @@
 """Run by ``torchrun`` from tests/test_train.py: train, then write this rank's view.
 
-Usage: ``torchrun --nproc_per_node 2 tests/_dist_worker.py CONFIG.toml DATA.jsonl OUT_DIR``.
-Each rank writes ``OUT_DIR/rank<r>.json``: world size, rank, the annotator
+Usage: ``torchrun --nproc_per_node 2 tests/_dist_worker.py CONFIG.toml DATA.jsonl OUT_DIR``
+(or :func:`main` called in one process). Each rank writes ``OUT_DIR/rank<r>.json``: world size, rank, the annotator
 parameters after every step, and a checksum of the trainable weights.
 """
 
@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
+def main(config_path: str, data_path: str, out_dir: str) -> None:
     from repo.data.loaders import load_preferences
     from repo.train import Trainer, load_config
 
-    config_path, data_path, out_dir = sys.argv[1:4]
     torch.set_num_threads(1)
     config = load_config(config_path)
     records = load_preferences(data_path, annotator_column="annotator")
@@ -49,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:4])

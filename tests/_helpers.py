@@ -1,11 +1,17 @@
-"""Helpers shared by the training tests: a JSONL writer and the tiny-model configuration."""
+"""Helpers shared by the training tests: a JSONL writer, the tiny-model configuration and
+the two-process ``torchrun`` launch."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from repo.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -29,3 +35,26 @@ def tiny_config(tmp_path: Path, max_steps: int = 8, **sections) -> TrainConfig:
     for name, fields in sections.items():
         base.setdefault(name, {}).update(fields)
     return TrainConfig.from_dict(base, base_dir=tmp_path)
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables, this checkout first on the
+    path, one thread a process, no hub."""
+    launcher = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def torchrun(
+    worker: Path, *args: str, cwd: Path = ROOT, timeout: float = 600, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node 2 WORKER ARGS...``: two processes on this
+    machine, their rendezvous on a free port (so that launches in parallel test processes
+    never share one); ``env`` adds to :func:`launch_env`. The finished process, its
+    output captured as text."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", str(worker), *map(str, args)]
+    return subprocess.run(
+        command, cwd=cwd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout
+    )

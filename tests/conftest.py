@@ -27,3 +27,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup`` (pyproject's addopts), the tests of a
+    module that read one of its module-scoped fixtures (a fitted result, a trained run,
+    a built wheel) run in one worker, so that the fixture is built once; every other
+    test goes to whichever worker is free."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        if definitions is None:
+            continue
+        for name in item.fixturenames:
+            defined = definitions.name2fixturedefs.get(name)
+            if defined and defined[-1].scope == "module":
+                item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+                break

@@ -31,6 +31,8 @@ from repo.scorers import FixedLogits
 
 F64 = torch.float64
 FAST = BayesSettings(num_chains=2, warmup=100, draws=100, laplace_draws=400)
+# for tests that check the shape of a result, not what it says
+STRUCTURE = BayesSettings(num_chains=2, warmup=30, draws=20, laplace_draws=50)
 
 
 def fitted(name, sim, k, shared=False, prior=None):
@@ -56,7 +58,7 @@ def test_inference_data_groups_and_marginal_log_likelihood(shared):
     )  # fmt: skip
     prior = dist.Beta(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64))
     model, scorer, data = fitted("symmetric", sim, k, shared, prior)
-    result = infer("nuts", model, scorer, data, FAST)
+    result = infer("nuts", model, scorer, data, STRUCTURE)
     ids = ["x", "y", "z"]
     idata = to_inference_data(result, annotator_ids=ids)
     assert {"posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"} <= set(
@@ -65,7 +67,7 @@ def test_inference_data_groups_and_marginal_log_likelihood(shared):
     posterior = group(idata, "posterior")
     assert posterior["eta"].dims == ("chain", "draw", "annotator")
     assert list(posterior["annotator"].values) == ids
-    assert posterior.sizes["chain"] == 2 and posterior.sizes["draw"] == 100
+    assert posterior.sizes["chain"] == 2 and posterior.sizes["draw"] == STRUCTURE.draws
     assert "diverging" in group(idata, "sample_stats")
     name, unit = ("o_item", "item") if shared else ("o", "label")
     log_lik = group(idata, "log_likelihood")[name]
@@ -116,9 +118,9 @@ def test_loo_prefers_the_generating_model(generator):
 
 def test_comparison_refuses_different_units():
     sim = simulate_labels(num_items=200, num_annotators=2, shared_truth=False, seed=2)
-    a = to_inference_data(infer("em", *fitted("symmetric", sim, 2), FAST))
+    a = to_inference_data(infer("em", *fitted("symmetric", sim, 2), STRUCTURE))
     sim2 = simulate_labels(num_items=150, num_annotators=2, shared_truth=False, seed=2)
-    b = to_inference_data(infer("em", *fitted("symmetric", sim2, 2), FAST))
+    b = to_inference_data(infer("em", *fitted("symmetric", sim2, 2), STRUCTURE))
     with pytest.raises(ValueError, match="not on the same truth units"):
         compare_models({"a": a, "b": b})
 
@@ -151,6 +153,11 @@ def labels_file(tmp_path, n=600, k=3, seed=4):
     return path
 
 
+# EM's pointwise log-likelihood kept for 200 of its 2,000 Laplace draws (the NUTS fit
+# has 200): enough for the report's PSIS-LOO and predictive-check sections
+LOO_DRAWS = ("--loo-draws", "200")
+
+
 def fit_cli(tmp_path, path, method, model="symmetric", extra=()):
     out = tmp_path / f"{model}-{method}.json"
     code = main(
@@ -163,11 +170,27 @@ def fit_cli(tmp_path, path, method, model="symmetric", extra=()):
     return out
 
 
-def test_diagnose_writes_the_report(tmp_path, capsys):
-    path = labels_file(tmp_path)
-    nuts = fit_cli(tmp_path, path, "nuts")
-    em = fit_cli(tmp_path, path, "em")
-    boltzmann = fit_cli(tmp_path, path, "em", model="boltzmann")
+@pytest.fixture(scope="module")
+def three_fits(tmp_path_factory):
+    """One set of labels fitted three ways by ``re-po fit-noise``: NUTS and EM of the
+    symmetric flip, EM of the Boltzmann model (each RESULT.json beside its side files)."""
+    tmp = tmp_path_factory.mktemp("fits")
+    path = labels_file(tmp)
+    nuts = fit_cli(tmp, path, "nuts")
+    em = fit_cli(tmp, path, "em", extra=LOO_DRAWS)
+    boltzmann = fit_cli(tmp, path, "em", model="boltzmann", extra=LOO_DRAWS)
+    return tmp, (nuts.name, em.name, boltzmann.name)
+
+
+def copied_fits(fits, tmp_path):
+    """The module's fits, copied to this test's folder (which may edit them)."""
+    source, names = fits
+    shutil.copytree(source, tmp_path / "fits")
+    return [tmp_path / "fits" / name for name in names]
+
+
+def test_diagnose_writes_the_report(three_fits, tmp_path, capsys):
+    nuts, em, boltzmann = copied_fits(three_fits, tmp_path)
     out = tmp_path / "report"
     code = main(["diagnose", str(nuts), str(em), str(boltzmann), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -200,9 +223,8 @@ def test_diagnose_writes_the_report(tmp_path, capsys):
     assert "No InferenceData" in report.read_text()
 
 
-def test_diagnose_warns_of_divergences(tmp_path, capsys):
-    path = labels_file(tmp_path)
-    nuts = fit_cli(tmp_path, path, "nuts")
+def test_diagnose_warns_of_divergences(three_fits, tmp_path, capsys):
+    nuts, _, _ = copied_fits(three_fits, tmp_path)
     document = json.loads(nuts.read_text())
     document["divergences"] = 3
     stats = {"diverging": np.zeros((2, 100), bool)}
@@ -211,6 +233,13 @@ def test_diagnose_warns_of_divergences(tmp_path, capsys):
     nuts.write_text(json.dumps(document))
     report = diagnose([nuts], tmp_path / "out")
     assert "`divergences`: 3 divergent transition(s)" in report.read_text()
+
+
+@pytest.fixture(scope="module")
+def small_em_fit(tmp_path_factory):
+    """An EM fit of 200 labels by ``re-po fit-noise`` (the folder and the result's name)."""
+    tmp = tmp_path_factory.mktemp("small")
+    return tmp, (fit_cli(tmp, labels_file(tmp, n=200), "em", extra=LOO_DRAWS).name,)
 
 
 @pytest.mark.parametrize(
@@ -222,12 +251,11 @@ def test_diagnose_warns_of_divergences(tmp_path, capsys):
         ({"files": {"inference_data": "missing.nc"}}, "does not exist"),
     ],
 )
-def test_diagnose_refuses_foreign_results(tmp_path, capsys, change, message):
-    path = labels_file(tmp_path, n=200)
-    em = fit_cli(tmp_path, path, "em")
+def test_diagnose_refuses_foreign_results(small_em_fit, tmp_path, capsys, change, message):
+    (em,) = copied_fits(small_em_fit, tmp_path)
     document = json.loads(em.read_text())
     document.update(change)
-    bad = tmp_path / "bad.json"
+    bad = em.parent / "bad.json"
     bad.write_text(json.dumps(document))
     code = main(["diagnose", str(bad), "--out", str(tmp_path / "out")])
     assert code == 2
@@ -243,10 +271,10 @@ def test_diagnose_refuses_other_inputs(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "x.json"), "--out", str(tmp_path / "o")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     path_a = labels_file(tmp_path, n=200, seed=5)
-    a = fit_cli(tmp_path, path_a, "em")
+    a = fit_cli(tmp_path, path_a, "em", extra=LOO_DRAWS)
     other = tmp_path / "other"
     other.mkdir()
-    b = fit_cli(other, labels_file(other, n=150, seed=6), "em")
+    b = fit_cli(other, labels_file(other, n=150, seed=6), "em", extra=LOO_DRAWS)
     assert main(["diagnose", str(a), str(b), "--out", str(tmp_path / "o")]) == 2
     assert "not fits to the same labels" in capsys.readouterr().err
 
@@ -256,7 +284,9 @@ def test_fit_noise_python_api_to_inference_data():
     frame = pd.DataFrame({"annotator": sim.annotator, "label": sim.label, "score": sim.scores})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = fit_noise(frame, format="scored", method="svi", bayes=BayesSettings(svi_steps=800))
+        fit = fit_noise(
+            frame, format="scored", method="svi", bayes=BayesSettings(svi_steps=200, svi_draws=100)
+        )
     idata = fit.to_inference_data()
     assert idata.attrs["method"] == "svi"
     assert group(idata, "posterior").sizes["chain"] == 1

@@ -9,14 +9,11 @@ directory, every rank ends with the same annotator parameters and weights.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import torchrun
 
 import repo
 from repo.data.rule_pairs import rule_pairs
@@ -24,20 +21,6 @@ from repo.policy.device import launched_processes, select_device
 
 ROOT = Path(repo.__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_dist_cli_worker.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_env(**extra: str) -> dict[str, str]:
-    """This environment without any launcher's variables, this checkout first on the path."""
-    launcher = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-    return env
 
 
 def test_launched_processes_reads_world_size(monkeypatch):
@@ -78,16 +61,8 @@ def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path):
     )
     views = tmp_path / "views"
     views.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(_free_port()), str(WORKER), str(views)]
-    command += ["train", str(tmp_path / "train.toml")]
-    done = subprocess.run(
-        command,
-        cwd=tmp_path,
-        env=_launch_env(CUDA_VISIBLE_DEVICES=""),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = torchrun(
+        WORKER, views, "train", tmp_path / "train.toml", cwd=tmp_path, CUDA_VISIBLE_DEVICES=""
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already holds a run" not in done.stderr

@@ -6,15 +6,12 @@ policy saved whole (``AutoModelForCausalLM.from_pretrained`` reads it)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _helpers import write_jsonl
-from test_distributed import _free_port, _launch_env
+from _helpers import torchrun, write_jsonl
 
 import repo
 from repo.data.rule_pairs import rule_pairs
@@ -44,16 +41,13 @@ def test_fsdp_trains_sharded_resumes_and_saves_the_whole_model(tmp_path):
     )
     views = tmp_path / "views"
     views.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(_free_port()), str(WORKER), str(views)]
-    command += [str(tmp_path / "train.toml"), str(tmp_path / "part")]
-    done = subprocess.run(
-        command,
+    done = torchrun(
+        WORKER,
+        views,
+        tmp_path / "train.toml",
+        tmp_path / "part",
         cwd=tmp_path,
-        env=_launch_env(CUDA_VISIBLE_DEVICES=""),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        CUDA_VISIBLE_DEVICES="",
     )
     assert done.returncode == 0, done.stderr[-3000:]
 

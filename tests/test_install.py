@@ -106,8 +106,9 @@ def test_the_wheel_carries_every_module_and_the_models_folder(wheel):
 
 @pytest.mark.slow
 def test_the_installed_wheel_runs_the_quick_demo_from_an_empty_folder(installed, tmp_path):
-    """``re-po demo --quick`` (about a minute on a shared 2-core CPU) finds the
-    ``tiny-llama`` recipe in the installed package."""
+    """``re-po demo --quick`` finds the ``tiny-llama`` recipe in the installed package
+    and runs its whole pipeline (training, evaluation, report, diagnostics) there, on
+    fewer pairs and one epoch (tests/test_demo.py checks what the demo recovers)."""
     work = tmp_path / "empty"
     work.mkdir()
     env = _clean_env()
@@ -123,9 +124,9 @@ def test_the_installed_wheel_runs_the_quick_demo_from_an_empty_folder(installed,
     assert Path(where["models"]) == Path(where["repo"]).parent / "models"
     assert {"tiny-llama", "smollm2-135m-instruct"} <= set(where["recipes"])
 
-    done = _run(
-        [str(installed["re-po"]), "demo", "--quick", "--out", "out"], cwd=work, env=env, timeout=600
-    )
+    demo = [str(installed["re-po"]), "demo", "--quick", "--out", "out"]
+    demo += ["--train-pairs", "16", "--test-pairs", "8", "--epochs", "1"]
+    done = _run(demo, cwd=work, env=env, timeout=600)
     assert "is not available" not in done.stdout  # the recipe was found, nothing replaced
     out = work / "out"
     assert done.stdout.rstrip().endswith(f"report: {Path('out') / 'report.md'}")

@@ -14,9 +14,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
-import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import tiny_config
+from _helpers import tiny_config, torchrun
 
 from repo.data.loaders import load_preferences
 from repo.data.rule_pairs import rule_pairs
@@ -44,7 +41,7 @@ def test_missing_trl_names_the_extra(monkeypatch):
         importlib.import_module("repo.integrations.trl")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rt():
     """The module under test (the tests below need TRL)."""
     return pytest.importorskip("repo.integrations.trl")
@@ -563,20 +560,10 @@ def test_two_processes_hold_the_same_eta_as_one(rt, tmp_path, monkeypatch):
     both hold the same eta, equal to one process's on the same global batches (4 per
     process x 2 = 8); the checkpoint's posterior table gathers both processes' labels."""
     root = Path(__file__).resolve().parents[1]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    worker = str(root / "tests" / "_trl_dist_worker.py")
-    port = str(29600 + os.getpid() % 1000)
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
-    two = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", port, worker]
-        + [str(tmp_path / "two"), "4"],
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    two = torchrun(root / "tests" / "_trl_dist_worker.py", tmp_path / "two", "4", timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
     monkeypatch.syspath_prepend(str(root / "tests"))
     importlib.import_module("_trl_dist_worker").main(tmp_path / "one", 8)  # one process
     rank0, rank1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
