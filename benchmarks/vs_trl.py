@@ -20,12 +20,16 @@ prompts, longer than the responses) that fit 512 tokens.
 
 re-po's edge comes from its batch layout: one block ``[prompt | A | B]`` per pair
 with B masked from A (``repo.policy.collate_shared_prompt``), so the prompt runs
-through the model once instead of twice, and blocks packed into rows without
-padding between them (a row no longer than the longest block, each block attending
-to itself only); the log-probs are the same. The machine's load average (1, 5 and 15
-minutes) is recorded at the start and the end: on a shared machine CPU times drift
-with it (caches and hyper-threads are shared), which the alternating blocks spread
-over every system.
+through the model once instead of twice, and the forward padding-free: the blocks'
+tokens, no padding, run as one row with per-block positions and block attention
+(``repo.policy.attention``: each block attends within itself, at the cost of a
+separate sequence), and the vocabulary projection only where a response token is
+scored; the log-probs are the same (``tests/test_packing.py``). TRL 1.16 pads its 2B
+sequences to the longest (it disables ``padding_free`` for DPO).
+
+The machine's load average (1, 5 and 15 minutes) is recorded at the start and the end:
+on a shared machine CPU times drift with it (caches and hyper-threads are shared),
+which the alternating blocks spread over every system.
 
     pip install 're-po[bench]'                # TRL
     python benchmarks/vs_trl.py --quick        # under a minute

@@ -7,7 +7,8 @@
   (batch keys ``input_ids``, ``attention_mask``, ``response_mask``, ``index``);
   :func:`collate_shared_prompt` - one block ``[prompt | A | B]`` per pair, the prompt
   computed once, blocks packed into rows without padding between them
-  (``Policy.collate`` picks the layout).
+  (``Policy.collate`` picks the layout); its forward runs the blocks' tokens as one
+  padding-free row with block attention (:mod:`repo.policy.attention`).
 * :func:`sequence_logps` - the masked, summed next-token log-probs.
 * :class:`ReferenceCache` - reference log-probs computed once, cached on disk.
 * :func:`load_recipe`, :func:`load_model_and_tokenizer`, :func:`build_random_model`

@@ -193,19 +193,99 @@ def shared_prompt_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs and lengths of A and B from ``[prompt | A | B]`` blocks.
 
-    ONE forward of ``model`` over the rows of
+    ONE forward of ``model`` over the blocks of
     :func:`~repo.policy.tokenize.collate_shared_prompt` (one or more blocks a row) with
     their position ids and :func:`shared_prompt_mask`; returns ``(sum_logps, lengths)``
     of shape (2B,) in :func:`sequence_logps`' order (the B responses A, then the B
     responses B), so :func:`split_pair` applies. Equal to :func:`sequence_logps` on the
     :func:`~repo.policy.tokenize.collate_pairs` layout of the same pairs.
+
+    Padding-free: for a model with ``sdpa`` or ``eager`` attention the blocks' tokens,
+    without the rows' padding, run as ONE row of N tokens with
+    :func:`~repo.policy.attention.block_attention` (each block attends within itself at
+    the cost of a separate sequence), and the vocabulary projection runs only at the
+    positions that score a response token. Other models run the rows as they are, with
+    the rows' 4-D mask.
     """
-    from repo.policy.tokenize import RESPONSE_A, RESPONSE_B
+    from repo.policy.attention import supports_block_attention
+
+    if supports_block_attention(model):
+        return _packed_logps(model, batch, chunk_size=chunk_size)
+    return _rows_logps(model, batch, chunk_size=chunk_size)
+
+
+def _pair_count(batch: Mapping[str, torch.Tensor]) -> int:
+    return int(batch["index"].shape[0]) if "pair" in batch else int(batch["input_ids"].shape[0])
+
+
+def _slot_sums(tok: torch.Tensor, owner: torch.Tensor, is_b: torch.Tensor, n: int):
+    """Token log-probs summed per response: A of pair i -> slot i, B of pair i -> n + i."""
+    slot = owner + n * is_b.long()
+    sums = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, tok)
+    ones = torch.ones_like(tok)
+    lengths = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, ones)
+    return sums, lengths
+
+
+def _packed_logps(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shared_prompt_logps` as one padding-free row with block attention."""
+    from repo.policy.attention import BlockLayout, blocks_forward
+    from repo.policy.tokenize import PADDING, RESPONSE_A, RESPONSE_B
 
     input_ids, segment, source = batch["input_ids"], batch["segment"], batch["source"]
     rows_n, T = input_ids.shape
+    device = input_ids.device
     pair = batch.get("pair")  # absent: one pair a row, in order
-    n = int(batch["index"].shape[0]) if pair is not None else rows_n
+    if pair is None:
+        pair = torch.arange(rows_n, device=device)[:, None].expand(rows_n, T)
+    flat = (segment != PADDING).flatten().nonzero().squeeze(1)  # the real tokens, in order
+    N = flat.shape[0]
+    packed = torch.full((rows_n * T,), -1, dtype=torch.long, device=device)
+    packed[flat] = torch.arange(N, device=device)  # row slot -> packed position
+    ids, seg = input_ids.flatten()[flat], segment.flatten()[flat]
+    owner = pair.flatten()[flat]
+    row_source = source.flatten()[flat]
+    src = torch.where(
+        row_source >= 0, packed[(flat // T) * T + row_source.clamp_min(0)], row_source
+    )  # the packed position whose output scores each token
+    scored = ((seg == RESPONSE_A) | (seg == RESPONSE_B)) & (src >= 0)
+    n = _pair_count(batch)
+    if not bool(scored.any()):
+        zeros = torch.zeros(2 * n, dtype=torch.float32, device=device)
+        return zeros, zeros.clone()
+
+    def mask(slot_token: torch.Tensor) -> torch.Tensor:
+        slot_segment = torch.where(slot_token >= 0, seg[slot_token.clamp_min(0)], PADDING)
+        return shared_prompt_mask(slot_segment)
+
+    layout = BlockLayout.from_blocks(owner, mask)
+    kwargs: dict[str, object] = {
+        "position_ids": batch["position_ids"].flatten()[flat][None],
+        "use_cache": False,
+    }
+    predictors = src[scored]
+    keep = torch.unique(predictors)  # sorted
+    trimmed = _accepts_logits_to_keep(model)
+    if trimmed:
+        kwargs["logits_to_keep"] = keep
+    with blocks_forward(model, layout) as attention:
+        logits = model(input_ids=ids[None], **kwargs, **attention).logits[0]
+    rows = torch.searchsorted(keep, predictors) if trimmed else predictors
+    tok = token_logps(logits[rows], ids[scored], chunk_size=chunk_size)
+    return _slot_sums(tok, owner[scored], seg[scored] == RESPONSE_B, n)
+
+
+def _rows_logps(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], *, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shared_prompt_logps` over the batch's rows with their 4-D mask."""
+    from repo.policy.tokenize import RESPONSE_A, RESPONSE_B
+
+    input_ids, segment, source = batch["input_ids"], batch["segment"], batch["source"]
+    T = input_ids.shape[1]
+    pair = batch.get("pair")  # absent: one pair a row, in order
     scored = (segment == RESPONSE_A) | (segment == RESPONSE_B)
     scored &= source >= 0  # a response token at a block's start has no predecessor
     kwargs: dict[str, object] = {
@@ -223,13 +303,8 @@ def shared_prompt_logps(
     tok = token_logps(
         logits[rows, source[rows, cols] - offset], input_ids[rows, cols], chunk_size=chunk_size
     )
-    is_b = (segment[rows, cols] == RESPONSE_B).long()
     owner = rows if pair is None else pair[rows, cols]
-    slot = owner + n * is_b  # A of pair i -> i, B of pair i -> n + i
-    sums = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, tok)
-    ones = torch.ones_like(tok)
-    lengths = torch.zeros(2 * n, dtype=torch.float32, device=tok.device).index_add(0, slot, ones)
-    return sums, lengths
+    return _slot_sums(tok, owner, segment[rows, cols] == RESPONSE_B, _pair_count(batch))
 
 
 def pair_logps(

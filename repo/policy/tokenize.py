@@ -356,7 +356,9 @@ def collate_shared_prompt(
     block, so no row is longer, and attention spans no more positions, than with one
     block a row). Each block keeps its own positions (from 0) and sees only itself (the
     mask is block-diagonal), so packing changes no log-prob; it removes the padding of
-    short blocks that fit beside others.
+    short blocks that fit beside others. (The forward of
+    :func:`~repo.policy.logps.shared_prompt_logps` drops the rows' padding altogether: it
+    runs the real tokens as one row with block attention.)
 
     Returns a dict of tensors (R rows of T tokens, R <= B):
 
