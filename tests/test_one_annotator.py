@@ -45,7 +45,7 @@ def test_profile_recovers_eta_and_scale_of_an_informative_scorer():
     # an under-confident but informative scorer (true logits / 2.5): the profile's
     # maximum is the joint maximum likelihood, near the truth, and the interval is short
     c, data = _one_annotator(20_000, 0.8, seed=5, shrink=2.5)
-    profile = eta_profile(c, data.label[:, 0])
+    profile = eta_profile(c, data.label[:, 0], grid=201, scales=61)
     assert profile.estimate == pytest.approx(0.8, abs=0.015)
     assert profile.scale_estimate == pytest.approx(2.5, rel=0.1)
     low, high = profile.interval
@@ -64,7 +64,7 @@ def test_profile_is_flat_when_the_scorer_is_never_confident():
     truth = torch.rand(5_000, generator=g, dtype=torch.float64) < torch.sigmoid(s)
     flip = torch.rand(5_000, generator=g, dtype=torch.float64) < 0.3
     labels = (truth ^ flip).double()
-    profile = eta_profile(s, labels)
+    profile = eta_profile(s, labels, grid=201, scales=61)
     at = {
         round(float(e), 3): float(v)
         for e, v in zip(profile.eta, profile.log_likelihood, strict=True)

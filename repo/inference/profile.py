@@ -40,6 +40,7 @@ from repo.scorers import MAX_SCALE, MIN_SCALE
 __all__ = ["EtaProfile", "eta_profile"]
 
 CHI2_1_95 = 3.841458820694124  # the 0.95 quantile of chi-square with 1 degree of freedom
+TINY = 1e-300  # the smallest probability of a label (float64 underflows below it)
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,15 @@ def eta_profile(
         scales,
         dtype=torch.float64,
     )
-    # log sigma(a t) and log sigma(-a t) for every scale: (S, n)
-    at = log_a.exp()[:, None] * t[None, :]
-    log_p, log_q = torch.nn.functional.logsigmoid(at), torch.nn.functional.logsigmoid(-at)
+    # sigma(a t) for every scale: (S, n)
+    p = torch.sigmoid(log_a.exp()[:, None] * t[None, :])
     chunk = max(1, max_values // max(1, scales * t.numel()))
     table = torch.empty(grid, scales, dtype=torch.float64)
     for start in range(0, grid, chunk):
         e = eta[start : start + chunk, None, None]
-        # log(eta sigma(a t) + (1 - eta) sigma(-a t)), summed over labels
-        both = torch.logaddexp(torch.log(e) + log_p, torch.log1p(-e) + log_q)
+        # log((1 - eta) + (2 eta - 1) sigma(a t)), summed over labels; floored at
+        # TINY, which only eta = 1 against a label it calls impossible reaches
+        both = torch.log(((1 - e) + (2 * e - 1) * p).clamp_min_(TINY))
         table[start : start + chunk] = both.sum(-1)
     best = table.argmax(-1)
     profile, scale = _parabolic(table, best, log_a)
