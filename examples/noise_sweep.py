@@ -704,6 +704,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="run only these settings, e.g. single:0.2 pool:0.4 (default: all five)",
     )
     parser.add_argument(
+        "--methods", nargs="+", help="run only these methods, e.g. DPO RE-DPO 'RE-DPO oos'"
+    )
+    parser.add_argument(
         "--append", action="store_true", help="keep the CSV's rows; skip the runs already in it"
     )
     parser.add_argument(
@@ -737,6 +740,11 @@ def main(argv: list[str] | None = None) -> dict:
         grid = dataclasses.replace(grid, seeds=tuple(args.seeds))
     if args.settings:
         grid = dataclasses.replace(grid, settings=tuple(args.settings))
+    if args.methods:
+        known = {m.name for m in methods(0.0)}
+        if unknown := sorted(set(args.methods) - known):
+            parser.error(f"unknown methods {unknown}; known: {sorted(known)}")
+        grid = dataclasses.replace(grid, only=tuple(args.methods))
     stem = stem_for(args.quick, args.epochs if args.epochs is not None else EPOCHS)
     csv_path = args.out / f"{stem}.csv"
     if not args.replot:
