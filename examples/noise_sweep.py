@@ -147,8 +147,9 @@ SECOND_TIER = ("cDPO", "rDPO")
 def run_order(grid: Grid) -> list[tuple[tuple[str, float], list[str]]]:
     """``(setting, method names)`` in the order they are run: every setting with all
     but the :data:`SECOND_TIER` methods, then every setting with those. Out-of-sample
-    RE-PO runs only with more than one epoch (in one pass every visit is the first, so
-    the policy is that of the shipped update; only the final refit of eta differs)."""
+    RE-PO runs in one pass only when ``grid.only`` names it (in one pass every visit is
+    the first, so the policy is that of the shipped update; only the final refit of eta
+    differs)."""
     epochs = int(grid.optim.get("epochs", 2))
     order = []
     for tier in (False, True):
@@ -157,7 +158,7 @@ def run_order(grid: Grid) -> list[tuple[tuple[str, float], list[str]]]:
                 m.name
                 for m in methods(rho)
                 if (m.name in SECOND_TIER) == tier
-                and (epochs > 1 or not m.name.endswith(OOS))
+                and (epochs > 1 or not m.name.endswith(OOS) or m.name in grid.only)
                 and (not grid.only or m.name in grid.only)
             ]
             if names:
@@ -242,6 +243,15 @@ def run_grid(
                     flush=True,
                 )
     return pd.DataFrame(rows)
+
+
+def complete(frame: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
+    """The rows of the (setting, method) cells run at ``min_seeds`` seeds or more (a grid
+    cut short leaves cells with fewer; tables and figures can leave them out)."""
+    if min_seeds <= 1 or frame.empty:
+        return frame
+    counts = frame.groupby(["noise", "flip_rate", "method"]).seed.transform("nunique")
+    return frame[counts >= min_seeds]
 
 
 def setting_label(noise: str, rho: float) -> str:
@@ -710,6 +720,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--append", action="store_true", help="keep the CSV's rows; skip the runs already in it"
     )
     parser.add_argument(
+        "--min-seeds",
+        type=int,
+        default=1,
+        help="tables and figure leave out setting-method cells with fewer seeds (default 1)",
+    )
+    parser.add_argument(
         "--evidence",
         action="store_true",
         help="write noise-sweep-evidence.md from the one-pass and four-epoch CSVs",
@@ -728,7 +744,7 @@ def main(argv: list[str] | None = None) -> dict:
         for epochs, label in ((1, "one pass"), (EPOCHS, f"{EPOCHS} epochs")):
             path = args.out / f"{stem_for(args.quick, epochs)}.csv"
             if path.exists():
-                regimes[label] = pd.read_csv(path)
+                regimes[label] = complete(pd.read_csv(path), args.min_seeds)
         table = evidence_table(regimes)
         (args.out / f"{stem_for(args.quick, EPOCHS)}-evidence.md").write_text(table)
         print(table)
@@ -752,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
             csv_path.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(prefix="noise-sweep-reference-") as cache:
             run_grid(grid, csv_path, reference_cache_dir=Path(cache))
-    frame = pd.read_csv(csv_path)
+    frame = complete(pd.read_csv(csv_path), args.min_seeds)
     tables = markdown_tables(frame)
     (args.out / f"{stem}-table.md").write_text(tables)
     plot(frame, args.out / f"{stem}.png")
