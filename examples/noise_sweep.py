@@ -1,13 +1,17 @@
-"""Held-out accuracy of eleven preference losses as the label-flip rate grows.
+"""Held-out accuracy and calibration of fifteen preference methods as the label-flip rate grows.
 
 Experiment 1 of ``docs/experiments/noise-sweep.md``. The tiny model
 (``models/tiny-llama``, full fine-tuning) learns the rule of
 :mod:`repo.data.rule_pairs` (the better response carries a "good" marker word)
 from labels flipped at rate rho = 0, 0.2, 0.4, and is scored on held-out pairs
-against their clean labels. Methods: DPO, cDPO (label smoothing), rDPO (told the
-true flip rate), Hölder-DPO (a redescending loss that ignores contradicted pairs),
-and IPO, SimPO, CPO - each of DPO, IPO, SimPO and CPO also with RE-PO (EM over the
-annotators' reliabilities). Two kinds of noise:
+against their clean labels: accuracy of ``sign(s)``, and log loss and expected
+calibration error (15 equal-width bins) of ``sigmoid(s)``, ``s`` the loss family's
+induced logit. Methods: DPO, cDPO (label smoothing), rDPO (told the true flip
+rate), Hölder-DPO (a redescending loss that ignores contradicted pairs), and IPO,
+SimPO, CPO - each of DPO, IPO, SimPO and CPO also with RE-PO (EM over the
+annotators' reliabilities) as shipped and with ``[em] out_of_sample = true``
+(``RE-X oos``: annotator statistics from first visits only, refit after every
+epoch with the scores' scale learned). Two kinds of noise:
 
 * ``single``: one annotator (K = 1) flips every label with probability rho;
 * ``pool``: four annotators flip with probabilities 0, rho/2, 3 rho/2, 2 rho
@@ -17,16 +21,23 @@ annotators' reliabilities). Two kinds of noise:
 At rho = 0 both kinds are the same clean data, run once. Every seed draws its own
 training and held-out pairs; at one seed all methods and flip rates see the same
 pairs (the flipped labels at rho = 0.2 are a subset of those at 0.4), so
-differences between methods are paired.
+differences between methods are paired. Two training regimes: ``--epochs 1`` (one
+pass: every E-step is out of sample) and the default four epochs.
 
-    python examples/noise_sweep.py --out docs/experiments            # the grid
-    python examples/noise_sweep.py --quick --out /tmp/noise-sweep     # about a minute
-    python examples/noise_sweep.py --replot --out docs/experiments   # table, figure from CSV
-    python examples/noise_sweep.py --hh-rlhf --out docs/experiments  # SmolLM2 on HH-RLHF
+    python examples/noise_sweep.py --out docs/experiments              # four epochs
+    python examples/noise_sweep.py --epochs 1 --out docs/experiments   # one pass
+    python examples/noise_sweep.py --quick --out /tmp/noise-sweep       # a small grid
+    python examples/noise_sweep.py --replot --out docs/experiments     # table, figure from CSV
+    python examples/noise_sweep.py --evidence --out docs/experiments   # both regimes compared
+    python examples/noise_sweep.py --hh-rlhf --out docs/experiments    # SmolLM2 on HH-RLHF
 
 The grid writes ``noise-sweep.csv`` (one row a run), ``noise-sweep-table.md`` and
-``noise-sweep.png``; ``--hh-rlhf`` writes ``noise-sweep-hh-rlhf.json``. Progress
-goes to stderr; the last line printed is one JSON object with the headline figures.
+``noise-sweep.png`` (``-epochs1`` before the suffix for one pass); ``--settings``
+runs a part of the grid and ``--append`` keeps the CSV's rows and skips the runs
+already in it (so several processes can share a grid); ``--evidence`` writes
+``noise-sweep-evidence.md`` from the two regimes' CSVs; ``--hh-rlhf`` writes
+``noise-sweep-hh-rlhf.json``. Progress goes to stderr; the last line printed is one
+JSON object with the headline figures.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,13 +68,20 @@ HOLDER_GAMMA = 1.0
 """Hölder-DPO's exponent: the family's default (the Brier case), not tuned."""
 MARKERS = 4
 HELD_OUT = 500
-SETTINGS = (("single", 0.0), ("single", 0.2), ("single", 0.4), ("pool", 0.2), ("pool", 0.4))
+EPOCHS = 4
+"""Passes over the data of the default regime (``--epochs 1`` is the one-pass regime)."""
+SETTINGS = (("single", 0.2), ("single", 0.4), ("single", 0.0), ("pool", 0.4), ("pool", 0.2))
+"""Noise settings in the order they are run (most wanted first)."""
+COLUMNS = ("clean", "K=1 0.2", "K=1 0.4", "pool 0.2", "pool 0.4")
+"""Table columns, in the order shown."""
 FAMILIES = ("dpo", "ipo", "simpo", "cpo")
 PLAIN_NAMES = {"dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "cpo": "CPO"}
+OOS = " oos"
+"""Suffix of the RE-PO methods run with ``[em] out_of_sample = true``."""
 
 
 def methods(flip_rate: float) -> list[Method]:
-    """The eleven methods at mean flip rate ``flip_rate`` (rDPO is told it)."""
+    """The fifteen methods at mean flip rate ``flip_rate`` (rDPO is told it)."""
     out = [
         Method("DPO", "dpo", False, {"beta": BETA["dpo"]}),
         Method("cDPO", "cdpo", False, {"beta": BETA["dpo"], "epsilon": CDPO_EPSILON}),
@@ -71,17 +90,12 @@ def methods(flip_rate: float) -> list[Method]:
     ]
     for family in FAMILIES:
         loss = {"beta": BETA[family]}
+        name = "RE-" + PLAIN_NAMES[family]
+        em = {"temperature": TEMPERATURE[family]}
         if family != "dpo":
             out.append(Method(PLAIN_NAMES[family], family, False, loss))
-        out.append(
-            Method(
-                "RE-" + PLAIN_NAMES[family],
-                family,
-                True,
-                loss,
-                em={"temperature": TEMPERATURE[family]},
-            )
-        )
+        out.append(Method(name, family, True, loss, em=em))
+        out.append(Method(name + OOS, family, True, loss, em={**em, "out_of_sample": True}))
     return out
 
 
@@ -90,10 +104,10 @@ class Grid:
     """What to run: noise settings, seeds, data sizes and the optimizer's fields."""
 
     settings: tuple[tuple[str, float], ...] = SETTINGS
-    seeds: tuple[int, ...] = (10, 11, 12, 13, 14, 15)
+    seeds: tuple[int, ...] = tuple(range(10, 20))
     num_pairs: int = 512
     held_out: int = HELD_OUT
-    optim: dict = dataclasses.field(default_factory=dict)
+    optim: dict = dataclasses.field(default_factory=lambda: {"epochs": EPOCHS})
     only: tuple[str, ...] = ()  # method names to run (empty: all of them)
 
 
@@ -115,35 +129,98 @@ def annotator_etas(noise: str, flip_rate: float) -> list[float]:
     raise ValueError(f"unknown noise {noise!r}: single or pool")
 
 
-def run_grid(grid: Grid, csv_path: Path | None = None) -> pd.DataFrame:
+def _done_runs(csv_path: Path | None) -> set[tuple[str, float, int, str]]:
+    """``(noise, flip_rate, seed, method)`` of the runs already in ``csv_path``."""
+    if csv_path is None or not csv_path.exists() or csv_path.stat().st_size == 0:
+        return set()
+    old = pd.read_csv(csv_path)
+    return {
+        (n, float(r), int(s), m)
+        for n, r, s, m in zip(old.noise, old.flip_rate, old.seed, old.method, strict=True)
+    }
+
+
+SECOND_TIER = ("cDPO", "rDPO")
+"""Methods run after all the others, setting by setting (the first to go when time is short)."""
+
+
+def run_order(grid: Grid) -> list[tuple[tuple[str, float], list[str]]]:
+    """``(setting, method names)`` in the order they are run: every setting with all
+    but the :data:`SECOND_TIER` methods, then every setting with those. Out-of-sample
+    RE-PO runs in one pass only when ``grid.only`` names it (in one pass every visit is
+    the first, so the policy is that of the shipped update; only the final refit of eta
+    differs)."""
+    epochs = int(grid.optim.get("epochs", 2))
+    order = []
+    for tier in (False, True):
+        for noise, rho in grid.settings:
+            names = [
+                m.name
+                for m in methods(rho)
+                if (m.name in SECOND_TIER) == tier
+                and (epochs > 1 or not m.name.endswith(OOS) or m.name in grid.only)
+                and (not grid.only or m.name in grid.only)
+            ]
+            if names:
+                order.append(((noise, rho), names))
+    return order
+
+
+def run_grid(
+    grid: Grid, csv_path: Path | None = None, reference_cache_dir: Path | None = None
+) -> pd.DataFrame:
     """Train and score every method on every setting and seed; one row a run.
 
-    Rows are appended to ``csv_path`` as runs finish (a crash loses one run).
+    Runs go in :func:`run_order`, all seeds of a setting before the next, so a grid
+    cut short has every seed of its first settings. Rows are appended to ``csv_path``
+    as runs finish (a crash loses one run); runs already there are skipped, and the
+    frame returned holds the new rows only. ``reference_cache_dir`` keeps reference
+    log-probs between runs (see :func:`repo.experiments.train_and_score`).
     """
     rows = []
-    total = len(grid.settings) * len(grid.seeds) * len(methods(0.0))
+    done_before = _done_runs(csv_path)
+    order = run_order(grid)
+    total = sum(len(names) for _, names in order) * len(grid.seeds)
     done = 0
     start = time.perf_counter()
-    for seed in grid.seeds:
-        held_out = rule_pairs(grid.held_out, [1.0], seed=10_000 + seed, markers=MARKERS).rows
-        for noise, rho in grid.settings:
+    epochs = int(grid.optim.get("epochs", 2))
+    held_outs: dict[int, list[dict]] = {}
+    for (noise, rho), names in order:
+        by_name = {m.name: m for m in methods(rho)}
+        for seed in grid.seeds:
+            if seed not in held_outs:
+                held_outs[seed] = rule_pairs(
+                    grid.held_out, [1.0], seed=10_000 + seed, markers=MARKERS
+                ).rows
             data = rule_pairs(
                 grid.num_pairs, annotator_etas(noise, rho), seed=seed, markers=MARKERS
             )
-            for method in methods(rho):
+            for name in names:
+                method = by_name[name]
                 done += 1
-                if grid.only and method.name not in grid.only:
+                if (noise, float(rho), seed, method.name) in done_before:
                     continue
-                result = train_and_score(data.rows, held_out, method, seed=seed, optim=grid.optim)
+                result = train_and_score(
+                    data.rows,
+                    held_outs[seed],
+                    method,
+                    seed=seed,
+                    optim=grid.optim,
+                    reference_cache_dir=reference_cache_dir,
+                )
                 eta_hat = [result.eta[f"a{k}"] for k in range(len(data.eta))] if result.eta else []
                 row = {
                     "noise": noise,
                     "flip_rate": rho,
                     "seed": seed,
+                    "epochs": epochs,
                     "method": method.name,
                     "family": method.family,
                     "re_po": method.robust,
+                    "out_of_sample": bool(method.em.get("out_of_sample", False)),
                     "accuracy": result.accuracy,
+                    "log_loss": round(result.log_loss, 5),
+                    "ece": round(result.ece, 5),
                     "realised_flip_rate": data.flip_rate,
                     "eta_true": json.dumps([round(float(e), 4) for e in data.realised_eta]),
                     "eta_hat": json.dumps([round(e, 4) for e in eta_hat]),
@@ -153,13 +230,13 @@ def run_grid(grid: Grid, csv_path: Path | None = None) -> pd.DataFrame:
                 }
                 rows.append(row)
                 if csv_path is not None:
-                    pd.DataFrame([row]).to_csv(
-                        csv_path, mode="a", header=len(rows) == 1, index=False
-                    )
+                    new_file = not csv_path.exists() or csv_path.stat().st_size == 0
+                    pd.DataFrame([row]).to_csv(csv_path, mode="a", header=new_file, index=False)
                 elapsed = time.perf_counter() - start
                 print(
                     f"[{done}/{total}] {noise} rho={rho} seed={seed} {method.name}: "
-                    f"acc {result.accuracy:.3f}"
+                    f"acc {result.accuracy:.3f} log loss {result.log_loss:.3f} "
+                    f"ece {result.ece:.3f}"
                     + (f" eta {np.round(eta_hat, 3).tolist()}" if eta_hat else "")
                     + f" ({result.wall_seconds:.1f} s; {elapsed / 60:.1f} min so far)",
                     file=sys.stderr,
@@ -168,18 +245,33 @@ def run_grid(grid: Grid, csv_path: Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def complete(frame: pd.DataFrame, min_seeds: int) -> pd.DataFrame:
+    """The rows of the (setting, method) cells run at ``min_seeds`` seeds or more (a grid
+    cut short leaves cells with fewer; tables and figures can leave them out)."""
+    if min_seeds <= 1 or frame.empty:
+        return frame
+    counts = frame.groupby(["noise", "flip_rate", "method"]).seed.transform("nunique")
+    return frame[counts >= min_seeds]
+
+
 def setting_label(noise: str, rho: float) -> str:
-    """A column name: ``rho=0`` (clean, shared by both kinds), ``K=1 rho=0.2``, ``pool rho=0.2``."""
+    """A column name: ``clean`` (rho = 0, shared by both kinds), ``K=1 0.2``, ``pool 0.2``."""
     if rho == 0:
         return "clean"
     return f"{'K=1' if noise == 'single' else 'pool'} {rho:g}"
 
 
-def summarise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean held-out accuracy and the 95% t-interval half-width per setting and method."""
+def _columns(settings) -> list[str]:
+    present = set(settings)
+    return [c for c in COLUMNS if c in present] + sorted(present - set(COLUMNS))
+
+
+def summarise(frame: pd.DataFrame, measure: str = "accuracy") -> pd.DataFrame:
+    """Mean of ``measure`` (``accuracy``, ``log_loss``, ``ece``) and the 95% t-interval
+    half-width per setting and method."""
     out = []
     for (noise, rho, method), group in frame.groupby(["noise", "flip_rate", "method"], sort=False):
-        mean, half = t_interval(group["accuracy"].to_numpy())
+        mean, half = t_interval(group[measure].to_numpy())
         out.append(
             {
                 "noise": noise,
@@ -194,14 +286,20 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def paired_gains(frame: pd.DataFrame) -> pd.DataFrame:
-    """RE-PO minus the plain loss, per family and setting: mean of the per-seed
-    differences (same data) and its 95% t-interval half-width."""
+def plain_name(method: str) -> str:
+    """The plain loss an RE-PO method is compared with: ``RE-DPO oos`` -> ``DPO``."""
+    return method.removeprefix("RE-").removesuffix(OOS)
+
+
+def paired_gains(frame: pd.DataFrame, measure: str = "accuracy") -> pd.DataFrame:
+    """Every RE-PO method minus its plain loss, per setting: mean of the per-seed
+    differences of ``measure`` (same data) and its 95% t-interval half-width."""
     out = []
+    robust_names = list(dict.fromkeys(frame[frame.re_po].method))
     for (noise, rho), group in frame.groupby(["noise", "flip_rate"], sort=False):
-        for family in FAMILIES:
-            plain = group[(group.family == family) & ~group.re_po].set_index("seed").accuracy
-            robust = group[(group.family == family) & group.re_po].set_index("seed").accuracy
+        for name in robust_names:
+            plain = group[group.method == plain_name(name)].set_index("seed")[measure]
+            robust = group[group.method == name].set_index("seed")[measure]
             diff = (robust - plain).dropna()
             if diff.empty:
                 continue
@@ -211,7 +309,8 @@ def paired_gains(frame: pd.DataFrame) -> pd.DataFrame:
                     "noise": noise,
                     "flip_rate": rho,
                     "setting": setting_label(noise, rho),
-                    "family": PLAIN_NAMES[family],
+                    "method": name,
+                    "family": plain_name(name),
                     "seeds": len(diff),
                     "mean": mean,
                     "half_width": half,
@@ -220,21 +319,33 @@ def paired_gains(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def eta_errors(group: pd.DataFrame) -> np.ndarray:
+    """Per run: mean over annotators of |learned eta - realised share of correct labels|."""
+    hat = np.array([json.loads(x) for x in group.eta_hat])
+    true = np.array([json.loads(x) for x in group.eta_true])
+    return np.abs(hat - true).mean(axis=1)
+
+
 def eta_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """RE-PO runs: learned reliabilities against the realised ones (means over seeds)."""
+    """RE-PO runs: learned reliabilities against the realised ones (means over seeds),
+    and the mean absolute error with its 95% t-interval half-width over seeds."""
     out = []
     robust = frame[frame.re_po]
     for (noise, rho, method), group in robust.groupby(["noise", "flip_rate", "method"], sort=False):
         hat = np.array([json.loads(x) for x in group.eta_hat])
         true = np.array([json.loads(x) for x in group.eta_true])
+        mae, half = t_interval(eta_errors(group))
         out.append(
             {
                 "noise": noise,
                 "flip_rate": rho,
+                "setting": setting_label(noise, rho),
                 "method": method,
+                "seeds": len(group),
                 "eta_true": np.round(true.mean(axis=0), 3).tolist(),
                 "eta_hat": np.round(hat.mean(axis=0), 3).tolist(),
-                "mean_abs_error": float(np.abs(hat - true).mean()),
+                "mean_abs_error": mae,
+                "mae_half_width": half,
             }
         )
     return pd.DataFrame(out)
@@ -247,63 +358,130 @@ def _cell(mean: float, half: float, signed: bool = False) -> str:
     return f"{mean:{fmt}} ± {half:.3f}"
 
 
-def markdown_tables(frame: pd.DataFrame) -> str:
-    """The accuracy table, the RE-PO gain table and the reliability table, in Markdown."""
-    summary = summarise(frame)
-    columns = list(dict.fromkeys(summary.setting))
-    names = list(dict.fromkeys(summary.method))
-    lines = [
-        "Held-out accuracy against clean labels (mean ± 95% t-interval half-width over "
-        f"{int(summary.seeds.max())} seeds):",
-        "",
-        "| method | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for name in names:
+def _grid_table(table: pd.DataFrame, key: str, columns: list[str], signed: bool) -> list[str]:
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name in dict.fromkeys(table[key]):
         cells = []
         for col in columns:
-            match = summary[(summary.method == name) & (summary.setting == col)]
-            first = None if match.empty else match.iloc[0]
-            cells.append("" if first is None else _cell(first["mean"], first.half_width))
+            match = table[(table[key] == name) & (table.setting == col)]
+            if match.empty:
+                cells.append("")
+                continue
+            r = match.iloc[0]
+            seeds = "" if r.seeds == table.seeds.max() else f" ({int(r.seeds)} seeds)"
+            cells.append(_cell(r["mean"], r.half_width, signed) + seeds)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    gains = paired_gains(frame)
-    lines += [
-        "",
-        "RE-PO minus the plain loss (paired by seed; mean ± 95% t-interval half-width):",
-        "",
-        "| family | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for family in dict.fromkeys(gains.family):
-        cells = []
-        for col in columns:
-            match = gains[(gains.family == family) & (gains.setting == col)]
-            cells.append(
-                "" if match.empty else _cell(match["mean"].iloc[0], match.half_width.iloc[0], True)
-            )
-        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
+MEASURES = {
+    "accuracy": "Held-out accuracy against clean labels",
+    "log_loss": "Held-out log loss of sigmoid(s) against clean labels (nats)",
+    "ece": "Held-out expected calibration error of sigmoid(s) (15 equal-width bins)",
+}
+
+
+def markdown_tables(frame: pd.DataFrame) -> str:
+    """Accuracy, log loss and ECE tables, RE-PO minus the plain loss (accuracy and log
+    loss), and the reliability table, in Markdown."""
+    epochs = sorted(int(e) for e in frame.epochs.unique()) if "epochs" in frame else []
+    regime = ""
+    if epochs:
+        regime = " - " + ", ".join("one pass" if e == 1 else f"{e} epochs" for e in epochs)
+    lines: list[str] = []
+    for measure, title in MEASURES.items():
+        summary = summarise(frame, measure)
+        columns = _columns(summary.setting)
+        lines += [
+            f"{title} (mean ± 95% t-interval half-width over "
+            f"{int(summary.seeds.max())} seeds{regime}):",
+            "",
+            *_grid_table(summary, "method", columns, signed=False),
+            "",
+        ]
+    for measure in ("accuracy", "log_loss"):
+        gains = paired_gains(frame, measure)
+        if gains.empty:
+            continue
+        lines += [
+            f"RE-PO minus the plain loss, {measure.replace('_', ' ')} (paired by seed; "
+            "mean ± 95% t-interval half-width):",
+            "",
+            *_grid_table(gains, "method", _columns(gains.setting), signed=True),
+            "",
+        ]
     etas = eta_summary(frame)
-    lines += [
+    if not etas.empty:
+        lines += [
+            "Learned reliabilities of the RE-PO runs (means over seeds; true = realised share "
+            "of correct labels per annotator; error: mean over seeds of the mean absolute "
+            "error over annotators ± 95% t-interval half-width):",
+            "",
+            "| method | setting | true eta | learned eta | mean abs. error |",
+            "|---|---|---|---|---|",
+        ]
+        order = {c: i for i, c in enumerate(COLUMNS)}
+        etas = etas.assign(_o=etas.setting.map(order)).sort_values("_o", kind="stable")
+        for _, r in etas.iterrows():
+            fmt = ", ".join(f"{x:.3f}" for x in r.eta_true)
+            hat = ", ".join(f"{x:.3f}" for x in r.eta_hat)
+            lines.append(
+                f"| {r.method} | {r.setting} | {fmt} | {hat} | "
+                f"{_cell(r.mean_abs_error, r.mae_half_width)} |"
+            )
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def evidence_table(regimes: dict[str, pd.DataFrame]) -> str:
+    """RE-X minus X (accuracy, paired) and eta's mean absolute error, shipped against
+    ``out_of_sample``, per family, setting and regime: the evidence for the default."""
+    lines = [
+        "RE-X minus X, held-out accuracy (paired by seed, mean ± 95% t half-width), and "
+        "learned eta's mean absolute error against the realised share of correct labels "
+        "(mean ± 95% t half-width over seeds); shipped = `[em]` as shipped, oos = "
+        "`[em] out_of_sample = true`. `*`: the interval of the difference lies below zero.",
         "",
-        "Learned reliabilities of the RE-PO runs (means over seeds; true = realised share "
-        "of correct labels per annotator):",
-        "",
-        "| method | setting | true eta | learned eta | mean abs. error |",
-        "|---|---|---|---|---|",
+        "| regime | setting | family | seeds | RE-X - X, shipped | RE-X - X, oos "
+        "| eta MAE, shipped | eta MAE, oos |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for _, r in etas.iterrows():
-        fmt = ", ".join(f"{x:.3f}" for x in r.eta_true)
-        hat = ", ".join(f"{x:.3f}" for x in r.eta_hat)
-        lines.append(
-            f"| {r.method} | {setting_label(r.noise, r.flip_rate)} | {fmt} | {hat} | "
-            f"{r.mean_abs_error:.3f} |"
-        )
+    for regime, frame in regimes.items():
+        gains = paired_gains(frame)
+        etas = eta_summary(frame)
+        for col in COLUMNS:
+            for family in FAMILIES:
+                name = "RE-" + PLAIN_NAMES[family]
+                cells, seeds = [], set()
+                for table, method in (
+                    (gains, name),
+                    (gains, name + OOS),
+                    (etas, name),
+                    (etas, name + OOS),
+                ):
+                    match = table[(table.method == method) & (table.setting == col)]
+                    if match.empty:
+                        cells.append("")
+                        continue
+                    r = match.iloc[0]
+                    seeds.add(int(r.seeds))
+                    if "mean_abs_error" in r:
+                        cells.append(_cell(r.mean_abs_error, r.mae_half_width))
+                    else:
+                        below = r["mean"] + r.half_width < 0
+                        cells.append(_cell(r["mean"], r.half_width, True) + ("*" if below else ""))
+                if not seeds:
+                    continue
+                lines.append(
+                    f"| {regime} | {col} | {PLAIN_NAMES[family]} | "
+                    f"{'/'.join(str(s) for s in sorted(seeds))} | " + " | ".join(cells) + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
 def plot(frame: pd.DataFrame, path: Path) -> None:
     """Accuracy against flip rate: rows = noise kind, columns = loss family; plain
-    losses dashed, RE-PO solid, 95% t-intervals as error bars (rho = 0 in both rows)."""
+    losses dashed, RE-PO solid (shipped) and dash-dotted (out of sample), 95%
+    t-intervals as error bars (rho = 0 in both rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,10 +490,11 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     summary = summarise(frame)
     clean = summary[summary.flip_rate == 0]
     groups = {
-        "DPO": ["DPO", "cDPO", "rDPO", "Hölder-DPO", "RE-DPO"],
-        "IPO": ["IPO", "RE-IPO"],
-        "SimPO": ["SimPO", "RE-SimPO"],
-        "CPO": ["CPO", "RE-CPO"],
+        "DPO": ["DPO", "cDPO", "rDPO", "Hölder-DPO", "RE-DPO", "RE-DPO" + OOS],
+        **{
+            PLAIN_NAMES[f]: [PLAIN_NAMES[f], "RE-" + PLAIN_NAMES[f], "RE-" + PLAIN_NAMES[f] + OOS]
+            for f in FAMILIES[1:]
+        },
     }
     colours = {"DPO": "C0", "cDPO": "C2", "rDPO": "C4", "Hölder-DPO": "C1"}
     kinds = [k for k in ("single", "pool") if (summary.noise == k).any()]
@@ -331,14 +510,15 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
                 if m.empty:
                     continue
                 robust = name.startswith("RE-")
-                colour = "C3" if robust else colours.get(name, "C0")
+                oos = name.endswith(OOS)
+                colour = ("C5" if oos else "C3") if robust else colours.get(name, "C0")
                 ax.errorbar(
                     m.flip_rate,
                     m["mean"],
                     yerr=m.half_width.fillna(0),
                     label=name,
                     color=colour,
-                    linestyle="-" if robust else "--",
+                    linestyle=("-." if oos else "-") if robust else "--",
                     marker="o",
                     capsize=3,
                 )
@@ -351,26 +531,33 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
             if j == 0:
                 ax.set_ylabel("held-out accuracy (clean labels)")
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8, loc="lower left")
+                ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def headline(frame: pd.DataFrame) -> dict:
-    """Mean accuracies per setting and method, and RE-PO's paired gains."""
-    summary = summarise(frame)
-    gains = paired_gains(frame)
-    acc: dict[str, dict[str, float]] = {}
-    for _, r in summary.iterrows():
-        acc.setdefault(r.setting, {})[r.method] = round(r["mean"], 4)
-    gain: dict[str, dict[str, list[float]]] = {}
-    for _, r in gains.iterrows():
-        gain.setdefault(r.setting, {})[r.family] = [
+    """Mean accuracy, log loss and ECE per setting and method, RE-PO's paired accuracy
+    gains and eta's mean absolute errors."""
+    out: dict = {}
+    for measure in MEASURES:
+        table: dict[str, dict[str, float]] = {}
+        for _, r in summarise(frame, measure).iterrows():
+            table.setdefault(r.setting, {})[r.method] = round(r["mean"], 4)
+        out[measure] = table
+    gain: dict[str, dict[str, list[float | None]]] = {}
+    for _, r in paired_gains(frame).iterrows():
+        gain.setdefault(r.setting, {})[r.method] = [
             round(r["mean"], 4),
             round(r.half_width, 4) if not math.isnan(r.half_width) else None,
         ]
-    return {"accuracy": acc, "re_po_minus_plain": gain}
+    out["re_po_minus_plain"] = gain
+    mae: dict[str, dict[str, float]] = {}
+    for _, r in eta_summary(frame).iterrows():
+        mae.setdefault(r.setting, {})[r.method] = round(r.mean_abs_error, 4)
+    out["eta_mae"] = mae
+    return out
 
 
 # ----------------------------------------------------------------------------- HH-RLHF
@@ -491,13 +678,58 @@ def run_hh_rlhf(settings: HHSettings) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def parse_setting(text: str) -> tuple[str, float]:
+    """``single:0.2`` -> ``("single", 0.2)``."""
+    noise, _, rho = text.partition(":")
+    try:
+        value = float(rho)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"setting {text!r}: want NOISE:RHO, e.g. single:0.2"
+        ) from err
+    annotator_etas(noise, value)
+    return noise, value
+
+
+def stem_for(quick: bool, epochs: int) -> str:
+    """File stem: ``noise-sweep``, ``-quick`` for the small grid, ``-epochs{N}`` off 4 epochs."""
+    stem = "noise-sweep" + ("-quick" if quick else "")
+    return stem + ("" if epochs == EPOCHS else f"-epochs{epochs}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"))
-    parser.add_argument("--quick", action="store_true", help="a small grid (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a small grid")
     parser.add_argument("--replot", action="store_true", help="table and figure from the CSV")
     parser.add_argument("--hh-rlhf", action="store_true", help="SmolLM2 on HH-RLHF instead")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
+    parser.add_argument(
+        "--epochs", type=int, help=f"passes over the data (default {EPOCHS}; 3 with --quick)"
+    )
+    parser.add_argument(
+        "--settings",
+        type=parse_setting,
+        nargs="+",
+        help="run only these settings, e.g. single:0.2 pool:0.4 (default: all five)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", help="run only these methods, e.g. DPO RE-DPO 'RE-DPO oos'"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="keep the CSV's rows; skip the runs already in it"
+    )
+    parser.add_argument(
+        "--min-seeds",
+        type=int,
+        default=1,
+        help="tables and figure leave out setting-method cells with fewer seeds (default 1)",
+    )
+    parser.add_argument(
+        "--evidence",
+        action="store_true",
+        help="write noise-sweep-evidence.md from the one-pass and four-epoch CSVs",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -507,16 +739,36 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / "noise-sweep-hh-rlhf.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result))
         return result
+    if args.evidence:
+        regimes = {}
+        for epochs, label in ((1, "one pass"), (EPOCHS, f"{EPOCHS} epochs")):
+            path = args.out / f"{stem_for(args.quick, epochs)}.csv"
+            if path.exists():
+                regimes[label] = complete(pd.read_csv(path), args.min_seeds)
+        table = evidence_table(regimes)
+        (args.out / f"{stem_for(args.quick, EPOCHS)}-evidence.md").write_text(table)
+        print(table)
+        return {"experiment": "noise_sweep_evidence", "regimes": list(regimes)}
     grid = QUICK if args.quick else Grid()
+    epochs = args.epochs if args.epochs is not None else int(grid.optim["epochs"])
+    grid = dataclasses.replace(grid, optim={**grid.optim, "epochs": epochs})
     if args.seeds:
         grid = dataclasses.replace(grid, seeds=tuple(args.seeds))
-    stem = "noise-sweep-quick" if args.quick else "noise-sweep"
+    if args.settings:
+        grid = dataclasses.replace(grid, settings=tuple(args.settings))
+    if args.methods:
+        known = {m.name for m in methods(0.0)}
+        if unknown := sorted(set(args.methods) - known):
+            parser.error(f"unknown methods {unknown}; known: {sorted(known)}")
+        grid = dataclasses.replace(grid, only=tuple(args.methods))
+    stem = stem_for(args.quick, args.epochs if args.epochs is not None else EPOCHS)
     csv_path = args.out / f"{stem}.csv"
-    if args.replot:
-        frame = pd.read_csv(csv_path)
-    else:
-        csv_path.unlink(missing_ok=True)
-        frame = run_grid(grid, csv_path)
+    if not args.replot:
+        if not args.append:
+            csv_path.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix="noise-sweep-reference-") as cache:
+            run_grid(grid, csv_path, reference_cache_dir=Path(cache))
+    frame = complete(pd.read_csv(csv_path), args.min_seeds)
     tables = markdown_tables(frame)
     (args.out / f"{stem}-table.md").write_text(tables)
     plot(frame, args.out / f"{stem}.png")
@@ -524,6 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "experiment": "noise_sweep",
         "quick": args.quick,
+        "epochs": sorted(int(e) for e in frame.epochs.unique()),
         "runs": len(frame),
         "seeds": sorted(int(s) for s in frame.seed.unique()),
         "train_pairs": grid.num_pairs,

@@ -10,19 +10,24 @@ rule pairs (:mod:`repo.data.rule_pairs`) whose labels are flipped at rate rho =
 * ``two``: half of the labels come from a reliable annotator (flip rate 0.1,
   eta = 0.9) and half from one flipping with probability rho.
 
-For each run (512 pairs, four epochs) the learned reliability of every
-annotator (the EMA estimate at the end of training, ``eta_0 = 0.9``,
+For each run (512 pairs, four epochs, or one pass with ``--epochs 1``) the learned
+reliability of every annotator (at the end of training, ``eta_0 = 0.9``,
 ``alpha = 0.1``) is compared with its realised share of correct labels, and the
-policy's held-out accuracy against clean labels says which rule it learned.
+policy's held-out accuracy against clean labels says which rule it learned (with
+the log loss and expected calibration error of ``sigmoid(s)``, 15 bins). Two
+variants of RE-DPO: as shipped (the paper's online update) and with
+``[em] out_of_sample = true`` (``RE-DPO oos``: statistics from first visits only,
+refit after every epoch with the scores' scale learned).
 Above rho = 0.5 with one annotator the likelihood's symmetry (scores -> -scores,
 eta -> 1 - eta) has nothing to break it but ``eta_0 > 0.5``: the question is
 what the runs do.
 
     python examples/reliability_recovery.py --out docs/experiments
     python examples/reliability_recovery.py --quick --out /tmp/recovery   # half a minute
-    python examples/reliability_recovery.py --epochs 2 --out docs/experiments  # the sweep's budget
+    python examples/reliability_recovery.py --epochs 1 --out docs/experiments  # one pass
 
-Writes ``reliability-recovery.csv`` (one row per run and annotator),
+Writes ``reliability-recovery.csv`` (one row per run and annotator; ``-epochs{N}``
+before the suffix off four epochs),
 ``reliability-recovery-table.md`` and ``reliability-recovery.png``. Progress goes to
 stderr; the last line printed is one JSON object with the headline figures.
 """
@@ -33,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,9 @@ from repo.experiments import Method, t_interval, train_and_score
 
 RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3})
 """The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1: the defaults)."""
+RE_DPO_OOS = Method("RE-DPO oos", "dpo", True, {"beta": 0.3}, em={"out_of_sample": True})
+"""RE-DPO with ``[em] out_of_sample = true``."""
+METHODS = {m.name: m for m in (RE_DPO, RE_DPO_OOS)}
 RELIABLE_FLIP = 0.1
 MARKERS = 4
 
@@ -56,16 +65,17 @@ class Grid:
 
     settings: tuple[str, ...] = ("one", "two")
     flip_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    seeds: tuple[int, ...] = (10, 11, 12)
+    seeds: tuple[int, ...] = tuple(range(10, 20))
     num_pairs: int = 512
     held_out: int = 500
     optim: dict = dataclasses.field(default_factory=lambda: {"epochs": EPOCHS})
+    methods: tuple[str, ...] = tuple(METHODS)  # "RE-DPO oos" runs only with epochs > 1
 
 
 EPOCHS = 4
 """Passes over the data (the noise sweep's two leave the noisier estimates unconverged)."""
-QUICK = Grid(flip_rates=(0.2, 0.8), seeds=(10,), held_out=200)
-"""Two flip rates, one seed: the grid's seed-10 runs at rho = 0.2 and 0.8 (half a minute)."""
+QUICK = Grid(flip_rates=(0.2, 0.8), seeds=(10,), held_out=200, methods=("RE-DPO",))
+"""Two flip rates, one seed, RE-DPO as shipped: the grid's seed-10 runs at rho = 0.2 and 0.8."""
 
 
 def etas(setting: str, rho: float) -> list[float]:
@@ -77,15 +87,32 @@ def etas(setting: str, rho: float) -> list[float]:
     raise ValueError(f"unknown setting {setting!r}: one or two")
 
 
-def recover(setting: str, rho: float, seed: int, grid: Grid) -> list[dict]:
-    """One RE-DPO run; one row per annotator: true and learned eta, held-out accuracy."""
+def recover(
+    setting: str,
+    rho: float,
+    seed: int,
+    grid: Grid,
+    method: Method = RE_DPO,
+    reference_cache_dir: Path | None = None,
+) -> list[dict]:
+    """One run of ``method``; one row per annotator: true and learned eta, held-out
+    accuracy, log loss and ECE."""
     data = rule_pairs(grid.num_pairs, etas(setting, rho), seed=seed, markers=MARKERS)
     held_out = rule_pairs(grid.held_out, [1.0], seed=10_000 + seed, markers=MARKERS).rows
-    result = train_and_score(data.rows, held_out, RE_DPO, seed=seed, optim=grid.optim)
+    result = train_and_score(
+        data.rows,
+        held_out,
+        method,
+        seed=seed,
+        optim=grid.optim,
+        reference_cache_dir=reference_cache_dir,
+    )
     rows = []
     for k, nominal in enumerate(data.eta):
         rows.append(
             {
+                "method": method.name,
+                "epochs": int(grid.optim.get("epochs", EPOCHS)),
                 "setting": setting,
                 "flip_rate": rho,
                 "seed": seed,
@@ -95,47 +122,65 @@ def recover(setting: str, rho: float, seed: int, grid: Grid) -> list[dict]:
                 "eta_true": round(float(data.realised_eta[k]), 4),
                 "eta_hat": round(result.eta[f"a{k}"], 4),
                 "accuracy": result.accuracy,
+                "log_loss": round(result.log_loss, 5),
+                "ece": round(result.ece, 5),
                 "wall_s": round(result.wall_seconds, 2),
             }
         )
     return rows
 
 
-def run_grid(grid: Grid, csv_path: Path | None = None) -> pd.DataFrame:
-    """Every setting, flip rate and seed; rows appended to ``csv_path`` as runs finish."""
+def grid_methods(grid: Grid) -> list[Method]:
+    """The grid's methods; ``RE-DPO oos`` only with more than one epoch (in one pass
+    every visit is a first visit and the policy is that of the shipped update)."""
+    epochs = int(grid.optim.get("epochs", EPOCHS))
+    return [METHODS[n] for n in grid.methods if epochs > 1 or n != RE_DPO_OOS.name]
+
+
+def run_grid(
+    grid: Grid, csv_path: Path | None = None, reference_cache_dir: Path | None = None
+) -> pd.DataFrame:
+    """Every setting, flip rate, seed and method; rows appended to ``csv_path`` as runs
+    finish (``reference_cache_dir``: reference log-probs kept between runs)."""
     rows: list[dict] = []
-    total = len(grid.settings) * len(grid.flip_rates) * len(grid.seeds)
+    chosen = grid_methods(grid)
+    total = len(grid.settings) * len(grid.flip_rates) * len(grid.seeds) * len(chosen)
     done = 0
     start = time.perf_counter()
     for seed in grid.seeds:
         for setting in grid.settings:
             for rho in grid.flip_rates:
-                new = recover(setting, rho, seed, grid)
-                rows += new
-                done += 1
-                if csv_path is not None:
-                    pd.DataFrame(new).to_csv(
-                        csv_path, mode="a", header=len(rows) == len(new), index=False
+                for method in chosen:
+                    new = recover(setting, rho, seed, grid, method, reference_cache_dir)
+                    rows += new
+                    done += 1
+                    if csv_path is not None:
+                        pd.DataFrame(new).to_csv(
+                            csv_path, mode="a", header=len(rows) == len(new), index=False
+                        )
+                    learned = ", ".join(f"{r['eta_true']:.3f} -> {r['eta_hat']:.3f}" for r in new)
+                    print(
+                        f"[{done}/{total}] {method.name} {setting} rho={rho} seed={seed}: "
+                        f"eta {learned}; acc {new[0]['accuracy']:.3f} "
+                        f"({(time.perf_counter() - start) / 60:.1f} min)",
+                        file=sys.stderr,
+                        flush=True,
                     )
-                learned = ", ".join(f"{r['eta_true']:.3f} -> {r['eta_hat']:.3f}" for r in new)
-                print(
-                    f"[{done}/{total}] {setting} rho={rho} seed={seed}: eta {learned}; "
-                    f"acc {new[0]['accuracy']:.3f} ({(time.perf_counter() - start) / 60:.1f} min)",
-                    file=sys.stderr,
-                    flush=True,
-                )
     return pd.DataFrame(rows)
 
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per setting, flip rate and annotator: means over seeds and 95% t-intervals."""
+    """Per method, setting, flip rate and annotator: means over seeds and 95% t-intervals."""
     out = []
-    keys = ["setting", "flip_rate", "annotator", "role"]
-    for (setting, rho, annotator, role), g in frame.groupby(keys, sort=False):
+    if "method" not in frame:
+        frame = frame.assign(method=RE_DPO.name)
+    keys = ["method", "setting", "flip_rate", "annotator", "role"]
+    for (method, setting, rho, annotator, role), g in frame.groupby(keys, sort=False):
         eta_hat, eta_half = t_interval(g.eta_hat.to_numpy())
         acc, acc_half = t_interval(g.accuracy.to_numpy())
         out.append(
             {
+                "method": method,
                 "setting": setting,
                 "flip_rate": rho,
                 "annotator": annotator,
@@ -148,6 +193,8 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
                 "mirror_error": (g.eta_hat - (1 - g.eta_true)).abs().mean(),
                 "accuracy": acc,
                 "accuracy_half_width": acc_half,
+                "log_loss": g.log_loss.mean() if "log_loss" in g else np.nan,
+                "ece": g.ece.mean() if "ece" in g else np.nan,
             }
         )
     return pd.DataFrame(out)
@@ -158,43 +205,53 @@ def _pm(mean: float, half: float) -> str:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """One row per flip rate: true and learned eta of each annotator, held-out accuracy."""
+    """Per method, one row per flip rate: true and learned eta of each annotator,
+    held-out accuracy, log loss and ECE."""
     s = summarise(frame)
     seeds = int(s.seeds.max())
     lines = [
         f"Means over {seeds} seeds ± 95% t-interval half-width; true eta = realised share "
-        "of correct labels; accuracy = held-out accuracy against clean labels.",
-        "",
-        "| rho | one: true eta | one: learned eta | one: accuracy "
-        "| two: reliable true / learned | two: noisy true | two: noisy learned "
-        "| two: accuracy |",
-        "|---|---|---|---|---|---|---|---|",
+        "of correct labels; accuracy = held-out accuracy against clean labels; log loss "
+        "and ECE (15 bins) of sigmoid(s) against the same labels.",
     ]
-    for rho in sorted(s.flip_rate.unique()):
-        one = s[(s.setting == "one") & (s.flip_rate == rho)]
-        two = s[(s.setting == "two") & (s.flip_rate == rho)]
-        cells = [f"{rho:g}"]
-        if one.empty:
-            cells += ["", "", ""]
-        else:
-            o = one.iloc[0]
-            cells += [
-                f"{o.eta_true:.3f}",
-                _pm(o.eta_hat, o.eta_hat_half_width),
-                _pm(o.accuracy, o.accuracy_half_width),
-            ]
-        if two.empty:
-            cells += ["", "", "", ""]
-        else:
-            r = two[two.role == "reliable"].iloc[0]
-            n = two[two.role == "noisy"].iloc[0]
-            cells += [
-                f"{r.eta_true:.3f} / {r.eta_hat:.3f}",
-                f"{n.eta_true:.3f}",
-                _pm(n.eta_hat, n.eta_hat_half_width),
-                _pm(n.accuracy, n.accuracy_half_width),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
+    for method in dict.fromkeys(s.method):
+        lines += [
+            "",
+            f"{method}:",
+            "",
+            "| rho | one: true eta | one: learned eta | one: accuracy | one: log loss / ECE "
+            "| two: reliable true / learned | two: noisy true | two: noisy learned "
+            "| two: accuracy | two: log loss / ECE |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        part = s[s.method == method]
+        for rho in sorted(part.flip_rate.unique()):
+            one = part[(part.setting == "one") & (part.flip_rate == rho)]
+            two = part[(part.setting == "two") & (part.flip_rate == rho)]
+            cells = [f"{rho:g}"]
+            if one.empty:
+                cells += ["", "", "", ""]
+            else:
+                o = one.iloc[0]
+                cells += [
+                    f"{o.eta_true:.3f}",
+                    _pm(o.eta_hat, o.eta_hat_half_width),
+                    _pm(o.accuracy, o.accuracy_half_width),
+                    f"{o.log_loss:.3f} / {o.ece:.3f}",
+                ]
+            if two.empty:
+                cells += ["", "", "", "", ""]
+            else:
+                r = two[two.role == "reliable"].iloc[0]
+                n = two[two.role == "noisy"].iloc[0]
+                cells += [
+                    f"{r.eta_true:.3f} / {r.eta_hat:.3f}",
+                    f"{n.eta_true:.3f}",
+                    _pm(n.eta_hat, n.eta_hat_half_width),
+                    _pm(n.accuracy, n.accuracy_half_width),
+                    f"{n.log_loss:.3f} / {n.ece:.3f}",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +263,12 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = summarise(frame)
+    if "method" not in frame:
+        frame = frame.assign(method=RE_DPO.name)
+    s_all = summarise(frame)
+    oos = s_all[s_all.method == RE_DPO_OOS.name]
+    frame = frame[frame.method == RE_DPO.name]
+    s = s_all[s_all.method == RE_DPO.name]
     settings = [x for x in ("one", "two") if (frame.setting == x).any()]
     fig, axes = plt.subplots(
         2, len(settings), figsize=(5.2 * len(settings), 8), squeeze=False, sharex=True
@@ -233,6 +295,12 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
                 label = "the annotator"
             ax.scatter(r.eta_true, r.eta_hat, color=colour, marker=marker, alpha=0.45, s=18)
             ax.plot(m.eta_true, m.eta_hat, color=colour, marker=marker, label=label)
+        for role in ("noisy", "reliable"):
+            m = oos[(oos.setting == setting) & (oos.role == role)].sort_values("eta_true")
+            if not m.empty:
+                who = "the annotator" if setting == "one" else f"{role} annotator"
+                label = f"{RE_DPO_OOS.name} ({who})"
+                ax.plot(m.eta_true, m.eta_hat, color="C5", linestyle="--", marker=".", label=label)
         ax.set_xlim(0.1, 1.02)
         ax.set_ylim(0.1, 1.02)
         ax.set_title(titles[setting])
@@ -241,7 +309,11 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         noisy = mean[mean.role == "noisy"].sort_values("eta_true")
         raw_noisy = raw[raw.role == "noisy"]
         ax_acc.scatter(raw_noisy.eta_true, raw_noisy.accuracy, color="C2", alpha=0.45, s=18)
-        ax_acc.plot(noisy.eta_true, noisy.accuracy, color="C2", marker="o")
+        ax_acc.plot(noisy.eta_true, noisy.accuracy, color="C2", marker="o", label=RE_DPO.name)
+        m = oos[(oos.setting == setting) & (oos.role == "noisy")].sort_values("eta_true")
+        if not m.empty:
+            ax_acc.plot(m.eta_true, m.accuracy, color="C5", linestyle="--", label=RE_DPO_OOS.name)
+            ax_acc.legend(fontsize=8, loc="lower right")
         ax_acc.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
         ax_acc.axvline(0.5, color="grey", linewidth=0.6)
         ax_acc.set_ylim(-0.02, 1.02)
@@ -255,9 +327,11 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def headline(frame: pd.DataFrame) -> dict:
-    """Mean absolute errors below and above rho = 0.5, and what happens at the top rate."""
+def headline(frame: pd.DataFrame, method: str = RE_DPO.name) -> dict:
+    """Mean absolute errors below and above rho = 0.5, and what happens at the top rate,
+    of ``method``'s runs."""
     s = summarise(frame)
+    s = s[s.method == method]
     out: dict = {}
     for setting in dict.fromkeys(s.setting):
         part = s[(s.setting == setting) & (s.role == "noisy")]
@@ -285,11 +359,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--epochs", type=int, default=EPOCHS, help=f"passes over the data (default {EPOCHS})"
     )
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
+    parser.add_argument("--flip-rates", type=float, nargs="+", help="override the flip rates")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     grid = dataclasses.replace(QUICK if args.quick else Grid(), optim={"epochs": args.epochs})
+    if args.seeds:
+        grid = dataclasses.replace(grid, seeds=tuple(args.seeds))
+    if args.flip_rates:
+        grid = dataclasses.replace(grid, flip_rates=tuple(args.flip_rates))
     stem = "reliability-recovery" + ("-quick" if args.quick else "")
     if args.epochs != EPOCHS:
         stem += f"-epochs{args.epochs}"
@@ -298,12 +378,15 @@ def main(argv: list[str] | None = None) -> dict:
         frame = pd.read_csv(csv_path)
     else:
         csv_path.unlink(missing_ok=True)
-        frame = run_grid(grid, csv_path)
+        with tempfile.TemporaryDirectory(prefix="recovery-reference-") as cache:
+            frame = run_grid(grid, csv_path, reference_cache_dir=Path(cache))
+    if "method" not in frame:
+        frame = frame.assign(method=RE_DPO.name)
     table = markdown_table(frame)
     (args.out / f"{stem}-table.md").write_text(table)
     plot(frame, args.out / f"{stem}.png")
     print(table)
-    runs = frame.drop_duplicates(["setting", "flip_rate", "seed"])
+    runs = frame.drop_duplicates(["method", "setting", "flip_rate", "seed"])
     result = {
         "experiment": "reliability_recovery",
         "quick": args.quick,
@@ -312,6 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_pairs": grid.num_pairs,
         "epochs": args.epochs,
         **headline(frame),
+        **{m: headline(frame, m) for m in frame.method.unique() if m != RE_DPO.name},
         "run_wall_s": round(float(runs.wall_s.sum()), 1),
         "wall_s": round(time.perf_counter() - start, 1),
     }

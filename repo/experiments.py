@@ -12,7 +12,8 @@ The building blocks of ``examples/noise_sweep.py`` and
 
 Held-out accuracy is that of the loss family's induced preference
 :math:`\mathrm{sign}(s)`, :math:`s = \mathrm{logit}\,p(A \succ^* B)`, against the
-clean label (see :mod:`repo.train.evaluate`).
+clean label; log loss and expected calibration error (``ECE_BINS`` equal-width bins)
+are those of :math:`\sigma(s)` against the same labels (see :mod:`repo.train.evaluate`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from scipy import stats
 from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
 from repo.train import TrainConfig, Trainer
+from repo.train.evaluate import evaluate_records
 
 __all__ = [
+    "ECE_BINS",
     "POOL_SHAPE",
     "Method",
     "RunResult",
@@ -43,6 +46,8 @@ __all__ = [
 
 POOL_SHAPE = (0.0, 0.5, 1.5, 2.0)
 """Flip rates of the default pool, as multiples of the mean flip rate."""
+ECE_BINS = 15
+"""Equal-width bins of sigma(s) for the held-out expected calibration error."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,11 @@ class Method:
 
 @dataclass
 class RunResult:
-    """What one training run gives.
+    r"""What one training run gives.
 
     :param accuracy: held-out accuracy against the clean labels.
+    :param log_loss: held-out log loss of :math:`\sigma(s)` against the clean labels (nats).
+    :param ece: held-out expected calibration error of :math:`\sigma(s)` (``ECE_BINS`` bins).
     :param eta: learned reliability per annotator id (RE-PO runs; empty otherwise).
     :param steps: optimizer steps taken.
     :param wall_seconds: wall-clock time of training and scoring.
@@ -77,6 +84,8 @@ class RunResult:
     """
 
     accuracy: float
+    log_loss: float
+    ece: float
     eta: dict[str, float]
     steps: int
     wall_seconds: float
@@ -145,27 +154,42 @@ def train_and_score(
     optim: dict[str, Any] | None = None,
     recipe: str = "tiny-llama",
     model: dict[str, Any] | None = None,
+    reference_cache_dir: str | None = None,
 ) -> RunResult:
-    """Train ``method`` on ``train_rows``; its accuracy on ``held_out_rows`` (clean labels).
+    """Train ``method`` on ``train_rows``; its accuracy, log loss and ECE on
+    ``held_out_rows`` (clean labels).
 
     Rows are TRL-layout dictionaries with an ``annotator`` column (as
     :func:`repo.data.rule_pairs.rule_pairs` writes them) or ready records. The run
-    directory is a temporary folder, removed afterwards.
+    directory is a temporary folder, removed afterwards. ``reference_cache_dir`` keeps
+    the reference log-probs (of training and held-out pairs) between runs, so that
+    runs on the same pairs compute them once (:class:`repo.policy.ReferenceCache`).
     """
     train, held_out = _records(train_rows), _records(held_out_rows)
     wall, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="re-po-exp-") as tmp:
+        if reference_cache_dir is not None:
+            model = {**(model or {}), "reference_cache_dir": str(reference_cache_dir)}
         config = rule_config(tmp, method, seed=seed, optim=optim, recipe=recipe, model=model)
         trainer = Trainer(config, records=train)
         trainer.train()
-        accuracy = float(trainer.evaluate(held_out)["accuracy"])
+        scores = evaluate_records(
+            trainer.config,
+            trainer.policy,
+            trainer.likelihood,
+            trainer.pair_tokenizer,
+            held_out,
+            bins=ECE_BINS,
+        )
         eta = {}
         if method.robust and hasattr(trainer.noise, "eta"):
             values = trainer.noise.eta.detach().double().cpu().tolist()
             eta = dict(zip(trainer.data.annotator_ids, values, strict=True))
         steps = trainer.step
     return RunResult(
-        accuracy=accuracy,
+        accuracy=float(scores["accuracy"]),
+        log_loss=float(scores["log_loss"]),
+        ece=float(scores["ece"]),
         eta=eta,
         steps=steps,
         wall_seconds=time.perf_counter() - wall,

@@ -45,7 +45,9 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     figure follow."""
     sweep = load_example("noise_sweep")
     names = "DPO cDPO rDPO Hölder-DPO RE-DPO IPO RE-IPO SimPO RE-SimPO CPO RE-CPO".split()
-    assert [m.name for m in sweep.methods(0.2)] == names
+    oos = [n + " oos" for n in names if n.startswith("RE-")]
+    assert [m.name for m in sweep.methods(0.2) if not m.name.endswith(" oos")] == names
+    assert [m.name for m in sweep.methods(0.2) if m.name.endswith(" oos")] == oos
     grid = sweep.Grid(
         settings=(("single", 0.0),),
         seeds=(10,),
@@ -55,7 +57,8 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
         only=("DPO", "rDPO", "Hölder-DPO", "RE-DPO"),
     )
     frame = sweep.run_grid(grid, tmp_path / "runs.csv")
-    assert list(frame.method) == ["DPO", "rDPO", "Hölder-DPO", "RE-DPO"]
+    assert list(frame.method) == ["DPO", "Hölder-DPO", "RE-DPO", "rDPO"]  # cDPO, rDPO last
+    assert sweep.run_grid(grid, tmp_path / "runs.csv").empty  # --append: all done already
     assert (
         len(open(tmp_path / "runs.csv", encoding="utf-8").read().splitlines()) == 5
     )  # header + 4 runs
@@ -72,7 +75,11 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     head = sweep.headline(frame)
     assert set(head["accuracy"]["clean"]) == {"DPO", "rDPO", "Hölder-DPO", "RE-DPO"}
-    assert head["re_po_minus_plain"]["clean"]["DPO"][0] == pytest.approx(acc["RE-DPO"] - acc["DPO"])
+    assert head["re_po_minus_plain"]["clean"]["RE-DPO"][0] == pytest.approx(
+        acc["RE-DPO"] - acc["DPO"]
+    )
+    log_loss = frame.set_index("method").log_loss
+    assert log_loss["DPO"] < math.log(2) and 0 <= frame.ece.min() <= frame.ece.max() < 0.5
 
 
 def test_reliability_recovery_quick(tmp_path, capsys):
