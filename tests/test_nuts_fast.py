@@ -92,3 +92,36 @@ def test_a_program_that_branches_on_its_parameters_falls_back_to_the_loop():
     slow = enumerate_draws(*args, vectorise=False)
     assert not fast.vectorised
     np.testing.assert_allclose(fast.log_likelihood, slow.log_likelihood)
+
+
+def test_auto_chain_processes_is_one_per_chain_up_to_the_cores(monkeypatch):
+    from repo.inference import nuts
+
+    monkeypatch.setattr(nuts, "available_cores", lambda: 2)
+    assert nuts.resolve_chain_processes("auto", 4) == 2
+    assert nuts.resolve_chain_processes("auto", 1) == 1
+    assert nuts.resolve_chain_processes(3, 4) == 3
+    monkeypatch.setattr(nuts, "available_cores", lambda: 1)
+    assert nuts.resolve_chain_processes("auto", 4) == 1  # one core: in this process
+    for bad in (0, "many"):
+        with pytest.raises(ValueError, match="chain_processes"):
+            nuts.resolve_chain_processes(bad, 4)
+
+
+def test_the_cli_runs_chains_in_processes_by_default(capsys):
+    from repo.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["fit-noise", "x.csv", "--format", "scored", "--method", "nuts", "--out", "o"]
+    )
+    assert args.chain_processes == "auto"
+    args = parser.parse_args(
+        ["fit-noise", "x.csv", "--format", "scored", "--out", "o", "--chain-processes", "2"]
+    )
+    assert args.chain_processes == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(
+            ["fit-noise", "x.csv", "--format", "scored", "--out", "o", "--chain-processes", "0"]
+        )
+    assert "expected 'auto' or a count >= 1" in capsys.readouterr().err

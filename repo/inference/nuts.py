@@ -15,7 +15,8 @@ evaluator, with the factors that do not depend on ``theta`` computed once). With
 
 Chains run one after the other (or ``chain_processes`` at a time, each in its own
 process on one thread, :mod:`repo.inference.processes`: the model travels by
-value, so a class defined in a script, a notebook or on stdin works), chain ``c``
+value, so a class defined in a script, a notebook or on stdin works; ``"auto"``:
+one process per chain up to the cores this process may use), chain ``c``
 seeded with ``seed + c`` and started from the point estimate (when given)
 jittered by ``Normal(0, init_jitter^2)`` in unconstrained space, else uniformly
 in ``(-2, 2)`` there (Pyro's default).
@@ -24,6 +25,7 @@ Divergent transitions after warm-up are recorded per draw, never dropped.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections import OrderedDict
@@ -101,6 +103,23 @@ class PreconditionedNUTS(CountingNUTS):
         adapter.inverse_mass_matrix = current
         if self._adapter.adapt_step_size:
             self._adapter.reset_step_size_adaptation(self._initial_params)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the platform tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_chain_processes(chain_processes: int | str, num_chains: int) -> int:
+    """The number of chain processes: ``"auto"`` is one per chain, at most
+    :func:`available_cores` (1: the chains run one after another in this process)."""
+    if chain_processes == "auto":
+        return max(1, min(num_chains, available_cores()))
+    if isinstance(chain_processes, str) or chain_processes < 1:
+        raise ValueError(f"chain_processes must be >= 1 or 'auto', got {chain_processes!r}")
+    return chain_processes
 
 
 def check_sampler_settings(num_chains: int, warmup: int, draws: int, data: LabelData) -> None:
@@ -301,7 +320,7 @@ def run_nuts(
     inverse_mass: dict[str, Tensor] | None = None,
     adapt_mass_matrix: bool = True,
     kernel_options: dict | None = None,
-    chain_processes: int = 1,
+    chain_processes: int | str = 1,
     progress: bool = False,
 ) -> PosteriorDraws:
     """Sample ``p(theta | o)`` by NUTS; see the module docstring.
@@ -316,16 +335,16 @@ def run_nuts(
     :param kernel_options: further keyword arguments of :class:`pyro.infer.NUTS`
         (e.g. ``step_size``, ``adapt_step_size``, ``adapt_mass_matrix``).
     :param chain_processes: chains run at once, each in its own process on one
-        thread (1: one after another in this process). A chain's draws depend only
-        on its seed, so the result does not depend on this number.
+        thread (1: one after another in this process; ``"auto"``:
+        :func:`resolve_chain_processes`). A chain's draws depend only on its seed,
+        so the result does not depend on this number.
     :returns: draws ``(num_chains, draws, ...)`` with per-draw ``diverging``,
         ``lp`` (log density in unconstrained space), ``step_size``, ``n_steps``
         (leapfrog steps) and ``tree_depth``.
     """
     check_sampler_settings(num_chains, warmup, draws, data)
     bayes_model.check_bayesian()
-    if chain_processes < 1:
-        raise ValueError(f"chain_processes must be >= 1, got {chain_processes}")
+    chain_processes = resolve_chain_processes(chain_processes, num_chains)
     logits = logits.detach()
     start = time.perf_counter()
     pyro.set_rng_seed(seed)
