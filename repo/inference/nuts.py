@@ -26,6 +26,7 @@ Divergent transitions after warm-up are recorded per draw, never dropped.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -303,6 +304,14 @@ def _chain_in_process(job: dict) -> tuple:
         return _run_chain(potential_fn, transforms, job["initial"], **job["chain"])
 
 
+def _warm_diagnostics() -> None:
+    """Import ArviZ, which the R-hat and ESS of the summaries need next (seconds of
+    imports), while the chains run in other processes and this one would be idle."""
+    from repo.diagnostics.compat import _az
+
+    _az()
+
+
 def run_nuts(
     bayes_model: NoiseModel,
     logits: Tensor,
@@ -398,7 +407,10 @@ def run_nuts(
                 }
                 for chain_start, job in zip(starts, jobs, strict=True)
             ]
+            warming = threading.Thread(target=_warm_diagnostics, daemon=True)
+            warming.start()  # this process waits on the workers meanwhile
             results = map_in_processes(_chain_in_process, payloads, chain_processes)
+            warming.join()
     for _, _, warmup_s, sampling_s in results:
         seconds["warmup"] += warmup_s
         seconds["sampling"] += sampling_s

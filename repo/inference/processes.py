@@ -2,8 +2,8 @@
 
 :func:`map_in_processes` sends each worker its jobs serialised by ``cloudpickle``
 (which pickles by value what lives in ``__main__``: a noise model class defined in
-a script, a notebook or on stdin) and starts it as ``python -m
-repo.inference.processes`` with the parent's ``sys.path``. No ``multiprocessing``
+a script, a notebook or on stdin) and starts it as a fresh Python running this
+module's ``_main`` (:data:`WORKER`) with the parent's ``sys.path``. No ``multiprocessing``
 start method is involved, so the parent's main module is never re-imported (the
 ``spawn`` method re-runs it from its path, which fails for ``<stdin>`` and
 notebooks, and plain pickling fails for classes defined there).
@@ -25,6 +25,10 @@ from typing import Any
 
 import cloudpickle
 
+WORKER = "import sys; from repo.inference.processes import _main; _main(*sys.argv[1:])"
+"""A worker's program (not ``-m``: the package imports this module first, and runpy
+warns when a module it is asked to run is already imported)."""
+
 
 class WorkerError(RuntimeError):
     """A worker process ended without a result (killed, or failed before running)."""
@@ -40,7 +44,7 @@ def map_in_processes(function: Callable, jobs: Sequence[Any], workers: int) -> l
         for w, share in enumerate(shares):
             payload, result = Path(folder, f"jobs-{w}.pkl"), Path(folder, f"result-{w}.pkl")
             payload.write_bytes(cloudpickle.dumps((function, [jobs[i] for i in share])))
-            command = [sys.executable, "-m", "repo.inference.processes", str(payload), str(result)]
+            command = [sys.executable, "-c", WORKER, str(payload), str(result)]
             process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
             running.append((process, result))
         outcomes = []
