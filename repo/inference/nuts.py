@@ -11,7 +11,8 @@ coordinates, log-Jacobian included) from the noise model itself: sites marked
 ``infer={"enumerate": "parallel"}`` are summed out exactly by variable elimination,
 so NUTS never sees a discrete variable (:class:`CachedEnumEvaluator`: Pyro's
 evaluator, with the factors that do not depend on ``theta`` computed once). With
-``jit_compile`` the potential is traced once by the PyTorch JIT.
+``jit_compile`` the potential is traced once by the PyTorch JIT, its constant
+operations folded (:func:`traced_potential`).
 
 Chains run one after the other (or ``chain_processes`` at a time, each in its own
 process on one thread, :mod:`repo.inference.processes`: the model travels by
@@ -240,8 +241,36 @@ def _potential(
     constrained = {k: transforms[k].inv(v) for k, v in point.items()}
     evaluator.probe(poutine.trace(poutine.condition(enumerated, constrained)).get_trace(*args))
     maker = _PEMaker(enumerated, args, {}, evaluator, transforms)
-    potential_fn = maker.get_potential_fn(jit_compile, skip_jit_warnings=True)
-    return initial, potential_fn, transforms
+    if jit_compile:
+        return initial, traced_potential(maker._potential_fn, point), transforms
+    return initial, maker.get_potential_fn(False), transforms
+
+
+def traced_potential(potential_fn, point: dict[str, Tensor]):
+    """``potential_fn`` (site name -> unconstrained value, to the potential energy)
+    traced once at ``point`` by :func:`torch.jit.trace` into a graph of tensor
+    operations, with the operations that depend on no input folded into constants
+    (TorchScript's constant propagation and dead-code elimination: a Pyro program
+    recomputes, e.g., its plates' index ranges and the enumerated values at every
+    call). Pyro's ``jit_compile`` traces the same function at its first call,
+    without the folding."""
+    names = sorted(point)
+
+    def flat(*values: Tensor) -> Tensor:
+        return potential_fn(dict(zip(names, values, strict=True)))
+
+    example = tuple(point[name].detach() for name in names)
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(flat, example, check_trace=False)
+    graph = traced.graph
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
+
+    def potential(params: dict[str, Tensor]) -> Tensor:
+        return traced(*(params[name] for name in names))
+
+    return potential
 
 
 def _run_chain(
