@@ -10,7 +10,8 @@ notebooks, and plain pickling fails for classes defined there).
 
 Each worker runs its share of the jobs one after another and writes the results
 (or the exception it raised, re-raised in the parent) to a file; jobs are dealt to
-the ``workers`` round-robin, and the results come back in the jobs' order.
+the ``workers`` round-robin, and the results come back in the jobs' order. If
+waiting is interrupted (Ctrl-C) or a worker dies, the other workers are killed.
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ def map_in_processes(function: Callable, jobs: Sequence[Any], workers: int) -> l
             process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
             running.append((process, result))
         outcomes = []
-        for process, result in running:
-            _, stderr = process.communicate()
-            if stderr:
-                sys.stderr.write(stderr)
-            if not result.is_file():
-                tail = "\n".join(stderr.strip().splitlines()[-5:])
-                raise WorkerError(f"a worker process exited with code {process.returncode}: {tail}")
-            outcomes.append(cloudpickle.loads(result.read_bytes()))
+        try:
+            for process, result in running:
+                outcomes.append(_collect(process, result))
+        except BaseException:  # e.g. KeyboardInterrupt: no worker is left running
+            for process, _ in running:
+                process.kill()
+                process.wait()
+            raise
     out: list[Any] = [None] * len(jobs)
     for share, (ok, values) in zip(shares, outcomes, strict=True):
         if not ok:
@@ -63,6 +64,17 @@ def map_in_processes(function: Callable, jobs: Sequence[Any], workers: int) -> l
         for i, value in zip(share, values, strict=True):
             out[i] = value
     return out
+
+
+def _collect(process: subprocess.Popen, result: Path) -> tuple[bool, Any]:
+    """Wait for a worker; its ``(ok, values or exception)``, its stderr passed on."""
+    _, stderr = process.communicate()
+    if stderr:
+        sys.stderr.write(stderr)
+    if not result.is_file():
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        raise WorkerError(f"a worker process exited with code {process.returncode}: {tail}")
+    return cloudpickle.loads(result.read_bytes())
 
 
 def _main(payload: str, result: str) -> None:
