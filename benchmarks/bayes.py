@@ -14,6 +14,9 @@ written in NumPyro (``benchmarks/_numpyro_flip.py``; same chains, warm-up, draws
 start, chains one after the other on one thread), its min bulk ESS per second of
 wall time and per CPU second beside Pyro's, and the ratios (NumPyro over Pyro).
 The load average at the start and the end is recorded (the machine is shared).
+Also recorded: the CPU seconds of the NUTS call (its chain processes included) and
+the seconds of the Rao-Blackwellised enumeration of the truth at every draw
+(``enumeration_s``, vectorised over draws). ``--no-anchor`` skips NumPyro's run.
 
 ``--quick`` (10,000 labels, 50 annotators, 2 chains of 150 + 150) finishes within a
 minute. The last line printed is one JSON object with the figures; it is also
@@ -120,7 +123,14 @@ def anchor(pyro_side: dict, annotator, label, scores, model, chains, warmup, dra
     }
 
 
-def run(num_labels: int, num_annotators: int, chains: int, warmup: int, draws: int) -> dict:
+def run(
+    num_labels: int,
+    num_annotators: int,
+    chains: int,
+    warmup: int,
+    draws: int,
+    with_anchor: bool = True,
+) -> dict:
     annotator, label, scores, eta = simulate(num_labels, num_annotators)
     data = LabelData.from_labels(annotator, label, num_annotators=num_annotators)
     scorer = FixedLogits(torch.as_tensor(scores))
@@ -159,7 +169,13 @@ def run(num_labels: int, num_annotators: int, chains: int, warmup: int, draws: i
         "min_ess_per_s": float(ess.min() / nuts_s),
         "min_ess_per_cpu_s": float(ess.min() / nuts_cpu_s),
     }
-    numpyro = anchor(pyro_side, annotator, label, scores, model, chains, warmup, draws)
+    start = time.perf_counter()
+    result.enumeration()  # Rao-Blackwellised truth and pointwise log-likelihood, all draws
+    enumeration_s = time.perf_counter() - start
+    print(f"pyro: {json.dumps(pyro_side)}, enumeration {enumeration_s:.1f} s", file=sys.stderr)
+    numpyro = None
+    if with_anchor:
+        numpyro = anchor(pyro_side, annotator, label, scores, model, chains, warmup, draws)
     return {
         "labels": num_labels,
         "annotators": num_annotators,
@@ -180,10 +196,13 @@ def run(num_labels: int, num_annotators: int, chains: int, warmup: int, draws: i
         "em_inside90": float(
             ((model.eta.detach().numpy() >= lo) & (model.eta.detach().numpy() <= hi)).mean()
         ),
+        "nuts_cpu_s": nuts_cpu_s,
+        "enumeration_s": enumeration_s,
+        "enumeration_vectorised": result.enumeration().vectorised,
         "jit_compile": jit,
         "budget_s": BUDGET_S,
         "within_budget": bool(em_s + nuts_s <= BUDGET_S),
-        "anchor": numpyro,
+        "anchor": numpyro if with_anchor else "not run (--no-anchor)",
         "cpu_count": os.cpu_count(),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0],
@@ -194,13 +213,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small: within a minute")
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
+    parser.add_argument("--no-anchor", action="store_true", help="skip NumPyro's run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # chains run in parallel processes, one core each
     torch.manual_seed(0)
     if args.quick:
-        figures = run(10_000, 50, chains=2, warmup=150, draws=150)
+        figures = run(10_000, 50, 2, 150, 150, with_anchor=not args.no_anchor)
     else:
-        figures = run(100_000, 500, chains=4, warmup=500, draws=500)
+        figures = run(100_000, 500, 4, 500, 500, with_anchor=not args.no_anchor)
     return record("bayes", args.quick, figures, args.out)
 
 

@@ -14,12 +14,15 @@ known scores; ``repo.data.simulate.simulate_labels``, seed 12). Recorded:
   the medians of the paired ratios (``speedup``: baseline over ours);
 * ``import_s``: a fresh process importing ``repo.cli`` and ``repo.fit``;
 * ``phases_s``: in this process, EM, NUTS (setup, warm-up and sampling, summed over
-  chains), the per-draw enumeration of the truth (Rao-Blackwellised posteriors and
-  pointwise log-likelihood) and the ArviZ summaries (R-hat, ESS; the first call
-  imports ArviZ);
+  chains, which run one after the other here), the enumeration of the truth at every
+  draw (Rao-Blackwellised posteriors and pointwise log-likelihood; vectorised over
+  draws, ``enumeration_vectorised``) and the ArviZ summaries (R-hat, ESS; the first
+  call imports ArviZ);
 * ``potential_grad_ms``: one potential-and-gradient evaluation, Pyro's own
-  evaluator (``initialize_model``) against :class:`repo.inference.nuts.CachedEnumEvaluator`,
-  each with and without ``jit_compile``;
+  evaluator (``initialize_model``) against the one NUTS runs
+  (:class:`repo.inference.nuts.CachedEnumEvaluator`, under ``jit_compile`` traced with
+  its constants folded by :func:`repo.inference.nuts.traced_potential`), each with and
+  without ``jit_compile``;
 * ``anchor``: min bulk ESS over annotators per second of the sampler call (warm-up,
   sampling, tracing or compilation included), wall and CPU seconds, of Pyro's NUTS
   (``repo.inference.bayes.infer``) and of NumPyro's NUTS on the same model written in
@@ -201,7 +204,7 @@ def in_process(chains: int, warmup: int, draws: int) -> dict:
     pyro_wall, pyro_cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     phases["nuts"] = result.draws.seconds
     start = time.perf_counter()
-    result.enumeration()
+    vectorised = result.enumeration().vectorised
     phases["enumeration"] = time.perf_counter() - start
     start = time.perf_counter()
     summarise_draws(result)
@@ -238,7 +241,12 @@ def in_process(chains: int, warmup: int, draws: int) -> dict:
         / sides["pyro"]["min_ess_per_cpu_s"],
     }
     gradients = gradient_ms(model, scorer(data).detach(), data, repeats=50)
-    return {"phases_s": phases, "anchor": anchor, "potential_grad_ms": gradients}
+    return {
+        "phases_s": phases,
+        "enumeration_vectorised": vectorised,
+        "anchor": anchor,
+        "potential_grad_ms": gradients,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

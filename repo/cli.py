@@ -12,6 +12,19 @@ from repo.data.labels import FORMATS
 from repo.noise import NOISE_MODELS
 
 
+def _chain_processes(value: str) -> int | str:
+    """``--chain-processes``: ``auto`` or a positive count."""
+    if value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 1, got {value!r}")
+    return count
+
+
 def _bayes_settings(args: argparse.Namespace):
     from repo.inference.bayes import BayesSettings
 
@@ -334,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     bayes.add_argument("--draws", type=int, default=500, help="NUTS draws per chain")
     bayes.add_argument(
         "--chain-processes",
-        type=int,
-        default=1,
-        help="NUTS chains run at once, each in its own process on one thread (each "
-        "process imports torch and Pyro anew; the draws do not depend on it)",
+        type=_chain_processes,
+        default="auto",
+        help="NUTS chains run at once, each in its own process on one thread (auto: as "
+        "many as there are cores, at most --chains; 1: one after the other in this "
+        "process; each process imports torch and Pyro anew; the draws do not depend on it)",
     )
     bayes.add_argument("--seed", type=int, default=0)
     bayes.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")

@@ -77,7 +77,7 @@ class BayesSettings:
     svi_draws: int = 1000
     laplace_draws: int = 2000
     max_enumeration_draws: int | None = None
-    chain_processes: int = 1
+    chain_processes: int | str = 1
     kernel_options: dict[str, Any] = field(default_factory=dict)
 
 

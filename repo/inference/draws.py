@@ -16,11 +16,21 @@ marginals::
     p(z_i | o) ~= (1 / CD) sum_{c, d} p(z_i | o, theta^(c, d))
 
 which has lower variance than the frequency of sampled ``z`` (Rao-Blackwell).
+
+:func:`enumerate_draws` computes all draws at once: the enumeration of one draw,
+a Pyro program, is traced once by the PyTorch JIT into a graph of tensor
+operations, which :func:`torch.func.vmap` evaluates over a chunk of draws (one
+``draws x units`` operation per step of the graph). The trace is of one draw's
+program, so the vectorised values are checked against Pyro's own enumeration at
+the first and the last draw; where they differ (a model whose program branches
+on its parameters' values) or the trace fails, every draw is enumerated by Pyro
+one after another.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,11 +107,61 @@ class DrawEnumeration:
     :param log_likelihood: ``(chains, draws', I)`` pointwise marginal
         log-likelihood of each truth unit at each (thinned) draw.
     :param index: the ``(chain, draw)`` pairs used, in order.
+    :param vectorised: whether the draws were enumerated at once (the traced,
+        vmapped program) rather than one after another.
     """
 
     marginals: dict[str, Tensor]
     log_likelihood: np.ndarray
     index: list[tuple[int, int]]
+    vectorised: bool = False
+
+
+CHUNK_ELEMENTS = 2**21
+"""Draws enumerated at once: as many as keep ``draws x units x slots`` under this."""
+
+
+def _enumeration_program(bayes_model: NoiseModel, logits: Tensor, data: LabelData, names):
+    """One draw's enumeration as a function of the draw's values (in ``names``
+    order) returning the marginals' probabilities and the pointwise log-likelihood."""
+
+    def program(*values: Tensor) -> tuple[Tensor, ...]:
+        conditioned = poutine.condition(bayes_model, data=dict(zip(names, values, strict=True)))
+        posterior = enumerate_posterior(conditioned, logits, data)
+        return (*posterior.marginals.values(), posterior.log_likelihood)
+
+    return program
+
+
+def _close(computed: tuple[Tensor, ...], expected: tuple[Tensor, ...]) -> bool:
+    return len(computed) == len(expected) and all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+        for a, b in zip(computed, expected, strict=True)
+    )
+
+
+def _vectorised(program, values: list[Tensor], chunk: int) -> list[tuple[Tensor, ...]] | None:
+    """``program`` at every draw (``values``: one ``(draws, ...)`` tensor per site)
+    by the traced program under ``vmap``, ``chunk`` draws at a time; None when it
+    cannot be traced or vectorised, or disagrees with ``program`` at the ends."""
+    ends = [0, values[0].shape[0] - 1]
+    expected = [program(*(v[i] for v in values)) for i in ends]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(program, tuple(v[0] for v in values), check_trace=False)
+            batched = torch.func.vmap(traced)
+            chunks = [
+                batched(*(v[start : start + chunk] for v in values))
+                for start in range(0, values[0].shape[0], chunk)
+            ]
+    except Exception:  # a program the JIT or vmap cannot take: Pyro draw by draw
+        return None
+    for i, want in zip(ends, expected, strict=True):
+        start = i - i % chunk
+        if not _close(tuple(part[i - start] for part in chunks[i // chunk]), want):
+            return None
+    return chunks
 
 
 def enumerate_draws(
@@ -110,27 +170,43 @@ def enumerate_draws(
     data: LabelData,
     draws: PosteriorDraws,
     max_draws: int | None = None,
+    vectorise: bool = True,
 ) -> DrawEnumeration:
     """Exact enumeration of the latents at each draw; see the module docstring.
 
     :param bayes_model: the model with its parameters as random variables
         (:meth:`NoiseModel.bayesian`); each draw conditions its sample sites.
     :param max_draws: thin to at most this many draws (evenly within each chain).
+    :param vectorise: enumerate the draws at once (checked, else one by one).
     """
     index = draws.thinned(max_draws)
-    totals: dict[str, Tensor] = {}
-    log_lik = np.empty((len(index), data.num_units), dtype=np.float64)  # filled in place
+    names = sorted(draws.samples)
+    chains, steps = np.array(index).T
+    values = [
+        torch.as_tensor(draws.samples[name][chains, steps], dtype=torch.float64) for name in names
+    ]
+    program = _enumeration_program(bayes_model, logits, data, names)
     with torch.no_grad():
-        for j, (chain, d) in enumerate(index):
-            conditioned = poutine.condition(bayes_model, data=draws.draw(chain, d))
-            posterior = enumerate_posterior(conditioned, logits, data)
-            for name, value in posterior.marginals.items():
-                totals[name] = totals.get(name, 0) + value
-            log_lik[j] = posterior.log_likelihood.numpy()
-    marginals = {name: value / len(index) for name, value in totals.items()}
+        sites = list(
+            enumerate_posterior(
+                poutine.condition(bayes_model, data=draws.draw(*index[0])), logits, data
+            ).marginals
+        )
+        chunk = max(1, CHUNK_ELEMENTS // (data.num_units * data.num_slots))
+        chunks = _vectorised(program, values, chunk) if vectorise else None
+        vectorised = chunks is not None
+        if chunks is None:
+            chunks = [
+                tuple(value.unsqueeze(0) for value in program(*(v[j] for v in values)))
+                for j in range(len(index))
+            ]
+    totals = {
+        name: sum(part[i].sum(0) for part in chunks) / len(index) for i, name in enumerate(sites)
+    }
+    log_lik = torch.cat([part[-1] for part in chunks]).numpy().astype(np.float64)
     per_chain = len(index) // draws.num_chains
     shape = (draws.num_chains, per_chain, -1)
-    return DrawEnumeration(marginals, log_lik.reshape(shape), index)
+    return DrawEnumeration(totals, log_lik.reshape(shape), index, vectorised)
 
 
 def load_draw(point_model: NoiseModel, draw: dict[str, Tensor]) -> None:

@@ -102,7 +102,8 @@ class BroadcastLogRing(LogRing):
     """Pyro's :class:`~pyro.ops.rings.LogRing` with a direct ``sumproduct``.
 
     ``log sum_dims prod_t exp(term_t)`` is the broadcast sum of the log-terms,
-    reduced by ``logsumexp`` over ``dims``: the same value as the ring's log-space
+    reduced by ``logsumexp`` over ``dims`` (``logaddexp`` of the two halves for one
+    dim of size two, a binary latent): the same value as the ring's log-space
     einsum, which exponentiates every operand against a max-shift, multiplies and
     takes the log. Used when one term already spans every dim (the noise models'
     label factor spans the enumerated truth and the plates), so that the sum is no
@@ -120,7 +121,10 @@ class BroadcastLogRing(LogRing):
         for term in terms[1:]:
             total = total + term
         positions = [order.index(d) for d in dims if d in order]
-        result = torch.logsumexp(total, dim=positions) if positions else total.clone()
+        if len(positions) == 1 and total.shape[positions[0]] == 2:  # a binary latent
+            result = torch.logaddexp(*total.unbind(positions[0]))  # one exp, not two
+        else:
+            result = torch.logsumexp(total, dim=positions) if positions else total.clone()
         result._pyro_dims = "".join(d for d in order if d not in dims)
         return result
 

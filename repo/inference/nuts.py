@@ -11,11 +11,13 @@ coordinates, log-Jacobian included) from the noise model itself: sites marked
 ``infer={"enumerate": "parallel"}`` are summed out exactly by variable elimination,
 so NUTS never sees a discrete variable (:class:`CachedEnumEvaluator`: Pyro's
 evaluator, with the factors that do not depend on ``theta`` computed once). With
-``jit_compile`` the potential is traced once by the PyTorch JIT.
+``jit_compile`` the potential is traced once by the PyTorch JIT, its constant
+operations folded (:func:`traced_potential`).
 
 Chains run one after the other (or ``chain_processes`` at a time, each in its own
 process on one thread, :mod:`repo.inference.processes`: the model travels by
-value, so a class defined in a script, a notebook or on stdin works), chain ``c``
+value, so a class defined in a script, a notebook or on stdin works; ``"auto"``:
+one process per chain up to the cores this process may use), chain ``c``
 seeded with ``seed + c`` and started from the point estimate (when given)
 jittered by ``Normal(0, init_jitter^2)`` in unconstrained space, else uniformly
 in ``(-2, 2)`` there (Pyro's default).
@@ -24,6 +26,8 @@ Divergent transitions after warm-up are recorded per draw, never dropped.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -101,6 +105,23 @@ class PreconditionedNUTS(CountingNUTS):
         adapter.inverse_mass_matrix = current
         if self._adapter.adapt_step_size:
             self._adapter.reset_step_size_adaptation(self._initial_params)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the platform tells)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_chain_processes(chain_processes: int | str, num_chains: int) -> int:
+    """The number of chain processes: ``"auto"`` is one per chain, at most
+    :func:`available_cores` (1: the chains run one after another in this process)."""
+    if chain_processes == "auto":
+        return max(1, min(num_chains, available_cores()))
+    if isinstance(chain_processes, str) or chain_processes < 1:
+        raise ValueError(f"chain_processes must be >= 1 or 'auto', got {chain_processes!r}")
+    return chain_processes
 
 
 def check_sampler_settings(num_chains: int, warmup: int, draws: int, data: LabelData) -> None:
@@ -220,8 +241,36 @@ def _potential(
     constrained = {k: transforms[k].inv(v) for k, v in point.items()}
     evaluator.probe(poutine.trace(poutine.condition(enumerated, constrained)).get_trace(*args))
     maker = _PEMaker(enumerated, args, {}, evaluator, transforms)
-    potential_fn = maker.get_potential_fn(jit_compile, skip_jit_warnings=True)
-    return initial, potential_fn, transforms
+    if jit_compile:
+        return initial, traced_potential(maker._potential_fn, point), transforms
+    return initial, maker.get_potential_fn(False), transforms
+
+
+def traced_potential(potential_fn, point: dict[str, Tensor]):
+    """``potential_fn`` (site name -> unconstrained value, to the potential energy)
+    traced once at ``point`` by :func:`torch.jit.trace` into a graph of tensor
+    operations, with the operations that depend on no input folded into constants
+    (TorchScript's constant propagation and dead-code elimination: a Pyro program
+    recomputes, e.g., its plates' index ranges and the enumerated values at every
+    call). Pyro's ``jit_compile`` traces the same function at its first call,
+    without the folding."""
+    names = sorted(point)
+
+    def flat(*values: Tensor) -> Tensor:
+        return potential_fn(dict(zip(names, values, strict=True)))
+
+    example = tuple(point[name].detach() for name in names)
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(flat, example, check_trace=False)
+    graph = traced.graph
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
+
+    def potential(params: dict[str, Tensor]) -> Tensor:
+        return traced(*(params[name] for name in names))
+
+    return potential
 
 
 def _run_chain(
@@ -284,6 +333,14 @@ def _chain_in_process(job: dict) -> tuple:
         return _run_chain(potential_fn, transforms, job["initial"], **job["chain"])
 
 
+def _warm_diagnostics() -> None:
+    """Import ArviZ, which the R-hat and ESS of the summaries need next (seconds of
+    imports), while the chains run in other processes and this one would be idle."""
+    from repo.diagnostics.compat import _az
+
+    _az()
+
+
 def run_nuts(
     bayes_model: NoiseModel,
     logits: Tensor,
@@ -301,7 +358,7 @@ def run_nuts(
     inverse_mass: dict[str, Tensor] | None = None,
     adapt_mass_matrix: bool = True,
     kernel_options: dict | None = None,
-    chain_processes: int = 1,
+    chain_processes: int | str = 1,
     progress: bool = False,
 ) -> PosteriorDraws:
     """Sample ``p(theta | o)`` by NUTS; see the module docstring.
@@ -316,16 +373,16 @@ def run_nuts(
     :param kernel_options: further keyword arguments of :class:`pyro.infer.NUTS`
         (e.g. ``step_size``, ``adapt_step_size``, ``adapt_mass_matrix``).
     :param chain_processes: chains run at once, each in its own process on one
-        thread (1: one after another in this process). A chain's draws depend only
-        on its seed, so the result does not depend on this number.
+        thread (1: one after another in this process; ``"auto"``:
+        :func:`resolve_chain_processes`). A chain's draws depend only on its seed,
+        so the result does not depend on this number.
     :returns: draws ``(num_chains, draws, ...)`` with per-draw ``diverging``,
         ``lp`` (log density in unconstrained space), ``step_size``, ``n_steps``
         (leapfrog steps) and ``tree_depth``.
     """
     check_sampler_settings(num_chains, warmup, draws, data)
     bayes_model.check_bayesian()
-    if chain_processes < 1:
-        raise ValueError(f"chain_processes must be >= 1, got {chain_processes}")
+    chain_processes = resolve_chain_processes(chain_processes, num_chains)
     logits = logits.detach()
     start = time.perf_counter()
     pyro.set_rng_seed(seed)
@@ -379,7 +436,10 @@ def run_nuts(
                 }
                 for chain_start, job in zip(starts, jobs, strict=True)
             ]
+            warming = threading.Thread(target=_warm_diagnostics, daemon=True)
+            warming.start()  # this process waits on the workers meanwhile
             results = map_in_processes(_chain_in_process, payloads, chain_processes)
+            warming.join()
     for _, _, warmup_s, sampling_s in results:
         seconds["warmup"] += warmup_s
         seconds["sampling"] += sampling_s
