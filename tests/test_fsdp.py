@@ -89,8 +89,9 @@ def test_fsdp_trains_sharded_resumes_and_saves_the_whole_model(tmp_path):
     single = single.replace("optim", batch_size=8).replace("run", output_dir="single")
     one = Trainer(single)
     one.train()
+    # (up to float summation order: two processes pack their blocks into other rows)
     np.testing.assert_allclose(
-        one.noise.eta.detach().numpy(), rank0["parameters"]["eta"], rtol=1e-6
+        one.noise.eta.detach().numpy(), rank0["parameters"]["eta"], rtol=1e-5
     )
     # the same weights up to float summation order, which AdamW's normalisation
     # amplifies for a few near-zero gradients (rare tokens' embedding rows): all within

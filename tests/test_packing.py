@@ -9,7 +9,7 @@ import torch
 
 from repo.likelihoods import get_likelihood
 from repo.policy import Policy, collate_pairs, collate_shared_prompt
-from repo.policy.attention import BlockLayout, blocks_forward
+from repo.policy.attention import BlockLayout, blocks_forward, supports_block_attention
 from repo.policy.logps import _rows_logps, sequence_logps, shared_prompt_logps
 from repo.policy.tokenize import TokenizedPair, pack_rows
 
@@ -152,3 +152,25 @@ def test_a_model_that_ignores_the_attention_interface_is_refused():
     with pytest.raises(RuntimeError, match="attention interface"):
         with blocks_forward(Plain(), layout) as kwargs:
             Plain()(**kwargs)
+
+
+def test_gradient_checkpointing_takes_the_masked_rows():
+    """Gradient checkpointing reruns each layer in the backward pass, after the block
+    attention was switched off: such a model is scored through the masked rows, with
+    the gradient of the model without checkpointing."""
+    pairs = _pairs(SIZES, seed=5)
+    batch = collate_shared_prompt(pairs, 0)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = Policy.from_recipe("tiny-llama", device="cpu", layout="shared-prompt")
+        if checkpointing:
+            policy.lm.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        assert supports_block_attention(policy.lm) is not checkpointing
+        policy.lm.train()
+        sums, _ = shared_prompt_logps(policy.lm, batch)
+        sums.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -138,12 +138,25 @@ def _configs(model: nn.Module) -> list:
     return [] if config is None else [config]
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
+
+
 def supports_block_attention(model: nn.Module) -> bool:
     """Whether ``model``'s attention is ``sdpa`` or ``eager`` (which block attention
-    replaces with the same numbers)."""
+    replaces with the same numbers) and it does not recompute activations: gradient
+    checkpointing reruns each layer's forward in the backward pass, after
+    :func:`blocks_forward` has switched the attention back."""
     configs = _configs(model)
-    return bool(configs) and all(
-        getattr(c, "_attn_implementation", None) in ("sdpa", "eager") for c in configs
+    return (
+        bool(configs)
+        and not _checkpointing(model)
+        and all(getattr(c, "_attn_implementation", None) in ("sdpa", "eager") for c in configs)
     )
 
 
