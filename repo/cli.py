@@ -94,8 +94,7 @@ def _fit_noise(args: argparse.Namespace) -> int:
         fit.to_json(out)
     else:
         fit.save(out)
-    for warning in fit.warnings:  # also recorded in the result
-        print(f"[re-po] WARNING: {warning}", file=sys.stderr)
+    _print_warnings(fit.warnings)  # also recorded in the result
     state = "converged" if fit.converged else "NOT converged"
     em = (
         "MAP-EM (posterior mode under the prior)"
@@ -114,6 +113,12 @@ def _fit_noise(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _print_warnings(warnings: list) -> None:
+    """Each failed check of a fit or run on stderr, one ``[re-po] WARNING:`` line each."""
+    for warning in warnings:
+        print(f"[re-po] WARNING: {warning}", file=sys.stderr)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -163,8 +168,7 @@ def _train(args: argparse.Namespace) -> int:
         print(skipped, file=sys.stderr)
     metrics = trainer.train()
     if trainer.is_main:
-        for warning in trainer.warnings:  # also in reliability.json / noise_fit
-            print(f"[re-po] WARNING: {warning}", file=sys.stderr)
+        _print_warnings(trainer.warnings)  # also in reliability.json
         print(f"[re-po] {trainer.step} steps; run directory {trainer.output_dir}", file=sys.stderr)
         print(json.dumps(metrics))
     return 0

@@ -131,16 +131,19 @@ def _register() -> None:
         _registered = True
 
 
-def _configs(model: nn.Module) -> list:
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (``model`` itself without one)."""
     get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
-    config = getattr(base, "config", None)
+    return get_base() if callable(get_base) else model
+
+
+def _configs(model: nn.Module) -> list:
+    config = getattr(_base(model), "config", None)
     return [] if config is None else [config]
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    base = _base(model)
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(base), name):
             return bool(getattr(base, name))

@@ -32,10 +32,11 @@ start, metrics and the annotator trajectory per step, checkpoints, and at the en
 the final policy (the LoRA adapter, or for full fine-tuning a Hugging Face model
 folder), the online EM's state, per-annotator reliability, per-label posteriors and
 the final noise model as a :class:`~repo.fit.NoiseFit` (the trained parameters at
-the final policy's logits). What that final fit fails of
-:mod:`repo.diagnostics.checks` (a boundary estimate; with one annotator, an ``eta``
-its labels do not pin down) is kept in :attr:`Trainer.warnings`, and ``re-po train``
-prints it.
+the final policy's logits). The run's own checks of
+:mod:`repo.diagnostics.checks` (with one annotator, an ``eta`` its labels do not pin
+down) are kept in :attr:`Trainer.warnings` and ``reliability.json``, and ``re-po
+train`` prints them; the final fit's Laplace checks run where it is read
+(``re-po diagnose``).
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class Trainer:
         self.metrics_log = self.run_dir.metrics_log()
         self.annotator_log = self.run_dir.trajectory_log()
         self.last_metrics: dict[str, float] = {}
-        self.warnings: list[FitWarning] = []  # the final fit's checks (main process)
+        self.warnings: list[FitWarning] = []  # the run's checks at the end (main process)
         self._item_logits: Tensor | None = None  # of the current policy; see item_logits
 
     # -- construction ---------------------------------------------------------
@@ -527,5 +528,4 @@ class Trainer:
                 ids, shared = self.data.annotator_ids, self.data.labels.shared_truth
                 fit = scored_fit(self.noise, rows, ids, shared_truth=shared, prior=n.prior)
                 run.write_noise_fit(fit)
-                self.warnings += fit.warnings
         self.accelerator.wait_for_everyone()
