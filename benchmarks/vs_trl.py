@@ -1,7 +1,8 @@
 """Training throughput (pairs per second) of re-po's DPO against TRL's DPOTrainer.
 
 Same model (the same random weights, LoRA r=16 on the same modules), same pairs,
-batch size, maximum length (no pair is truncated by either), precision (float32),
+batch size, maximum length (no pair is truncated by either), precision (float32;
+TRL's configs default to bf16 autocast even on the CPU, which is turned off here),
 device (CPU) and no gradient checkpointing (TRL turns it on by default, which
 re-runs the forward in the backward; the full run reports that default too), in
 one process. For each reference mode - precomputed reference log-probs, or a
@@ -94,6 +95,7 @@ def trl_step_seconds(
             dataloader_num_workers=0,
             seed=0,
             gradient_checkpointing=checkpointing,
+            bf16=False,  # TRL's configs default to bf16 autocast, also on the CPU
         )
         trainer = DPOTrainer(
             base,
