@@ -132,3 +132,41 @@ def test_build_run_gives_every_part(tmp_path):
         n.split(".layers.")[1].split(".")[0] for n, _ in parts.policy.named_trainable_parameters()
     }
     assert trained == {str(parts.policy.lm.config.num_hidden_layers - 1)}  # the last block only
+
+
+@pytest.mark.parametrize(
+    ("family", "em", "noise", "expected"),
+    [
+        ("dpo", {}, "symmetric", (1.0, False)),  # likelihood-style: the scale is its own
+        ("ipo", {}, "symmetric", (1.0, True)),  # surrogates: the scale is learned
+        ("simpo", {}, "symmetric", (1.0, True)),
+        ("cpo", {}, "symmetric", (50.0, True)),  # summed log-probs: the scale starts at 1/50
+        ("ipo", {"temperature": 20.0, "calibrate": False}, "symmetric", (20.0, False)),
+        ("dpo", {"calibrate": True}, "symmetric", (1.0, True)),
+        ("ipo", {}, "boltzmann", (1.0, False)),  # no latent truth, no E-step to tune
+    ],
+)
+def test_the_e_step_settings_are_the_family_defaults_unless_given(
+    tmp_path, family, em, noise, expected
+):
+    from repo.likelihoods import get_likelihood
+    from repo.train.build import build_online_em, estep_settings
+
+    cfg = config(tmp_path, loss={"family": family}, em=em, noise={"model": noise})
+    likelihood = get_likelihood(family)
+    assert likelihood.default_calibrate is not likelihood.likelihood_style
+    model = build_noise_model(cfg, 2)
+    assert estep_settings(cfg, likelihood, model) == expected
+    online = build_online_em(cfg, model, likelihood)
+    assert (online.temperature, online.calibrate) == expected
+
+
+def test_calibrate_takes_true_false_or_auto(tmp_path):
+    assert config(tmp_path).em.calibrate == "auto" and config(tmp_path).em.temperature == 0
+    assert config(tmp_path, em={"calibrate": True}).em.calibrate is True
+    with pytest.raises(ConfigError, match=r"\[em\] calibrate must be one of 'auto', true, false"):
+        config(tmp_path, em={"calibrate": "yes"})
+    with pytest.raises(ConfigError, match=r"\[em\] calibrate"):
+        config(tmp_path, em={"calibrate": 1})
+    with pytest.raises(ConfigError, match=r"\[em\] temperature must be >= 0"):
+        config(tmp_path, em={"temperature": -1.0})

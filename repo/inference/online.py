@@ -40,11 +40,13 @@ Two remedies for early, confidently wrong posteriors of reference-free losses
 * ``temperature`` :math:`T`: the E-step reads :math:`s / T`;
 * ``calibrate``: the E-step reads :math:`a s`, with the scale :math:`a > 0` (starting
   at :math:`1/T`) learned by EM with the annotator parameters
-  (:class:`~repo.scorers.CalibratedLogits`): per optimizer step one Newton step
-  :math:`\hat a` on the step's expected complete-data log-likelihood in :math:`a`
-  (kept within a factor 2 of the current scale) is blended in with the same EMA rate,
-  :math:`a \leftarrow (1 - \alpha) a + \alpha \hat a`, and :meth:`OnlineEM.fit`
-  fits :math:`a` jointly with the annotator parameters to convergence;
+  (:class:`~repo.scorers.CalibratedLogits`): per optimizer step the scale takes one
+  Newton step on the step's expected complete-data log-likelihood in :math:`a`, kept
+  within a factor :data:`SCALE_STEP` of the current scale and not damped by the EMA
+  rate (the scale is the scorer's, and must follow a policy whose logits change
+  by orders of magnitude in a few steps: damped, the reliabilities reached 1/2 first,
+  where the E-step no longer moves the policy); :meth:`OnlineEM.fit` fits :math:`a`
+  jointly with the annotator parameters to convergence;
 * ``warmup_steps``: for the first steps no E-step is taken: :math:`w` is fixed at
   the prior reliability the noise model implies before seeing the label
   (``implied_eta``; :math:`\eta_k` for the symmetric flip) and the annotators are
@@ -82,9 +84,12 @@ from repo.noise.hierarchical import HierarchicalFlip
 from repo.noise.layout import LabelData
 from repo.scorers import MAX_SCALE, MIN_SCALE, CalibratedLogits, FixedLogits, Scorer
 
-__all__ = ["EStep", "OnlineEM", "fit_minibatch_em", "frozen", "single_thread"]
+__all__ = ["SCALE_STEP", "EStep", "OnlineEM", "fit_minibatch_em", "frozen", "single_thread"]
 
 Reduce = Callable[[Tensor], Tensor]
+
+SCALE_STEP = 4.0
+"""Most the E-step's learned logit scale changes in one optimizer step (a factor)."""
 
 
 @contextlib.contextmanager
@@ -389,7 +394,7 @@ class OnlineEM:
         reduce = reduce or (lambda t: t)
         try:
             if self.calibrate:
-                self._calibration_step(reduce, alpha)
+                self._calibration_step(reduce)
             if self.closed_form:
                 self._closed_form_step(reduce, alpha)
             elif self.optimizer is not None:
@@ -403,23 +408,23 @@ class OnlineEM:
         self._calibration = None
         self._units = 0
 
-    def _calibration_step(self, reduce: Reduce, alpha: float) -> None:
-        r"""One Newton step for the scale on this step's units, damped by the EMA rate.
+    def _calibration_step(self, reduce: Reduce) -> None:
+        r"""One Newton step for the scale on this step's units.
 
         With :math:`g = \sum_i (q_i - \sigma(a c_i)) c_i` and
         :math:`h = \sum_i \sigma(a c_i)(1 - \sigma(a c_i)) c_i^2` summed over the
-        step's units on every process (``reduce``), :math:`\hat a = a + g/h` (the
+        step's units on every process (``reduce``), :math:`a \leftarrow a + g/h` (the
         Newton step of the concave problem of :class:`~repo.scorers.CalibratedLogits`),
-        kept within a factor 2 of :math:`a`, and
-        :math:`a \leftarrow (1 - \alpha) a + \alpha \hat a`.
+        kept within a factor :data:`SCALE_STEP` of :math:`a` and within the scorer's
+        bounds. Not damped by the EMA rate (module docstring).
         """
         gh = self._calibration if self._calibration is not None else torch.zeros(2)
         g, h = reduce(gh.to(torch.float64)).tolist()
         if h <= 0:
             return
         a = self.scale
-        a_hat = min(max(a + g / h, _clamp_scale(a / 2)), _clamp_scale(a * 2))
-        self.scale = (1 - alpha) * a + alpha * a_hat
+        low, high = _clamp_scale(a / SCALE_STEP), _clamp_scale(a * SCALE_STEP)
+        self.scale = min(max(a + g / h, low), high)
 
     def _closed_form_step(self, reduce: Reduce, alpha: float) -> None:
         if self._stats is None:  # warm-up, or no E-step this step: nothing to learn from

@@ -99,7 +99,7 @@ from safetensors.torch import load_file, save_file
 
 from repo.data.loaders import load_preferences
 from repo.inference.online import EStep
-from repo.likelihoods import InducedLikelihood, PairLogps, PreferenceLikelihood
+from repo.likelihoods import CPOLikelihood, InducedLikelihood, PairLogps, PreferenceLikelihood
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel
 from repo.policy import PairTokenizer
 from repo.train.build import build_noise, build_online_em
@@ -190,13 +190,20 @@ class REPOArguments:
         default=0.1, metadata={"help": "EMA rate of the annotator update, in (0, 1]"}
     )
     em_temperature: float = field(
-        default=1.0, metadata={"help": "E-step logits are divided by this (> 0)"}
+        default=0.0,
+        metadata={
+            "help": "E-step logits are divided by this (> 0; 0: the loss's default: 1, CPO's 50)"
+        },
     )
     em_warmup_steps: int = field(
         default=0, metadata={"help": "optimizer steps with w fixed at the prior reliability"}
     )
-    em_calibrate: bool = field(
-        default=False, metadata={"help": "learn the E-step's logit scale by EM"}
+    em_calibrate: str = field(
+        default="auto",
+        metadata={
+            "help": "learn the E-step's logit scale by EM: 'true', 'false' or 'auto' (for "
+            "losses that are not likelihood-style: every loss type but DPO's sigmoid)"
+        },
     )
     noise_lr: float = field(
         default=0.05, metadata={"help": "Adam step of gradient M-steps (boltzmann)"}
@@ -216,7 +223,12 @@ class REPOArguments:
             ("noise_model", self.noise_model in NOISE_MODELS, f"one of {', '.join(NOISE_MODELS)}"),
             ("eta_init", 0 < self.eta_init < 1, "in (0, 1)"),
             ("em_alpha", 0 < self.em_alpha <= 1, "in (0, 1]"),
-            ("em_temperature", self.em_temperature > 0, "> 0"),
+            ("em_temperature", self.em_temperature >= 0, ">= 0 (0: the loss's default)"),
+            (
+                "em_calibrate",
+                self.em_calibrate in ("auto", "true", "false", True, False),
+                "'auto', 'true' or 'false'",
+            ),
             ("em_warmup_steps", self.em_warmup_steps >= 0, ">= 0"),
             ("noise_lr", self.noise_lr > 0, "> 0"),
             ("policy_step", self.policy_step in ("mixture", "nll"), "'mixture' or 'nll'"),
@@ -245,7 +257,9 @@ class REPOArguments:
                 alpha=self.em_alpha,
                 temperature=self.em_temperature,
                 warmup_steps=self.em_warmup_steps,
-                calibrate=self.em_calibrate,
+                calibrate=(
+                    "auto" if self.em_calibrate == "auto" else self.em_calibrate in (True, "true")
+                ),
                 noise_lr=self.noise_lr,
             ),
         )
@@ -508,7 +522,9 @@ class _REPOTrainerMixin:
         """The noise model and the online EM for the training set's annotators."""
         config = self._repo_args.repo_config()
         self.noise = build_noise(config, self.repo_data)
-        self.online_em = build_online_em(config, self.noise, self.repo_data.label_counts())
+        self.online_em = build_online_em(
+            config, self.noise, self.likelihood, self.repo_data.label_counts()
+        )
         labels = self.repo_data.labels
         self._posterior_w = torch.full(labels.label.shape, float("nan"), dtype=torch.float64)
         self._posterior_step = torch.full((labels.num_units,), -1, dtype=torch.long)
@@ -769,6 +785,12 @@ class REDPOTrainer(_REPOTrainerMixin, DPOTrainer):
         self.likelihood = InducedLikelihood(
             lambda stats: dpo_pair_loss(stats, args),
             needs_reference=True,
+            # DPO's own loss, -log sigmoid(beta h), is the Bradley-Terry likelihood
+            likelihood_style=(
+                list(args.loss_type) == ["sigmoid"]
+                and list(args.loss_weights or [1.0]) == [1.0]
+                and not args.label_smoothing
+            ),
             rewards_fn=lambda s: (args.beta * s.log_ratio_a, args.beta * s.log_ratio_b),
             name="trl-dpo:" + "+".join(args.loss_type),
         )
@@ -901,6 +923,10 @@ class RECPOTrainer(_REPOTrainerMixin, CPOTrainer):
         self.likelihood = InducedLikelihood(
             lambda stats: cpo_pair_loss(stats, self),
             needs_reference=False,
+            # summed log-probs (all but ipo and simpo): CPO's E-step default (CPOLikelihood)
+            default_temperature=(
+                1.0 if args.loss_type in ("ipo", "simpo") else CPOLikelihood.default_temperature
+            ),
             rewards_fn=lambda s: (args.beta * s.policy_a, args.beta * s.policy_b),
             name=f"trl-cpo:{args.loss_type}",
         )

@@ -91,12 +91,19 @@ class PreferenceLikelihood:
 
     - ``name``: the registry name (:func:`repo.likelihoods.get_likelihood`);
     - ``needs_reference``: whether :class:`PairLogps` must carry reference log-probs;
-    - ``default_variant``: the policy-loss variant used when none is given.
+    - ``default_variant``: the policy-loss variant used when none is given;
+    - ``default_temperature``: the E-step temperature ``T`` used when ``[em]
+      temperature`` is left at 0 (the E-step reads :math:`s / T`, or starts its
+      learned scale at :math:`1/T`).
+
+    :attr:`default_calibrate` says whether the E-step learns the scale of the
+    induced logits by default (``[em] calibrate = "auto"``).
     """
 
     name: str = "preference"
     needs_reference: bool = False
     default_variant: str = "mixture"
+    default_temperature: float = 1.0
 
     # ------------------------------------------------------------------ the family
     def loss(self, stats: PairLogps) -> Tensor:
@@ -111,6 +118,17 @@ class PreferenceLikelihood:
     def likelihood_style(self) -> bool:
         r"""True when :math:`e^{-L(A \succ B)} + e^{-L(B \succ A)} = 1` identically."""
         return False
+
+    @property
+    def default_calibrate(self) -> bool:
+        r"""Whether the E-step learns the scale :math:`a` of the induced logits by
+        default: when the loss is not likelihood-style. Then :math:`\sigma(s)` is the
+        normalised Boltzmann weight of a surrogate, whose scale is set by the loss's
+        hyper-parameters rather than by how often the policy is right (IPO's
+        :math:`s = 2h/\beta` is 20 times its margin at :math:`\beta = 0.1`), and an
+        E-step that reads it at face value takes early, confidently wrong scores for
+        evidence of unreliable labels (``docs/experiments/estep-defaults.md``)."""
+        return not self.likelihood_style
 
     # ------------------------------------------------------------------ induced model
     def logits(self, stats: PairLogps) -> Tensor:
@@ -203,6 +221,8 @@ class InducedLikelihood(PreferenceLikelihood):
     :param default_variant: ``"nll"`` or ``"mixture"``; ``None`` picks ``"nll"`` for a
         likelihood-style loss (the two coincide) and ``"mixture"`` otherwise (keeps
         the loss's shape, which its hyper-parameters were tuned for).
+    :param default_temperature: the E-step temperature ``[em] temperature = 0`` means
+        (the learned scale starts at its inverse).
     :param rewards_fn: ``stats -> (reward_A, reward_B)`` for metrics; by default the
         implicit log-ratios :math:`r = \log\pi_\theta - \log\pi_{\mathrm{ref}}` when
         reference log-probs are present, else the summed policy log-probs.
@@ -216,6 +236,7 @@ class InducedLikelihood(PreferenceLikelihood):
         needs_reference: bool = False,
         likelihood_style: bool = False,
         default_variant: str | None = None,
+        default_temperature: float = 1.0,
         rewards_fn: Callable[[PairLogps], tuple[Tensor, Tensor]] | None = None,
         name: str = "induced",
     ) -> None:
@@ -231,6 +252,7 @@ class InducedLikelihood(PreferenceLikelihood):
                 f"unknown policy-loss variant {default_variant!r}; expected one of {VARIANTS}"
             )
         self.default_variant = default_variant
+        self.default_temperature = check_positive("default_temperature", default_temperature)
         self.rewards_fn = rewards_fn
         self.name = name
 

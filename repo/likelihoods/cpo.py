@@ -83,11 +83,20 @@ class CPOLikelihood(PreferenceLikelihood):
     reference-free logistic model with temperature :math:`\beta + \lambda`
     (about 11 times sharper than :math:`\beta` at CPO's :math:`\beta = 0.1`) on
     summed log-probs, and drops the SFT term unless ``keep_sft_term``.
+
+    Default E-step temperature: 50. The induced logit sums log-probs over tokens, so it
+    is tens of nats from the first step, set largely by the responses' lengths. The
+    learned scale (the default for a loss that is not likelihood-style) then starts at
+    :math:`1/50`, the temperature the noise sweep used. That is the best of the E-step
+    settings measured in ``docs/experiments/estep-defaults.md``; started at 1 the
+    scale does not come down before the first E-steps have pulled :math:`\eta` toward
+    1/2. Even so, RE-CPO is below CPO there in most settings.
     """
 
     name = "cpo"
     needs_reference = False
     default_variant = "mixture"
+    default_temperature = 50.0
 
     def __init__(
         self,

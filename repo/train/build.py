@@ -70,6 +70,7 @@ __all__ = [
     "build_likelihood",
     "build_noise",
     "build_online_em",
+    "estep_settings",
     "build_optimizer",
     "build_pair_tokenizer",
     "build_policy",
@@ -458,24 +459,43 @@ def build_run(
 # ----------------------------------------------------------------------------- training only
 
 
+def estep_settings(
+    config: TrainConfig, likelihood: PreferenceLikelihood, noise: NoiseModel
+) -> tuple[float, bool]:
+    """The E-step's temperature and whether it learns its logit scale: ``[em]
+    temperature`` and ``calibrate``, or the loss family's defaults where they are left
+    at 0 and ``"auto"`` (:attr:`~repo.likelihoods.base.PreferenceLikelihood.default_temperature`,
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_calibrate`). A noise model
+    without a latent truth has no E-step to tune: its defaults are 1 and false."""
+    em = config.em
+    if not noise.has_truth:
+        return em.temperature or 1.0, em.calibrate is True
+    temperature = em.temperature or likelihood.default_temperature
+    calibrate = likelihood.default_calibrate if em.calibrate == "auto" else bool(em.calibrate)
+    return temperature, calibrate
+
+
 def build_online_em(
     config: TrainConfig,
     noise: NoiseModel,
+    likelihood: PreferenceLikelihood,
     label_counts: torch.Tensor | None = None,
     num_items: int | None = None,
 ) -> OnlineEM:
-    """The online EM of ``[em]`` around ``noise`` (``label_counts``: labels per annotator
-    in the whole data, which scale a prior's weight; ``num_items``: items in the data,
-    needed by ``[em] out_of_sample``)."""
+    """The online EM of ``[em]`` around ``noise`` for the loss family ``likelihood``
+    (:func:`estep_settings`; ``label_counts``: labels per annotator in the whole data,
+    which scale a prior's weight; ``num_items``: items in the data, needed by ``[em]
+    out_of_sample``)."""
     em = config.em
+    temperature, calibrate = estep_settings(config, likelihood, noise)
     return OnlineEM(
         noise,
         alpha=em.alpha,
         label_counts=label_counts,
-        temperature=em.temperature,
+        temperature=temperature,
         warmup_steps=em.warmup_steps,
         noise_lr=em.noise_lr,
-        calibrate=em.calibrate,
+        calibrate=calibrate,
         out_of_sample=em.out_of_sample and em.enabled,
         num_items=num_items,
     )
@@ -586,7 +606,8 @@ def build_trained_noise_fit(run: RunDir, *, posterior: bool = True) -> NoiseFit:
     config = run.read_config()
     annotator_ids = run.read_annotators()
     noise = build_noise_model(config, len(annotator_ids))
-    build_online_em(config, noise).load_state_dict(run.read_noise_state())
+    likelihood = build_likelihood(config, None)  # the family's E-step settings
+    build_online_em(config, noise, likelihood).load_state_dict(run.read_noise_state())
     return scored_fit(
         noise,
         run.read_posteriors(),

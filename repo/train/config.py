@@ -315,10 +315,11 @@ class EMSection:
         metadata=_doc("EMA rate of the annotator update per optimizer step, in (0, 1]"),
     )
     temperature: float = field(
-        default=1.0,
+        default=0.0,
         metadata=_doc(
             "E-step logits are divided by this (> 1 softens early, confidently wrong posteriors "
-            "of reference-free losses); 1: the exact posterior"
+            "of reference-free losses); 1: the exact posterior; 0: the loss family's default "
+            "(1; CPO 50)"
         ),
     )
     warmup_steps: int = field(
@@ -328,11 +329,12 @@ class EMSection:
             "update) before EM starts"
         ),
     )
-    calibrate: bool = field(
-        default=False,
+    calibrate: Literal["auto", True, False] = field(
+        default="auto",
         metadata=_doc(
             "learn the E-step's logit scale a (starting at 1 / temperature) by EM with the "
-            "annotator parameters: the E-step reads a * s (docs/math.md, calibration)"
+            "annotator parameters: the E-step reads a * s (docs/math.md, calibration); 'auto': "
+            "for loss families that are not likelihood-style (IPO, SimPO, CPO; not DPO)"
         ),
     )
     out_of_sample: bool = field(
@@ -548,7 +550,7 @@ class TrainConfig:
         _family_options(self.loss)
         checks = [
             ("em", "alpha", 0 < self.em.alpha <= 1, "in (0, 1]"),
-            ("em", "temperature", self.em.temperature > 0, "> 0"),
+            ("em", "temperature", self.em.temperature >= 0, ">= 0 (0: the family's default)"),
             ("em", "warmup_steps", self.em.warmup_steps >= 0, ">= 0"),
             ("em", "noise_lr", self.em.noise_lr > 0, "> 0"),
             ("noise", "eta_init", 0 < self.noise.eta_init < 1, "in (0, 1)"),
@@ -669,15 +671,20 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _toml(value: Any) -> str:
+    """A choice as a TOML file spells it (``true``, ``'auto'``)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
     """``value`` checked against the field type ``tp`` (TOML types; ints accepted as floats)."""
     where = f"[{section}] {name}"
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices or isinstance(value, bool):
+        if not any(value == c and type(value) is type(c) for c in choices):
             raise ConfigError(
-                f"{where} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+                f"{where} must be one of {', '.join(_toml(c) for c in choices)}, got {value!r}"
             )
         return value
     if origin is tuple:  # a TOML array of one item type

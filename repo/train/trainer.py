@@ -132,7 +132,11 @@ class Trainer:
         self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
         self.eval_data = parts.eval_data
         self.em = build_online_em(
-            config, self.noise, self.data.label_counts(), num_items=len(self.data.pairs)
+            config,
+            self.noise,
+            self.likelihood,
+            self.data.label_counts(),
+            num_items=len(self.data.pairs),
         )
         self.schedule = build_schedule(config, self.data.num_units, acc.num_processes)
         per_epoch = self.schedule.steps_per_epoch
