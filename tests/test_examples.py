@@ -74,3 +74,29 @@ def test_pandalm_noise_models_prints_the_reliability_table(capsys, tmp_path):
         assert doc["version"] == 1 and doc["format"] == "binary"
         assert [a["id"] for a in doc["annotators"]] == list(PANDALM_ANNOTATORS)
     assert "fitting symmetric" in captured.err
+
+
+def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
+    """The settings the E-step-defaults page calls each family's default are the ones
+    ``re-po train`` picks with ``[em]`` left alone, and its table has them for every
+    noise setting and regime."""
+    import shutil
+
+    from repo.experiments import Method, rule_config
+    from repo.likelihoods import get_likelihood
+    from repo.noise import SymmetricFlip
+    from repo.train.build import estep_settings
+
+    example = _load("estep_defaults")
+    for family, setting in example.DEFAULTS.items():
+        cfg = rule_config(str(tmp_path), Method("RE-X", family, True), seed=0)
+        chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1))
+        wanted = example.SETTINGS[setting]
+        assert chosen == (wanted["temperature"], wanted["calibrate"]), family
+    shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)
+    text = example.table(tmp_path)
+    for family, setting in example.DEFAULTS.items():
+        name = example.sweep.PLAIN_NAMES[family]
+        rows = [line for line in text.splitlines() if line.startswith(f"| {name} | **{setting}**")]
+        assert len(rows) == len(example.NOISES) * len(example.REGIMES), (family, rows)
+        assert all("| 10 |" in row for row in rows), rows  # ten seeds each

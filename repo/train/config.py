@@ -654,7 +654,7 @@ def _family_options(loss: LossSection) -> dict[str, Any]:
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
+        return " | ".join(_toml(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))

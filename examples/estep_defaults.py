@@ -1,0 +1,209 @@
+"""Which E-step settings each loss family gets by default: the evidence.
+
+Experiment of ``docs/experiments/estep-defaults.md``. One annotator (K = 1) flips
+each label with probability rho = 0.2 or 0.4; the tiny model learns the rule pairs of
+:mod:`repo.data.rule_pairs` in one pass and in four epochs, exactly as in
+``examples/noise_sweep.py`` (same data per seed, same optimizer, same beta per
+family), and RE-X is run under several E-step settings:
+
+* ``fixed``: the E-step reads the induced logit ``s`` at face value (temperature 1,
+  scale not learned; every family's default before this experiment);
+* ``learned``: the E-step reads ``a s`` with the scale ``a`` learned by EM, one
+  undamped Newton step per optimizer step (``[em] calibrate = true``; the default now
+  for the families that are not likelihood-style);
+* ``T=20`` (IPO) and ``T=50`` (CPO): the fixed temperatures the noise sweep used;
+* ``T=50 learned`` (CPO): the learned scale started at 1/50;
+* ``nll`` (IPO, CPO): the EM-derived policy step instead of the family's mixture.
+
+and the plain losses X (``plain``), so that RE-X minus X is paired by seed. Clean
+data (rho = 0) and the noise sweep's pool (four annotators flipping at 0, rho/2,
+3 rho/2 and 2 rho, told apart; rho = 0.4) are run for the plain losses, each
+family's default (:data:`DEFAULTS`) and ``fixed`` only. Runs that the noise sweep had already made
+with the same seeds, data and settings were copied from its CSVs (their ``ece`` is
+kept; runs made by this script's first version lack it).
+
+    python examples/estep_defaults.py --out docs/experiments            # runs, table
+    python examples/estep_defaults.py --table --out docs/experiments    # table from the CSV
+
+Rows go to ``estep-defaults.csv`` as runs finish (runs already there are skipped);
+``estep-defaults-table.md`` holds RE-X minus X (accuracy, mean over seeds, 95% t
+interval), the learned eta's mean absolute error and the held-out log loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import noise_sweep as sweep  # noqa: E402
+
+from repo.data.rule_pairs import rule_pairs  # noqa: E402
+from repo.experiments import Method, t_interval, train_and_score  # noqa: E402
+
+SETTINGS: dict[str, dict] = {
+    "fixed": {"temperature": 1.0, "calibrate": False},
+    "learned": {"temperature": 1.0, "calibrate": True},
+    "T=20": {"temperature": 20.0, "calibrate": False},
+    "T=50": {"temperature": 50.0, "calibrate": False},
+    "T=50 learned": {"temperature": 50.0, "calibrate": True},
+    "nll": {"temperature": 1.0, "calibrate": False},
+}
+"""E-step settings by name (``[em]`` fields)."""
+GRID: dict[str, tuple[str, ...]] = {
+    "dpo": ("fixed", "learned"),
+    "ipo": ("fixed", "learned", "T=20", "nll"),
+    "simpo": ("fixed", "learned"),
+    "cpo": ("fixed", "learned", "T=50", "T=50 learned", "nll"),
+}
+"""The settings run per family (at K = 1, rho = 0.2 and 0.4)."""
+DEFAULTS = {"dpo": "fixed", "ipo": "learned", "simpo": "learned", "cpo": "T=50 learned"}
+"""Each family's E-step default (``[em] temperature = 0``, ``calibrate = "auto"``)."""
+NOISES = (("single", 0.2), ("single", 0.4), ("single", 0.0), ("pool", 0.4))
+"""Noise settings; the last two for the plain losses, the defaults and ``fixed`` only."""
+ONE_PASS_ONLY = ("nll",)
+"""Settings tried in one pass only (exploratory)."""
+REGIMES = (1, 4)
+SEEDS = tuple(range(10, 20))
+
+
+def method(family: str, setting: str) -> Method:
+    """X (``setting = "plain"``) or RE-X under an E-step setting (the noise sweep's beta)."""
+    loss = {"beta": sweep.BETA[family]}
+    name = sweep.PLAIN_NAMES[family]
+    if setting == "plain":
+        return Method(name, family, False, loss)
+    if setting == "nll":
+        loss["variant"] = "nll"
+    return Method(f"RE-{name}", family, True, loss, em=SETTINGS[setting])
+
+
+def settings_for(family: str, noise: str, rho: float, epochs: int) -> list[str]:
+    """The settings run for ``family`` in one noise setting and regime."""
+    if noise == "single" and rho > 0:
+        names = ["plain", *GRID[family]]
+    else:  # the default against the previous one (``fixed``)
+        names = list(dict.fromkeys(["plain", DEFAULTS[family], "fixed"]))
+    return [n for n in names if epochs == 1 or n not in ONE_PASS_ONLY]
+
+
+def run(out: Path, regimes: tuple[int, ...] = REGIMES, noises=NOISES) -> None:
+    """Every (regime, noise, rho, seed, family, setting) not yet in the CSV."""
+    path = out / "estep-defaults.csv"
+    done = set()
+    if path.exists():
+        old = pd.read_csv(path)
+        keys = (old.epochs, old.noise, old.flip_rate, old.seed, old.family, old.setting)
+        done = set(zip(*keys, strict=True))
+    torch.set_num_threads(1)
+    for epochs in regimes:
+        for noise, rho in noises:
+            for seed in SEEDS:
+                held = rule_pairs(
+                    sweep.HELD_OUT, [1.0], seed=10_000 + seed, markers=sweep.MARKERS
+                ).rows
+                etas = sweep.annotator_etas(noise, rho)
+                data = rule_pairs(512, etas, seed=seed, markers=sweep.MARKERS)
+                for family in GRID:
+                    for setting in settings_for(family, noise, rho, epochs):
+                        if (epochs, noise, rho, seed, family, setting) in done:
+                            continue
+                        result = train_and_score(
+                            data.rows, held, method(family, setting), seed=seed,
+                            optim={"epochs": epochs},
+                        )  # fmt: skip
+                        eta = [result.eta[f"a{k}"] for k in range(len(etas))] if result.eta else []
+                        row = {
+                            "epochs": epochs,
+                            "noise": noise,
+                            "flip_rate": rho,
+                            "seed": seed,
+                            "family": family,
+                            "setting": setting,
+                            "accuracy": result.accuracy,
+                            "log_loss": round(result.log_loss, 5),
+                            "ece": round(result.ece, 5),
+                            "eta_hat": json.dumps([round(e, 4) for e in eta]),
+                            "eta_true": json.dumps([round(float(e), 4) for e in data.realised_eta]),
+                        }
+                        new = not path.exists()
+                        pd.DataFrame([row]).to_csv(path, mode="a", header=new, index=False)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def eta_mae(group: pd.DataFrame) -> float:
+    """Mean over runs and annotators of |learned eta - realised share of correct labels|."""
+    hat = [json.loads(x) for x in group.eta_hat]
+    true = [json.loads(x) for x in group.eta_true]
+    errors = [np.abs(np.subtract(h, t)).mean() for h, t in zip(hat, true, strict=True)]
+    return float(np.mean(errors))
+
+
+def table(out: Path) -> str:
+    """RE-X minus X per family, setting, noise setting and regime (markdown)."""
+    runs = pd.read_csv(out / "estep-defaults.csv")
+    lines = [
+        "RE-X minus X in held-out accuracy (mean over seeds ± 95% t half-width, paired by "
+        "seed; `*`: the interval lies below 0, `+`: above), the learned eta's mean absolute "
+        "error against the realised share of correct labels, and the held-out log loss of "
+        "RE-X (of X). Defaults in bold.",
+        "",
+        "| family | E-step | data | regime | seeds | RE-X minus X | eta MAE | log loss (X) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for family, settings in GRID.items():
+        for setting in settings:
+            for noise, rho in NOISES:
+                for epochs in REGIMES:
+                    cell = runs[
+                        (runs.family == family) & (runs.epochs == epochs)
+                        & (runs.noise == noise) & (runs.flip_rate == rho)
+                    ]  # fmt: skip
+                    mine = cell[cell.setting == setting].set_index("seed")
+                    base = cell[cell.setting == "plain"].set_index("seed")
+                    diff = (mine.accuracy - base.accuracy).dropna()
+                    if diff.empty:
+                        continue
+                    mean, half = t_interval(diff.to_numpy())
+                    mark = "*" if mean + half < 0 else "+" if mean - half > 0 else ""
+                    regime = "one pass" if epochs == 1 else f"{epochs} epochs"
+                    data = sweep.setting_label(noise, rho)
+                    shown = f"**{setting}**" if setting == DEFAULTS[family] else setting
+                    lines.append(
+                        f"| {sweep.PLAIN_NAMES[family]} | {shown} | {data} | {regime} | "
+                        f"{len(diff)} | {mean:+.3f} ± {half:.3f}{mark} | {eta_mae(mine):.3f} | "
+                        f"{mine.log_loss.mean():.3f} ({base.log_loss.mean():.3f}) |"
+                    )
+    text = "\n".join(lines) + "\n"
+    (out / "estep-defaults-table.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/experiments"))
+    parser.add_argument("--table", action="store_true", help="only the table, from the CSV")
+    parser.add_argument(
+        "--epochs", type=int, nargs="+", default=list(REGIMES), help="run only these regimes"
+    )
+    parser.add_argument(
+        "--settings", nargs="+", default=None, help="run only these, e.g. single:0.0 pool:0.4"
+    )
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    noises = NOISES
+    if args.settings:
+        noises = tuple((n, float(r)) for n, r in (x.split(":") for x in args.settings))
+    if not args.table:
+        run(args.out, tuple(args.epochs), noises)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
