@@ -37,7 +37,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -137,14 +136,6 @@ def run(out: Path, regimes: tuple[int, ...] = REGIMES, noises=NOISES) -> None:
                         print(json.dumps(row), file=sys.stderr, flush=True)
 
 
-def eta_mae(group: pd.DataFrame) -> float:
-    """Mean over runs and annotators of |learned eta - realised share of correct labels|."""
-    hat = [json.loads(x) for x in group.eta_hat]
-    true = [json.loads(x) for x in group.eta_true]
-    errors = [np.abs(np.subtract(h, t)).mean() for h, t in zip(hat, true, strict=True)]
-    return float(np.mean(errors))
-
-
 def table(out: Path) -> str:
     """RE-X minus X per family, setting, noise setting and regime (markdown)."""
     runs = pd.read_csv(out / "estep-defaults.csv")
@@ -175,9 +166,10 @@ def table(out: Path) -> str:
                     regime = "one pass" if epochs == 1 else f"{epochs} epochs"
                     data = sweep.setting_label(noise, rho)
                     shown = f"**{setting}**" if setting == DEFAULTS[family] else setting
+                    mae = sweep.eta_errors(mine).mean()
                     lines.append(
                         f"| {sweep.PLAIN_NAMES[family]} | {shown} | {data} | {regime} | "
-                        f"{len(diff)} | {mean:+.3f} ± {half:.3f}{mark} | {eta_mae(mine):.3f} | "
+                        f"{len(diff)} | {mean:+.3f} ± {half:.3f}{mark} | {mae:.3f} | "
                         f"{mine.log_loss.mean():.3f} ({base.log_loss.mean():.3f}) |"
                     )
     text = "\n".join(lines) + "\n"
