@@ -94,7 +94,7 @@ def methods(flip_rate: float) -> list[Method]:
     for family in FAMILIES:
         loss = {"beta": BETA[family]}
         name = "RE-" + PLAIN_NAMES[family]
-        em = {"temperature": TEMPERATURE[family], "calibrate": False}
+        em = {"temperature": TEMPERATURE[family], "calibrate": False, "out_of_sample": False}
         if family != "dpo":
             out.append(Method(PLAIN_NAMES[family], family, False, loss))
         out.append(Method(name, family, True, loss, em=em))

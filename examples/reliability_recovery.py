@@ -15,7 +15,7 @@ reliability of every annotator (at the end of training, ``eta_0 = 0.9``,
 ``alpha = 0.1``) is compared with its realised share of correct labels, and the
 policy's held-out accuracy against clean labels says which rule it learned (with
 the log loss and expected calibration error of ``sigmoid(s)``, 15 bins). Two
-variants of RE-DPO: as shipped (the paper's online update) and with
+variants of RE-DPO: the paper's online update (``out_of_sample = false``) and
 ``[em] out_of_sample = true`` (``RE-DPO oos``: statistics from first visits only,
 refit after every epoch with the scores' scale learned).
 Above rho = 0.5 with one annotator the likelihood's symmetry (scores -> -scores,
@@ -50,8 +50,10 @@ import torch
 from repo.data.rule_pairs import rule_pairs
 from repo.experiments import Method, t_interval, train_and_score
 
-RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3})
-"""The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1: the defaults)."""
+RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"out_of_sample": False})
+"""The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1), with the paper's online
+update of eta also for one annotator (``out_of_sample = false``: the default before
+``"auto"``)."""
 RE_DPO_OOS = Method("RE-DPO oos", "dpo", True, {"beta": 0.3}, em={"out_of_sample": True})
 """RE-DPO with ``[em] out_of_sample = true``."""
 METHODS = {m.name: m for m in (RE_DPO, RE_DPO_OOS)}

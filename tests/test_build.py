@@ -156,9 +156,45 @@ def test_the_e_step_settings_are_the_family_defaults_unless_given(
     likelihood = get_likelihood(family)
     assert likelihood.default_calibrate is not likelihood.likelihood_style
     model = build_noise_model(cfg, 2)
-    assert estep_settings(cfg, likelihood, model) == expected
+    assert estep_settings(cfg, likelihood, model)[:2] == expected
     online = build_online_em(cfg, model, likelihood)
     assert (online.temperature, online.calibrate) == expected
+
+
+@pytest.mark.parametrize(
+    ("family", "annotators", "noise", "given", "expected"),
+    [
+        ("dpo", 1, "symmetric", "auto", True),  # one annotator: only unseen labels tell
+        ("dpo", 2, "symmetric", "auto", False),  # several: their agreement does
+        ("dpo", 1, "two-coin", "auto", True),
+        ("dpo", 1, "boltzmann", "auto", False),  # no latent truth, no first-visit posterior
+        ("ipo", 1, "symmetric", "auto", False),  # a surrogate's scores are not Platt-shaped
+        ("cpo", 1, "symmetric", "auto", False),
+        ("dpo", 1, "symmetric", False, False),
+        ("cpo", 3, "symmetric", True, True),
+    ],
+)
+def test_out_of_sample_statistics_are_the_default_for_one_annotator(
+    tmp_path, family, annotators, noise, given, expected
+):
+    from repo.likelihoods import get_likelihood
+    from repo.train.build import build_online_em, estep_settings
+
+    cfg = config(tmp_path, em={"out_of_sample": given, "enabled": True}, noise={"model": noise})
+    model = build_noise_model(cfg, annotators)
+    likelihood = get_likelihood(family)
+    assert likelihood.default_out_of_sample is likelihood.likelihood_style
+    assert estep_settings(cfg, likelihood, model).out_of_sample is expected
+    online = build_online_em(cfg, model, likelihood, num_items=10)
+    assert online.out_of_sample is expected
+    disabled = config(tmp_path, em={"out_of_sample": given, "enabled": False})
+    assert not build_online_em(disabled, model, likelihood, num_items=10).out_of_sample
+
+
+def test_out_of_sample_takes_true_false_or_auto(tmp_path):
+    assert config(tmp_path).em.out_of_sample == "auto"
+    with pytest.raises(ConfigError, match=r"\[em\] out_of_sample must be one of 'auto'"):
+        config(tmp_path, em={"out_of_sample": "yes"})
 
 
 def test_calibrate_takes_true_false_or_auto(tmp_path):

@@ -92,11 +92,16 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         cfg = rule_config(str(tmp_path), Method("RE-X", family, True), seed=0)
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1))
         wanted = example.SETTINGS[setting]
-        assert chosen == (wanted["temperature"], wanted["calibrate"]), family
+        one = family == "dpo"  # one annotator: out of sample for likelihood-style losses
+        assert chosen == (wanted["temperature"], wanted["calibrate"], one), family
+        pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
+        assert pool == (wanted["temperature"], wanted["calibrate"], False), family
+        assert example.default_for(family, "single") == setting + (example.OOS if one else "")
+        assert example.default_for(family, "pool") == setting
     shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)
     text = example.table(tmp_path)
-    for family, setting in example.DEFAULTS.items():
+    for family in example.DEFAULTS:
         name = example.sweep.PLAIN_NAMES[family]
-        rows = [line for line in text.splitlines() if line.startswith(f"| {name} | **{setting}**")]
+        rows = [line for line in text.splitlines() if line.startswith(f"| {name} | **")]
         assert len(rows) == len(example.NOISES) * len(example.REGIMES), (family, rows)
         assert all("| 10 |" in row for row in rows), rows  # ten seeds each

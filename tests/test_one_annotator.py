@@ -195,3 +195,31 @@ def test_fit_out_of_sample_keeps_the_parameters_when_the_scores_say_nothing():
     before = float(noise.eta.detach()[0])
     assert online.fit_out_of_sample(data) is None
     assert float(noise.eta.detach()[0]) == before and online.out_of_sample_scale is None
+
+
+@pytest.mark.parametrize(("etas", "fits"), [([0.8], 2), ([0.8, 0.9], 0)])
+def test_by_default_eta_of_one_annotator_is_fitted_on_first_visits(
+    tmp_path, monkeypatch, etas, fits
+):
+    # [em] out_of_sample = "auto": out-of-sample statistics for one annotator only
+    from repo.data.loaders import load_preferences
+    from repo.data.rule_pairs import rule_pairs
+    from repo.experiments import Method, rule_config
+    from repo.train import Trainer
+
+    calls = []
+    fit = OnlineEM.fit_out_of_sample
+
+    def spy(self, data, reduce=None, **kwargs):
+        calls.append(1)
+        return fit(self, data, reduce, **kwargs)
+
+    monkeypatch.setattr(OnlineEM, "fit_out_of_sample", spy)
+    rows = rule_pairs(48, etas, seed=2, markers=4).rows
+    method = Method("RE-DPO", "dpo", True, {"beta": 0.3})
+    cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
+    assert cfg.em.out_of_sample == "auto"
+    trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
+    trainer.train()
+    assert trainer.em.out_of_sample is (len(etas) == 1)
+    assert len(calls) == fits

@@ -16,7 +16,7 @@ def test_one_annotator_quick(tmp_path, monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     frame = pd.read_csv(tmp_path / "one-annotator.csv")
     # three methods, a row after the first pass and after the last epoch
-    assert sorted(set(frame.method)) == ["DPO", "RE-DPO", "RE-DPO, out of sample"]
+    assert sorted(set(frame.method)) == ["DPO", "RE-DPO, online", "RE-DPO, out of sample"]
     assert sorted(set(frame.epoch)) == [1, 2] and len(frame) == 6 == result["runs"]
     robust = frame[frame.method != "DPO"]
     assert (robust.profile_low <= robust.profile_eta).all()
@@ -26,4 +26,4 @@ def test_one_annotator_quick(tmp_path, monkeypatch, capsys):
     for _, run in robust.groupby("method"):
         assert run.profile_low.nunique() == 1 and run.profile_high.nunique() == 1
     table = (tmp_path / "one-annotator-table.md").read_text()
-    assert "profile 95% interval, low" in table and "rho=0.4, epoch 2" in table
+    assert "profile 95% interval, low" in table and "48 pairs, rho=0.4, epoch 2" in table

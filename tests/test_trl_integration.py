@@ -524,6 +524,38 @@ def test_unsupported_loss_type_is_named(rt, tmp_path):
         )
 
 
+@pytest.mark.parametrize(("given", "fits"), [("auto", 2), ("false", 0)])
+def test_one_annotator_refits_eta_on_first_visits_after_each_epoch(
+    rt, tmp_path, monkeypatch, given, fits
+):
+    # as in re-po train: em_out_of_sample = "auto" is on for one annotator
+    from repo.inference.online import OnlineEM
+
+    calls = []
+    fit = OnlineEM.fit_out_of_sample
+
+    def spy(self, data, reduce=None, **kwargs):
+        calls.append(self.first_visit_logits(reduce).clone())
+        return fit(self, data, reduce, **kwargs)
+
+    monkeypatch.setattr(OnlineEM, "fit_out_of_sample", spy)
+    rows = rule_pairs(24, [0.8], seed=3, markers=4).rows  # one annotator, a0
+    trainer = _train(rt, tmp_path, rows, num_train_epochs=2, em_out_of_sample=given)
+    trainer.train()
+    assert trainer.online_em.out_of_sample is (given == "auto")
+    assert len(calls) == fits
+    if fits:  # every unit visited in the first pass; later scores are not kept
+        assert not torch.isnan(calls[0]).any()
+        torch.testing.assert_close(calls[0], calls[1])
+
+
+def test_em_out_of_sample_takes_true_false_or_auto(rt, tmp_path):
+    assert dpo_config(rt, tmp_path).em_out_of_sample == "auto"
+    assert dpo_config(rt, tmp_path, em_out_of_sample="true").repo_config().em.out_of_sample
+    with pytest.raises(ValueError, match="em_out_of_sample must be 'auto', 'true' or 'false'"):
+        dpo_config(rt, tmp_path, em_out_of_sample="yes")
+
+
 # ----------------------------------------------------------------------------- resume
 
 

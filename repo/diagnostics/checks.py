@@ -410,8 +410,9 @@ def identification_warnings(
             f"profile-likelihood interval at {int(profile['num_labels'])} first-visit "
             f"logits); the learned eta {eta:.3f} lies {where} it",
             "report the interval rather than the point; several annotators, or items "
-            "labelled more than once, identify eta (docs/math.md section 9); "
-            "[em] out_of_sample = true keeps the annotator update out of sample",
+            "labelled more than once, identify eta, and so does a policy that has learned "
+            "more of the task before it scores the labels (more pairs; docs/math.md "
+            "section 9)",
             annotators=(annotator,),
             parameters=(f"eta[{annotator}]",),
             value=high - low,

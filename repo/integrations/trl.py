@@ -72,7 +72,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,17 @@ STATE_JSON = "repo_em.json"
 # ----------------------------------------------------------------------------- arguments
 
 
+AUTO_BOOL: dict[object, str | bool] = {
+    "auto": "auto",
+    "true": True,
+    "false": False,
+    True: True,
+    False: False,
+}
+"""The values of the ``"auto" | true | false`` fields, as command-line strings or Python
+values, and the ``[em]`` value each stands for."""
+
+
 @dataclass
 class REPOArguments:
     """RE-PO's fields of :class:`REDPOConfig` and :class:`RECPOConfig`: the data columns,
@@ -205,6 +216,14 @@ class REPOArguments:
             "losses that are not likelihood-style: every loss type but DPO's sigmoid)"
         },
     )
+    em_out_of_sample: str = field(
+        default="auto",
+        metadata={
+            "help": "learn the annotator parameters from each unit's first visit only and "
+            "refit them on those logits after every epoch: 'true', 'false' or 'auto' (with "
+            "one annotator and DPO's sigmoid loss)"
+        },
+    )
     noise_lr: float = field(
         default=0.05, metadata={"help": "Adam step of gradient M-steps (boltzmann)"}
     )
@@ -224,11 +243,8 @@ class REPOArguments:
             ("eta_init", 0 < self.eta_init < 1, "in (0, 1)"),
             ("em_alpha", 0 < self.em_alpha <= 1, "in (0, 1]"),
             ("em_temperature", self.em_temperature >= 0, ">= 0 (0: the loss's default)"),
-            (
-                "em_calibrate",
-                self.em_calibrate in ("auto", "true", "false", True, False),
-                "'auto', 'true' or 'false'",
-            ),
+            ("em_calibrate", self.em_calibrate in AUTO_BOOL, "'auto', 'true' or 'false'"),
+            ("em_out_of_sample", self.em_out_of_sample in AUTO_BOOL, "'auto', 'true' or 'false'"),
             ("em_warmup_steps", self.em_warmup_steps >= 0, ">= 0"),
             ("noise_lr", self.noise_lr > 0, "> 0"),
             ("policy_step", self.policy_step in ("mixture", "nll"), "'mixture' or 'nll'"),
@@ -257,9 +273,8 @@ class REPOArguments:
                 alpha=self.em_alpha,
                 temperature=self.em_temperature,
                 warmup_steps=self.em_warmup_steps,
-                calibrate=(
-                    "auto" if self.em_calibrate == "auto" else self.em_calibrate in (True, "true")
-                ),
+                calibrate=AUTO_BOOL[self.em_calibrate],
+                out_of_sample=AUTO_BOOL[self.em_out_of_sample],
                 noise_lr=self.noise_lr,
             ),
         )
@@ -477,6 +492,15 @@ class _AnnotatorMStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.online_em.m_step(self.trainer.reduce_sum)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """With out-of-sample statistics: refit the annotator parameters on the units'
+        first-visit logits (:meth:`~repo.inference.online.OnlineEM.fit_out_of_sample`)."""
+        online_em = self.trainer.online_em
+        if online_em.out_of_sample and not online_em.in_warmup(state.global_step):
+            labels = self.trainer.repo_data.labels  # keyed by unit, as the E-step's batches
+            by_unit = replace(labels, unit=torch.arange(labels.num_units))
+            online_em.fit_out_of_sample(by_unit, self.trainer.reduce_sum)
+
 
 class _REPOTrainerMixin:
     """What :class:`REDPOTrainer` and :class:`RECPOTrainer` add to their TRL trainer."""
@@ -523,7 +547,11 @@ class _REPOTrainerMixin:
         config = self._repo_args.repo_config()
         self.noise = build_noise(config, self.repo_data)
         self.online_em = build_online_em(
-            config, self.noise, self.likelihood, self.repo_data.label_counts()
+            config,
+            self.noise,
+            self.likelihood,
+            self.repo_data.label_counts(),
+            num_items=self.repo_data.labels.num_units,  # the E-step's batches key units
         )
         labels = self.repo_data.labels
         self._posterior_w = torch.full(labels.label.shape, float("nan"), dtype=torch.float64)

@@ -97,7 +97,9 @@ class PreferenceLikelihood:
       learned scale at :math:`1/T`).
 
     :attr:`default_calibrate` says whether the E-step learns the scale of the
-    induced logits by default (``[em] calibrate = "auto"``).
+    induced logits by default (``[em] calibrate = "auto"``), and
+    :attr:`default_out_of_sample` whether one annotator's parameters learn from first
+    visits only (``[em] out_of_sample = "auto"``).
     """
 
     name: str = "preference"
@@ -129,6 +131,17 @@ class PreferenceLikelihood:
         E-step that reads it at face value takes early, confidently wrong scores for
         evidence of unreliable labels (``docs/experiments/estep-defaults.md``)."""
         return not self.likelihood_style
+
+    @property
+    def default_out_of_sample(self) -> bool:
+        r"""Whether one annotator's parameters learn from first visits only by default
+        (``[em] out_of_sample = "auto"``): when the loss is likelihood-style. The
+        first-visit fit reads :math:`\sigma(a c)` as the probability of the truth up to
+        the scale :math:`a` (a Platt model), which a likelihood-style logit is by
+        construction (DPO's Bradley-Terry log-odds); a surrogate's scores are not, and
+        on the rule task the fit misled RE-CPO on clean data (``eta`` 0.62,
+        ``docs/experiments/estep-defaults.md``)."""
+        return self.likelihood_style
 
     # ------------------------------------------------------------------ induced model
     def logits(self, stats: PairLogps) -> Tensor:

@@ -39,7 +39,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -70,6 +70,7 @@ __all__ = [
     "build_likelihood",
     "build_noise",
     "build_online_em",
+    "EStepSettings",
     "estep_settings",
     "build_optimizer",
     "build_pair_tokenizer",
@@ -459,20 +460,38 @@ def build_run(
 # ----------------------------------------------------------------------------- training only
 
 
+class EStepSettings(NamedTuple):
+    """How the online EM reads the policy: the E-step's temperature, whether it learns
+    its logit scale, and whether the annotator parameters learn from first visits only."""
+
+    temperature: float
+    calibrate: bool
+    out_of_sample: bool
+
+
 def estep_settings(
     config: TrainConfig, likelihood: PreferenceLikelihood, noise: NoiseModel
-) -> tuple[float, bool]:
-    """The E-step's temperature and whether it learns its logit scale: ``[em]
-    temperature`` and ``calibrate``, or the loss family's defaults where they are left
-    at 0 and ``"auto"`` (:attr:`~repo.likelihoods.base.PreferenceLikelihood.default_temperature`,
-    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_calibrate`). A noise model
-    without a latent truth has no E-step to tune: its defaults are 1 and false."""
+) -> EStepSettings:
+    """``[em] temperature``, ``calibrate`` and ``out_of_sample``, or their defaults where
+    they are left at 0 and ``"auto"``: the loss family's
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_temperature` and
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_calibrate`, and
+    out-of-sample annotator statistics when ``noise`` has one annotator (its labels
+    alone do not identify its reliability: only the policy's scores of labels it has
+    not trained on do, docs/math.md section 9) and the family's
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_out_of_sample` says so.
+    A noise model without a latent truth has no E-step to tune: its defaults are 1,
+    false and false."""
     em = config.em
     if not noise.has_truth:
-        return em.temperature or 1.0, em.calibrate is True
+        return EStepSettings(em.temperature or 1.0, em.calibrate is True, em.out_of_sample is True)
     temperature = em.temperature or likelihood.default_temperature
     calibrate = likelihood.default_calibrate if em.calibrate == "auto" else bool(em.calibrate)
-    return temperature, calibrate
+    if em.out_of_sample == "auto":
+        out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
+    else:
+        out_of_sample = bool(em.out_of_sample)
+    return EStepSettings(temperature, calibrate, out_of_sample)
 
 
 def build_online_em(
@@ -484,19 +503,19 @@ def build_online_em(
 ) -> OnlineEM:
     """The online EM of ``[em]`` around ``noise`` for the loss family ``likelihood``
     (:func:`estep_settings`; ``label_counts``: labels per annotator in the whole data,
-    which scale a prior's weight; ``num_items``: items in the data, needed by ``[em]
-    out_of_sample``)."""
+    which scale a prior's weight; ``num_items``: items in the data, needed for
+    out-of-sample annotator statistics)."""
     em = config.em
-    temperature, calibrate = estep_settings(config, likelihood, noise)
+    settings = estep_settings(config, likelihood, noise)
     return OnlineEM(
         noise,
         alpha=em.alpha,
         label_counts=label_counts,
-        temperature=temperature,
+        temperature=settings.temperature,
         warmup_steps=em.warmup_steps,
         noise_lr=em.noise_lr,
-        calibrate=calibrate,
-        out_of_sample=em.out_of_sample and em.enabled,
+        calibrate=settings.calibrate,
+        out_of_sample=settings.out_of_sample and em.enabled,
         num_items=num_items,
     )
 
@@ -607,7 +626,10 @@ def build_trained_noise_fit(run: RunDir, *, posterior: bool = True) -> NoiseFit:
     annotator_ids = run.read_annotators()
     noise = build_noise_model(config, len(annotator_ids))
     likelihood = build_likelihood(config, None)  # the family's E-step settings
-    build_online_em(config, noise, likelihood).load_state_dict(run.read_noise_state())
+    state = run.read_noise_state()
+    first_visits = state.get("first_visit.logits")
+    num_items = None if first_visits is None else first_visits.numel()
+    build_online_em(config, noise, likelihood, num_items=num_items).load_state_dict(state)
     return scored_fit(
         noise,
         run.read_posteriors(),

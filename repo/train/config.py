@@ -337,12 +337,13 @@ class EMSection:
             "for loss families that are not likelihood-style (IPO, SimPO, CPO; not DPO)"
         ),
     )
-    out_of_sample: bool = field(
-        default=False,
+    out_of_sample: Literal["auto", True, False] = field(
+        default="auto",
         metadata=_doc(
             "learn the annotator parameters from each item's first visit only (before the "
             "policy has trained on it), and refit them after every epoch by EM on those "
-            "logits with their scale learned (docs/math.md, section 9)"
+            "logits with their scale learned (docs/math.md, section 9); 'auto': with one "
+            "annotator and a likelihood-style loss (DPO)"
         ),
     )
     epoch_m_step: bool = field(

@@ -352,7 +352,8 @@ class Trainer:
 
     def epoch_m_step(self) -> None:
         """Full-data EM of the annotator parameters: on the items' first-visit logits
-        (``[em] out_of_sample``) or at the current policy's logits.
+        (out-of-sample annotator statistics, ``[em] out_of_sample``) or at the current
+        policy's logits.
 
         E- and M-steps alternate to convergence with the policy held (every process
         holds the same full data, so all reach the same parameters); nothing
@@ -384,7 +385,7 @@ class Trainer:
                 self.last_metrics = metrics
                 em = self.config.em
                 end_of_epoch = self.step % per_epoch == 0 or self.step == self.total_steps
-                if em.enabled and (em.epoch_m_step or em.out_of_sample) and end_of_epoch:
+                if em.enabled and (em.epoch_m_step or self.em.out_of_sample) and end_of_epoch:
                     self.epoch_m_step()
                 last = self.step == self.total_steps
                 if self.eval_data is not None and (
