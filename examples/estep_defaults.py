@@ -13,7 +13,9 @@ family), and RE-X is run under several E-step settings:
   for the families that are not likelihood-style);
 * ``T=20`` (IPO) and ``T=50`` (CPO): the fixed temperatures the noise sweep used;
 * ``T=50 learned`` (CPO): the learned scale started at 1/50;
-* ``nll`` (IPO, CPO): the EM-derived policy step instead of the family's mixture.
+* ``nll`` (IPO, CPO): the EM-derived policy step instead of the family's mixture;
+* ``<default> oos``: the family's default with ``[em] out_of_sample = true`` (eta from
+  first visits; the default with one annotator for DPO), at K = 1 and on clean data.
 
 and the plain losses X (``plain``), so that RE-X minus X is paired by seed. Clean
 data (rho = 0) and the noise sweep's pool (four annotators flipping at 0, rho/2,
@@ -45,31 +47,44 @@ import noise_sweep as sweep  # noqa: E402
 
 from repo.data.rule_pairs import rule_pairs  # noqa: E402
 from repo.experiments import Method, t_interval, train_and_score  # noqa: E402
+from repo.likelihoods import get_likelihood  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
-    "fixed": {"temperature": 1.0, "calibrate": False},
-    "learned": {"temperature": 1.0, "calibrate": True},
-    "T=20": {"temperature": 20.0, "calibrate": False},
-    "T=50": {"temperature": 50.0, "calibrate": False},
-    "T=50 learned": {"temperature": 50.0, "calibrate": True},
-    "nll": {"temperature": 1.0, "calibrate": False},
+    "fixed": {"temperature": 1.0, "calibrate": False, "out_of_sample": False},
+    "learned": {"temperature": 1.0, "calibrate": True, "out_of_sample": False},
+    "T=20": {"temperature": 20.0, "calibrate": False, "out_of_sample": False},
+    "T=50": {"temperature": 50.0, "calibrate": False, "out_of_sample": False},
+    "T=50 learned": {"temperature": 50.0, "calibrate": True, "out_of_sample": False},
+    "nll": {"temperature": 1.0, "calibrate": False, "out_of_sample": False},
 }
-"""E-step settings by name (``[em]`` fields)."""
+"""E-step settings by name (``[em]`` fields); a name with the suffix :data:`OOS` is the
+setting with ``out_of_sample = true``."""
+OOS = " oos"
+"""Suffix of a setting run with ``[em] out_of_sample = true`` (``"fixed oos"``)."""
 GRID: dict[str, tuple[str, ...]] = {
-    "dpo": ("fixed", "learned"),
-    "ipo": ("fixed", "learned", "T=20", "nll"),
-    "simpo": ("fixed", "learned"),
-    "cpo": ("fixed", "learned", "T=50", "T=50 learned", "nll"),
+    "dpo": ("fixed", "learned", "fixed oos"),
+    "ipo": ("fixed", "learned", "T=20", "nll", "learned oos"),
+    "simpo": ("fixed", "learned", "learned oos"),
+    "cpo": ("fixed", "learned", "T=50", "T=50 learned", "nll", "T=50 learned oos"),
 }
 """The settings run per family (at K = 1, rho = 0.2 and 0.4)."""
 DEFAULTS = {"dpo": "fixed", "ipo": "learned", "simpo": "learned", "cpo": "T=50 learned"}
-"""Each family's E-step default (``[em] temperature = 0``, ``calibrate = "auto"``)."""
+"""Each family's E-step default (``[em] temperature = 0``, ``calibrate = "auto"``); with
+one annotator DPO's runs out of sample (``out_of_sample = "auto"``, :func:`default_for`)."""
 NOISES = (("single", 0.2), ("single", 0.4), ("single", 0.0), ("pool", 0.4))
 """Noise settings; the last two for the plain losses, the defaults and ``fixed`` only."""
 ONE_PASS_ONLY = ("nll",)
 """Settings tried in one pass only (exploratory)."""
 REGIMES = (1, 4)
 SEEDS = tuple(range(10, 20))
+
+
+def default_for(family: str, noise: str) -> str:
+    """The setting ``re-po train`` picks with ``[em]`` left alone: the family's E-step
+    reading, out of sample with one annotator (``noise = "single"``) where the family's
+    ``default_out_of_sample`` says so (DPO)."""
+    one_annotator = noise == "single" and get_likelihood(family).default_out_of_sample
+    return DEFAULTS[family] + (OOS if one_annotator else "")
 
 
 def method(family: str, setting: str) -> Method:
@@ -80,15 +95,19 @@ def method(family: str, setting: str) -> Method:
         return Method(name, family, False, loss)
     if setting == "nll":
         loss["variant"] = "nll"
-    return Method(f"RE-{name}", family, True, loss, em=SETTINGS[setting])
+    em = dict(SETTINGS[setting.removesuffix(OOS)])
+    if setting.endswith(OOS):
+        em["out_of_sample"] = True
+    return Method(f"RE-{name}", family, True, loss, em=em)
 
 
 def settings_for(family: str, noise: str, rho: float, epochs: int) -> list[str]:
     """The settings run for ``family`` in one noise setting and regime."""
     if noise == "single" and rho > 0:
         names = ["plain", *GRID[family]]
-    else:  # the default against the previous one (``fixed``)
+    else:  # the default against the previous ones (``fixed``, and in sample)
         names = list(dict.fromkeys(["plain", DEFAULTS[family], "fixed"]))
+        names.append(default_for(family, noise))
     return [n for n in names if epochs == 1 or n not in ONE_PASS_ONLY]
 
 
@@ -165,7 +184,7 @@ def table(out: Path) -> str:
                     mark = "*" if mean + half < 0 else "+" if mean - half > 0 else ""
                     regime = "one pass" if epochs == 1 else f"{epochs} epochs"
                     data = sweep.setting_label(noise, rho)
-                    shown = f"**{setting}**" if setting == DEFAULTS[family] else setting
+                    shown = f"**{setting}**" if setting == default_for(family, noise) else setting
                     mae = sweep.eta_errors(mine).mean()
                     lines.append(
                         f"| {sweep.PLAIN_NAMES[family]} | {shown} | {data} | {regime} | "

@@ -1,27 +1,34 @@
 """What one annotator's labels can tell of its reliability: the profile likelihood of eta.
 
-Experiment of ``docs/experiments/one-annotator.md`` (issue: calibrated EM). The tiny
+Experiments of ``docs/experiments/one-annotator.md`` (issue: calibrated EM). The tiny
 model learns the rule of :mod:`repo.data.rule_pairs` from one annotator (K = 1)
-whose labels are flipped at rate rho, for four epochs, three ways: plain DPO, RE-DPO
-as shipped (the paper's online update), and RE-DPO with ``[em] out_of_sample = true``
-(eta learned from each item's first visit, refitted after each epoch with the
-first-visit scores' scale learned). After the first pass (every item visited once)
-and after the last epoch it records eta, held-out accuracy and log loss against
-clean labels, and the profile likelihood of eta at the first-visit logits
+whose labels are flipped at rate rho, three ways: the plain loss X, RE-X with the
+paper's online update of eta (``[em] out_of_sample = false``), and RE-X with
+out-of-sample statistics (``true``, the default for one annotator: eta learned from
+each item's first visit, refitted after each epoch with the first-visit scores'
+scale learned). After the first pass (every item visited once) and after the last
+epoch it records eta, held-out accuracy and log loss against clean labels, and the
+profile likelihood of eta at the first-visit logits
 (:func:`repo.inference.profile.eta_profile`: its maximum and 95% interval), which
 says how much any estimator could learn of eta from these labels and scores.
 
-    python examples/one_annotator.py --out docs/experiments
+    python examples/one_annotator.py --seeds 10 11 12 --out docs/experiments   # 512 pairs, 4 epochs
+    python examples/one_annotator.py --name one-annotator-data --pairs 512 2048 8192 \
+        --epochs 1 --out docs/experiments                    # how much data identifies eta
     python examples/one_annotator.py --quick --out /tmp/one-annotator
 
-Writes ``one-annotator.csv`` (a row per run and snapshot) and
-``one-annotator-table.md``; the last line printed is one JSON object.
+``--families`` runs other loss families than DPO (the noise sweep's beta);
+``--flip-rates`` and ``--seeds`` narrow the grid. Rows are appended to
+``<name>.csv`` as runs finish (a row per run and snapshot; runs already there are
+skipped, so a grid can be split over processes); ``<name>-table.md`` is written from
+the whole CSV (``--table``: only that). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,32 +43,52 @@ from repo.experiments import Method, rule_config, t_interval
 from repo.inference.profile import eta_profile
 from repo.train import Trainer
 
-BETA = 0.3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import noise_sweep as sweep  # noqa: E402
+
 MARKERS = 4
-METHODS = (
-    Method("DPO", "dpo", False, {"beta": BETA}),
-    Method("RE-DPO", "dpo", True, {"beta": BETA}),
-    Method("RE-DPO, out of sample", "dpo", True, {"beta": BETA}, em={"out_of_sample": True}),
-)
+
+
+def methods(family: str = "dpo") -> tuple[Method, ...]:
+    """X; RE-X with the paper's online update of eta (``[em] out_of_sample = false``, the
+    default before ``"auto"``); RE-X with out-of-sample statistics (the default now for
+    one annotator). The noise sweep's beta per family; the E-step's other settings are
+    the family's defaults."""
+    name, loss = sweep.PLAIN_NAMES[family], {"beta": sweep.BETA[family]}
+    return (
+        Method(name, family, False, loss),
+        Method(f"RE-{name}{ONLINE}", family, True, loss, em={"out_of_sample": False}),
+        Method(f"RE-{name}{OUT_OF_SAMPLE}", family, True, loss, em={"out_of_sample": True}),
+    )
+
+
+COLUMNS = [
+    *("pairs", "flip_rate", "seed", "method", "epoch", "eta_true", "eta", "accuracy"),
+    *("log_loss", "profile_eta", "profile_low", "profile_high", "profile_scale"),
+]
+"""The CSV's columns (a row per run and snapshot)."""
+ONLINE = ", online"
+OUT_OF_SAMPLE = ", out of sample"
+"""Suffixes of the two RE-X methods' names."""
 
 
 @dataclass
 class Grid:
-    """Flip rates, seeds, data sizes and epochs."""
+    """Flip rates, seeds, data sizes (training pairs) and epochs."""
 
     flip_rates: tuple[float, ...] = (0.2, 0.4)
     seeds: tuple[int, ...] = (10, 11, 12, 13, 14)
-    num_pairs: int = 512
+    num_pairs: tuple[int, ...] = (512,)
     held_out: int = 500
     epochs: int = 4
 
 
-QUICK = Grid(flip_rates=(0.4,), seeds=(10,), num_pairs=48, held_out=48, epochs=2)
+QUICK = Grid(flip_rates=(0.4,), seeds=(10,), num_pairs=(48,), held_out=48, epochs=2)
 
 
-def run_one(rho: float, seed: int, method: Method, grid: Grid) -> list[dict]:
+def run_one(num_pairs: int, rho: float, seed: int, method: Method, grid: Grid) -> list[dict]:
     """One training run; a row after the first pass and one after the last epoch."""
-    train = rule_pairs(grid.num_pairs, [1 - rho], seed=seed, markers=MARKERS)
+    train = rule_pairs(num_pairs, [1 - rho], seed=seed, markers=MARKERS)
     held = load_preferences(
         rule_pairs(grid.held_out, [1.0], seed=10_000 + seed, markers=MARKERS).rows,
         annotator_column="annotator",
@@ -78,13 +105,14 @@ def run_one(rho: float, seed: int, method: Method, grid: Grid) -> list[dict]:
             trainer.step += 1
             if trainer.step % per_epoch:
                 continue
-            if config.em.enabled and config.em.out_of_sample:
+            if config.em.enabled and trainer.em.out_of_sample:
                 trainer.epoch_m_step()
             epoch = trainer.step // per_epoch
             if epoch not in (1, grid.epochs):
                 continue
             scores = trainer.evaluate(held)
             row = {
+                "pairs": num_pairs,
                 "flip_rate": rho,
                 "seed": seed,
                 "method": method.name,
@@ -125,14 +153,15 @@ def summarise(frame: pd.DataFrame) -> str:
         "95% interval of the profile likelihood of eta at the first-visit logits.",
         "",
     ]
-    settings = sorted({(r, e) for r, e in zip(frame.flip_rate, frame.epoch, strict=True)})
-    header = " | ".join(f"rho={r}, epoch {e}" for r, e in settings)
+    keys = zip(frame.pairs, frame.flip_rate, frame.epoch, strict=True)
+    settings = sorted(set(keys))
+    header = " | ".join(f"{n} pairs, rho={r}, epoch {e}" for n, r, e in settings)
     lines += [f"| measure | {header} |", "|---|" + "---|" * len(settings)]
 
     def row(label: str, fn) -> None:
         cells = []
-        for rho, epoch in settings:
-            part = frame[(frame.flip_rate == rho) & (frame.epoch == epoch)]
+        for pairs, rho, epoch in settings:
+            part = frame[(frame.pairs == pairs) & (frame.flip_rate == rho) & (frame.epoch == epoch)]
             cells.append(fn(part))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
@@ -146,53 +175,76 @@ def summarise(frame: pd.DataFrame) -> str:
     def error(sub: pd.DataFrame) -> pd.DataFrame:
         return sub.assign(err=(sub.eta - sub.eta_true).abs())
 
-    row("realised eta", per("RE-DPO", "eta_true"))
-    for name in ("RE-DPO", "RE-DPO, out of sample"):
-        row(f"eta, {name}", per(name, "eta"))
-        row(f"eta error, {name}", per(name, "err", error))
-    row("profile maximum of eta", per("RE-DPO", "profile_eta"))
-    row("profile 95% interval, low", per("RE-DPO", "profile_low"))
-    row("profile 95% interval, high", per("RE-DPO", "profile_high"))
-    for name in ("DPO", "RE-DPO", "RE-DPO, out of sample"):
-        row(f"accuracy, {name}", per(name, "accuracy"))
-    for name in ("DPO", "RE-DPO", "RE-DPO, out of sample"):
-        row(f"log loss, {name}", per(name, "log_loss"))
-    for name in ("RE-DPO", "RE-DPO, out of sample"):
+    plains = [m for m in dict.fromkeys(frame.method) if not m.startswith("RE-")]
+    for plain in plains:
+        online, oos = f"RE-{plain}{ONLINE}", f"RE-{plain}{OUT_OF_SAMPLE}"
+        row(f"realised eta ({plain})", per(online, "eta_true"))
+        for name in (online, oos):
+            row(f"eta, {name}", per(name, "eta"))
+            row(f"eta error, {name}", per(name, "err", error))
+        row(f"profile maximum of eta ({online})", per(online, "profile_eta"))
+        row(f"profile 95% interval, low ({online})", per(online, "profile_low"))
+        row(f"profile 95% interval, high ({online})", per(online, "profile_high"))
+        for name in (plain, online, oos):
+            row(f"accuracy, {name}", per(name, "accuracy"))
+        for name in (plain, online, oos):
+            row(f"log loss, {name}", per(name, "log_loss"))
+        for name in (online, oos):
 
-        def diff(part: pd.DataFrame, name: str = name) -> str:
-            base = part[part.method == "DPO"].set_index("seed").accuracy
-            other = part[part.method == name].set_index("seed").accuracy
-            both = (other - base).dropna().to_numpy(dtype=float)
-            return _cell(both)
+            def diff(part: pd.DataFrame, name: str = name, plain: str = plain) -> str:
+                base = part[part.method == plain].set_index("seed").accuracy
+                other = part[part.method == name].set_index("seed").accuracy
+                both = (other - base).dropna().to_numpy(dtype=float)
+                return _cell(both)
 
-        row(f"accuracy, {name} minus DPO", diff)
+            row(f"accuracy, {name} minus {plain}", diff)
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the grid; write the CSV and the table; return the headline figures."""
+    """Run the grid (appending to the CSV, skipping runs already there); write the table;
+    return the headline figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
+    parser.add_argument("--pairs", type=int, nargs="+", help="training pairs (default 512)")
+    parser.add_argument("--flip-rates", type=float, nargs="+", help="default 0.2 0.4")
+    parser.add_argument("--epochs", type=int, help="passes over the data (default 4)")
+    parser.add_argument(
+        "--families", nargs="+", default=["dpo"], choices=list(sweep.PLAIN_NAMES), help="dpo"
+    )
+    parser.add_argument("--name", default="one-annotator", help="stem of the CSV and table")
+    parser.add_argument("--table", action="store_true", help="only the table, from the CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     grid = QUICK if args.quick else Grid()
-    if args.seeds:
-        grid.seeds = tuple(args.seeds)
-    rows = []
-    for rho in grid.flip_rates:
-        for seed in grid.seeds:
-            for method in METHODS:
-                rows += run_one(rho, seed, method, grid)
-    frame = pd.DataFrame(rows)
+    for option, name in (("seeds", "seeds"), ("pairs", "num_pairs"), ("flip_rates", "flip_rates")):
+        if getattr(args, option):
+            setattr(grid, name, tuple(getattr(args, option)))
+    if args.epochs:
+        grid.epochs = args.epochs
     args.out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out / "one-annotator.csv", index=False)
-    (args.out / "one-annotator-table.md").write_text(summarise(frame))
-    re_dpo = frame[frame.method == "RE-DPO"]
+    path = args.out / f"{args.name}.csv"
+    done = set()
+    if path.exists():
+        old = pd.read_csv(path)
+        done = set(zip(old.pairs, old.flip_rate, old.seed, old.method, strict=True))
+    for num_pairs in grid.num_pairs:
+        for rho in grid.flip_rates:
+            for seed in grid.seeds:
+                for method in (m for f in args.families for m in methods(f)):
+                    if args.table or (num_pairs, rho, seed, method.name) in done:
+                        continue
+                    rows = pd.DataFrame(run_one(num_pairs, rho, seed, method, grid))
+                    rows = rows.reindex(columns=COLUMNS)  # DPO's rows have no profile
+                    rows.to_csv(path, mode="a", header=not path.exists(), index=False)
+    frame = pd.read_csv(path)
+    (args.out / f"{args.name}-table.md").write_text(summarise(frame))
+    online = frame[frame.method.str.endswith(ONLINE)]
     headline = {
         "runs": int(len(frame)),
-        "profile_width_mean": float((re_dpo.profile_high - re_dpo.profile_low).mean()),
+        "profile_width_mean": float((online.profile_high - online.profile_low).mean()),
     }
     print(json.dumps(headline))
     return headline
