@@ -223,3 +223,32 @@ def test_by_default_eta_of_one_annotator_is_fitted_on_first_visits(
     trainer.train()
     assert trainer.em.out_of_sample is (len(etas) == 1)
     assert len(calls) == fits
+
+
+def test_fit_out_of_sample_does_not_stall_where_the_online_update_left_eta():
+    # An online update that drifted to eta = 0.997 at under-confident scores (a = 1/20
+    # of the truth's): EM started there stalls at "reliable labels, dull scorer" (eta
+    # 0.997, a = 3), far below the maximum; started from the model's own start
+    # (eta_init = 0.9) it reaches the maximum near the realised reliability, and the
+    # refit keeps the start with the higher likelihood.
+    g = torch.Generator().manual_seed(0)
+    n = 8000
+    s = 4 * torch.randn(n, generator=g, dtype=torch.float64)
+    truth = torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(s)
+    flipped = torch.rand(n, generator=g, dtype=torch.float64) < 0.3
+    data = LabelData.from_labels(
+        torch.zeros(n, dtype=torch.long), (truth ^ flipped).double(), num_annotators=1
+    )
+    stalled = SymmetricFlip(1, eta_init=0.997)
+    single = fit_em(stalled, CalibratedLogits(s / 20, 1.0), data, tol=1e-6, max_iter=500)
+    assert float(stalled.eta.detach()[0]) > 0.99  # the stall this guards against
+
+    noise = SymmetricFlip(1)  # eta_init = 0.9
+    online = OnlineEM(noise, out_of_sample=True, num_items=n)
+    online.e_step(s / 20, data, step=0)
+    noise.load_state_dict(SymmetricFlip(1, eta_init=0.997).state_dict())
+    result = online.fit_out_of_sample(data)
+    assert result.objective > single.objective + 50
+    realised = 1 - flipped.double().mean()
+    assert float(noise.eta.detach()[0]) == pytest.approx(float(realised), abs=0.02)
+    assert online.out_of_sample_scale == pytest.approx(20.0, rel=0.15)

@@ -125,6 +125,11 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def _copy_state(noise: NoiseModel) -> dict[str, Tensor]:
+    """A detached copy of ``noise``'s parameters (``load_state_dict`` restores them)."""
+    return {k: v.detach().clone() for k, v in noise.state_dict().items()}
+
+
 @dataclass
 class EStep:
     """The E-step of one micro-batch.
@@ -206,6 +211,8 @@ class OnlineEM:
         self._calibration: Tensor | None = None  # (g, h) of the scale's Newton step
         self._units = 0
         self.out_of_sample = bool(out_of_sample)
+        # the annotator parameters EM starts from (the model's prior guess, eta_init)
+        self.initial_state = _copy_state(noise)
         # each item's logit at its first E-step (NaN: not visited yet)
         self.first_visit: Tensor | None = (
             torch.full((num_items,), float("nan"), dtype=torch.float64) if num_items else None
@@ -348,6 +355,11 @@ class OnlineEM:
         the noise model and a Platt scale learned jointly
         (:class:`~repo.scorers.CalibratedLogits`, started at 1), and the scale kept in
         :attr:`out_of_sample_scale` (and used by the E-step too when ``calibrate``).
+        EM runs from two starts, the parameters the online update reached and the
+        model's own (:attr:`initial_state`, its ``eta_init``), and the fit with the
+        higher likelihood is kept: from a reliability near 1 at under-confident scores
+        EM stalls at "reliable labels, dull scorer" (eta 0.997 against a maximum at
+        0.69 on a LoRA run of 8,192 pairs), far below the maximum.
         ``None``, the parameters unchanged, when nothing has been visited yet or the
         scores carry no information about the truths (:meth:`_scores_inform`).
         """
@@ -358,10 +370,18 @@ class OnlineEM:
         if units.numel() == 0:
             return None
         part = data.subset(units)
-        before = {k: v.detach().clone() for k, v in self.noise.state_dict().items()}
-        scorer = CalibratedLogits(torch.nan_to_num(first, nan=0.0), 1.0)
+        before = _copy_state(self.noise)
+        logits = torch.nan_to_num(first, nan=0.0)
+        best: tuple[EMResult, CalibratedLogits, dict[str, Tensor]] | None = None
         with single_thread():
-            result = fit_em(self.noise, scorer, part, tol=tol, max_iter=max_iter)
+            for start in (before, self.initial_state):
+                self.noise.load_state_dict(start)
+                scorer = CalibratedLogits(logits, 1.0)
+                result = fit_em(self.noise, scorer, part, tol=tol, max_iter=max_iter)
+                if best is None or result.objective > best[0].objective:
+                    best = (result, scorer, _copy_state(self.noise))
+            result, scorer, fitted = best
+            self.noise.load_state_dict(fitted)
             informative = self._scores_inform(part, result.objective, tol, max_iter)
         self._discard_step()
         self._running = None
