@@ -106,8 +106,10 @@ def settings_for(family: str, noise: str, rho: float, epochs: int) -> list[str]:
     if noise == "single" and rho > 0:
         names = ["plain", *GRID[family]]
     else:  # the default against the previous ones (``fixed``, and in sample)
-        names = list(dict.fromkeys(["plain", DEFAULTS[family], "fixed"]))
-        names.append(default_for(family, noise))
+        names = ["plain", DEFAULTS[family], "fixed"]
+        if noise == "single":  # one annotator: the default out of sample too
+            names.append(DEFAULTS[family] + OOS)
+        names = list(dict.fromkeys(names))
     return [n for n in names if epochs == 1 or n not in ONE_PASS_ONLY]
 
 
