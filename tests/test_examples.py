@@ -1,6 +1,7 @@
 """The runnable examples run, and say what the docs say they say."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,13 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         rows = [line for line in text.splitlines() if line.startswith(f"| {name} | **")]
         assert len(rows) == len(example.NOISES) * len(example.REGIMES), (family, rows)
         assert all("| 10 |" in row for row in rows), rows  # ten seeds each
+
+
+def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
+    example = _load("one_annotator_lora")
+    args = ["--pairs", "32", "--seeds", "1", "--flip-rates", "0.3", "--out", str(tmp_path)]
+    (row,) = example.main(args)
+    assert row["pairs"] == 32 and 0 < row["eta"] < 1 and 0 <= row["held_out_accuracy"] <= 1
+    low, high = row["profile_interval"]
+    assert 0.5 <= low <= high <= 1.0
+    assert json.loads((tmp_path / "one-annotator-lora.json").read_text()) == [row]

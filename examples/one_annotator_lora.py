@@ -1,0 +1,97 @@
+"""One annotator, as a user meets it: ``re-po train`` with LoRA on the tiny model.
+
+A rule task of its own (:mod:`repo.data.rule_pairs`, 4 marker words, 8,192 pairs, one
+annotator whose labels are flipped at rate rho, no annotator column), trained by the
+command line with its defaults and ``[em] enabled = true``, except a LoRA learning
+rate of 2e-3 (at the default 1e-4 the tiny model's adapter learns nothing of the rule
+in one pass, and no estimator can then tell eta). It records the learned eta against
+the realised share of correct labels, the profile-likelihood interval of eta from
+``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs.
+
+    python examples/one_annotator_lora.py --out docs/experiments        # 6 runs
+    python examples/one_annotator_lora.py --pairs 512 --seeds 1 --flip-rates 0.3 --out /tmp/x
+
+Writes ``one-annotator-lora.json`` (a row per run); the last line printed is that JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from repo.data.rule_pairs import rule_pairs
+
+CONFIG = """[model]
+recipe = "tiny-llama"
+device = "cpu"
+[data]
+train = "train.jsonl"
+[em]
+enabled = true
+[optim]
+learning_rate = 2e-3
+[run]
+output_dir = "run"
+progress = false
+"""
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+
+
+def run_one(pairs: int, rho: float, seed: int) -> dict:
+    """``re-po train`` then ``re-po eval`` in a temporary folder; one row."""
+    data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
+    held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
+    with tempfile.TemporaryDirectory(prefix="re-po-lora-") as tmp:
+        folder = Path(tmp)
+        _write(folder / "train.jsonl", data.rows)
+        _write(folder / "held.jsonl", held.rows)
+        (folder / "config.toml").write_text(CONFIG + f"seed = {seed}\n")
+        cli = [sys.executable, "-m", "repo.cli"]
+        subprocess.run([*cli, "train", "config.toml"], cwd=folder, check=True, capture_output=True)
+        scores = subprocess.run(
+            [*cli, "eval", "run", "--data", "held.jsonl"],
+            cwd=folder, check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        report = json.loads((folder / "run" / "reliability.json").read_text())
+    accuracy = json.loads(scores.stdout.strip().splitlines()[-1])["accuracy"]
+    profile = report["eta_profile"]
+    return {
+        "pairs": pairs,
+        "flip_rate": rho,
+        "seed": seed,
+        "eta_true": round(float(data.realised_eta[0]), 4),
+        "eta": round(report["annotators"][0]["eta"], 4),
+        "profile_interval": [round(v, 4) for v in profile["interval"]],
+        "held_out_accuracy": accuracy,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--pairs", type=int, default=8192)
+    parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    args = parser.parse_args(argv)
+    rows = []
+    for rho in args.flip_rates:
+        for seed in args.seeds:
+            rows.append(run_one(args.pairs, rho, seed))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "one-annotator-lora.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
