@@ -165,7 +165,9 @@ def test_trainer_learns_the_scale_and_fits_it_jointly_after_each_epoch(tmp_path)
 
     torch.set_num_threads(1)
     rows = rule_pairs(64, [0.8], seed=2, markers=4).rows
-    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"calibrate": True})
+    # the epoch M-step at the policy's logits (one annotator would refit on first visits)
+    em = {"calibrate": True, "out_of_sample": False}
+    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em=em)
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
     cfg = cfg.replace("em", epoch_m_step=True)
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
