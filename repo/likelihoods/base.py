@@ -139,7 +139,7 @@ class PreferenceLikelihood:
         first-visit fit reads :math:`\sigma(a c)` as the probability of the truth up to
         the scale :math:`a` (a Platt model), which a likelihood-style logit is by
         construction (DPO's Bradley-Terry log-odds); a surrogate's scores are not, and
-        on the rule task the fit misled RE-CPO on clean data (``eta`` 0.62,
+        on the rule task the fit misled RE-CPO on clean data (``eta`` about 0.63,
         ``docs/experiments/estep-defaults.md``)."""
         return self.likelihood_style
 
