@@ -252,3 +252,30 @@ def test_fit_out_of_sample_does_not_stall_where_the_online_update_left_eta():
     realised = 1 - flipped.double().mean()
     assert float(noise.eta.detach()[0]) == pytest.approx(float(realised), abs=0.02)
     assert online.out_of_sample_scale == pytest.approx(20.0, rel=0.15)
+
+
+def test_fit_out_of_sample_starts_once_where_the_online_update_is_still_at_the_start(
+    monkeypatch,
+):
+    # the online update has not moved eta from eta_init: the two starts are one, so the
+    # refit runs EM once per scale of REFIT_SCALES (and once more for the null fit)
+    import repo.inference.online as online_module
+
+    c, data = _one_annotator(2_000, 0.8, seed=3)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return fit_em(*args, **kwargs)
+
+    monkeypatch.setattr(online_module, "fit_em", counting)
+    online = OnlineEM(SymmetricFlip(1), out_of_sample=True, num_items=2_000)
+    online.e_step(c, data, step=0)  # keeps the first visits; no M-step: eta is eta_init
+    online.fit_out_of_sample(data)
+    assert len(calls) == len(online_module.REFIT_SCALES) + 1
+    assert isinstance(calls[-1], FixedLogits)  # the null fit of _scores_inform
+    online.e_step(c, data, step=1)
+    online.noise.load_state_dict(SymmetricFlip(1, eta_init=0.6).state_dict())
+    calls.clear()
+    online.fit_out_of_sample(data)  # two distinct starts now
+    assert len(calls) == 2 * len(online_module.REFIT_SCALES) + 1

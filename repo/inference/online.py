@@ -144,6 +144,18 @@ def _copy_state(noise: NoiseModel) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in noise.state_dict().items()}
 
 
+def _distinct_states(*states: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """``states`` without repeats (a state equal, tensor by tensor, to an earlier one)."""
+    out: list[dict[str, Tensor]] = []
+    for state in states:
+        if not any(
+            old.keys() == state.keys() and all(torch.equal(old[k], state[k]) for k in state)
+            for old in out
+        ):
+            out.append(state)
+    return out
+
+
 @dataclass
 class EStep:
     """The E-step of one micro-batch.
@@ -390,7 +402,8 @@ class OnlineEM:
         logits = torch.nan_to_num(first, nan=0.0)
         best: tuple[EMResult, CalibratedLogits, dict[str, Tensor]] | None = None
         with single_thread():
-            for start, scale in itertools.product((before, self.initial_state), REFIT_SCALES):
+            starts = _distinct_states(before, self.initial_state)
+            for start, scale in itertools.product(starts, REFIT_SCALES):
                 self.noise.load_state_dict(start)
                 scorer = CalibratedLogits(logits, scale)
                 result = fit_em(self.noise, scorer, part, tol=tol, max_iter=max_iter)
