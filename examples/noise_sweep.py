@@ -1,4 +1,4 @@
-"""Held-out accuracy and calibration of fifteen preference methods as the label-flip rate grows.
+"""Held-out accuracy and calibration of eleven preference methods as the label-flip rate grows.
 
 Experiment 1 of ``docs/experiments/noise-sweep.md``. The tiny model
 (``models/tiny-llama``, full fine-tuning) learns the rule of
@@ -9,9 +9,9 @@ calibration error (15 equal-width bins) of ``sigmoid(s)``, ``s`` the loss family
 induced logit. Methods: DPO, cDPO (label smoothing), rDPO (told the true flip
 rate), Hölder-DPO (a redescending loss that ignores contradicted pairs), and IPO,
 SimPO, CPO - each of DPO, IPO, SimPO and CPO also with RE-PO (EM over the
-annotators' reliabilities) as shipped and with ``[em] out_of_sample = true``
-(``RE-X oos``: annotator statistics from first visits only, refit after every
-epoch with the scores' scale learned). Two kinds of noise:
+annotators' reliabilities) with ``[em] enabled = true`` and every other E-step field
+at its default, as a user gets it (the settings each run resolved to are columns of
+the CSV). Two kinds of noise:
 
 * ``single``: one annotator (K = 1) flips every label with probability rho;
 * ``pool``: four annotators flip with probabilities 0, rho/2, 3 rho/2, 2 rho
@@ -28,14 +28,15 @@ pass: every E-step is out of sample) and the default four epochs.
     python examples/noise_sweep.py --epochs 1 --out docs/experiments   # one pass
     python examples/noise_sweep.py --quick --out /tmp/noise-sweep       # a small grid
     python examples/noise_sweep.py --replot --out docs/experiments     # table, figure from CSV
-    python examples/noise_sweep.py --evidence --out docs/experiments   # both regimes compared
+    python examples/noise_sweep.py --targets --out docs/experiments    # both regimes, targets
     python examples/noise_sweep.py --hh-rlhf --out docs/experiments    # SmolLM2 on HH-RLHF
 
 The grid writes ``noise-sweep.csv`` (one row a run), ``noise-sweep-table.md`` and
 ``noise-sweep.png`` (``-epochs1`` before the suffix for one pass); ``--settings``
 runs a part of the grid and ``--append`` keeps the CSV's rows and skips the runs
-already in it (so several processes can share a grid); ``--evidence`` writes
-``noise-sweep-evidence.md`` from the two regimes' CSVs; ``--hh-rlhf`` writes
+already in it (so several processes can share a grid); ``--targets`` writes
+``noise-sweep-targets.md`` from the two regimes' CSVs (RE-X against X and eta against
+the realised reliability, per regime, setting and family); ``--hh-rlhf`` writes
 ``noise-sweep-hh-rlhf.json``. Progress goes to stderr; the last line printed is one
 JSON object with the headline figures.
 """
@@ -61,11 +62,6 @@ from repo.experiments import Method, annotator_pool, t_interval, train_and_score
 
 BETA = {"dpo": 0.3, "ipo": 0.1, "simpo": 2.0, "cpo": 1.0}
 """beta per family (DPO's also for cDPO, rDPO and Hölder-DPO); see the docs page for how chosen."""
-TEMPERATURE = {"dpo": 1.0, "ipo": 20.0, "simpo": 1.0, "cpo": 50.0}
-"""RE-PO's E-step temperature per family, with the scale held (``calibrate = false``):
-the settings this sweep has run since before the E-step defaults of
-``examples/estep_defaults.py`` (the learned scale for IPO, SimPO and CPO), kept so that
-the CSVs' runs stay comparable; the defaults' evidence is ``estep-defaults.md``."""
 CDPO_EPSILON = 0.1
 HOLDER_GAMMA = 1.0
 """Hölder-DPO's exponent: the family's default (the Brier case), not tuned."""
@@ -79,12 +75,12 @@ COLUMNS = ("clean", "K=1 0.2", "K=1 0.4", "pool 0.2", "pool 0.4")
 """Table columns, in the order shown."""
 FAMILIES = ("dpo", "ipo", "simpo", "cpo")
 PLAIN_NAMES = {"dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "cpo": "CPO"}
-OOS = " oos"
-"""Suffix of the RE-PO methods run with ``[em] out_of_sample = true``."""
 
 
 def methods(flip_rate: float) -> list[Method]:
-    """The fifteen methods at mean flip rate ``flip_rate`` (rDPO is told it)."""
+    """The eleven methods at mean flip rate ``flip_rate`` (rDPO is told it). RE-PO runs
+    with ``[em]`` as a user gets it with ``enabled = true``: every E-step field at its
+    default (:func:`repo.train.build.estep_settings`)."""
     out = [
         Method("DPO", "dpo", False, {"beta": BETA["dpo"]}),
         Method("cDPO", "cdpo", False, {"beta": BETA["dpo"], "epsilon": CDPO_EPSILON}),
@@ -93,12 +89,9 @@ def methods(flip_rate: float) -> list[Method]:
     ]
     for family in FAMILIES:
         loss = {"beta": BETA[family]}
-        name = "RE-" + PLAIN_NAMES[family]
-        em = {"temperature": TEMPERATURE[family], "calibrate": False, "out_of_sample": False}
         if family != "dpo":
             out.append(Method(PLAIN_NAMES[family], family, False, loss))
-        out.append(Method(name, family, True, loss, em=em))
-        out.append(Method(name + OOS, family, True, loss, em={**em, "out_of_sample": True}))
+        out.append(Method("RE-" + PLAIN_NAMES[family], family, True, loss))
     return out
 
 
@@ -149,20 +142,15 @@ SECOND_TIER = ("cDPO", "rDPO")
 
 def run_order(grid: Grid) -> list[tuple[tuple[str, float], list[str]]]:
     """``(setting, method names)`` in the order they are run: every setting with all
-    but the :data:`SECOND_TIER` methods, then every setting with those. Out-of-sample
-    RE-PO runs in one pass only when ``grid.only`` names it (in one pass every visit is
-    the first, so the policy is that of the shipped update; only the final refit of eta
-    differs)."""
-    epochs = int(grid.optim.get("epochs", 2))
+    but the :data:`SECOND_TIER` methods, then every setting with those (``grid.only``:
+    these methods alone)."""
     order = []
     for tier in (False, True):
         for noise, rho in grid.settings:
             names = [
                 m.name
                 for m in methods(rho)
-                if (m.name in SECOND_TIER) == tier
-                and (epochs > 1 or not m.name.endswith(OOS) or m.name in grid.only)
-                and (not grid.only or m.name in grid.only)
+                if (m.name in SECOND_TIER) == tier and (not grid.only or m.name in grid.only)
             ]
             if names:
                 order.append(((noise, rho), names))
@@ -220,7 +208,9 @@ def run_grid(
                     "method": method.name,
                     "family": method.family,
                     "re_po": method.robust,
-                    "out_of_sample": bool(method.em.get("out_of_sample", False)),
+                    "temperature": result.estep.temperature if result.estep else None,
+                    "calibrate": result.estep.calibrate if result.estep else None,
+                    "out_of_sample": result.estep.out_of_sample if result.estep else None,
                     "accuracy": result.accuracy,
                     "log_loss": round(result.log_loss, 5),
                     "ece": round(result.ece, 5),
@@ -290,8 +280,8 @@ def summarise(frame: pd.DataFrame, measure: str = "accuracy") -> pd.DataFrame:
 
 
 def plain_name(method: str) -> str:
-    """The plain loss an RE-PO method is compared with: ``RE-DPO oos`` -> ``DPO``."""
-    return method.removeprefix("RE-").removesuffix(OOS)
+    """The plain loss an RE-PO method is compared with: ``RE-DPO`` -> ``DPO``."""
+    return method.removeprefix("RE-")
 
 
 def paired_gains(frame: pd.DataFrame, measure: str = "accuracy") -> pd.DataFrame:
@@ -435,17 +425,26 @@ def markdown_tables(frame: pd.DataFrame) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def evidence_table(regimes: dict[str, pd.DataFrame]) -> str:
-    """RE-X minus X (accuracy, paired) and eta's mean absolute error, shipped against
-    ``out_of_sample``, per family, setting and regime: the evidence for the default."""
+ETA_TARGET = 0.03
+"""Issue 11's target for learned eta with one annotator: mean absolute error against the
+realised share of correct labels at most this."""
+
+
+def targets_table(regimes: dict[str, pd.DataFrame]) -> str:
+    """Per regime, setting and family: RE-X minus X (accuracy, paired by seed), learned
+    eta's mean absolute error, the E-step the defaults resolved to, and which of the
+    targets hold: RE-X not below X (the 95% interval of the difference not below zero),
+    above it (the interval above zero), eta within :data:`ETA_TARGET` (one annotator)."""
     lines = [
-        "RE-X minus X, held-out accuracy (paired by seed, mean ± 95% t half-width), and "
-        "learned eta's mean absolute error against the realised share of correct labels "
-        "(mean ± 95% t half-width over seeds); shipped = `[em]` as shipped, oos = "
-        "`[em] out_of_sample = true`. `*`: the interval of the difference lies below zero.",
+        "RE-X (`[em]` at its defaults) minus X, held-out accuracy (paired by seed, mean ± "
+        "95% t half-width); learned eta's mean absolute error against the realised share "
+        "of correct labels (mean ± 95% t half-width over seeds); the E-step the defaults "
+        "resolved to (T: temperature; learned: the logits' scale learned; oos: annotator "
+        f"statistics from first visits). Targets: `not below` = the interval of RE-X - X "
+        f"is not below zero, `above` = it is above zero, `eta` = MAE at most {ETA_TARGET} "
+        "(one annotator).",
         "",
-        "| regime | setting | family | seeds | RE-X - X, shipped | RE-X - X, oos "
-        "| eta MAE, shipped | eta MAE, oos |",
+        "| regime | setting | family | seeds | E-step | RE-X - X | eta MAE | targets met |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for regime, frame in regimes.items():
@@ -454,37 +453,50 @@ def evidence_table(regimes: dict[str, pd.DataFrame]) -> str:
         for col in COLUMNS:
             for family in FAMILIES:
                 name = "RE-" + PLAIN_NAMES[family]
-                cells, seeds = [], set()
-                for table, method in (
-                    (gains, name),
-                    (gains, name + OOS),
-                    (etas, name),
-                    (etas, name + OOS),
-                ):
-                    match = table[(table.method == method) & (table.setting == col)]
-                    if match.empty:
-                        cells.append("")
-                        continue
-                    r = match.iloc[0]
-                    seeds.add(int(r.seeds))
-                    if "mean_abs_error" in r:
-                        cells.append(_cell(r.mean_abs_error, r.mae_half_width))
-                    else:
-                        below = r["mean"] + r.half_width < 0
-                        cells.append(_cell(r["mean"], r.half_width, True) + ("*" if below else ""))
-                if not seeds:
+                gain = gains[(gains.method == name) & (gains.setting == col)]
+                eta = etas[(etas.method == name) & (etas.setting == col)]
+                if gain.empty:
                     continue
+                g = gain.iloc[0]
+                half = 0.0 if math.isnan(g.half_width) else g.half_width  # one seed: the mean
+                low, high = g["mean"] - half, g["mean"] + half
+                met = ["not below" if high >= 0 else "**below**"]
+                if low > 0:
+                    met.append("above")
+                eta_cell = ""
+                if not eta.empty:
+                    e = eta.iloc[0]
+                    eta_cell = _cell(e.mean_abs_error, e.mae_half_width)
+                    if col.startswith("K=1") or col == "clean":
+                        met.append("eta" if e.mean_abs_error <= ETA_TARGET else "**not eta**")
                 lines.append(
-                    f"| {regime} | {col} | {PLAIN_NAMES[family]} | "
-                    f"{'/'.join(str(s) for s in sorted(seeds))} | " + " | ".join(cells) + " |"
+                    f"| {regime} | {col} | {PLAIN_NAMES[family]} | {int(g.seeds)} | "
+                    f"{estep_label(frame, name, col)} | {_cell(g['mean'], g.half_width, True)} | "
+                    f"{eta_cell} | {', '.join(met)} |"
                 )
     return "\n".join(lines) + "\n"
 
 
+def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
+    """The E-step settings ``method``'s runs resolved to in ``setting``: ``T=20 learned
+    oos`` (several, joined by ``/``, if runs differ)."""
+    rows = frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
+    labels = []
+    for t, calibrate, oos in zip(rows.temperature, rows.calibrate, rows.out_of_sample, strict=True):
+        if pd.isna(t):
+            continue
+        parts = [f"T={float(t):g}"] + (["learned"] if calibrate else []) + (["oos"] if oos else [])
+        labels.append(" ".join(parts))
+    return "/".join(dict.fromkeys(labels))
+
+
+def _setting_of(row: pd.Series) -> str:
+    return setting_label(row.noise, row.flip_rate)
+
+
 def plot(frame: pd.DataFrame, path: Path) -> None:
     """Accuracy against flip rate: rows = noise kind, columns = loss family; plain
-    losses dashed, RE-PO solid (shipped) and dash-dotted (out of sample), 95%
-    t-intervals as error bars (rho = 0 in both rows)."""
+    losses dashed, RE-PO solid, 95% t-intervals as error bars (rho = 0 in both rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -493,11 +505,8 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     summary = summarise(frame)
     clean = summary[summary.flip_rate == 0]
     groups = {
-        "DPO": ["DPO", "cDPO", "rDPO", "Hölder-DPO", "RE-DPO", "RE-DPO" + OOS],
-        **{
-            PLAIN_NAMES[f]: [PLAIN_NAMES[f], "RE-" + PLAIN_NAMES[f], "RE-" + PLAIN_NAMES[f] + OOS]
-            for f in FAMILIES[1:]
-        },
+        "DPO": ["DPO", "cDPO", "rDPO", "Hölder-DPO", "RE-DPO"],
+        **{PLAIN_NAMES[f]: [PLAIN_NAMES[f], "RE-" + PLAIN_NAMES[f]] for f in FAMILIES[1:]},
     }
     colours = {"DPO": "C0", "cDPO": "C2", "rDPO": "C4", "Hölder-DPO": "C1"}
     kinds = [k for k in ("single", "pool") if (summary.noise == k).any()]
@@ -513,15 +522,14 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
                 if m.empty:
                     continue
                 robust = name.startswith("RE-")
-                oos = name.endswith(OOS)
-                colour = ("C5" if oos else "C3") if robust else colours.get(name, "C0")
+                colour = "C3" if robust else colours.get(name, "C0")
                 ax.errorbar(
                     m.flip_rate,
                     m["mean"],
                     yerr=m.half_width.fillna(0),
                     label=name,
                     color=colour,
-                    linestyle=("-." if oos else "-") if robust else "--",
+                    linestyle="-" if robust else "--",
                     marker="o",
                     capsize=3,
                 )
@@ -729,9 +737,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="tables and figure leave out setting-method cells with fewer seeds (default 1)",
     )
     parser.add_argument(
-        "--evidence",
+        "--targets",
         action="store_true",
-        help="write noise-sweep-evidence.md from the one-pass and four-epoch CSVs",
+        help="write noise-sweep-targets.md from the one-pass and four-epoch CSVs",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -742,16 +750,16 @@ def main(argv: list[str] | None = None) -> dict:
         (args.out / "noise-sweep-hh-rlhf.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result))
         return result
-    if args.evidence:
+    if args.targets:
         regimes = {}
         for epochs, label in ((1, "one pass"), (EPOCHS, f"{EPOCHS} epochs")):
             path = args.out / f"{stem_for(args.quick, epochs)}.csv"
             if path.exists():
                 regimes[label] = complete(pd.read_csv(path), args.min_seeds)
-        table = evidence_table(regimes)
-        (args.out / f"{stem_for(args.quick, EPOCHS)}-evidence.md").write_text(table)
+        table = targets_table(regimes)
+        (args.out / f"{stem_for(args.quick, EPOCHS)}-targets.md").write_text(table)
         print(table)
-        return {"experiment": "noise_sweep_evidence", "regimes": list(regimes)}
+        return {"experiment": "noise_sweep_targets", "regimes": list(regimes)}
     grid = QUICK if args.quick else Grid()
     epochs = args.epochs if args.epochs is not None else int(grid.optim["epochs"])
     grid = dataclasses.replace(grid, optim={**grid.optim, "epochs": epochs})

@@ -50,13 +50,14 @@ import torch
 from repo.data.rule_pairs import rule_pairs
 from repo.experiments import Method, t_interval, train_and_score
 
-RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"out_of_sample": False})
-"""The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1), with the paper's online
-update of eta also for one annotator (``out_of_sample = false``: the default before
-``"auto"``)."""
-RE_DPO_OOS = Method("RE-DPO oos", "dpo", True, {"beta": 0.3}, em={"out_of_sample": True})
-"""RE-DPO with ``[em] out_of_sample = true``."""
-METHODS = {m.name: m for m in (RE_DPO, RE_DPO_OOS)}
+RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3})
+"""The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1) with ``[em]`` at its
+defaults: out-of-sample annotator statistics with one annotator, the paper's online
+update with two (``out_of_sample = "auto"``)."""
+RE_DPO_ONLINE = Method("RE-DPO online", "dpo", True, {"beta": 0.3}, em={"out_of_sample": False})
+"""RE-DPO with the paper's online update of eta also for one annotator
+(``[em] out_of_sample = false``, the default before ``"auto"``)."""
+METHODS = {m.name: m for m in (RE_DPO, RE_DPO_ONLINE)}
 RELIABLE_FLIP = 0.1
 MARKERS = 4
 
@@ -71,7 +72,7 @@ class Grid:
     num_pairs: int = 512
     held_out: int = 500
     optim: dict = dataclasses.field(default_factory=lambda: {"epochs": EPOCHS})
-    methods: tuple[str, ...] = tuple(METHODS)  # "RE-DPO oos" runs only with epochs > 1
+    methods: tuple[str, ...] = (RE_DPO.name,)  # RE_DPO_ONLINE on request (--methods)
 
 
 EPOCHS = 4
@@ -115,6 +116,7 @@ def recover(
             {
                 "method": method.name,
                 "epochs": int(grid.optim.get("epochs", EPOCHS)),
+                "out_of_sample": result.estep.out_of_sample,
                 "setting": setting,
                 "flip_rate": rho,
                 "seed": seed,
@@ -133,10 +135,8 @@ def recover(
 
 
 def grid_methods(grid: Grid) -> list[Method]:
-    """The grid's methods; ``RE-DPO oos`` only with more than one epoch (in one pass
-    every visit is a first visit and the policy is that of the shipped update)."""
-    epochs = int(grid.optim.get("epochs", EPOCHS))
-    return [METHODS[n] for n in grid.methods if epochs > 1 or n != RE_DPO_OOS.name]
+    """The grid's methods."""
+    return [METHODS[n] for n in grid.methods]
 
 
 def run_grid(
@@ -268,7 +268,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     if "method" not in frame:
         frame = frame.assign(method=RE_DPO.name)
     s_all = summarise(frame)
-    oos = s_all[s_all.method == RE_DPO_OOS.name]
+    online = s_all[s_all.method == RE_DPO_ONLINE.name]
     frame = frame[frame.method == RE_DPO.name]
     s = s_all[s_all.method == RE_DPO.name]
     settings = [x for x in ("one", "two") if (frame.setting == x).any()]
@@ -298,10 +298,10 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
             ax.scatter(r.eta_true, r.eta_hat, color=colour, marker=marker, alpha=0.45, s=18)
             ax.plot(m.eta_true, m.eta_hat, color=colour, marker=marker, label=label)
         for role in ("noisy", "reliable"):
-            m = oos[(oos.setting == setting) & (oos.role == role)].sort_values("eta_true")
+            m = online[(online.setting == setting) & (online.role == role)].sort_values("eta_true")
             if not m.empty:
                 who = "the annotator" if setting == "one" else f"{role} annotator"
-                label = f"{RE_DPO_OOS.name} ({who})"
+                label = f"{RE_DPO_ONLINE.name} ({who})"
                 ax.plot(m.eta_true, m.eta_hat, color="C5", linestyle="--", marker=".", label=label)
         ax.set_xlim(0.1, 1.02)
         ax.set_ylim(0.1, 1.02)
@@ -312,9 +312,11 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         raw_noisy = raw[raw.role == "noisy"]
         ax_acc.scatter(raw_noisy.eta_true, raw_noisy.accuracy, color="C2", alpha=0.45, s=18)
         ax_acc.plot(noisy.eta_true, noisy.accuracy, color="C2", marker="o", label=RE_DPO.name)
-        m = oos[(oos.setting == setting) & (oos.role == "noisy")].sort_values("eta_true")
+        m = online[(online.setting == setting) & (online.role == "noisy")].sort_values("eta_true")
         if not m.empty:
-            ax_acc.plot(m.eta_true, m.accuracy, color="C5", linestyle="--", label=RE_DPO_OOS.name)
+            ax_acc.plot(
+                m.eta_true, m.accuracy, color="C5", linestyle="--", label=RE_DPO_ONLINE.name
+            )
             ax_acc.legend(fontsize=8, loc="lower right")
         ax_acc.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
         ax_acc.axvline(0.5, color="grey", linewidth=0.6)

@@ -31,6 +31,7 @@ from scipy import stats
 from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
 from repo.train import TrainConfig, Trainer
+from repo.train.build import EStepSettings, estep_settings
 from repo.train.evaluate import evaluate_records
 
 __all__ = [
@@ -81,6 +82,8 @@ class RunResult:
     :param steps: optimizer steps taken.
     :param wall_seconds: wall-clock time of training and scoring.
     :param cpu_seconds: CPU time of this process over the same span.
+    :param estep: the E-step settings the run resolved (RE-PO runs; ``None`` otherwise):
+        ``[em]`` as given, defaults filled in (:func:`repo.train.build.estep_settings`).
     """
 
     accuracy: float
@@ -90,6 +93,7 @@ class RunResult:
     steps: int
     wall_seconds: float
     cpu_seconds: float
+    estep: EStepSettings | None = None
 
 
 def annotator_pool(flip_rate: float, shape: Sequence[float] = POOL_SHAPE) -> list[float]:
@@ -181,7 +185,9 @@ def train_and_score(
             held_out,
             bins=ECE_BINS,
         )
-        eta = {}
+        eta, estep = {}, None
+        if method.robust:
+            estep = estep_settings(trainer.config, trainer.likelihood, trainer.noise)
         if method.robust and hasattr(trainer.noise, "eta"):
             values = trainer.noise.eta.detach().double().cpu().tolist()
             eta = dict(zip(trainer.data.annotator_ids, values, strict=True))
@@ -194,6 +200,7 @@ def train_and_score(
         steps=steps,
         wall_seconds=time.perf_counter() - wall,
         cpu_seconds=time.process_time() - cpu,
+        estep=estep,
     )
 
 

@@ -45,9 +45,8 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     figure follow."""
     sweep = load_example("noise_sweep")
     names = "DPO cDPO rDPO Hölder-DPO RE-DPO IPO RE-IPO SimPO RE-SimPO CPO RE-CPO".split()
-    oos = [n + " oos" for n in names if n.startswith("RE-")]
-    assert [m.name for m in sweep.methods(0.2) if not m.name.endswith(" oos")] == names
-    assert [m.name for m in sweep.methods(0.2) if m.name.endswith(" oos")] == oos
+    assert [m.name for m in sweep.methods(0.2)] == names
+    assert all(m.em == {} for m in sweep.methods(0.2))  # RE-PO as a user gets it
     grid = sweep.Grid(
         settings=(("single", 0.0),),
         seeds=(10,),
@@ -68,6 +67,15 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     eta = json.loads(frame.set_index("method").eta_hat["RE-DPO"])
     assert len(eta) == 1 and eta[0] > 0.93, eta  # started at 0.9; every label is right
     assert json.loads(frame.set_index("method").eta_hat["DPO"]) == []
+    # the E-step the defaults resolved to: one annotator and DPO, first visits only
+    re_dpo = frame.set_index("method").loc["RE-DPO"]
+    assert (re_dpo.temperature, re_dpo.calibrate, re_dpo.out_of_sample) == (1.0, False, True)
+    assert frame.set_index("method").out_of_sample.isna()["DPO"]
+    assert sweep.estep_label(frame, "RE-DPO", "clean") == "T=1 oos"
+    targets = sweep.targets_table({"3 epochs": frame})
+    row = next(line for line in targets.splitlines() if "| clean | DPO |" in line)
+    expected = "not below" if acc["RE-DPO"] >= acc["DPO"] else "**below**"
+    assert f"| T=1 oos | {acc['RE-DPO'] - acc['DPO']:+.3f} |" in row and expected in row, row
     tables = sweep.markdown_tables(frame)
     assert "| DPO | " in tables and "| Hölder-DPO | " in tables
     assert "| RE-DPO | clean | 1.000 |" in tables
