@@ -9,9 +9,12 @@ the realised share of correct labels, the profile-likelihood interval of eta fro
 ``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs.
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 runs
+    python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
     python examples/one_annotator_lora.py --pairs 512 --seeds 1 --flip-rates 0.3 --out /tmp/x
 
-Writes ``one-annotator-lora.json`` (a row per run); the last line printed is that JSON.
+Writes ``one-annotator-lora.json`` (a row per run): the rows already there are kept and
+their runs (same pairs, flip rate and seed) not repeated; the last line printed is the
+file's JSON.
 """
 
 from __future__ import annotations
@@ -82,13 +85,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args(argv)
-    rows = []
+    path = args.out / "one-annotator-lora.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    done = {(r["pairs"], r["flip_rate"], r["seed"]) for r in rows}
+    args.out.mkdir(parents=True, exist_ok=True)
     for rho in args.flip_rates:
         for seed in args.seeds:
+            if (args.pairs, rho, seed) in done:
+                continue
             rows.append(run_one(args.pairs, rho, seed))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "one-annotator-lora.json").write_text(json.dumps(rows, indent=1) + "\n")
+            rows.sort(key=lambda r: (r["pairs"], r["flip_rate"], r["seed"]))
+            path.write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows))
     return rows
 

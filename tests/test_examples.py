@@ -116,3 +116,8 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     low, high = row["profile_interval"]
     assert 0.5 <= low <= high <= 1.0
     assert json.loads((tmp_path / "one-annotator-lora.json").read_text()) == [row]
+    # a second call keeps the row, does not repeat its run, and adds the new one
+    rows = example.main([*args[:4], "--flip-rates", "0.3", "0.2", "--out", str(tmp_path)])
+    assert [(r["flip_rate"], r["seed"]) for r in rows] == [(0.2, 1), (0.3, 1)]
+    assert rows[1] == row
+    assert json.loads((tmp_path / "one-annotator-lora.json").read_text()) == rows
