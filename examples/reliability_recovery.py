@@ -14,10 +14,12 @@ For each run (512 pairs, four epochs, or one pass with ``--epochs 1``) the learn
 reliability of every annotator (at the end of training, ``eta_0 = 0.9``,
 ``alpha = 0.1``) is compared with its realised share of correct labels, and the
 policy's held-out accuracy against clean labels says which rule it learned (with
-the log loss and expected calibration error of ``sigmoid(s)``, 15 bins). Two
-variants of RE-DPO: the paper's online update (``out_of_sample = false``) and
-``[em] out_of_sample = true`` (``RE-DPO oos``: statistics from first visits only,
-refit after every epoch with the scores' scale learned).
+the log loss and expected calibration error of ``sigmoid(s)``, 15 bins). RE-DPO runs
+with ``[em]`` at its defaults, as a user gets it: with one annotator ``eta`` learns
+from first visits and is refit after every epoch (``out_of_sample = "auto"``), with
+two by the paper's online update. ``--methods RE-DPO "RE-DPO online"`` runs beside it
+the online update with one annotator too (``out_of_sample = false``).
+
 Above rho = 0.5 with one annotator the likelihood's symmetry (scores -> -scores,
 eta -> 1 - eta) has nothing to break it but ``eta_0 > 0.5``: the question is
 what the runs do.
@@ -207,8 +209,9 @@ def _pm(mean: float, half: float) -> str:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """Per method, one row per flip rate: true and learned eta of each annotator,
-    held-out accuracy, log loss and ECE."""
+    """Per method, one row per flip rate: true and learned eta of each annotator, the
+    varied annotator's mean absolute error over seeds, held-out accuracy, log loss and
+    ECE."""
     s = summarise(frame)
     seeds = int(s.seeds.max())
     lines = [
@@ -221,10 +224,10 @@ def markdown_table(frame: pd.DataFrame) -> str:
             "",
             f"{method}:",
             "",
-            "| rho | one: true eta | one: learned eta | one: accuracy | one: log loss / ECE "
-            "| two: reliable true / learned | two: noisy true | two: noisy learned "
-            "| two: accuracy | two: log loss / ECE |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| rho | one: true eta | one: learned eta | one: eta MAE | one: accuracy "
+            "| one: log loss / ECE | two: reliable true / learned | two: noisy true "
+            "| two: noisy learned | two: noisy MAE | two: accuracy | two: log loss / ECE |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         part = s[s.method == method]
         for rho in sorted(part.flip_rate.unique()):
@@ -232,17 +235,18 @@ def markdown_table(frame: pd.DataFrame) -> str:
             two = part[(part.setting == "two") & (part.flip_rate == rho)]
             cells = [f"{rho:g}"]
             if one.empty:
-                cells += ["", "", "", ""]
+                cells += ["", "", "", "", ""]
             else:
                 o = one.iloc[0]
                 cells += [
                     f"{o.eta_true:.3f}",
                     _pm(o.eta_hat, o.eta_hat_half_width),
+                    f"{o.abs_error:.3f}",
                     _pm(o.accuracy, o.accuracy_half_width),
                     f"{o.log_loss:.3f} / {o.ece:.3f}",
                 ]
             if two.empty:
-                cells += ["", "", "", "", ""]
+                cells += ["", "", "", "", "", ""]
             else:
                 r = two[two.role == "reliable"].iloc[0]
                 n = two[two.role == "noisy"].iloc[0]
@@ -250,6 +254,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
                     f"{r.eta_true:.3f} / {r.eta_hat:.3f}",
                     f"{n.eta_true:.3f}",
                     _pm(n.eta_hat, n.eta_hat_half_width),
+                    f"{n.abs_error:.3f}",
                     _pm(n.accuracy, n.accuracy_half_width),
                     f"{n.log_loss:.3f} / {n.ece:.3f}",
                 ]
@@ -365,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
     parser.add_argument("--flip-rates", type=float, nargs="+", help="override the flip rates")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help=f"default: {RE_DPO.name} alone"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -374,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
         grid = dataclasses.replace(grid, seeds=tuple(args.seeds))
     if args.flip_rates:
         grid = dataclasses.replace(grid, flip_rates=tuple(args.flip_rates))
+    if args.methods:
+        grid = dataclasses.replace(grid, methods=tuple(args.methods))
     stem = "reliability-recovery" + ("-quick" if args.quick else "")
     if args.epochs != EPOCHS:
         stem += f"-epochs{args.epochs}"
