@@ -15,7 +15,11 @@ family), and RE-X is run under several E-step settings:
 * ``T=50 learned`` (CPO): the learned scale started at 1/50;
 * ``nll`` (IPO, CPO): the EM-derived policy step instead of the family's mixture;
 * ``<default> oos``: the family's default with ``[em] out_of_sample = true`` (eta from
-  first visits; the default with one annotator for DPO), at K = 1 and on clean data.
+  first visits; the default with one annotator for DPO), at K = 1 and on clean data;
+* ``<default> warm-up`` (IPO, SimPO, CPO): the family's default with an EM warm-up of a
+  quarter of the optimizer steps (``[em] warmup_steps``: 8 in one pass, 32 in four
+  epochs; the policy learns from the raw labels before the E-step reads it), in every
+  noise setting.
 
 and the plain losses X (``plain``), so that RE-X minus X is paired by seed. Clean
 data (rho = 0) and the noise sweep's pool (four annotators flipping at 0, rho/2,
@@ -61,12 +65,20 @@ SETTINGS: dict[str, dict] = {
 setting with ``out_of_sample = true``."""
 OOS = " oos"
 """Suffix of a setting run with ``[em] out_of_sample = true`` (``"fixed oos"``)."""
+WARMUP = " warm-up"
+"""Suffix of a setting run with an EM warm-up of :data:`WARMUP_SHARE` of the steps."""
+WARMUP_SHARE = 0.25
+STEPS_PER_EPOCH = 32
+"""Optimizer steps an epoch: 512 pairs in batches of 16 (the noise sweep's)."""
 GRID: dict[str, tuple[str, ...]] = {
     "dpo": ("fixed", "learned", "fixed oos"),
-    "ipo": ("fixed", "learned", "T=20", "nll", "learned oos"),
-    "simpo": ("fixed", "learned", "learned oos"),
-    "cpo": ("fixed", "learned", "T=50", "T=50 learned", "nll", "T=50 learned oos"),
-}
+    "ipo": ("fixed", "learned", "T=20", "nll", "learned oos", "learned warm-up"),
+    "simpo": ("fixed", "learned", "learned oos", "learned warm-up"),
+    "cpo": (
+        "fixed", "learned", "T=50", "T=50 learned", "nll", "T=50 learned oos",
+        "T=50 learned warm-up",
+    ),
+}  # fmt: skip
 """The settings run per family (at K = 1, rho = 0.2 and 0.4)."""
 DEFAULTS = {"dpo": "fixed", "ipo": "learned", "simpo": "learned", "cpo": "T=50 learned"}
 """Each family's E-step default (``[em] temperature = 0``, ``calibrate = "auto"``); with
@@ -87,17 +99,20 @@ def default_for(family: str, noise: str) -> str:
     return DEFAULTS[family] + (OOS if one_annotator else "")
 
 
-def method(family: str, setting: str) -> Method:
-    """X (``setting = "plain"``) or RE-X under an E-step setting (the noise sweep's beta)."""
+def method(family: str, setting: str, epochs: int = 1) -> Method:
+    """X (``setting = "plain"``) or RE-X under an E-step setting (the noise sweep's beta)
+    in a run of ``epochs`` passes."""
     loss = {"beta": sweep.BETA[family]}
     name = sweep.PLAIN_NAMES[family]
     if setting == "plain":
         return Method(name, family, False, loss)
     if setting == "nll":
         loss["variant"] = "nll"
-    em = dict(SETTINGS[setting.removesuffix(OOS)])
+    em = dict(SETTINGS[setting.removesuffix(OOS).removesuffix(WARMUP)])
     if setting.endswith(OOS):
         em["out_of_sample"] = True
+    if setting.endswith(WARMUP):
+        em["warmup_steps"] = round(WARMUP_SHARE * STEPS_PER_EPOCH * epochs)
     return Method(f"RE-{name}", family, True, loss, em=em)
 
 
@@ -109,6 +124,8 @@ def settings_for(family: str, noise: str, rho: float, epochs: int) -> list[str]:
         names = ["plain", DEFAULTS[family], "fixed"]
         if noise == "single":  # one annotator: the default out of sample too
             names.append(DEFAULTS[family] + OOS)
+        if DEFAULTS[family] + WARMUP in GRID[family]:
+            names.append(DEFAULTS[family] + WARMUP)
         names = list(dict.fromkeys(names))
     return [n for n in names if epochs == 1 or n not in ONE_PASS_ONLY]
 
@@ -135,7 +152,7 @@ def run(out: Path, regimes: tuple[int, ...] = REGIMES, noises=NOISES) -> None:
                         if (epochs, noise, rho, seed, family, setting) in done:
                             continue
                         result = train_and_score(
-                            data.rows, held, method(family, setting), seed=seed,
+                            data.rows, held, method(family, setting, epochs), seed=seed,
                             optim={"epochs": epochs},
                         )  # fmt: skip
                         eta = [result.eta[f"a{k}"] for k in range(len(etas))] if result.eta else []

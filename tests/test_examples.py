@@ -106,6 +106,12 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         rows = [line for line in text.splitlines() if line.startswith(f"| {name} | **")]
         assert len(rows) == len(example.NOISES) * len(example.REGIMES), (family, rows)
         assert all("| 10 |" in row for row in rows), rows  # ten seeds each
+    # the warm-up setting: EM held back for a quarter of the steps, in every noise setting
+    warm = example.method("cpo", "T=50 learned warm-up", epochs=4)
+    assert warm.em == {**example.SETTINGS["T=50 learned"], "warmup_steps": 32}
+    assert example.method("ipo", "learned warm-up", epochs=1).em["warmup_steps"] == 8
+    assert "learned warm-up" in example.settings_for("simpo", "pool", 0.4, 1)
+    assert "fixed warm-up" not in example.settings_for("dpo", "single", 0.0, 4)
 
 
 def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
