@@ -176,8 +176,6 @@ def run_grid(
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """Per method, setting, flip rate and annotator: means over seeds and 95% t-intervals."""
     out = []
-    if "method" not in frame:
-        frame = frame.assign(method=RE_DPO.name)
     keys = ["method", "setting", "flip_rate", "annotator", "role"]
     for (method, setting, rho, annotator, role), g in frame.groupby(keys, sort=False):
         eta_hat, eta_half = t_interval(g.eta_hat.to_numpy())
@@ -197,8 +195,8 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
                 "mirror_error": (g.eta_hat - (1 - g.eta_true)).abs().mean(),
                 "accuracy": acc,
                 "accuracy_half_width": acc_half,
-                "log_loss": g.log_loss.mean() if "log_loss" in g else np.nan,
-                "ece": g.ece.mean() if "ece" in g else np.nan,
+                "log_loss": g.log_loss.mean(),
+                "ece": g.ece.mean(),
             }
         )
     return pd.DataFrame(out)
@@ -270,8 +268,6 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if "method" not in frame:
-        frame = frame.assign(method=RE_DPO.name)
     s_all = summarise(frame)
     online = s_all[s_all.method == RE_DPO_ONLINE.name]
     frame = frame[frame.method == RE_DPO.name]
@@ -394,8 +390,6 @@ def main(argv: list[str] | None = None) -> dict:
         csv_path.unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(prefix="recovery-reference-") as cache:
             frame = run_grid(grid, csv_path, reference_cache_dir=Path(cache))
-    if "method" not in frame:
-        frame = frame.assign(method=RE_DPO.name)
     table = markdown_table(frame)
     (args.out / f"{stem}-table.md").write_text(table)
     plot(frame, args.out / f"{stem}.png")
