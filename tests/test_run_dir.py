@@ -70,8 +70,11 @@ def test_eval_and_export_read_a_full_fine_tune(full_run, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = trainer.evaluate(load_preferences(str(held), annotator_column="annotator"))
     assert result["labels"] == 16
+    # the same policy and reference, loaded from the run: equal up to float32 rounding
+    # (a few units in the last place, from kernels that order their sums differently
+    # for a freshly loaded model; a drifted build differs in the first digits)
     for key in ("accuracy", "margin", "log_loss", "ece"):
-        assert result[key] == pytest.approx(expected[key], abs=1e-9), key
+        assert result[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
     # the reference is the recipe's model, as in training: not the trained policy
     _, policy, _ = load_run(tmp_path / "run")
     assert policy.reference_model is not None and not policy.has_adapter
