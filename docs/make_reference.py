@@ -72,6 +72,7 @@ EXTRA_MODULES = (
     "repo.inference.enumeration",
     "repo.inference.em",
     "repo.inference.online",
+    "repo.inference.noise_test",
     "repo.inference.bayes",
     "repo.inference.laplace",
     "repo.inference.nuts",

@@ -30,6 +30,7 @@ from scipy import stats
 
 from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
+from repo.inference.noise_test import NoiseTest
 from repo.train import TrainConfig, Trainer
 from repo.train.build import EStepSettings, estep_settings
 from repo.train.evaluate import evaluate_records
@@ -84,6 +85,9 @@ class RunResult:
     :param cpu_seconds: CPU time of this process over the same span.
     :param estep: the E-step settings the run resolved (RE-PO runs; ``None`` otherwise):
         ``[em]`` as given, defaults filled in (:func:`repo.train.build.estep_settings`).
+    :param noise_test: the noise test's last look (RE-PO runs with ``[em] noise_test``;
+        ``None`` otherwise): its ``rejected`` says whether the posterior was switched on,
+        its ``items`` after how many first visits.
     """
 
     accuracy: float
@@ -94,6 +98,7 @@ class RunResult:
     wall_seconds: float
     cpu_seconds: float
     estep: EStepSettings | None = None
+    noise_test: NoiseTest | None = None
 
 
 def annotator_pool(flip_rate: float, shape: Sequence[float] = POOL_SHAPE) -> list[float]:
@@ -192,6 +197,7 @@ def train_and_score(
             values = trainer.noise.eta.detach().double().cpu().tolist()
             eta = dict(zip(trainer.data.annotator_ids, values, strict=True))
         steps = trainer.step
+        noise_test = trainer.em.noise_test_result if method.robust else None
     return RunResult(
         accuracy=float(scores["accuracy"]),
         log_loss=float(scores["log_loss"]),
@@ -201,6 +207,7 @@ def train_and_score(
         wall_seconds=time.perf_counter() - wall,
         cpu_seconds=time.process_time() - cpu,
         estep=estep,
+        noise_test=noise_test,
     )
 
 

@@ -187,6 +187,10 @@ def test_out_of_sample_statistics_are_the_default_for_one_annotator(
     assert estep_settings(cfg, likelihood, model).out_of_sample is expected
     online = build_online_em(cfg, model, likelihood, num_items=10)
     assert online.out_of_sample is expected
+    # the noise test needs the labels: without them (a run's fit read back) there is none
+    assert online.noise_test == 0 and online.noise_evident
+    settings = estep_settings(cfg, likelihood, model)
+    assert settings.noise_test == (0.05 if model.has_truth else 0.0)
     disabled = config(tmp_path, em={"out_of_sample": given, "enabled": False})
     assert not build_online_em(disabled, model, likelihood, num_items=10).out_of_sample
 

@@ -494,6 +494,7 @@ def test_every_noise_model_trains(rt, tmp_path, kind, noise_model):
         shared_truth=True,
         policy_step="nll" if noise_model == "boltzmann" else "mixture",
         max_steps=2,  # at step 1 the policy is its reference: s = 0 tells tau nothing
+        em_noise_test=0.0,  # the posterior from step 1 (the test would wait for a look)
         **fields,
     )
     before = {k: v.detach().clone() for k, v in trainer.noise.state_dict().items()}
@@ -554,6 +555,22 @@ def test_em_out_of_sample_takes_true_false_or_auto(rt, tmp_path):
     assert dpo_config(rt, tmp_path, em_out_of_sample="true").repo_config().em.out_of_sample
     with pytest.raises(ValueError, match="em_out_of_sample must be 'auto', 'true' or 'false'"):
         dpo_config(rt, tmp_path, em_out_of_sample="yes")
+
+
+def test_the_noise_test_gates_the_posterior_in_trl_too(rt, tmp_path):
+    # as in re-po train: [em] noise_test = 0.05, one look over every unit of a small
+    # set; clean labels leave w = 1 (the plain loss); 0 switches the test off
+    assert dpo_config(rt, tmp_path).em_noise_test == 0.05
+    assert dpo_config(rt, tmp_path, em_noise_test=0.0).repo_config().em.noise_test == 0.0
+    with pytest.raises(ValueError, match="em_noise_test must be in"):
+        dpo_config(rt, tmp_path, em_noise_test=1.0)
+    rows = rule_pairs(24, [1.0], seed=3, markers=4).rows
+    trainer = _train(rt, tmp_path, rows, num_train_epochs=1)
+    trainer.train()
+    online = trainer.online_em
+    assert online.noise_test == 0.05
+    assert online.noise_test_result is not None and online.noise_test_result.items == 24
+    assert online.noise_evident is online.noise_test_result.rejected
 
 
 # ----------------------------------------------------------------------------- resume

@@ -64,6 +64,19 @@ the kept logits with their Platt scale :math:`a` learned jointly
 learning are under-confident, and a scale held at 1 reads that as reliable labels).
 The scale found there calibrates only those scores; the E-step that weights the
 policy step reads the policy's logits as the other options say.
+
+**A test before reweighting** (``noise_test``, a level :math:`\alpha`). Until the
+labels show noise, the E-step hands the policy step :math:`w = 1` and the labels as
+its targets: RE-X trains exactly as X. The annotator parameters and the scale learn
+as usual meanwhile. The evidence is the likelihood-ratio test of "no label is wrong"
+against the noise model (:mod:`~repo.inference.noise_test`), on the first-visit
+logits of the items visited so far, with the model and a Platt scale fitted as in
+``fit_out_of_sample`` (on a copy: the online parameters are not touched). The test
+looks when the items visited reach 64, 128, 256, ... and all of them, each look at
+level :math:`\alpha / L` for the :math:`L` looks a pass makes (Bonferroni: on clean
+data the E-step switches on with probability at most :math:`\alpha`), and at once
+when the labels of one unit disagree (which rejects); once it rejects, the E-step is
+the posterior from then on.
 """
 
 from __future__ import annotations
@@ -79,6 +92,7 @@ from torch import Tensor
 
 from repo.inference.em import EM, EMResult, _has_parameters, ema_update, fit_em, set_value
 from repo.inference.enumeration import EnumPosterior, enumerate_posterior
+from repo.inference.noise_test import NoiseTest, disagreeing_units, likelihood_ratio_test
 from repo.inference.profile import CHI2_1_95
 from repo.noise.base import NoiseModel
 from repo.noise.hierarchical import HierarchicalFlip
@@ -86,12 +100,15 @@ from repo.noise.layout import LabelData
 from repo.scorers import MAX_SCALE, MIN_SCALE, CalibratedLogits, FixedLogits, Scorer
 
 __all__ = [
+    "FIRST_LOOK",
     "REFIT_SCALES",
     "SCALE_STEP",
     "EStep",
     "OnlineEM",
+    "fit_calibrated",
     "fit_minibatch_em",
     "frozen",
+    "look_points",
     "single_thread",
 ]
 
@@ -137,6 +154,20 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
 REFIT_SCALES = (1.0, 10.0, 100.0)
 """The Platt scales :meth:`OnlineEM.fit_out_of_sample` starts EM from (a policy's
 first-visit logits can need a scale of 20 or more to be calibrated)."""
+
+
+FIRST_LOOK = 64
+"""Items visited at the noise test's first look (``noise_test``; the looks double)."""
+
+
+def look_points(num_items: int) -> list[int]:
+    """The visited-item counts at which the noise test looks: :data:`FIRST_LOOK`,
+    twice that, ... below ``num_items``, and ``num_items``."""
+    points, n = [], FIRST_LOOK
+    while n < num_items:
+        points.append(n)
+        n *= 2
+    return [*points, num_items]
 
 
 def _copy_state(noise: NoiseModel) -> dict[str, Tensor]:
@@ -191,6 +222,10 @@ class OnlineEM:
     :param num_items: items in the data (the scorer's keys, ``LabelData.unit``); when
         given, every item's first-visit logit is kept (:attr:`first_visit`), whether or
         not the annotator parameters learn from them alone.
+    :param noise_test: the level of the test of label noise that switches the
+        posterior on (module docstring); 0: the posterior from the first step (the
+        paper's). Needs ``num_items`` and ``labels``.
+    :param labels: the whole data's labels, keyed as the E-step's (for the noise test).
     """
 
     def __init__(
@@ -205,6 +240,8 @@ class OnlineEM:
         calibrate: bool = False,
         out_of_sample: bool = False,
         num_items: int | None = None,
+        noise_test: float = 0.0,
+        labels: LabelData | None = None,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
@@ -218,6 +255,13 @@ class OnlineEM:
             )
         if out_of_sample and (num_items is None or num_items < 1):
             raise ValueError(f"out_of_sample needs the number of items, got {num_items}")
+        if not 0 <= noise_test < 1:
+            raise ValueError(f"noise_test must lie in [0, 1), got {noise_test}")
+        if noise_test > 0 and (not num_items or labels is None or not noise.has_truth):
+            raise ValueError(
+                "noise_test needs a noise model with a latent truth, the number of items "
+                "and the labels"
+            )
         self.noise = noise
         self.alpha = float(alpha)
         self.temperature = float(temperature)
@@ -244,6 +288,15 @@ class OnlineEM:
             torch.full((num_items,), float("nan"), dtype=torch.float64) if num_items else None
         )
         self.out_of_sample_scale: float | None = None  # a of the last fit_out_of_sample
+        self.noise_test = float(noise_test)
+        self.labels = labels
+        # whether the E-step is the posterior (else w = 1 until the noise test rejects)
+        self.noise_evident = self.noise_test == 0
+        self.noise_test_result: NoiseTest | None = None  # the last look's outcome
+        self._looks = look_points(num_items) if self.noise_test > 0 else []
+        self._visited = 0  # first visits on this process since the last look's count
+        self._disagreed = False  # labels of one unit disagreed on this process this step
+        self._items_seen = 0  # first visits on all processes at the last M-step
 
     def _has_closed_form(self) -> bool:
         probe = LabelData.from_labels(
@@ -291,6 +344,10 @@ class OnlineEM:
         if learn is not None and not self.closed_form:
             self._accumulate_gradient(learn[1], learn[0])
         self._units += data.num_units if new is None else int(new.sum())
+        if not self.noise_evident:  # no evidence of noise yet: the labels as given
+            self._disagreed |= bool(disagreeing_units(data).any())
+            w = data.mask.to(w.dtype)
+            return EStep(_target_from_w(w, data), w, posterior.log_likelihood, exact=False)
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
 
     def _record_first_visit(self, logits: Tensor, data: LabelData) -> Tensor | None:
@@ -300,6 +357,7 @@ class OnlineEM:
             return None
         new = torch.isnan(self.first_visit[data.unit])
         self.first_visit[data.unit[new]] = logits[new]
+        self._visited += int(new.sum())
         return new if self.out_of_sample else None
 
     def _add_calibration(self, logits: Tensor, q: Tensor) -> None:
@@ -400,17 +458,9 @@ class OnlineEM:
         part = data.subset(units)
         before = _copy_state(self.noise)
         logits = torch.nan_to_num(first, nan=0.0)
-        best: tuple[EMResult, CalibratedLogits, dict[str, Tensor]] | None = None
         with single_thread():
             starts = _distinct_states(before, self.initial_state)
-            for start, scale in itertools.product(starts, REFIT_SCALES):
-                self.noise.load_state_dict(start)
-                scorer = CalibratedLogits(logits, scale)
-                result = fit_em(self.noise, scorer, part, tol=tol, max_iter=max_iter)
-                if best is None or result.objective > best[0].objective:
-                    best = (result, scorer, _copy_state(self.noise))
-            result, scorer, fitted = best
-            self.noise.load_state_dict(fitted)
+            result, scorer = fit_calibrated(self.noise, logits, part, starts, tol, max_iter)
             informative = self._scores_inform(part, result.objective, tol, max_iter)
         self._discard_step()
         self._running = None
@@ -434,7 +484,9 @@ class OnlineEM:
         return 2 * (objective - baseline.objective) > CHI2_1_95
 
     def m_step(self, reduce: Reduce | None = None, *, alpha: float | None = None) -> None:
-        """Update the annotator parameters from this step's statistics, then reset them.
+        """Update the annotator parameters from this step's statistics, then reset them;
+        then, with ``noise_test`` and no evidence of noise yet, look for it when a look
+        is due (:meth:`look_for_noise`).
 
         ``reduce`` sums a tensor over processes (identity when ``None``). ``alpha``
         overrides the EMA rate (1: the plain M-step).
@@ -450,6 +502,46 @@ class OnlineEM:
                 self._gradient_step(reduce)
         finally:
             self._discard_step()
+        if not self.noise_evident:
+            local = [float(self._visited), float(self._disagreed)]
+            visited, disagreed = reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+            self._visited, self._disagreed = 0, False
+            self._items_seen += int(visited)
+            due = [n for n in self._looks if n <= self._items_seen]
+            if due or disagreed:
+                self._looks = [n for n in self._looks if n > self._items_seen]
+                self.look_for_noise(reduce)
+
+    def look_for_noise(self, reduce: Reduce | None = None) -> NoiseTest | None:
+        """One look of the noise test on the items visited so far: the noise model and a
+        Platt scale fitted by EM to their first-visit logits (on a copy, from the
+        starts of :meth:`fit_out_of_sample`) against perfect labels
+        (:func:`~repo.inference.noise_test.likelihood_ratio_test`), at the level
+        ``noise_test`` over the looks of a pass. Sets :attr:`noise_evident` when it
+        rejects; keeps the outcome in :attr:`noise_test_result`. ``None`` when nothing
+        has been visited."""
+        first = self.first_visit_logits(reduce)
+        if first is None or self.labels is None:
+            raise ValueError("the noise test needs OnlineEM(num_items=..., labels=...)")
+        units = (~torch.isnan(first[self.labels.unit])).nonzero().reshape(-1)
+        if units.numel() == 0:
+            return None
+        part = self.labels.subset(units)
+        noise = copy.deepcopy(self.noise)
+        logits = torch.nan_to_num(first, nan=0.0)
+        # in units of their root mean square, so that the scale's bounds do not bind
+        # (a loss of summed log-probs scores +-100 from the first step: held at
+        # a >= MIN_SCALE, perfect labels could not call such scores uninformative)
+        rms = float(logits[self.labels.unit[units]].pow(2).mean().sqrt())
+        logits = logits / rms if rms > 0 else logits
+        level = self.noise_test / len(look_points(int(first.numel())))
+        with single_thread():
+            starts = _distinct_states(_copy_state(noise), self.initial_state)
+            _, scorer = fit_calibrated(noise, logits, part, starts)
+            result = likelihood_ratio_test(noise, scorer, part, level=level)
+        self.noise_test_result = result
+        self.noise_evident = result.rejected
+        return result
 
     def _discard_step(self) -> None:
         """Forget the statistics accumulated since the last M-step."""
@@ -547,6 +639,9 @@ class OnlineEM:
             state["first_visit.logits"] = self.first_visit.clone()
         if self.out_of_sample_scale is not None:
             state["first_visit.scale"] = torch.tensor(self.out_of_sample_scale, dtype=torch.float64)
+        if self.noise_test > 0:
+            state["noise_test.evident"] = torch.tensor(self.noise_evident)
+            state["noise_test.items_seen"] = torch.tensor(self._items_seen)
         for k, v in (self._running or {}).items():
             state[f"running.{k}"] = v.clone()
         if self.optimizer is not None:
@@ -565,6 +660,10 @@ class OnlineEM:
             self.first_visit = state["first_visit.logits"].to(torch.float64).clone()
         if "first_visit.scale" in state:
             self.out_of_sample_scale = float(state["first_visit.scale"])
+        if "noise_test.evident" in state:
+            self.noise_evident = bool(state["noise_test.evident"])
+            self._items_seen = int(state["noise_test.items_seen"])
+            self._looks = [n for n in self._looks if n > self._items_seen]
         running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
         self._running = running or None
         if self.optimizer is not None:
@@ -576,6 +675,29 @@ class OnlineEM:
                     per_param.setdefault(int(index), {})[name] = value
             adam["state"] = per_param
             self.optimizer.load_state_dict(adam)
+
+
+def fit_calibrated(
+    noise: NoiseModel,
+    logits: Tensor,
+    data: LabelData,
+    starts: list[dict[str, Tensor]],
+    tol: float = 1e-6,
+    max_iter: int = 500,
+) -> tuple[EMResult, CalibratedLogits]:
+    """EM of ``noise`` and a Platt scale on fixed ``logits`` (:class:`CalibratedLogits`)
+    from every parameter state of ``starts`` at every scale of :data:`REFIT_SCALES`;
+    ``noise`` is left at the fit of the highest objective, returned with its scorer."""
+    best: tuple[EMResult, CalibratedLogits, dict[str, Tensor]] | None = None
+    for start, scale in itertools.product(starts, REFIT_SCALES):
+        noise.load_state_dict(start)
+        scorer = CalibratedLogits(logits, scale)
+        result = fit_em(noise, scorer, data, tol=tol, max_iter=max_iter)
+        if best is None or result.objective > best[0].objective:
+            best = (result, scorer, _copy_state(noise))
+    result, scorer, fitted = best
+    noise.load_state_dict(fitted)
+    return result, scorer
 
 
 def _clamp_scale(scale: float) -> float:

@@ -224,6 +224,13 @@ class REPOArguments:
             "one annotator and DPO's sigmoid loss)"
         },
     )
+    em_noise_test: float = field(
+        default=0.05,
+        metadata={
+            "help": "level of the test of 'no label is wrong' on first-visit scores that "
+            "switches the posterior on (until then w = 1: the plain loss); 0: no test"
+        },
+    )
     noise_lr: float = field(
         default=0.05, metadata={"help": "Adam step of gradient M-steps (boltzmann)"}
     )
@@ -246,6 +253,7 @@ class REPOArguments:
             ("em_calibrate", self.em_calibrate in AUTO_BOOL, "'auto', 'true' or 'false'"),
             ("em_out_of_sample", self.em_out_of_sample in AUTO_BOOL, "'auto', 'true' or 'false'"),
             ("em_warmup_steps", self.em_warmup_steps >= 0, ">= 0"),
+            ("em_noise_test", 0 <= self.em_noise_test < 1, "in [0, 1) (0: no test)"),
             ("noise_lr", self.noise_lr > 0, "> 0"),
             ("policy_step", self.policy_step in ("mixture", "nll"), "'mixture' or 'nll'"),
         ]
@@ -275,6 +283,7 @@ class REPOArguments:
                 warmup_steps=self.em_warmup_steps,
                 calibrate=AUTO_BOOL[self.em_calibrate],
                 out_of_sample=AUTO_BOOL[self.em_out_of_sample],
+                noise_test=self.em_noise_test,
                 noise_lr=self.noise_lr,
             ),
         )
@@ -497,9 +506,7 @@ class _AnnotatorMStep(TrainerCallback):
         first-visit logits (:meth:`~repo.inference.online.OnlineEM.fit_out_of_sample`)."""
         online_em = self.trainer.online_em
         if online_em.out_of_sample and not online_em.in_warmup(state.global_step):
-            labels = self.trainer.repo_data.labels  # keyed by unit, as the E-step's batches
-            by_unit = replace(labels, unit=torch.arange(labels.num_units))
-            online_em.fit_out_of_sample(by_unit, self.trainer.reduce_sum)
+            online_em.fit_out_of_sample(online_em.labels, self.trainer.reduce_sum)
 
 
 class _REPOTrainerMixin:
@@ -546,14 +553,15 @@ class _REPOTrainerMixin:
         """The noise model and the online EM for the training set's annotators."""
         config = self._repo_args.repo_config()
         self.noise = build_noise(config, self.repo_data)
+        labels = self.repo_data.labels
         self.online_em = build_online_em(
             config,
             self.noise,
             self.likelihood,
             self.repo_data.label_counts(),
-            num_items=self.repo_data.labels.num_units,  # the E-step's batches key units
+            num_items=labels.num_units,
+            labels=replace(labels, unit=torch.arange(labels.num_units)),  # keyed as the E-step's
         )
-        labels = self.repo_data.labels
         self._posterior_w = torch.full(labels.label.shape, float("nan"), dtype=torch.float64)
         self._posterior_step = torch.full((labels.num_units,), -1, dtype=torch.long)
         self.add_callback(_AnnotatorMStep(self))
@@ -683,6 +691,7 @@ class _REPOTrainerMixin:
                 logs.update(parameter_summary(self.noise.annotator_parameters()))
             logs.update({k: float(v) for k, v in self.noise.population_parameters().items()})
             logs["e_step_scale"] = float(self.online_em.scale)
+            logs["noise/evident"] = float(self.online_em.noise_evident)
         super().log(logs, start_time)
 
     # -- state ------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from repo.fit import NoiseFit, parse_prior
 from repo.inference.online import OnlineEM
 from repo.likelihoods import PreferenceLikelihood, get_likelihood
 from repo.noise import NoiseModel, make_noise_model
+from repo.noise.layout import LabelData
 from repo.policy import (
     LastLayersError,
     ModelRecipe,
@@ -462,11 +463,13 @@ def build_run(
 
 class EStepSettings(NamedTuple):
     """How the online EM reads the policy: the E-step's temperature, whether it learns
-    its logit scale, and whether the annotator parameters learn from first visits only."""
+    its logit scale, whether the annotator parameters learn from first visits only, and
+    the level of the noise test that switches the posterior on (0: none)."""
 
     temperature: float
     calibrate: bool
     out_of_sample: bool
+    noise_test: float = 0.0
 
 
 def estep_settings(
@@ -480,8 +483,8 @@ def estep_settings(
     alone do not identify its reliability: only the policy's scores of labels it has
     not trained on do, docs/math.md section 9) and the family's
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_out_of_sample` says so.
-    A noise model without a latent truth has no E-step to tune: its defaults are 1,
-    false and false."""
+    ``[em] noise_test`` is taken as given. A noise model without a latent truth has no
+    E-step to tune: its defaults are 1, false and false, and no noise test."""
     em = config.em
     if not noise.has_truth:
         return EStepSettings(em.temperature or 1.0, em.calibrate is True, em.out_of_sample is True)
@@ -491,7 +494,7 @@ def estep_settings(
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
     else:
         out_of_sample = bool(em.out_of_sample)
-    return EStepSettings(temperature, calibrate, out_of_sample)
+    return EStepSettings(temperature, calibrate, out_of_sample, em.noise_test)
 
 
 def build_online_em(
@@ -500,13 +503,17 @@ def build_online_em(
     likelihood: PreferenceLikelihood,
     label_counts: torch.Tensor | None = None,
     num_items: int | None = None,
+    labels: LabelData | None = None,
 ) -> OnlineEM:
     """The online EM of ``[em]`` around ``noise`` for the loss family ``likelihood``
     (:func:`estep_settings`; ``label_counts``: labels per annotator in the whole data,
     which scale a prior's weight; ``num_items``: items in the data, needed for
-    out-of-sample annotator statistics)."""
+    out-of-sample annotator statistics; ``labels``: the whole data's labels, keyed as
+    the E-step's, needed for the noise test: without them, as when a run's fit is
+    read back, there is none)."""
     em = config.em
     settings = estep_settings(config, likelihood, noise)
+    test = settings.noise_test if em.enabled and labels is not None else 0.0
     return OnlineEM(
         noise,
         alpha=em.alpha,
@@ -517,6 +524,8 @@ def build_online_em(
         calibrate=settings.calibrate,
         out_of_sample=settings.out_of_sample and em.enabled,
         num_items=num_items,
+        noise_test=test,
+        labels=labels,
     )
 
 

@@ -346,6 +346,14 @@ class EMSection:
             "annotator and a likelihood-style loss (DPO)"
         ),
     )
+    noise_test: float = field(
+        default=0.05,
+        metadata=_doc(
+            "level of the likelihood-ratio test of 'no label is wrong' on the first-visit "
+            "scores: until it rejects, w = 1 (RE-X trains as X) while eta is learned "
+            "(docs/math.md, section 10); 0: the posterior from the first step (the paper's)"
+        ),
+    )
     epoch_m_step: bool = field(
         default=False,
         metadata=_doc(
@@ -553,6 +561,7 @@ class TrainConfig:
             ("em", "alpha", 0 < self.em.alpha <= 1, "in (0, 1]"),
             ("em", "temperature", self.em.temperature >= 0, ">= 0 (0: the family's default)"),
             ("em", "warmup_steps", self.em.warmup_steps >= 0, ">= 0"),
+            ("em", "noise_test", 0 <= self.em.noise_test < 1, "in [0, 1) (0: no test)"),
             ("em", "noise_lr", self.em.noise_lr > 0, "> 0"),
             ("noise", "eta_init", 0 < self.noise.eta_init < 1, "in (0, 1)"),
             ("optim", "learning_rate", self.optim.learning_rate > 0, "> 0"),

@@ -39,6 +39,7 @@ from repo.fit import NoiseFit, attach_posterior, summarise
 from repo.inference.bayes import infer
 from repo.inference.em import EM
 from repo.inference.enumeration import EnumPosterior
+from repo.inference.noise_test import NoiseTest
 from repo.inference.profile import eta_profile
 from repo.likelihoods import PreferenceLikelihood
 from repo.noise import LabelData, NoiseModel, SymmetricFlip
@@ -134,9 +135,12 @@ def reliability(
     data: TrainingData,
     e_step_scale: float = 1.0,
     first_visit: Tensor | None = None,
+    noise_test: NoiseTest | None = None,
 ) -> dict[str, Any]:
     """Per annotator: label count and the noise model's parameters; the population's;
     the E-step's logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``);
+    the noise test's last look (``noise_test``: whether the posterior reached the
+    policy; :mod:`~repo.inference.noise_test`), when there was one;
     with one annotator, :func:`one_annotator_profile` at ``first_visit`` and the
     ``warnings`` of :func:`~repo.diagnostics.checks.identification_warnings` on it."""
     counts = data.label_counts()
@@ -154,6 +158,8 @@ def reliability(
         "population": {k: float(v) for k, v in noise.population_parameters().items()},
         "e_step_scale": float(e_step_scale),
     }
+    if noise_test is not None:
+        report["noise_test"] = noise_test.to_dict()
     profile = one_annotator_profile(noise, data.labels, first_visit)
     if profile is not None:
         report["eta_profile"] = profile

@@ -137,6 +137,7 @@ class Trainer:
             self.likelihood,
             self.data.label_counts(),
             num_items=len(self.data.pairs),
+            labels=self.data.labels,
         )
         self.schedule = build_schedule(config, self.data.num_units, acc.num_processes)
         per_epoch = self.schedule.steps_per_epoch
@@ -270,6 +271,8 @@ class Trainer:
         if use_em:
             self.em.m_step(self.reduce)
         metrics = sums.means(self.reduce)
+        if use_em:
+            metrics["noise/evident"] = float(self.em.noise_evident)
         metrics["grad_norm"] = float(grad_norm)
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         metrics.update(parameter_summary(self.noise.annotator_parameters()))
@@ -524,7 +527,13 @@ class Trainer:
             run, n = self.run_dir, self.config.noise
             run.save_final_policy(self.policy, state_dict=whole)
             run.write_noise_state(self.em.state_dict())
-            report = reliability(self.noise, self.data, self.em.scale, first_visit=first_visit)
+            report = reliability(
+                self.noise,
+                self.data,
+                self.em.scale,
+                first_visit=first_visit,
+                noise_test=self.em.noise_test_result,
+            )
             run.write_reliability(report)
             self.warnings = [FitWarning.from_dict(w) for w in report.get("warnings", [])]
             if posterior is not None:
