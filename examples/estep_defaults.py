@@ -101,14 +101,16 @@ def default_for(family: str, noise: str) -> str:
 
 def method(family: str, setting: str, epochs: int = 1) -> Method:
     """X (``setting = "plain"``) or RE-X under an E-step setting (the noise sweep's beta)
-    in a run of ``epochs`` passes."""
+    in a run of ``epochs`` passes. The E-step reaches the policy from the first step
+    (``[em] noise_test = 0``): these settings are what the noise test, on by default
+    now, switches on (the noise sweep measures the defaults with it)."""
     loss = {"beta": sweep.BETA[family]}
     name = sweep.PLAIN_NAMES[family]
     if setting == "plain":
         return Method(name, family, False, loss)
     if setting == "nll":
         loss["variant"] = "nll"
-    em = dict(SETTINGS[setting.removesuffix(OOS).removesuffix(WARMUP)])
+    em = dict(SETTINGS[setting.removesuffix(OOS).removesuffix(WARMUP)], noise_test=0.0)
     if setting.endswith(OOS):
         em["out_of_sample"] = True
     if setting.endswith(WARMUP):

@@ -200,6 +200,7 @@ def run_grid(
                     reference_cache_dir=reference_cache_dir,
                 )
                 eta_hat = [result.eta[f"a{k}"] for k in range(len(data.eta))] if result.eta else []
+                test = result.noise_test
                 row = {
                     "noise": noise,
                     "flip_rate": rho,
@@ -211,6 +212,10 @@ def run_grid(
                     "temperature": result.estep.temperature if result.estep else None,
                     "calibrate": result.estep.calibrate if result.estep else None,
                     "out_of_sample": result.estep.out_of_sample if result.estep else None,
+                    "noise_test": result.estep.noise_test if result.estep else None,
+                    "noise_evident": test.rejected if test else None,
+                    "noise_test_items": test.items if test else None,
+                    "noise_test_p": round(test.p_value, 6) if test else None,
                     "accuracy": result.accuracy,
                     "log_loss": round(result.log_loss, 5),
                     "ece": round(result.ece, 5),
@@ -440,12 +445,14 @@ def targets_table(regimes: dict[str, pd.DataFrame]) -> str:
         "95% t half-width); learned eta's mean absolute error against the realised share "
         "of correct labels (mean ± 95% t half-width over seeds); the E-step the defaults "
         "resolved to (T: temperature; learned: the logits' scale learned; oos: annotator "
-        f"statistics from first visits). Targets: `not below` = the interval of RE-X - X "
+        "statistics from first visits; test: the noise test's level) and in how many runs "
+        "the noise test switched the posterior on (`on`). Targets: `not below` = the "
+        "interval of RE-X - X "
         f"is not below zero, `above` = it is above zero, `eta` = MAE at most {ETA_TARGET} "
         "(one annotator).",
         "",
-        "| regime | setting | family | seeds | E-step | RE-X - X | eta MAE | targets met |",
-        "|---|---|---|---|---|---|---|---|",
+        "| regime | setting | family | seeds | E-step | on | RE-X - X | eta MAE | targets met |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for regime, frame in regimes.items():
         gains = paired_gains(frame)
@@ -471,7 +478,8 @@ def targets_table(regimes: dict[str, pd.DataFrame]) -> str:
                         met.append("eta" if e.mean_abs_error <= ETA_TARGET else "**not eta**")
                 lines.append(
                     f"| {regime} | {col} | {PLAIN_NAMES[family]} | {int(g.seeds)} | "
-                    f"{estep_label(frame, name, col)} | {_cell(g['mean'], g.half_width, True)} | "
+                    f"{estep_label(frame, name, col)} | {switched_on(frame, name, col)} | "
+                    f"{_cell(g['mean'], g.half_width, True)} | "
                     f"{eta_cell} | {', '.join(met)} |"
                 )
     return "\n".join(lines) + "\n"
@@ -482,12 +490,26 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     oos`` (several, joined by ``/``, if runs differ)."""
     rows = frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
     labels = []
-    for t, calibrate, oos in zip(rows.temperature, rows.calibrate, rows.out_of_sample, strict=True):
+    tests = rows.noise_test if "noise_test" in rows else [math.nan] * len(rows)
+    for t, calibrate, oos, level in zip(
+        rows.temperature, rows.calibrate, rows.out_of_sample, tests, strict=True
+    ):
         if pd.isna(t):
             continue
         parts = [f"T={float(t):g}"] + (["learned"] if calibrate else []) + (["oos"] if oos else [])
+        if not pd.isna(level) and level > 0:
+            parts.append(f"test {float(level):g}")
         labels.append(" ".join(parts))
     return "/".join(dict.fromkeys(labels))
+
+
+def switched_on(frame: pd.DataFrame, method: str, setting: str) -> str:
+    """In how many of ``method``'s runs in ``setting`` the noise test switched the
+    posterior on (``k/n``; empty for runs without the test)."""
+    rows = frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
+    if "noise_evident" not in rows or rows.noise_evident.isna().all():
+        return ""
+    return f"{int(rows.noise_evident.astype(bool).sum())}/{len(rows)}"
 
 
 def _setting_of(row: pd.Series) -> str:

@@ -49,16 +49,23 @@ import noise_sweep as sweep  # noqa: E402
 MARKERS = 4
 
 
+POSTERIOR = {"noise_test": 0.0}
+"""The E-step reaches the policy from the first step: this experiment compares two
+estimators of eta, each with the policy it trains (not the noise test before them)."""
+
+
 def methods(family: str = "dpo") -> tuple[Method, ...]:
     """X; RE-X with the paper's online update of eta (``[em] out_of_sample = false``, the
     default before ``"auto"``); RE-X with out-of-sample statistics (the default now for
     one annotator). The noise sweep's beta per family; the E-step's other settings are
-    the family's defaults."""
+    the family's defaults, without the noise test (:data:`POSTERIOR`)."""
     name, loss = sweep.PLAIN_NAMES[family], {"beta": sweep.BETA[family]}
     return (
         Method(name, family, False, loss),
-        Method(f"RE-{name}{ONLINE}", family, True, loss, em={"out_of_sample": False}),
-        Method(f"RE-{name}{OUT_OF_SAMPLE}", family, True, loss, em={"out_of_sample": True}),
+        Method(f"RE-{name}{ONLINE}", family, True, loss, em={**POSTERIOR, "out_of_sample": False}),
+        Method(
+            f"RE-{name}{OUT_OF_SAMPLE}", family, True, loss, em={**POSTERIOR, "out_of_sample": True}
+        ),
     )
 
 

@@ -94,9 +94,9 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1))
         wanted = example.SETTINGS[setting]
         one = family == "dpo"  # one annotator: out of sample for likelihood-style losses
-        assert chosen == (wanted["temperature"], wanted["calibrate"], one), family
+        assert chosen == (wanted["temperature"], wanted["calibrate"], one, 0.05), family
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
-        assert pool == (wanted["temperature"], wanted["calibrate"], False), family
+        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05), family
         assert example.default_for(family, "single") == setting + (example.OOS if one else "")
         assert example.default_for(family, "pool") == setting
     shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)
@@ -108,7 +108,7 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         assert all("| 10 |" in row for row in rows), rows  # ten seeds each
     # the warm-up setting: EM held back for a quarter of the steps, in every noise setting
     warm = example.method("cpo", "T=50 learned warm-up", epochs=4)
-    assert warm.em == {**example.SETTINGS["T=50 learned"], "warmup_steps": 32}
+    assert warm.em == {**example.SETTINGS["T=50 learned"], "warmup_steps": 32, "noise_test": 0.0}
     assert example.method("ipo", "learned warm-up", epochs=1).em["warmup_steps"] == 8
     assert "learned warm-up" in example.settings_for("simpo", "pool", 0.4, 1)
     assert "fixed warm-up" not in example.settings_for("dpo", "single", 0.0, 4)

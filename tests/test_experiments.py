@@ -71,11 +71,14 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     re_dpo = frame.set_index("method").loc["RE-DPO"]
     assert (re_dpo.temperature, re_dpo.calibrate, re_dpo.out_of_sample) == (1.0, False, True)
     assert frame.set_index("method").out_of_sample.isna()["DPO"]
-    assert sweep.estep_label(frame, "RE-DPO", "clean") == "T=1 oos"
+    assert sweep.estep_label(frame, "RE-DPO", "clean") == "T=1 oos test 0.05"
+    # clean labels: the noise test kept the posterior off, so RE-DPO trained as DPO
+    assert re_dpo.noise_test == 0.05 and not re_dpo.noise_evident
+    assert acc["RE-DPO"] == acc["DPO"]
+    assert sweep.switched_on(frame, "RE-DPO", "clean") == "0/1"
     targets = sweep.targets_table({"3 epochs": frame})
     row = next(line for line in targets.splitlines() if "| clean | DPO |" in line)
-    expected = "not below" if acc["RE-DPO"] >= acc["DPO"] else "**below**"
-    assert f"| T=1 oos | {acc['RE-DPO'] - acc['DPO']:+.3f} |" in row and expected in row, row
+    assert "| T=1 oos test 0.05 | 0/1 | +0.000 |" in row and "not below" in row, row
     tables = sweep.markdown_tables(frame)
     assert "| DPO | " in tables and "| Hölder-DPO | " in tables
     assert "| RE-DPO | clean | 1.000 |" in tables
