@@ -120,6 +120,7 @@ def test_the_e_step_waits_for_evidence_of_noise():
     other = OnlineEM(SymmetricFlip(1), num_items=2048, noise_test=0.05, labels=data)
     other.load_state_dict(online.state_dict())
     assert other.noise_evident
+    assert other.noise_test_result == online.noise_test_result
 
 
 def test_labels_that_disagree_switch_the_posterior_on_at_once():

@@ -37,7 +37,7 @@ item who disagree prove noise).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 import torch
 from scipy.stats import chi2
@@ -80,6 +80,16 @@ class NoiseTest:
     def to_dict(self) -> dict[str, float | int | bool]:
         """The fields by name (for JSON)."""
         return asdict(self)
+
+    def to_tensor(self) -> Tensor:
+        """The fields in order as one float64 tensor (for a checkpoint's state)."""
+        return torch.tensor([float(v) for v in astuple(self)], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: Tensor) -> NoiseTest:
+        """The inverse of :meth:`to_tensor`."""
+        statistic, df, p_value, level, items, rejected = values.tolist()
+        return cls(statistic, int(df), p_value, level, int(items), bool(rejected))
 
 
 def chi_bar_squared_sf(x: float, df: int) -> float:

@@ -642,6 +642,8 @@ class OnlineEM:
         if self.noise_test > 0:
             state["noise_test.evident"] = torch.tensor(self.noise_evident)
             state["noise_test.items_seen"] = torch.tensor(self._items_seen)
+        if self.noise_test_result is not None:
+            state["noise_test.result"] = self.noise_test_result.to_tensor()
         for k, v in (self._running or {}).items():
             state[f"running.{k}"] = v.clone()
         if self.optimizer is not None:
@@ -664,6 +666,8 @@ class OnlineEM:
             self.noise_evident = bool(state["noise_test.evident"])
             self._items_seen = int(state["noise_test.items_seen"])
             self._looks = [n for n in self._looks if n > self._items_seen]
+        if "noise_test.result" in state:
+            self.noise_test_result = NoiseTest.from_tensor(state["noise_test.result"])
         running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
         self._running = running or None
         if self.optimizer is not None:
