@@ -87,6 +87,22 @@ def test_looks_double_from_the_first_and_end_with_every_item():
     assert look_points(512) == [64, 128, 256, 512]
     assert look_points(40) == [40]
     assert FIRST_LOOK == 64
+    # later passes: one look at the end of each
+    assert look_points(512, passes=3) == [64, 128, 256, 512, 1024, 1536]
+
+
+def test_a_later_pass_looks_at_its_own_scores():
+    # first pass: a policy at chance (zero logits) shows nothing; second pass: scores
+    # that know the truth show the flipped labels, at the end of that pass
+    c, data = _labels(2048, 0.7, seed=3)
+    online = OnlineEM(SymmetricFlip(1), num_items=2048, noise_test=0.05, labels=data, passes=2)
+    assert not any(_run(online, torch.zeros_like(c), data, batch=256))
+    assert online.noise_test_result.statistic == 0.0
+    assert torch.isnan(online.pass_logits).all()  # the pass ended: its scores are gone
+    opened = _run(online, c, data, batch=256)
+    assert opened == [False] * 7 + [True]
+    assert online.noise_test_result.level == pytest.approx(0.05 / 7)  # 6 + 1 looks
+    assert online.noise_test_result.items == 2048
 
 
 def _run(online: OnlineEM, c: torch.Tensor, data: LabelData, batch: int = 32) -> list[bool]:

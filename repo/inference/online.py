@@ -69,14 +69,17 @@ policy step reads the policy's logits as the other options say.
 labels show noise, the E-step hands the policy step :math:`w = 1` and the labels as
 its targets: RE-X trains exactly as X. The annotator parameters and the scale learn
 as usual meanwhile. The evidence is the likelihood-ratio test of "no label is wrong"
-against the noise model (:mod:`~repo.inference.noise_test`), on the first-visit
-logits of the items visited so far, with the model and a Platt scale fitted as in
-``fit_out_of_sample`` (on a copy: the online parameters are not touched). The test
-looks when the items visited reach 64, 128, 256, ... and all of them, each look at
-level :math:`\alpha / L` for the :math:`L` looks a pass makes (Bonferroni: on clean
-data the E-step switches on with probability at most :math:`\alpha`), and at once
-when the labels of one unit disagree (which rejects); once it rejects, the E-step is
-the posterior from then on.
+against the noise model (:mod:`~repo.inference.noise_test`), on the logits of the
+items visited so far in the current pass over the data, with the model and a Platt
+scale fitted as in ``fit_out_of_sample`` (on a copy: the online parameters are not
+touched). In the first pass these are the first-visit logits, and the test looks when
+the items visited reach 64, 128, 256, ... and all of them; in each later pass it looks
+once, at its end, on the logits of that pass (scores of labels the policy has trained
+on in earlier passes: they favour "no noise", so these looks are conservative). Each of
+the :math:`L` looks of the run is taken at level :math:`\alpha / L` (Bonferroni: on
+clean data the E-step switches on with probability at most :math:`\alpha`), and the
+test rejects at once when the labels of one unit disagree. Once it rejects, the
+E-step is the posterior from then on.
 """
 
 from __future__ import annotations
@@ -160,14 +163,15 @@ FIRST_LOOK = 64
 """Items visited at the noise test's first look (``noise_test``; the looks double)."""
 
 
-def look_points(num_items: int) -> list[int]:
-    """The visited-item counts at which the noise test looks: :data:`FIRST_LOOK`,
-    twice that, ... below ``num_items``, and ``num_items``."""
+def look_points(pass_size: int, passes: int = 1) -> list[int]:
+    """The visit counts (units visited, over passes) at which the noise test looks: in
+    the first pass :data:`FIRST_LOOK`, twice that, ... below ``pass_size``, and
+    ``pass_size``; then the end of every later pass, ``p * pass_size``."""
     points, n = [], FIRST_LOOK
-    while n < num_items:
+    while n < pass_size:
         points.append(n)
         n *= 2
-    return [*points, num_items]
+    return [*points, *(p * pass_size for p in range(1, passes + 1))]
 
 
 def _copy_state(noise: NoiseModel) -> dict[str, Tensor]:
@@ -225,6 +229,9 @@ class OnlineEM:
     :param noise_test: the level of the test of label noise that switches the
         posterior on (module docstring); 0: the posterior from the first step (the
         paper's). Needs ``num_items`` and ``labels``.
+    :param passes: passes over the items the run makes (the noise test's looks).
+    :param pass_size: units visited in one pass (``num_items`` unless the schedule
+        leaves some out of each pass).
     :param labels: the whole data's labels, keyed as the E-step's (for the noise test).
     """
 
@@ -242,6 +249,8 @@ class OnlineEM:
         num_items: int | None = None,
         noise_test: float = 0.0,
         labels: LabelData | None = None,
+        passes: int = 1,
+        pass_size: int | None = None,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
@@ -293,10 +302,20 @@ class OnlineEM:
         # whether the E-step is the posterior (else w = 1 until the noise test rejects)
         self.noise_evident = self.noise_test == 0
         self.noise_test_result: NoiseTest | None = None  # the last look's outcome
-        self._looks = look_points(num_items) if self.noise_test > 0 else []
-        self._visited = 0  # first visits on this process since the last look's count
+        size = pass_size or num_items
+        self._looks = look_points(size, max(passes, 1)) if self.noise_test > 0 else []
+        self._level = self.noise_test / max(len(self._looks), 1)  # per look (Bonferroni)
+        # each item's logit in the current pass (NaN: not visited in it yet)
+        self.pass_logits: Tensor | None = (
+            torch.full((num_items,), float("nan"), dtype=torch.float64)
+            if self.noise_test > 0
+            else None
+        )
+        self._visits = 0  # units visited on this process since the last M-step
         self._disagreed = False  # labels of one unit disagreed on this process this step
-        self._items_seen = 0  # first visits on all processes at the last M-step
+        self._visits_seen = 0  # units visited on all processes, over passes
+        self.pass_size = int(pass_size or num_items or 0)
+        self._pass_end = self.pass_size  # visits at the end of the current pass
 
     def _has_closed_form(self) -> bool:
         probe = LabelData.from_labels(
@@ -346,6 +365,8 @@ class OnlineEM:
         self._units += data.num_units if new is None else int(new.sum())
         if not self.noise_evident:  # no evidence of noise yet: the labels as given
             self._disagreed |= bool(disagreeing_units(data).any())
+            self.pass_logits[data.unit] = logits
+            self._visits += data.num_units
             w = data.mask.to(w.dtype)
             return EStep(_target_from_w(w, data), w, posterior.log_likelihood, exact=False)
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
@@ -357,7 +378,6 @@ class OnlineEM:
             return None
         new = torch.isnan(self.first_visit[data.unit])
         self.first_visit[data.unit[new]] = logits[new]
-        self._visited += int(new.sum())
         return new if self.out_of_sample else None
 
     def _add_calibration(self, logits: Tensor, q: Tensor) -> None:
@@ -418,11 +438,7 @@ class OnlineEM:
         not visited; ``None`` when they are not kept (no ``num_items``)."""
         if self.first_visit is None:
             return None
-        reduce = reduce or (lambda t: t)
-        seen = ~torch.isnan(self.first_visit)
-        total = reduce(torch.where(seen, self.first_visit, 0.0))
-        count = reduce(seen.to(torch.float64))
-        return torch.where(count > 0, total / count.clamp_min(1.0), float("nan"))
+        return _combine(self.first_visit, reduce)
 
     def fit_out_of_sample(
         self,
@@ -503,42 +519,44 @@ class OnlineEM:
         finally:
             self._discard_step()
         if not self.noise_evident:
-            local = [float(self._visited), float(self._disagreed)]
-            visited, disagreed = reduce(torch.tensor(local, dtype=torch.float64)).tolist()
-            self._visited, self._disagreed = 0, False
-            self._items_seen += int(visited)
-            due = [n for n in self._looks if n <= self._items_seen]
+            local = [float(self._visits), float(self._disagreed)]
+            visits, disagreed = reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+            self._visits, self._disagreed = 0, False
+            self._visits_seen += int(visits)
+            due = [n for n in self._looks if n <= self._visits_seen]
             if due or disagreed:
-                self._looks = [n for n in self._looks if n > self._items_seen]
+                self._looks = [n for n in self._looks if n > self._visits_seen]
                 self.look_for_noise(reduce)
+            if self._visits_seen >= self._pass_end:  # a pass ended: the next one's logits
+                self._pass_end += self.pass_size
+                self.pass_logits.fill_(float("nan"))
 
     def look_for_noise(self, reduce: Reduce | None = None) -> NoiseTest | None:
-        """One look of the noise test on the items visited so far: the noise model and a
-        Platt scale fitted by EM to their first-visit logits (on a copy, from the
+        """One look of the noise test on the items visited so far in this pass: the
+        noise model and a Platt scale fitted by EM to their logits (on a copy, from the
         starts of :meth:`fit_out_of_sample`) against perfect labels
         (:func:`~repo.inference.noise_test.likelihood_ratio_test`), at the level
-        ``noise_test`` over the looks of a pass. Sets :attr:`noise_evident` when it
+        ``noise_test`` over the run's looks. Sets :attr:`noise_evident` when it
         rejects; keeps the outcome in :attr:`noise_test_result`. ``None`` when nothing
         has been visited."""
-        first = self.first_visit_logits(reduce)
-        if first is None or self.labels is None:
-            raise ValueError("the noise test needs OnlineEM(num_items=..., labels=...)")
-        units = (~torch.isnan(first[self.labels.unit])).nonzero().reshape(-1)
+        if self.pass_logits is None or self.labels is None:
+            raise ValueError("the noise test needs OnlineEM(noise_test=..., labels=...)")
+        current = _combine(self.pass_logits, reduce)
+        units = (~torch.isnan(current[self.labels.unit])).nonzero().reshape(-1)
         if units.numel() == 0:
             return None
         part = self.labels.subset(units)
         noise = copy.deepcopy(self.noise)
-        logits = torch.nan_to_num(first, nan=0.0)
+        logits = torch.nan_to_num(current, nan=0.0)
         # in units of their root mean square, so that the scale's bounds do not bind
         # (a loss of summed log-probs scores +-100 from the first step: held at
         # a >= MIN_SCALE, perfect labels could not call such scores uninformative)
         rms = float(logits[self.labels.unit[units]].pow(2).mean().sqrt())
         logits = logits / rms if rms > 0 else logits
-        level = self.noise_test / len(look_points(int(first.numel())))
         with single_thread():
             starts = _distinct_states(_copy_state(noise), self.initial_state)
             _, scorer = fit_calibrated(noise, logits, part, starts)
-            result = likelihood_ratio_test(noise, scorer, part, level=level)
+            result = likelihood_ratio_test(noise, scorer, part, level=self._level)
         self.noise_test_result = result
         self.noise_evident = result.rejected
         return result
@@ -641,7 +659,8 @@ class OnlineEM:
             state["first_visit.scale"] = torch.tensor(self.out_of_sample_scale, dtype=torch.float64)
         if self.noise_test > 0:
             state["noise_test.evident"] = torch.tensor(self.noise_evident)
-            state["noise_test.items_seen"] = torch.tensor(self._items_seen)
+            state["noise_test.visits_seen"] = torch.tensor(self._visits_seen)
+            state["noise_test.pass_logits"] = self.pass_logits.clone()
         if self.noise_test_result is not None:
             state["noise_test.result"] = self.noise_test_result.to_tensor()
         for k, v in (self._running or {}).items():
@@ -664,8 +683,11 @@ class OnlineEM:
             self.out_of_sample_scale = float(state["first_visit.scale"])
         if "noise_test.evident" in state:
             self.noise_evident = bool(state["noise_test.evident"])
-            self._items_seen = int(state["noise_test.items_seen"])
-            self._looks = [n for n in self._looks if n > self._items_seen]
+            self._visits_seen = int(state["noise_test.visits_seen"])
+            self._looks = [n for n in self._looks if n > self._visits_seen]
+            self._pass_end = (self._visits_seen // self.pass_size + 1) * self.pass_size
+            if self.pass_logits is not None:
+                self.pass_logits = state["noise_test.pass_logits"].to(torch.float64).clone()
         if "noise_test.result" in state:
             self.noise_test_result = NoiseTest.from_tensor(state["noise_test.result"])
         running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
@@ -679,6 +701,16 @@ class OnlineEM:
                     per_param.setdefault(int(index), {})[name] = value
             adam["state"] = per_param
             self.optimizer.load_state_dict(adam)
+
+
+def _combine(logits: Tensor, reduce: Reduce | None) -> Tensor:
+    """Per-item logits kept on each process (NaN: not visited there) combined over
+    processes: the mean of the processes that visited an item, NaN where none did."""
+    reduce = reduce or (lambda t: t)
+    seen = ~torch.isnan(logits)
+    total = reduce(torch.where(seen, logits, 0.0))
+    count = reduce(seen.to(torch.float64))
+    return torch.where(count > 0, total / count.clamp_min(1.0), float("nan"))
 
 
 def fit_calibrated(

@@ -227,7 +227,7 @@ class REPOArguments:
     em_noise_test: float = field(
         default=0.05,
         metadata={
-            "help": "level of the test of 'no label is wrong' on first-visit scores that "
+            "help": "level of the test of 'no label is wrong' on each pass's scores that "
             "switches the posterior on (until then w = 1: the plain loss); 0: no test"
         },
     )
@@ -561,10 +561,25 @@ class _REPOTrainerMixin:
             self.repo_data.label_counts(),
             num_items=labels.num_units,
             labels=replace(labels, unit=torch.arange(labels.num_units)),  # keyed as the E-step's
+            passes=self._passes(labels.num_units),
         )
         self._posterior_w = torch.full(labels.label.shape, float("nan"), dtype=torch.float64)
         self._posterior_step = torch.full((labels.num_units,), -1, dtype=torch.long)
         self.add_callback(_AnnotatorMStep(self))
+
+    def _passes(self, num_units: int) -> int:
+        """Passes over the training units the run makes (TRL's ``num_train_epochs``, or
+        ``max_steps`` optimizer steps of ``per_device_train_batch_size`` times the
+        accumulation times the processes units)."""
+        args = self.args
+        if args.max_steps and args.max_steps > 0:
+            per_step = (
+                args.per_device_train_batch_size
+                * args.gradient_accumulation_steps
+                * max(args.world_size, 1)
+            )
+            return max(math.ceil(args.max_steps * per_step / num_units), 1)
+        return max(math.ceil(args.num_train_epochs), 1)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -504,13 +504,16 @@ def build_online_em(
     label_counts: torch.Tensor | None = None,
     num_items: int | None = None,
     labels: LabelData | None = None,
+    passes: int = 1,
+    pass_size: int | None = None,
 ) -> OnlineEM:
     """The online EM of ``[em]`` around ``noise`` for the loss family ``likelihood``
     (:func:`estep_settings`; ``label_counts``: labels per annotator in the whole data,
     which scale a prior's weight; ``num_items``: items in the data, needed for
     out-of-sample annotator statistics; ``labels``: the whole data's labels, keyed as
     the E-step's, needed for the noise test: without them, as when a run's fit is
-    read back, there is none)."""
+    read back, there is none; ``passes`` and ``pass_size``: the run's passes over the
+    data and the units each visits, which place the noise test's looks)."""
     em = config.em
     settings = estep_settings(config, likelihood, noise)
     test = settings.noise_test if em.enabled and labels is not None else 0.0
@@ -526,6 +529,8 @@ def build_online_em(
         num_items=num_items,
         noise_test=test,
         labels=labels,
+        passes=passes,
+        pass_size=pass_size,
     )
 
 

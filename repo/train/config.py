@@ -349,8 +349,9 @@ class EMSection:
     noise_test: float = field(
         default=0.05,
         metadata=_doc(
-            "level of the likelihood-ratio test of 'no label is wrong' on the first-visit "
-            "scores: until it rejects, w = 1 (RE-X trains as X) while eta is learned "
+            "level of the likelihood-ratio test of 'no label is wrong' on the scores of each "
+            "pass (first visits in the first): until it rejects, w = 1 (RE-X trains as X) "
+            "while eta is learned "
             "(docs/math.md, section 10); 0: the posterior from the first step (the paper's)"
         ),
     )

@@ -131,6 +131,9 @@ class Trainer:
         self.likelihood, self.variant = parts.likelihood, parts.variant
         self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
         self.eval_data = parts.eval_data
+        self.schedule = build_schedule(config, self.data.num_units, acc.num_processes)
+        per_epoch = self.schedule.steps_per_epoch
+        self.total_steps = config.optim.max_steps or config.optim.epochs * per_epoch
         self.em = build_online_em(
             config,
             self.noise,
@@ -138,10 +141,9 @@ class Trainer:
             self.data.label_counts(),
             num_items=len(self.data.pairs),
             labels=self.data.labels,
+            passes=math.ceil(self.total_steps / per_epoch),
+            pass_size=per_epoch * self.schedule.global_batch,
         )
-        self.schedule = build_schedule(config, self.data.num_units, acc.num_processes)
-        per_epoch = self.schedule.steps_per_epoch
-        self.total_steps = config.optim.max_steps or config.optim.epochs * per_epoch
         with acc.main_process_first():  # one process computes the reference cache
             show = self.is_main and config.run.progress
             self.reference = build_reference(config, parts, progress=show)
