@@ -681,13 +681,12 @@ class OnlineEM:
             self.first_visit = state["first_visit.logits"].to(torch.float64).clone()
         if "first_visit.scale" in state:
             self.out_of_sample_scale = float(state["first_visit.scale"])
-        if "noise_test.evident" in state:
+        if "noise_test.evident" in state and self.noise_test > 0:
             self.noise_evident = bool(state["noise_test.evident"])
             self._visits_seen = int(state["noise_test.visits_seen"])
             self._looks = [n for n in self._looks if n > self._visits_seen]
             self._pass_end = (self._visits_seen // self.pass_size + 1) * self.pass_size
-            if self.pass_logits is not None:
-                self.pass_logits = state["noise_test.pass_logits"].to(torch.float64).clone()
+            self.pass_logits = state["noise_test.pass_logits"].to(torch.float64).clone()
         if "noise_test.result" in state:
             self.noise_test_result = NoiseTest.from_tensor(state["noise_test.result"])
         running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
