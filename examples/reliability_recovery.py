@@ -119,6 +119,7 @@ def recover(
                 "method": method.name,
                 "epochs": int(grid.optim.get("epochs", EPOCHS)),
                 "out_of_sample": result.estep.out_of_sample,
+                "noise_evident": result.noise_test.rejected if result.noise_test else None,
                 "setting": setting,
                 "flip_rate": rho,
                 "seed": seed,
