@@ -87,7 +87,7 @@ class RunResult:
         ``[em]`` as given, defaults filled in (:func:`repo.train.build.estep_settings`).
     :param noise_test: the noise test's last look (RE-PO runs with ``[em] noise_test``;
         ``None`` otherwise): its ``rejected`` says whether the posterior was switched on,
-        its ``items`` after how many first visits.
+        its ``items`` how many units that look read.
     """
 
     accuracy: float
