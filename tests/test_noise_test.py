@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from scipy.optimize import minimize_scalar
-from scipy.stats import chi2
+from scipy.stats import binom, chi2
 
 from repo.data.simulate import simulate_labels
 from repo.inference.noise_test import (
@@ -47,6 +47,14 @@ def test_chi_bar_squared_mixes_chi_squares_with_binomial_weights():
     expected = 0.5 * chi2.sf(x, 1) + 0.25 * chi2.sf(x, 2)
     assert chi_bar_squared_sf(x, 2) == pytest.approx(expected)
     assert chi_bar_squared_sf(0.0, 3) == 1.0 and chi_bar_squared_sf(math.inf, 3) == 0.0
+
+
+def test_chi_bar_squared_weights_hold_for_thousands_of_annotators():
+    # 2^-2000 underflows a float and C(2000, 1000) overflows one: log-space weights
+    d, x = 2000, 1040.0
+    expected = sum(binom.pmf(k, d, 0.5) * chi2.sf(x, k) for k in range(1, d + 1))
+    assert 0.05 < expected < 0.95
+    assert chi_bar_squared_sf(x, d) == pytest.approx(expected, rel=1e-9)
 
 
 def test_perfect_labels_fit_is_a_logistic_regression_without_intercept():

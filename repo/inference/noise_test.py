@@ -40,7 +40,6 @@ import math
 from dataclasses import asdict, astuple, dataclass
 
 import torch
-from scipy.stats import chi2
 from torch import Tensor
 
 from repo.inference.enumeration import enumerate_posterior
@@ -94,12 +93,21 @@ class NoiseTest:
 
 def chi_bar_squared_sf(x: float, df: int) -> float:
     r""":math:`P(\Lambda > x)` for :math:`\Lambda` the equal-weight chi-bar-squared
-    mixture of :math:`d =` ``df`` boundary parameters (module docstring)."""
+    mixture of :math:`d =` ``df`` boundary parameters (module docstring).
+
+    :math:`P(\chi^2_k > x) = Q(k/2, x/2)`, the regularised upper incomplete gamma
+    function; the binomial weights are taken in log space, so thousands of annotators
+    neither overflow :math:`\binom{d}{k}` nor underflow :math:`2^{-d}`."""
     if x == math.inf:
         return 0.0
     if x <= 0:
         return 1.0
-    return sum(math.comb(df, k) * 0.5**df * float(chi2.sf(x, k)) for k in range(1, df + 1))
+    k = torch.arange(1, df + 1, dtype=torch.float64)
+    log_weight = (
+        math.lgamma(df + 1) - torch.lgamma(k + 1) - torch.lgamma(df - k + 1) - df * math.log(2)
+    )
+    tail = torch.special.gammaincc(k / 2, torch.full_like(k, x / 2))
+    return float((log_weight.exp() * tail).sum())
 
 
 def disagreeing_units(data: LabelData) -> Tensor:
