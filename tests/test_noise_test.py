@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -206,3 +207,63 @@ def test_the_test_is_a_config_field_and_reaches_the_trainer(tmp_path):
     bad = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"noise_test": 1.5})
     with pytest.raises(ConfigError, match="noise_test"):
         rule_config(str(tmp_path / "bad"), bad, seed=0)
+
+
+def test_a_checkpoint_keeps_the_items_every_process_visited():
+    # two processes, each visiting half the items: the saved state (the main
+    # process's copy) holds both halves' first-visit and pass logits, so a resumed
+    # run neither re-reads another process's items as first visits nor looks at half
+    c, data = _labels(256, 0.7, seed=5)
+    ranks = [
+        OnlineEM(SymmetricFlip(1), num_items=256, noise_test=0.05, labels=data) for _ in range(2)
+    ]
+    for rank, online in enumerate(ranks):
+        part = data.subset(torch.arange(rank * 128, rank * 128 + 40))
+        online.e_step(c[part.unit], part, step=0)
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def all_reduce(rank: int):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read before the next call overwrites a slot
+            return total
+
+        return reduce
+
+    states = [None, None]
+
+    def save(rank: int) -> None:
+        states[rank] = ranks[rank].state_dict(all_reduce(rank))
+
+    workers = [threading.Thread(target=save, args=(r,)) for r in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    visited = torch.cat([torch.arange(0, 40), torch.arange(128, 168)])
+    for state in states:
+        for key in ("first_visit.logits", "noise_test.pass_logits"):
+            seen = ~torch.isnan(state[key])
+            assert seen.nonzero().reshape(-1).tolist() == visited.tolist()
+            torch.testing.assert_close(state[key][visited], c[visited].double())
+    # one process alone: its own items
+    alone = ranks[0].state_dict()
+    assert int((~torch.isnan(alone["first_visit.logits"])).sum()) == 40
+
+
+def test_warm_up_steps_count_as_visits_of_the_pass():
+    # scores at chance never reject; the pass still ends after 2048 visits, warm-up
+    # steps (w at the prior eta, no posterior) included, and its last look reads all
+    c, data = _labels(2048, 0.7, seed=3)
+    online = OnlineEM(
+        SymmetricFlip(1), num_items=2048, noise_test=0.05, labels=data, warmup_steps=4
+    )
+    for step, start in enumerate(range(0, 2048, 256)):
+        part = data.subset(torch.arange(start, start + 256))
+        online.e_step(torch.zeros(256, dtype=torch.float64), part, step)
+        online.m_step()
+    assert not online.noise_evident
+    assert online.noise_test_result.items == 2048
+    assert torch.isnan(online.pass_logits).all()  # the pass ended with its last step

@@ -345,6 +345,10 @@ class OnlineEM:
         noise = self.noise
         with torch.no_grad(), single_thread():
             new = self._record_first_visit(logits, data)
+            if not self.noise_evident:  # the noise test's record (warm-up steps too)
+                self._disagreed |= bool(disagreeing_units(data).any())
+                self.pass_logits[data.unit] = logits
+                self._visits += data.num_units
             if self.in_warmup(step):
                 w = noise.implied_eta(logits, data).expand_as(data.label)
                 q = _target_from_w(w, data)
@@ -364,9 +368,6 @@ class OnlineEM:
             self._accumulate_gradient(learn[1], learn[0])
         self._units += data.num_units if new is None else int(new.sum())
         if not self.noise_evident:  # no evidence of noise yet: the labels as given
-            self._disagreed |= bool(disagreeing_units(data).any())
-            self.pass_logits[data.unit] = logits
-            self._visits += data.num_units
             w = data.mask.to(w.dtype)
             return EStep(_target_from_w(w, data), w, posterior.log_likelihood, exact=False)
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
@@ -648,19 +649,24 @@ class OnlineEM:
             self.optimizer.zero_grad(set_to_none=True)
 
     # -- state ----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
+    def state_dict(self, reduce: Reduce | None = None) -> dict[str, Tensor]:
         """The noise model's tensors, the E-step's logit scale (and the running
-        statistics, or the gradient M-step's Adam moments)."""
+        statistics, or the gradient M-step's Adam moments).
+
+        The per-item logits each process keeps (first visits, the noise test's pass)
+        are combined over processes by ``reduce`` (:func:`_combine`), so that a run
+        resumed from the main process's copy knows every item any process visited;
+        with several processes every one of them must call this (a collective)."""
         state = {f"noise.{k}": v.detach().clone() for k, v in self.noise.state_dict().items()}
         state["calibration.scale"] = torch.tensor(self.scale, dtype=torch.float64)
         if self.first_visit is not None:
-            state["first_visit.logits"] = self.first_visit.clone()
+            state["first_visit.logits"] = _combine(self.first_visit, reduce)
         if self.out_of_sample_scale is not None:
             state["first_visit.scale"] = torch.tensor(self.out_of_sample_scale, dtype=torch.float64)
         if self.noise_test > 0:
             state["noise_test.evident"] = torch.tensor(self.noise_evident)
             state["noise_test.visits_seen"] = torch.tensor(self._visits_seen)
-            state["noise_test.pass_logits"] = self.pass_logits.clone()
+            state["noise_test.pass_logits"] = _combine(self.pass_logits, reduce)
         if self.noise_test_result is not None:
             state["noise_test.result"] = self.noise_test_result.to_tensor()
         for k, v in (self._running or {}).items():

@@ -721,11 +721,12 @@ class _REPOTrainerMixin:
         """Write the RE-PO state into ``folder`` (every process calls this; the main
         process writes)."""
         w, step = self._gathered_posteriors()
+        em_state = self.online_em.state_dict(self.reduce_sum)  # a collective
         if not self.args.should_save:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"em.{k}": v.contiguous() for k, v in self.online_em.state_dict().items()}
+        tensors = {f"em.{k}": v.contiguous() for k, v in em_state.items()}
         tensors["posterior.w"] = w.contiguous()
         tensors["posterior.step"] = step.contiguous()
         save_file(tensors, str(folder / STATE_TENSORS))

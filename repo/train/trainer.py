@@ -468,13 +468,14 @@ class Trainer:
         if self.sharded:
             weights = full_trainable_state(self.policy)
             optimizer = full_optimizer_state(self.policy, self.optimizer)
+        noise = self.em.state_dict(self.reduce)  # every process: items visited anywhere
         if self.is_main:
             path = self.run_dir.save_checkpoint(
                 self.step,
                 self.policy,
                 weights=weights,
                 optimizer=optimizer or self.optimizer.state_dict(),
-                noise=self.em.state_dict(),
+                noise=noise,
                 state={
                     "scheduler": jsonable(self.scheduler.state_dict()),
                     "config": self.config.to_dict(),
@@ -524,11 +525,12 @@ class Trainer:
         if self.config.run.posteriors and self.config.em.enabled:
             posterior = self.full_posterior()
         first_visit = self.em.first_visit_logits(self.reduce)
+        noise = self.em.state_dict(self.reduce)
         whole = full_model_state(self.policy) if self.sharded else None
         if self.is_main:
             run, n = self.run_dir, self.config.noise
             run.save_final_policy(self.policy, state_dict=whole)
-            run.write_noise_state(self.em.state_dict())
+            run.write_noise_state(noise)
             report = reliability(
                 self.noise,
                 self.data,
