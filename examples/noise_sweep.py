@@ -50,6 +50,7 @@ import math
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,36 @@ def methods(flip_rate: float) -> list[Method]:
             out.append(Method(PLAIN_NAMES[family], family, False, loss))
         out.append(Method("RE-" + PLAIN_NAMES[family], family, True, loss))
     return out
+
+
+def variant(text: str, flip_rate: float) -> Method:
+    """A method of :func:`methods` with fields of its sections set, named by ``text``:
+    ``"RE-CPO em.epoch_m_step=true"`` is RE-CPO with ``[em] epoch_m_step = true``.
+
+    ``text`` is a method's name, then ``section.field=value`` items separated by spaces,
+    ``section`` one of ``em``, ``loss``, ``noise`` and ``value`` read as TOML. Its runs
+    are paired with the plain loss of the first word (:func:`plain_name`).
+    """
+    base, *items = text.split()
+    by_name = {m.name: m for m in methods(flip_rate)}
+    if base not in by_name:
+        raise ValueError(f"unknown method {base!r}; known: {sorted(by_name)}")
+    method = by_name[base]
+    if not items:
+        return method
+    sections = {"em": dict(method.em), "loss": dict(method.loss), "noise": dict(method.noise)}
+    for item in items:
+        key, equals, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (equals and dot and name) or section not in sections:
+            raise ValueError(
+                f"{item!r} in {text!r}: expected section.field=value, section em, loss or noise"
+            )
+        try:
+            sections[section][name] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{item!r} in {text!r}: {value!r} is not a TOML value") from err
+    return dataclasses.replace(method, name=text, **sections)
 
 
 @dataclass
@@ -145,13 +176,14 @@ def run_order(grid: Grid) -> list[tuple[tuple[str, float], list[str]]]:
     but the :data:`SECOND_TIER` methods, then every setting with those (``grid.only``:
     these methods alone)."""
     order = []
+    variants = [name for name in grid.only if " " in name]
     for tier in (False, True):
         for noise, rho in grid.settings:
             names = [
                 m.name
                 for m in methods(rho)
                 if (m.name in SECOND_TIER) == tier and (not grid.only or m.name in grid.only)
-            ]
+            ] + ([] if tier else variants)
             if names:
                 order.append(((noise, rho), names))
     return order
@@ -177,7 +209,7 @@ def run_grid(
     epochs = int(grid.optim.get("epochs", 2))
     held_outs: dict[int, list[dict]] = {}
     for (noise, rho), names in order:
-        by_name = {m.name: m for m in methods(rho)}
+        by_name = {name: variant(name, rho) for name in names}
         for seed in grid.seeds:
             if seed not in held_outs:
                 held_outs[seed] = rule_pairs(
@@ -285,8 +317,9 @@ def summarise(frame: pd.DataFrame, measure: str = "accuracy") -> pd.DataFrame:
 
 
 def plain_name(method: str) -> str:
-    """The plain loss an RE-PO method is compared with: ``RE-DPO`` -> ``DPO``."""
-    return method.removeprefix("RE-")
+    """The plain loss an RE-PO method (or a :func:`variant` of one) is compared with:
+    ``RE-DPO`` -> ``DPO``, ``RE-CPO em.epoch_m_step=true`` -> ``CPO``."""
+    return method.split()[0].removeprefix("RE-")
 
 
 def paired_gains(frame: pd.DataFrame, measure: str = "accuracy") -> pd.DataFrame:
@@ -747,7 +780,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="run only these settings, e.g. single:0.2 pool:0.4 (default: all five)",
     )
     parser.add_argument(
-        "--methods", nargs="+", help="run only these methods, e.g. DPO RE-DPO 'RE-DPO oos'"
+        "--methods",
+        nargs="+",
+        help="run only these methods, e.g. DPO RE-DPO, or variants of them with fields set, "
+        "e.g. 'RE-CPO em.epoch_m_step=true' (section em, loss or noise; TOML values)",
     )
     parser.add_argument(
         "--append", action="store_true", help="keep the CSV's rows; skip the runs already in it"
@@ -790,9 +826,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.settings:
         grid = dataclasses.replace(grid, settings=tuple(args.settings))
     if args.methods:
-        known = {m.name for m in methods(0.0)}
-        if unknown := sorted(set(args.methods) - known):
-            parser.error(f"unknown methods {unknown}; known: {sorted(known)}")
+        for name in args.methods:
+            try:
+                variant(name, 0.0)
+            except ValueError as err:
+                parser.error(str(err))
         grid = dataclasses.replace(grid, only=tuple(args.methods))
     stem = stem_for(args.quick, args.epochs if args.epochs is not None else EPOCHS)
     csv_path = args.out / f"{stem}.csv"

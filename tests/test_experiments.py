@@ -93,6 +93,44 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     assert log_loss["DPO"] < math.log(2) and 0 <= frame.ece.min() <= frame.ece.max() < 0.5
 
 
+def test_noise_sweep_method_variants():
+    """``--methods 'RE-CPO em.epoch_m_step=true'``: a method with fields of its sections
+    set (TOML values), run after the grid's methods of a setting and paired with the
+    plain loss of its first word."""
+    sweep = load_example("noise_sweep")
+    name = 'RE-CPO em.epoch_m_step=true loss.variant="nll" em.temperature=20'
+    method = sweep.variant(name, 0.2)
+    assert (method.name, method.family, method.robust) == (name, "cpo", True)
+    assert method.em == {"epoch_m_step": True, "temperature": 20}
+    assert method.loss == {"beta": sweep.BETA["cpo"], "variant": "nll"}
+    assert sweep.variant("RE-CPO", 0.2) == next(m for m in sweep.methods(0.2) if m.name == "RE-CPO")
+    assert sweep.plain_name(name) == "CPO" and sweep.plain_name("RE-DPO") == "DPO"
+    with pytest.raises(ValueError, match="section.field=value"):
+        sweep.variant("RE-CPO epoch_m_step=true", 0.2)
+    with pytest.raises(ValueError, match="section.field=value"):
+        sweep.variant("RE-CPO optim.epochs=2", 0.2)
+    with pytest.raises(ValueError, match="not a TOML value"):
+        sweep.variant("RE-CPO loss.variant=nll", 0.2)  # a TOML string needs quotes
+    with pytest.raises(ValueError, match="unknown method 'RE-XPO'"):
+        sweep.variant("RE-XPO em.alpha=0.2", 0.2)
+    grid = sweep.Grid(settings=(("pool", 0.2),), only=("CPO", name))
+    assert sweep.run_order(grid) == [(("pool", 0.2), ["CPO", name])]
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "noise": "pool",
+            "flip_rate": 0.2,
+            "seed": [10, 11, 10, 11],
+            "method": ["CPO", "CPO", name, name],
+            "re_po": [False, False, True, True],
+            "accuracy": [0.75, 0.70, 0.77, 0.71],
+        }
+    )
+    gains = sweep.paired_gains(frame)
+    assert list(gains.family) == ["CPO"] and gains["mean"].iloc[0] == pytest.approx(0.015)
+
+
 def test_reliability_recovery_quick(tmp_path, capsys):
     """--quick: rho = 0.2 and 0.8, one annotator and two (the grid's seed-10 runs). At 0.2
     the rule is learned; at 0.8 one annotator's estimate mirrors (the model learns the
