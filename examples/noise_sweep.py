@@ -50,7 +50,6 @@ import math
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +58,7 @@ import pandas as pd
 import torch
 
 from repo.data.rule_pairs import rule_pairs
-from repo.experiments import Method, annotator_pool, t_interval, train_and_score
+from repo.experiments import Method, annotator_pool, t_interval, train_and_score, with_fields
 
 BETA = {"dpo": 0.3, "ipo": 0.1, "simpo": 2.0, "cpo": 1.0}
 """beta per family (DPO's also for cDPO, rDPO and Hölder-DPO); see the docs page for how chosen."""
@@ -98,32 +97,14 @@ def methods(flip_rate: float) -> list[Method]:
 
 def variant(text: str, flip_rate: float) -> Method:
     """A method of :func:`methods` with fields of its sections set, named by ``text``:
-    ``"RE-CPO em.epoch_m_step=true"`` is RE-CPO with ``[em] epoch_m_step = true``.
-
-    ``text`` is a method's name, then ``section.field=value`` items separated by spaces,
-    ``section`` one of ``em``, ``loss``, ``noise`` and ``value`` read as TOML. Its runs
-    are paired with the plain loss of the first word (:func:`plain_name`).
-    """
+    ``"RE-CPO em.epoch_m_step=true"`` is RE-CPO with ``[em] epoch_m_step = true``
+    (:func:`repo.experiments.with_fields`). Its runs are paired with the plain loss of
+    the first word (:func:`plain_name`)."""
     base, *items = text.split()
     by_name = {m.name: m for m in methods(flip_rate)}
     if base not in by_name:
         raise ValueError(f"unknown method {base!r}; known: {sorted(by_name)}")
-    method = by_name[base]
-    if not items:
-        return method
-    sections = {"em": dict(method.em), "loss": dict(method.loss), "noise": dict(method.noise)}
-    for item in items:
-        key, equals, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not (equals and dot and name) or section not in sections:
-            raise ValueError(
-                f"{item!r} in {text!r}: expected section.field=value, section em, loss or noise"
-            )
-        try:
-            sections[section][name] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{item!r} in {text!r}: {value!r} is not a TOML value") from err
-    return dataclasses.replace(method, name=text, **sections)
+    return with_fields(by_name[base], items)
 
 
 @dataclass

@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 
 from repo.data.rule_pairs import rule_pairs
-from repo.experiments import Method, t_interval, train_and_score
+from repo.experiments import Method, t_interval, train_and_score, with_fields
 
 RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3})
 """The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1) with ``[em]`` at its
@@ -137,9 +137,19 @@ def recover(
     return rows
 
 
+def method_named(text: str) -> Method:
+    """A method of :data:`METHODS` by name, or a variant of one with fields of its
+    sections set: ``"RE-DPO em.epoch_m_step=true"``
+    (:func:`repo.experiments.with_fields`)."""
+    base, *items = text.split()
+    if base not in METHODS:
+        raise ValueError(f"unknown method {base!r}; known: {sorted(METHODS)}")
+    return with_fields(METHODS[base], items)
+
+
 def grid_methods(grid: Grid) -> list[Method]:
     """The grid's methods."""
-    return [METHODS[n] for n in grid.methods]
+    return [method_named(n) for n in grid.methods]
 
 
 def run_grid(
@@ -368,7 +378,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
     parser.add_argument("--flip-rates", type=float, nargs="+", help="override the flip rates")
     parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), help=f"default: {RE_DPO.name} alone"
+        "--methods",
+        nargs="+",
+        help=f"default: {RE_DPO.name} alone; known: {', '.join(METHODS)}, or one of them with "
+        "fields of its sections set, e.g. 'RE-DPO em.epoch_m_step=true' (TOML values)",
+    )
+    parser.add_argument(
+        "--settings", nargs="+", choices=("one", "two"), help="default: one and two annotators"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -380,7 +396,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.flip_rates:
         grid = dataclasses.replace(grid, flip_rates=tuple(args.flip_rates))
     if args.methods:
+        for name in args.methods:
+            try:
+                method_named(name)
+            except ValueError as err:
+                parser.error(str(err))
         grid = dataclasses.replace(grid, methods=tuple(args.methods))
+    if args.settings:
+        grid = dataclasses.replace(grid, settings=tuple(args.settings))
     stem = "reliability-recovery" + ("-quick" if args.quick else "")
     if args.epochs != EPOCHS:
         stem += f"-epochs{args.epochs}"

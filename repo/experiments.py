@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ __all__ = [
     "rule_config",
     "t_interval",
     "train_and_score",
+    "with_fields",
 ]
 
 POOL_SHAPE = (0.0, 0.5, 1.5, 2.0)
@@ -70,6 +72,33 @@ class Method:
     loss: dict[str, Any] = field(default_factory=dict)
     em: dict[str, Any] = field(default_factory=dict)
     noise: dict[str, Any] = field(default_factory=dict)
+
+
+def with_fields(method: Method, items: Sequence[str]) -> Method:
+    """``method`` with fields of its sections set, renamed after them.
+
+    Each item is ``section.field=value``: ``section`` one of ``em``, ``loss``,
+    ``noise``, ``value`` read as TOML (``em.epoch_m_step=true``,
+    ``loss.variant="nll"``). The name is ``method.name`` followed by the items, space
+    separated, so ``"RE-CPO em.epoch_m_step=true"`` names RE-CPO with
+    ``[em] epoch_m_step = true``. No items: ``method`` itself.
+    """
+    if not items:
+        return method
+    sections = {"em": dict(method.em), "loss": dict(method.loss), "noise": dict(method.noise)}
+    for item in items:
+        key, equals, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (equals and dot and name) or section not in sections:
+            raise ValueError(
+                f"{item!r} for {method.name}: expected section.field=value, section em, "
+                "loss or noise"
+            )
+        try:
+            sections[section][name] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{item!r} for {method.name}: {value!r} is not a TOML value") from err
+    return replace(method, name=" ".join([method.name, *items]), **sections)
 
 
 @dataclass

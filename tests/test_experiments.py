@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import repo
-from repo.experiments import annotator_pool, t_interval
+from repo.experiments import Method, annotator_pool, t_interval, with_fields
 
 ROOT = Path(repo.__file__).resolve().parents[1]
 
@@ -129,6 +129,24 @@ def test_noise_sweep_method_variants():
     )
     gains = sweep.paired_gains(frame)
     assert list(gains.family) == ["CPO"] and gains["mean"].iloc[0] == pytest.approx(0.015)
+
+
+def test_with_fields_and_recovery_variants():
+    """``with_fields`` sets fields of a method's sections from TOML values and names the
+    result after them; the recovery script's ``--methods`` reads the same syntax."""
+    base = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"alpha": 0.2})
+    assert with_fields(base, []) is base
+    out = with_fields(base, ["em.epoch_m_step=true", "noise.eta_init=0.8"])
+    assert out.name == "RE-DPO em.epoch_m_step=true noise.eta_init=0.8"
+    assert out.em == {"alpha": 0.2, "epoch_m_step": True} and out.noise == {"eta_init": 0.8}
+    assert base.em == {"alpha": 0.2} and base.noise == {}  # the original is left as it was
+    recovery = load_example("reliability_recovery")
+    method = recovery.method_named("RE-DPO em.epoch_m_step=true")
+    assert method.em == {**recovery.RE_DPO.em, "epoch_m_step": True}
+    with pytest.raises(ValueError, match="unknown method 'RE-IPO'"):
+        recovery.method_named("RE-IPO em.epoch_m_step=true")
+    with pytest.raises(SystemExit):
+        recovery.main(["--methods", "RE-DPO em.epoch_m_step", "--quick"])
 
 
 def test_reliability_recovery_quick(tmp_path, capsys):
