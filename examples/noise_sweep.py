@@ -58,7 +58,13 @@ import pandas as pd
 import torch
 
 from repo.data.rule_pairs import rule_pairs
-from repo.experiments import Method, annotator_pool, t_interval, train_and_score, with_fields
+from repo.experiments import (
+    Method,
+    annotator_pool,
+    method_from_text,
+    t_interval,
+    train_and_score,
+)
 
 BETA = {"dpo": 0.3, "ipo": 0.1, "simpo": 2.0, "cpo": 1.0}
 """beta per family (DPO's also for cDPO, rDPO and Hölder-DPO); see the docs page for how chosen."""
@@ -98,13 +104,9 @@ def methods(flip_rate: float) -> list[Method]:
 def variant(text: str, flip_rate: float) -> Method:
     """A method of :func:`methods` with fields of its sections set, named by ``text``:
     ``"RE-CPO em.epoch_m_step=true"`` is RE-CPO with ``[em] epoch_m_step = true``
-    (:func:`repo.experiments.with_fields`). Its runs are paired with the plain loss of
+    (:func:`repo.experiments.method_from_text`). Its runs are paired with the plain loss of
     the first word (:func:`plain_name`)."""
-    base, *items = text.split()
-    by_name = {m.name: m for m in methods(flip_rate)}
-    if base not in by_name:
-        raise ValueError(f"unknown method {base!r}; known: {sorted(by_name)}")
-    return with_fields(by_name[base], items)
+    return method_from_text(text, {m.name: m for m in methods(flip_rate)})
 
 
 @dataclass
@@ -190,7 +192,8 @@ def run_grid(
     epochs = int(grid.optim.get("epochs", 2))
     held_outs: dict[int, list[dict]] = {}
     for (noise, rho), names in order:
-        by_name = {name: variant(name, rho) for name in names}
+        known = {m.name: m for m in methods(rho)}
+        by_name = {name: method_from_text(name, known) for name in names}
         for seed in grid.seeds:
             if seed not in held_outs:
                 held_outs[seed] = rule_pairs(

@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 
 from repo.data.rule_pairs import rule_pairs
-from repo.experiments import Method, t_interval, train_and_score, with_fields
+from repo.experiments import Method, method_from_text, t_interval, train_and_score
 
 RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3})
 """The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1) with ``[em]`` at its
@@ -140,11 +140,8 @@ def recover(
 def method_named(text: str) -> Method:
     """A method of :data:`METHODS` by name, or a variant of one with fields of its
     sections set: ``"RE-DPO em.epoch_m_step=true"``
-    (:func:`repo.experiments.with_fields`)."""
-    base, *items = text.split()
-    if base not in METHODS:
-        raise ValueError(f"unknown method {base!r}; known: {sorted(METHODS)}")
-    return with_fields(METHODS[base], items)
+    (:func:`repo.experiments.method_from_text`)."""
+    return method_from_text(text, METHODS)
 
 
 def grid_methods(grid: Grid) -> list[Method]:

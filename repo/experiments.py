@@ -22,7 +22,7 @@ import math
 import tempfile
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "annotator_pool",
     "rule_config",
     "t_interval",
+    "method_from_text",
     "train_and_score",
     "with_fields",
 ]
@@ -99,6 +100,16 @@ def with_fields(method: Method, items: Sequence[str]) -> Method:
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{item!r} for {method.name}: {value!r} is not a TOML value") from err
     return replace(method, name=" ".join([method.name, *items]), **sections)
+
+
+def method_from_text(text: str, known: Mapping[str, Method]) -> Method:
+    """The method ``text`` names: a name of ``known``, then optional
+    ``section.field=value`` items (:func:`with_fields`), space separated, as an
+    experiment script's ``--methods`` takes them (``"RE-CPO em.epoch_m_step=true"``)."""
+    base, *items = text.split()
+    if base not in known:
+        raise ValueError(f"unknown method {base!r}; known: {sorted(known)}")
+    return with_fields(known[base], items)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import repo
@@ -115,8 +116,6 @@ def test_noise_sweep_method_variants():
         sweep.variant("RE-XPO em.alpha=0.2", 0.2)
     grid = sweep.Grid(settings=(("pool", 0.2),), only=("CPO", name))
     assert sweep.run_order(grid) == [(("pool", 0.2), ["CPO", name])]
-    import pandas as pd
-
     frame = pd.DataFrame(
         {
             "noise": "pool",
@@ -158,7 +157,7 @@ def test_reliability_recovery_quick(tmp_path, capsys):
     result = recovery.main(["--quick", "--out", str(tmp_path)])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(result))
-    frame = __import__("pandas").read_csv(tmp_path / "reliability-recovery-quick.csv")
+    frame = pd.read_csv(tmp_path / "reliability-recovery-quick.csv")
     assert len(frame) == 2 * 1 + 2 * 2  # (one + two annotators) per flip rate
     assert (tmp_path / "reliability-recovery-quick.png").stat().st_size > 10_000
     assert (tmp_path / "reliability-recovery-quick-table.md").read_text().count("\n| ") == 3
