@@ -195,6 +195,46 @@ def test_out_of_sample_statistics_are_the_default_for_one_annotator(
     assert not build_online_em(disabled, model, likelihood, num_items=10).out_of_sample
 
 
+@pytest.mark.parametrize(
+    ("family", "annotators", "noise", "em", "expected"),
+    [
+        ("dpo", 3, "symmetric", {}, True),  # several annotators: refit on each pass's scores
+        ("cpo", 2, "two-coin", {}, True),
+        ("dpo", 1, "symmetric", {}, False),  # one: first visits' refit (out_of_sample) instead
+        ("ipo", 1, "symmetric", {}, False),  # one, in-sample scores: eta not identified
+        ("dpo", 3, "symmetric", {"out_of_sample": True}, False),  # the first visits' refit
+        ("dpo", 1, "symmetric", {"epoch_m_step": True, "out_of_sample": False}, True),
+        ("dpo", 3, "symmetric", {"epoch_m_step": False}, False),
+        ("dpo", 3, "boltzmann", {}, False),  # no latent truth
+    ],
+)
+def test_the_refit_after_each_pass_is_the_default_with_several_annotators(
+    tmp_path, family, annotators, noise, em, expected
+):
+    from repo.likelihoods import get_likelihood
+    from repo.train.build import build_online_em, estep_settings
+
+    cfg = config(tmp_path, em={"enabled": True, **em}, noise={"model": noise})
+    model = build_noise_model(cfg, annotators)
+    likelihood = get_likelihood(family)
+    assert estep_settings(cfg, likelihood, model).epoch_m_step is expected
+    assert build_online_em(cfg, model, likelihood, num_items=10).pass_refit is expected
+    disabled = config(tmp_path, em={"enabled": False, **em}, noise={"model": noise})
+    assert not build_online_em(disabled, model, likelihood, num_items=10).pass_refit
+
+
+def test_epoch_m_step_takes_true_false_or_auto(tmp_path):
+    assert config(tmp_path).em.epoch_m_step == "auto"
+    with pytest.raises(ConfigError, match=r"\[em\] epoch_m_step must be one of 'auto'"):
+        config(tmp_path, em={"epoch_m_step": "yes"})
+    boltzmann = config(tmp_path, em={"epoch_m_step": True}, noise={"model": "boltzmann"})
+    from repo.likelihoods import get_likelihood
+    from repo.train.build import estep_settings
+
+    with pytest.raises(ConfigError, match=r"\[em\] epoch_m_step: the boltzmann noise model"):
+        estep_settings(boltzmann, get_likelihood("dpo"), build_noise_model(boltzmann, 2))
+
+
 def test_out_of_sample_takes_true_false_or_auto(tmp_path):
     assert config(tmp_path).em.out_of_sample == "auto"
     with pytest.raises(ConfigError, match=r"\[em\] out_of_sample must be one of 'auto'"):

@@ -165,7 +165,7 @@ def test_trainer_learns_the_scale_and_fits_it_jointly_after_each_epoch(tmp_path)
 
     torch.set_num_threads(1)
     rows = rule_pairs(64, [0.8], seed=2, markers=4).rows
-    # the epoch M-step at the policy's logits (one annotator would refit on first visits)
+    # the epoch M-step on the scores the pass read (one annotator would refit on first visits)
     em = {"calibrate": True, "out_of_sample": False}
     method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em=em)
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
@@ -173,13 +173,14 @@ def test_trainer_learns_the_scale_and_fits_it_jointly_after_each_epoch(tmp_path)
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
     trainer.train()
     scale = trainer.em.scale
-    assert scale != 1.0
+    assert scale != 1.0 and scale == trainer.em.scale_of_refit  # the E-step reads the refit's
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())
     assert report["e_step_scale"] == pytest.approx(scale)
-    # after the last epoch: the joint maximum of the marginal likelihood in (eta, a)
-    # at the final policy's logits
+    # after the last epoch: a maximum of the marginal likelihood in (eta, a) at the
+    # last pass's logits (EM from there stays)
     noise = SymmetricFlip(1)
-    scorer = CalibratedLogits(trainer.item_logits(), 1.0)
+    noise.load_state_dict(trainer.noise.state_dict())
+    scorer = CalibratedLogits(trainer.em.pass_logits, scale)
     fit_em(noise, scorer, trainer.data.labels, tol=1e-10)
     assert float(scorer.scale.detach()) == pytest.approx(scale, rel=1e-3)
     assert float(noise.eta[0]) == pytest.approx(float(trainer.noise.eta[0]), abs=1e-3)

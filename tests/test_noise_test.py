@@ -107,8 +107,14 @@ def test_a_later_pass_looks_at_its_own_scores():
     online = OnlineEM(SymmetricFlip(1), num_items=2048, noise_test=0.05, labels=data, passes=2)
     assert not any(_run(online, torch.zeros_like(c), data, batch=256))
     assert online.noise_test_result.statistic == 0.0
-    assert torch.isnan(online.pass_logits).all()  # the pass ended: its scores are gone
-    opened = _run(online, c, data, batch=256)
+    # the pass ended: its scores stay for the refit at its end, until the next E-step
+    assert not torch.isnan(online.pass_logits).any()
+    first = data.subset(torch.arange(256))
+    online.e_step(c[first.unit], first, 8)
+    assert torch.isnan(online.pass_logits).sum() == 2048 - 256  # the next pass's own scores
+    online.m_step()
+    rest = data.subset(torch.arange(256, 2048))
+    opened = [online.noise_evident, *_run(online, c, rest, batch=256)]
     assert opened == [False] * 7 + [True]
     assert online.noise_test_result.level == pytest.approx(0.05 / 7)  # 6 + 1 looks
     assert online.noise_test_result.items == 2048
@@ -266,4 +272,4 @@ def test_warm_up_steps_count_as_visits_of_the_pass():
         online.m_step()
     assert not online.noise_evident
     assert online.noise_test_result.items == 2048
-    assert torch.isnan(online.pass_logits).all()  # the pass ended with its last step
+    assert online._new_pass  # the pass ended with its last step

@@ -34,7 +34,7 @@ from repo.noise import LabelData, make_noise_model
 from repo.noise.base import beta_map
 from repo.policy import PromptTooLongError, load_model_and_tokenizer
 from repo.policy.tokenize import PairTokenizer
-from repo.scorers import FixedLogits
+from repo.scorers import CalibratedLogits
 from repo.train import (
     CheckpointError,
     ConfigError,
@@ -465,30 +465,52 @@ def test_shared_truth_runs_one_forward_per_item(tmp_path):
     assert json.loads((tmp_path / "run" / "data_report.json").read_text())["shown_order"]
 
 
-def test_epoch_m_step_sets_the_full_data_estimate(tmp_path):
+def test_epoch_m_step_refits_on_the_scores_the_pass_read(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "data.jsonl", rule_pairs(32, ETA_POOL[:3], seed=1).rows)
-    cfg = config(
-        tmp_path, em={"epoch_m_step": True}, optim={"epochs": 2, "max_steps": 0, "batch_size": 8}
-    )
+    cfg = config(tmp_path, optim={"epochs": 2, "max_steps": 0, "batch_size": 8})
     trainer = Trainer(cfg)
-    calls = []
-    original = trainer.epoch_m_step
-    trainer.epoch_m_step = lambda: (calls.append(trainer.step), original())
+    assert trainer.em.pass_refit  # 'auto': three annotators
+    calls, read = [], []
+    original = trainer.em.end_pass
+    monkeypatch.setattr(
+        trainer.em, "end_pass", lambda step, reduce: (calls.append(step), original(step, reduce))
+    )
+    e_step = trainer.em.e_step
+    monkeypatch.setattr(
+        trainer.em,
+        "e_step",
+        lambda logits, data, step: (
+            read.append((data.unit, logits.detach())),
+            e_step(logits, data, step),
+        )[1],
+    )
+    forwards = []
+    item_scores = trainer.item_scores
+    monkeypatch.setattr(trainer, "item_scores", lambda *a: (forwards.append(1), item_scores(*a))[1])
     trainer.train()
     assert calls == [4, 8]  # after each epoch
-    # full-data EM at the policy's logits: eta is a fixed point of one more E + M step
-    trainer.epoch_m_step()
-    unit_logits, posterior = trainer.full_posterior()
-    stats = trainer.noise.sufficient_statistics(
-        trainer.data.labels, posterior.marginals, unit_logits
-    )
+    assert len(forwards) == 1  # no scoring pass but the final posteriors'
+    # the second pass's logits, each item's as its E-step read it
+    c = torch.full((32,), float("nan"), dtype=torch.float64)
+    for unit, logits in read[len(read) // 2 :]:
+        c[unit] = logits.to(torch.float64)
+    torch.testing.assert_close(trainer.em.pass_logits, c)
+    # the refit is a fixed point of EM in (eta, a) at those logits: one more E-step
+    # and closed-form M-step leave eta where it is
+    a, labels = trainer.em.scale_of_refit, trainer.data.labels
+    unit_logits = a * c[labels.unit]
+    posterior = enumerate_posterior(trainer.noise.e_step_model(), unit_logits, labels)
+    stats = trainer.noise.sufficient_statistics(labels, posterior.marginals, unit_logits)
     torch.testing.assert_close(
         trainer.noise.eta.detach(), beta_map(stats["correct"], stats["n"], None), atol=1e-4, rtol=0
     )
-    # and the maximum of the marginal likelihood at those logits: the fit of fit-noise
+    # and of the marginal likelihood jointly with the scale
     fixed = make_noise_model("symmetric", len(trainer.data.annotator_ids))
-    fit_em(fixed, FixedLogits(trainer.item_logits()), trainer.data.labels, tol=1e-10)
-    torch.testing.assert_close(trainer.noise.eta.detach(), fixed.eta.detach(), atol=1e-4, rtol=0)
+    fixed.load_state_dict(trainer.noise.state_dict())
+    scorer = CalibratedLogits(c, a)
+    fit_em(fixed, scorer, trainer.data.labels, tol=1e-10)
+    torch.testing.assert_close(trainer.noise.eta.detach(), fixed.eta.detach(), atol=1e-3, rtol=0)
+    assert float(scorer.scale.detach()) == pytest.approx(a, rel=1e-3)
 
 
 def test_plain_dpo_leaves_the_annotators_alone(tmp_path):

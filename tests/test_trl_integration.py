@@ -448,8 +448,9 @@ def test_four_annotators_eta_moves_toward_the_truth(rt, tmp_path):
     assert (eta - truth).abs().mean() < 0.5 * start, eta
     assert min(eta[0], eta[1]) > eta[2] > eta[3] and eta[0] - eta[3] > 0.2, eta
     logged = [h for h in trainer.state.log_history if "eta/a3" in h]
-    assert len(logged) == 12 and logged[-1]["eta/a3"] == pytest.approx(float(eta[3]))
-    assert 0 < logged[-1]["w/mean"] < 1
+    assert len(logged) == 12 and 0 < logged[-1]["w/mean"] < 1
+    # four annotators: the epoch's refit ran at its end (em_epoch_m_step 'auto')
+    assert trainer.online_em.pass_refit and trainer.online_em.scale_of_refit is not None
 
 
 # GLAD has a parameter per item, and training builds its noise model before it knows

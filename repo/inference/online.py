@@ -65,6 +65,17 @@ learning are under-confident, and a scale held at 1 reads that as reliable label
 The scale found there calibrates only those scores; the E-step that weights the
 policy step reads the policy's logits as the other options say.
 
+**A refit at the end of each pass** (``pass_refit``). The online update moves the
+annotator parameters a fraction ``alpha`` of the way per step, so an annotator far from
+``eta_init`` (an adversary) is weighted wrongly for most of a pass. With ``pass_refit``
+every item's logit is kept as its E-step read it in the current pass, and
+:meth:`OnlineEM.end_pass` (called by the training loop after a pass's last step) fits
+the annotator parameters to them by full EM with a Platt scale learned jointly
+(:meth:`OnlineEM.fit_pass`; as ``fit_out_of_sample`` does for first visits, which
+take its place with ``out_of_sample``). No forward pass is added. A refit whose scores
+carry no information about the truths is not taken: the labels alone would leave the
+noise model's mirror solution as likely as the right one.
+
 **A test before reweighting** (``noise_test``, a level :math:`\alpha`). Until the
 labels show noise, the E-step hands the policy step :math:`w = 1` and the labels as
 its targets: RE-X trains exactly as X. The annotator parameters and the scale learn
@@ -233,6 +244,9 @@ class OnlineEM:
     :param pass_size: units visited in one pass (``num_items`` unless the schedule
         leaves some out of each pass).
     :param labels: the whole data's labels, keyed as the E-step's (for the noise test).
+    :param pass_refit: at the end of every pass (:meth:`end_pass`), refit the annotator
+        parameters by EM on the logits the E-steps of that pass read
+        (:meth:`fit_pass`). Needs ``num_items``.
     """
 
     def __init__(
@@ -251,6 +265,7 @@ class OnlineEM:
         labels: LabelData | None = None,
         passes: int = 1,
         pass_size: int | None = None,
+        pass_refit: bool = False,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
@@ -264,6 +279,8 @@ class OnlineEM:
             )
         if out_of_sample and (num_items is None or num_items < 1):
             raise ValueError(f"out_of_sample needs the number of items, got {num_items}")
+        if pass_refit and (num_items is None or num_items < 1):
+            raise ValueError(f"pass_refit needs the number of items, got {num_items}")
         if not 0 <= noise_test < 1:
             raise ValueError(f"noise_test must lie in [0, 1), got {noise_test}")
         if noise_test > 0 and (not num_items or labels is None or not noise.has_truth):
@@ -297,6 +314,7 @@ class OnlineEM:
             torch.full((num_items,), float("nan"), dtype=torch.float64) if num_items else None
         )
         self.out_of_sample_scale: float | None = None  # a of the last fit_out_of_sample
+        self.scale_of_refit: float | None = None  # a of the last refit
         self.noise_test = float(noise_test)
         self.labels = labels
         # whether the E-step is the posterior (else w = 1 until the noise test rejects)
@@ -305,12 +323,14 @@ class OnlineEM:
         size = pass_size or num_items
         self._looks = look_points(size, max(passes, 1)) if self.noise_test > 0 else []
         self._level = self.noise_test / max(len(self._looks), 1)  # per look (Bonferroni)
+        self.pass_refit = bool(pass_refit)
         # each item's logit in the current pass (NaN: not visited in it yet)
         self.pass_logits: Tensor | None = (
             torch.full((num_items,), float("nan"), dtype=torch.float64)
-            if self.noise_test > 0
+            if self.noise_test > 0 or self.pass_refit
             else None
         )
+        self._new_pass = False  # a pass has ended: the next E-step starts the next one's logits
         self._visits = 0  # units visited on this process since the last M-step
         self._disagreed = False  # labels of one unit disagreed on this process this step
         self._visits_seen = 0  # units visited on all processes, over passes
@@ -345,10 +365,8 @@ class OnlineEM:
         noise = self.noise
         with torch.no_grad(), single_thread():
             new = self._record_first_visit(logits, data)
-            if not self.noise_evident:  # the noise test's record (warm-up steps too)
-                self._disagreed |= bool(disagreeing_units(data).any())
-                self.pass_logits[data.unit] = logits
-                self._visits += data.num_units
+            if self._tracking_passes:  # the pass's record (warm-up steps too)
+                self._record_pass(logits, data)
             if self.in_warmup(step):
                 w = noise.implied_eta(logits, data).expand_as(data.label)
                 q = _target_from_w(w, data)
@@ -380,6 +398,22 @@ class OnlineEM:
         new = torch.isnan(self.first_visit[data.unit])
         self.first_visit[data.unit[new]] = logits[new]
         return new if self.out_of_sample else None
+
+    @property
+    def _tracking_passes(self) -> bool:
+        """Whether the logits and visits of the pass are kept: for the pass refit, and
+        for the noise test until it rejects."""
+        return self.pass_refit or (self.noise_test > 0 and not self.noise_evident)
+
+    def _record_pass(self, logits: Tensor, data: LabelData) -> None:
+        """Keep the units' logits as this pass's, and count the visits."""
+        if self._new_pass:
+            self.pass_logits.fill_(float("nan"))
+            self._new_pass = False
+        if not self.noise_evident:
+            self._disagreed |= bool(disagreeing_units(data).any())
+        self.pass_logits[data.unit] = logits
+        self._visits += data.num_units
 
     def _add_calibration(self, logits: Tensor, q: Tensor) -> None:
         p = torch.sigmoid(self.scale * logits)
@@ -449,32 +483,80 @@ class OnlineEM:
         tol: float = 1e-6,
         max_iter: int = 500,
     ) -> EMResult | None:
-        """Full-data EM of the annotator parameters on the first-visit logits.
+        """Full-data EM of the annotator parameters on the first-visit logits
+        (:meth:`first_visit_logits`, over processes by ``reduce``): :meth:`refit` on
+        them, the scale it learns kept in :attr:`out_of_sample_scale`.
+        """
+        first = self.first_visit_logits(reduce)
+        if first is None:
+            raise ValueError("fit_out_of_sample needs the first visits: OnlineEM(num_items=...)")
+        result = self.refit(first, data, tol=tol, max_iter=max_iter)
+        if result is not None:
+            self.out_of_sample_scale = self.scale_of_refit
+        return result
 
-        The kept logits (:meth:`first_visit_logits`, over processes by ``reduce``):
-        the units of visited items are fitted with
-        the noise model and a Platt scale learned jointly
-        (:class:`~repo.scorers.CalibratedLogits`, started at 1), and the scale kept in
-        :attr:`out_of_sample_scale` (and used by the E-step too when ``calibrate``).
+    def fit_pass(
+        self,
+        data: LabelData,
+        reduce: Reduce | None = None,
+        *,
+        tol: float = 1e-6,
+        max_iter: int = 500,
+    ) -> EMResult | None:
+        """Full-data EM of the annotator parameters on the logits the E-steps of the
+        current pass read, each item's at its visit (over processes by ``reduce``):
+        :meth:`refit` on them. No forward pass is added; in a later pass these are
+        scores of labels the policy has trained on (they lean to reliable labels)."""
+        if self.pass_logits is None:
+            raise ValueError("fit_pass needs the pass's logits: OnlineEM(pass_refit=True, ...)")
+        return self.refit(_combine(self.pass_logits, reduce), data, tol=tol, max_iter=max_iter)
+
+    def end_pass(self, step: int, reduce: Reduce | None = None) -> EMResult | None:
+        """The annotator M-step to convergence a training loop takes after the last
+        optimizer step of a pass (``step`` optimizer steps taken): :meth:`fit_out_of_sample`
+        with ``out_of_sample``, else :meth:`fit_pass` with ``pass_refit``; nothing
+        during the E-step warm-up. Every process must call it (it reduces)."""
+        if self.in_warmup(step):
+            return None
+        if self.out_of_sample:
+            return self.fit_out_of_sample(self.labels_for_refit, reduce)
+        if self.pass_refit:
+            return self.fit_pass(self.labels_for_refit, reduce)
+        return None
+
+    @property
+    def labels_for_refit(self) -> LabelData:
+        """The whole data's labels the refits read (``OnlineEM(labels=...)``)."""
+        if self.labels is None:
+            raise ValueError("a refit at the end of a pass needs OnlineEM(labels=...)")
+        return self.labels
+
+    def refit(
+        self, logits: Tensor, data: LabelData, *, tol: float = 1e-6, max_iter: int = 500
+    ) -> EMResult | None:
+        """Full-data EM of the annotator parameters on per-item ``logits`` (NaN: an item
+        not scored), the units of scored items fitted with the noise model and a Platt
+        scale learned jointly (:class:`~repo.scorers.CalibratedLogits`).
+
         EM runs from several starts, the parameters the online update reached and the
         model's own (:attr:`initial_state`, its ``eta_init``), each with the scale at
         every value of :data:`REFIT_SCALES`, and the fit with the highest likelihood is
         kept: along the ridge of the one-annotator likelihood (docs/math.md section 9)
         EM from a high reliability and a small scale stalls at "reliable labels, dull
         scorer" (LoRA runs of 8,192 pairs: eta 0.997 and 0.900 against maxima at 0.69
-        and 0.59).
-        ``None``, the parameters unchanged, when nothing has been visited yet or the
-        scores carry no information about the truths (:meth:`_scores_inform`).
+        and 0.59). The scale is kept in :attr:`scale_of_refit` (and used by the E-step
+        too when ``calibrate``).
+        ``None``, the parameters unchanged, when no item is scored or the scores carry
+        no information about the truths (:meth:`_scores_inform`): the labels alone
+        then pick among the noise model's mirror solutions (every reliability
+        reflected through 1/2) at random.
         """
-        first = self.first_visit_logits(reduce)
-        if first is None:
-            raise ValueError("fit_out_of_sample needs the first visits: OnlineEM(num_items=...)")
-        units = (~torch.isnan(first[data.unit])).nonzero().reshape(-1)
+        units = (~torch.isnan(logits[data.unit])).nonzero().reshape(-1)
         if units.numel() == 0:
             return None
         part = data.subset(units)
         before = _copy_state(self.noise)
-        logits = torch.nan_to_num(first, nan=0.0)
+        logits = torch.nan_to_num(logits.to(torch.float64), nan=0.0)
         with single_thread():
             starts = _distinct_states(before, self.initial_state)
             result, scorer = fit_calibrated(self.noise, logits, part, starts, tol, max_iter)
@@ -484,9 +566,9 @@ class OnlineEM:
         if not informative:
             self.noise.load_state_dict(before)
             return None
-        self.out_of_sample_scale = float(scorer.scale.detach())
+        self.scale_of_refit = float(scorer.scale.detach())
         if self.calibrate:
-            self.scale = self.out_of_sample_scale
+            self.scale = self.scale_of_refit
         return result
 
     def _scores_inform(self, data: LabelData, objective: float, tol: float, max_iter: int) -> bool:
@@ -519,18 +601,20 @@ class OnlineEM:
                 self._gradient_step(reduce)
         finally:
             self._discard_step()
-        if not self.noise_evident:
-            local = [float(self._visits), float(self._disagreed)]
-            visits, disagreed = reduce(torch.tensor(local, dtype=torch.float64)).tolist()
-            self._visits, self._disagreed = 0, False
-            self._visits_seen += int(visits)
+        if not self._tracking_passes:
+            return
+        local = [float(self._visits), float(self._disagreed)]
+        visits, disagreed = reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+        self._visits, self._disagreed = 0, False
+        self._visits_seen += int(visits)
+        if self.noise_test > 0 and not self.noise_evident:
             due = [n for n in self._looks if n <= self._visits_seen]
             if due or disagreed:
                 self._looks = [n for n in self._looks if n > self._visits_seen]
                 self.look_for_noise(reduce)
-            if self._visits_seen >= self._pass_end:  # a pass ended: the next one's logits
-                self._pass_end += self.pass_size
-                self.pass_logits.fill_(float("nan"))
+        if self._visits_seen >= self._pass_end:  # a pass ended: the next E-step starts anew
+            self._pass_end += self.pass_size
+            self._new_pass = True
 
     def look_for_noise(self, reduce: Reduce | None = None) -> NoiseTest | None:
         """One look of the noise test on the items visited so far in this pass: the
@@ -665,6 +749,7 @@ class OnlineEM:
             state["first_visit.scale"] = torch.tensor(self.out_of_sample_scale, dtype=torch.float64)
         if self.noise_test > 0:
             state["noise_test.evident"] = torch.tensor(self.noise_evident)
+        if self.pass_logits is not None:
             state["noise_test.visits_seen"] = torch.tensor(self._visits_seen)
             state["noise_test.pass_logits"] = _combine(self.pass_logits, reduce)
         if self.noise_test_result is not None:
@@ -689,9 +774,11 @@ class OnlineEM:
             self.out_of_sample_scale = float(state["first_visit.scale"])
         if "noise_test.evident" in state and self.noise_test > 0:
             self.noise_evident = bool(state["noise_test.evident"])
+        if "noise_test.visits_seen" in state and self.pass_logits is not None:
             self._visits_seen = int(state["noise_test.visits_seen"])
             self._looks = [n for n in self._looks if n > self._visits_seen]
             self._pass_end = (self._visits_seen // self.pass_size + 1) * self.pass_size
+            self._new_pass = self._visits_seen > 0 and self._visits_seen % self.pass_size == 0
             self.pass_logits = state["noise_test.pass_logits"].to(torch.float64).clone()
         if "noise_test.result" in state:
             self.noise_test_result = NoiseTest.from_tensor(state["noise_test.result"])

@@ -224,6 +224,13 @@ class REPOArguments:
             "one annotator and DPO's sigmoid loss)"
         },
     )
+    em_epoch_m_step: str = field(
+        default="auto",
+        metadata={
+            "help": "after every epoch, refit the annotator parameters by EM on the scores "
+            "the epoch's E-steps read: 'true', 'false' or 'auto' (with several annotators)"
+        },
+    )
     em_noise_test: float = field(
         default=0.05,
         metadata={
@@ -252,6 +259,7 @@ class REPOArguments:
             ("em_temperature", self.em_temperature >= 0, ">= 0 (0: the loss's default)"),
             ("em_calibrate", self.em_calibrate in AUTO_BOOL, "'auto', 'true' or 'false'"),
             ("em_out_of_sample", self.em_out_of_sample in AUTO_BOOL, "'auto', 'true' or 'false'"),
+            ("em_epoch_m_step", self.em_epoch_m_step in AUTO_BOOL, "'auto', 'true' or 'false'"),
             ("em_warmup_steps", self.em_warmup_steps >= 0, ">= 0"),
             ("em_noise_test", 0 <= self.em_noise_test < 1, "in [0, 1) (0: no test)"),
             ("noise_lr", self.noise_lr > 0, "> 0"),
@@ -283,6 +291,7 @@ class REPOArguments:
                 warmup_steps=self.em_warmup_steps,
                 calibrate=AUTO_BOOL[self.em_calibrate],
                 out_of_sample=AUTO_BOOL[self.em_out_of_sample],
+                epoch_m_step=AUTO_BOOL[self.em_epoch_m_step],
                 noise_test=self.em_noise_test,
                 noise_lr=self.noise_lr,
             ),
@@ -502,11 +511,10 @@ class _AnnotatorMStep(TrainerCallback):
         self.trainer.online_em.m_step(self.trainer.reduce_sum)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        """With out-of-sample statistics: refit the annotator parameters on the units'
-        first-visit logits (:meth:`~repo.inference.online.OnlineEM.fit_out_of_sample`)."""
-        online_em = self.trainer.online_em
-        if online_em.out_of_sample and not online_em.in_warmup(state.global_step):
-            online_em.fit_out_of_sample(online_em.labels, self.trainer.reduce_sum)
+        """The annotator refit of the pass (:meth:`~repo.inference.online.OnlineEM.end_pass`:
+        on the first-visit logits with out-of-sample statistics, on the pass's logits with
+        ``[em] epoch_m_step``)."""
+        self.trainer.online_em.end_pass(state.global_step, self.trainer.reduce_sum)
 
 
 class _REPOTrainerMixin:

@@ -463,13 +463,15 @@ def build_run(
 
 class EStepSettings(NamedTuple):
     """How the online EM reads the policy: the E-step's temperature, whether it learns
-    its logit scale, whether the annotator parameters learn from first visits only, and
-    the level of the noise test that switches the posterior on (0: none)."""
+    its logit scale, whether the annotator parameters learn from first visits only, the
+    level of the noise test that switches the posterior on (0: none), and whether the
+    annotator parameters are refitted on each pass's logits at its end."""
 
     temperature: float
     calibrate: bool
     out_of_sample: bool
     noise_test: float = 0.0
+    epoch_m_step: bool = False
 
 
 def estep_settings(
@@ -483,10 +485,19 @@ def estep_settings(
     alone do not identify its reliability: only the policy's scores of labels it has
     not trained on do, docs/math.md section 9) and the family's
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_out_of_sample` says so.
-    ``[em] noise_test`` is taken as given. A noise model without a latent truth has no
-    E-step to tune: its defaults are 1, false and false, and no noise test."""
+    ``[em] noise_test`` is taken as given. ``[em] epoch_m_step``'s default: the refit on
+    each pass's logits when ``noise`` has several annotators (whose disagreements the
+    refit reads with every label at once) and the annotator parameters do not learn
+    from first visits (whose own refit takes its place). A noise model without a latent
+    truth has no E-step to tune: its defaults are 1, false and false, no noise test and
+    no refit."""
     em = config.em
     if not noise.has_truth:
+        if em.epoch_m_step is True:
+            raise ConfigError(
+                f"[em] epoch_m_step: the {noise.name} noise model has no latent truth to "
+                "refit on the scores (leave it 'auto' or false)"
+            )
         return EStepSettings(em.temperature or 1.0, em.calibrate is True, em.out_of_sample is True)
     temperature = em.temperature or likelihood.default_temperature
     calibrate = likelihood.default_calibrate if em.calibrate == "auto" else bool(em.calibrate)
@@ -494,7 +505,11 @@ def estep_settings(
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
     else:
         out_of_sample = bool(em.out_of_sample)
-    return EStepSettings(temperature, calibrate, out_of_sample, em.noise_test)
+    if em.epoch_m_step == "auto":
+        epoch_m_step = noise.num_annotators > 1 and not out_of_sample
+    else:
+        epoch_m_step = bool(em.epoch_m_step)
+    return EStepSettings(temperature, calibrate, out_of_sample, em.noise_test, epoch_m_step)
 
 
 def build_online_em(
@@ -531,6 +546,7 @@ def build_online_em(
         labels=labels,
         passes=passes,
         pass_size=pass_size,
+        pass_refit=settings.epoch_m_step and em.enabled and bool(num_items),
     )
 
 

@@ -355,11 +355,13 @@ class EMSection:
             "(docs/math.md, section 10); 0: the posterior from the first step (the paper's)"
         ),
     )
-    epoch_m_step: bool = field(
-        default=False,
+    epoch_m_step: Literal["auto", True, False] = field(
+        default="auto",
         metadata=_doc(
-            "after every epoch: full-data EM of the annotator parameters (E- and M-steps to "
-            "convergence with the policy held at its current logits; no EMA)"
+            "after every epoch: EM of the annotator parameters to convergence (no EMA) on the "
+            "logits the epoch's E-steps read, with a Platt scale learned jointly (no extra "
+            "forward pass; docs/math.md, section 11); 'auto': with several annotators "
+            "(out_of_sample's refit on first visits takes its place)"
         ),
     )
     noise_lr: float = field(

@@ -355,22 +355,6 @@ class Trainer:
             )
         return unit_logits, posterior
 
-    def epoch_m_step(self) -> None:
-        """Full-data EM of the annotator parameters: on the items' first-visit logits
-        (out-of-sample annotator statistics, ``[em] out_of_sample``) or at the current
-        policy's logits.
-
-        E- and M-steps alternate to convergence with the policy held (every process
-        holds the same full data, so all reach the same parameters); nothing
-        happens during the E-step warm-up.
-        """
-        if self.em.in_warmup(self.step):
-            return
-        if self.em.out_of_sample:
-            self.em.fit_out_of_sample(self.data.labels, self.reduce)
-        else:
-            self.em.fit(self.item_logits(), self.data.labels)
-
     # -- the loop ---------------------------------------------------------------
     def train(self) -> dict[str, float]:
         """Run (or resume) training to the end; write the run directory. Final metrics."""
@@ -390,8 +374,8 @@ class Trainer:
                 self.last_metrics = metrics
                 em = self.config.em
                 end_of_epoch = self.step % per_epoch == 0 or self.step == self.total_steps
-                if em.enabled and (em.epoch_m_step or self.em.out_of_sample) and end_of_epoch:
-                    self.epoch_m_step()
+                if em.enabled and end_of_epoch:  # the annotator refit of the pass
+                    self.em.end_pass(self.step, self.reduce)
                 last = self.step == self.total_steps
                 if self.eval_data is not None and (
                     last or (eval_steps and self.step % eval_steps == 0)

@@ -1,0 +1,110 @@
+"""The annotator refit at the end of each pass (``OnlineEM(pass_refit=True)``,
+``[em] epoch_m_step``): EM to convergence on the logits the pass's E-steps read."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from repo.data.simulate import simulate_labels
+from repo.inference.online import OnlineEM, fit_calibrated
+from repo.noise import SymmetricFlip
+from repo.noise.layout import LabelData
+
+TRUE_ETA = (0.95, 0.75, 0.25)
+
+
+def _pool(num_items: int, seed: int) -> tuple[torch.Tensor, LabelData, torch.Tensor]:
+    """One label an item from three annotators of :data:`TRUE_ETA`; the scores a policy
+    would give, under-confident by a factor 4; the realised reliabilities."""
+    sim = simulate_labels(
+        num_items=num_items, num_annotators=3, shared_truth=False, eta_range=(0.5, 0.5), seed=seed
+    )
+    gen = torch.Generator().manual_seed(seed)
+    annotator = torch.as_tensor(sim.annotator)
+    truth = torch.as_tensor(sim.truth).to(torch.float64)
+    correct = torch.rand(num_items, generator=gen, dtype=torch.float64) < torch.tensor(TRUE_ETA)[
+        annotator
+    ].to(torch.float64)
+    label = torch.where(correct, truth, 1 - truth)
+    data = LabelData.from_labels(annotator, label, num_annotators=3)
+    scores = torch.as_tensor(sim.scores, dtype=torch.float64) / 4
+    realised = torch.stack([correct[annotator == k].to(torch.float64).mean() for k in range(3)])
+    return scores, data, realised
+
+
+def _one_pass(online: OnlineEM, scores: torch.Tensor, data: LabelData, batch: int = 64) -> int:
+    step = 0
+    for start in range(0, data.num_units, batch):
+        part = data.subset(torch.arange(start, min(start + batch, data.num_units)))
+        online.e_step(scores[part.unit], part, step)
+        online.m_step()
+        step += 1
+    return step
+
+
+def test_the_refit_is_em_on_the_pass_scores_and_finds_the_adversary():
+    scores, data, realised = _pool(3000, seed=0)
+    online = OnlineEM(SymmetricFlip(3), num_items=3000, labels=data, pass_refit=True)
+    plain = OnlineEM(SymmetricFlip(3), num_items=3000, labels=data)
+    steps = _one_pass(online, scores, data)
+    _one_pass(plain, scores, data)
+    before = copy.deepcopy(online.noise.state_dict())
+    torch.testing.assert_close(online.pass_logits, scores)  # the scores the E-steps read
+    result = online.end_pass(steps)
+    assert result is not None and result.converged
+    eta = online.noise.eta.detach().to(torch.float64)
+    # the maximum of the marginal likelihood in (eta, a) at those scores, from the
+    # same starts (the online estimate and eta_init, at every starting scale)
+    direct = SymmetricFlip(3)
+    starts = [before, SymmetricFlip(3).state_dict()]
+    _, scorer = fit_calibrated(direct, scores, data, starts)
+    torch.testing.assert_close(eta, direct.eta.detach().to(torch.float64), atol=1e-6, rtol=0)
+    assert online.scale_of_refit == pytest.approx(float(scorer.scale.detach()), rel=1e-6)
+    assert 3.0 < online.scale_of_refit < 5.5  # the scores were divided by 4
+    # a known truth: the refit recovers the realised reliabilities, the adversary's
+    # included, which the damped online update (from eta_init 0.9) is still far from
+    assert (eta - realised).abs().max() < 0.05, (eta, realised)
+    online_error = (plain.noise.eta.detach().to(torch.float64) - realised).abs().max()
+    assert online_error > 0.1
+    assert not online.calibrate and online.scale == 1.0  # the E-step's own scale is its own
+
+
+def test_a_refit_on_scores_that_carry_nothing_is_refused():
+    # a policy at chance: with one label an item the labels alone cannot tell a
+    # reliable annotator from its mirror image, so the refit is not taken
+    _, data, _ = _pool(600, seed=1)
+    online = OnlineEM(SymmetricFlip(3), num_items=600, labels=data, pass_refit=True)
+    steps = _one_pass(online, torch.zeros(600, dtype=torch.float64), data)
+    before = online.noise.eta.detach().clone()
+    assert online.end_pass(steps) is None
+    torch.testing.assert_close(online.noise.eta.detach(), before)
+    assert online.scale_of_refit is None
+
+
+def test_the_next_pass_starts_its_own_scores_and_a_checkpoint_keeps_them():
+    scores, data, _ = _pool(512, seed=2)
+    online = OnlineEM(
+        SymmetricFlip(3), num_items=512, labels=data, pass_refit=True, passes=2, warmup_steps=2
+    )
+    assert online.end_pass(1) is None  # the warm-up: nothing is refitted
+    steps = _one_pass(online, scores, data)
+    state = online.state_dict()
+    resumed = OnlineEM(SymmetricFlip(3), num_items=512, labels=data, pass_refit=True, passes=2)
+    resumed.load_state_dict(state)
+    online.end_pass(steps)
+    resumed.end_pass(steps)
+    torch.testing.assert_close(resumed.noise.eta, online.noise.eta)
+    # the next E-step starts the second pass: the first pass's scores are dropped
+    for em in (online, resumed):
+        part = data.subset(torch.arange(64))
+        em.e_step(-scores[part.unit], part, steps)
+        assert int((~torch.isnan(em.pass_logits)).sum()) == 64
+        torch.testing.assert_close(em.pass_logits[:64], -scores[:64])
+
+
+def test_the_refit_needs_the_items():
+    with pytest.raises(ValueError, match="pass_refit needs the number of items"):
+        OnlineEM(SymmetricFlip(2), pass_refit=True)
