@@ -229,6 +229,7 @@ def run_grid(
                     "calibrate": result.estep.calibrate if result.estep else None,
                     "out_of_sample": result.estep.out_of_sample if result.estep else None,
                     "noise_test": result.estep.noise_test if result.estep else None,
+                    "epoch_m_step": result.estep.epoch_m_step if result.estep else None,
                     "noise_evident": test.rejected if test else None,
                     "noise_test_items": test.items if test else None,
                     "noise_test_p": round(test.p_value, 6) if test else None,
@@ -462,7 +463,8 @@ def targets_table(regimes: dict[str, pd.DataFrame]) -> str:
         "95% t half-width); learned eta's mean absolute error against the realised share "
         "of correct labels (mean ± 95% t half-width over seeds); the E-step the defaults "
         "resolved to (T: temperature; learned: the logits' scale learned; oos: annotator "
-        "statistics from first visits; test: the noise test's level) and in how many runs "
+        "statistics from first visits; test: the noise test's level; refit: EM on each "
+        "epoch's scores at its end) and in how many runs "
         "the noise test switched the posterior on (`on`). Targets: `not below` = the "
         "interval of RE-X - X "
         f"is not below zero, `above` = it is above zero, `eta` = MAE at most {ETA_TARGET} "
@@ -508,14 +510,17 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     rows = frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
     labels = []
     tests = rows.noise_test if "noise_test" in rows else [math.nan] * len(rows)
-    for t, calibrate, oos, level in zip(
-        rows.temperature, rows.calibrate, rows.out_of_sample, tests, strict=True
+    refits = rows.epoch_m_step if "epoch_m_step" in rows else [False] * len(rows)
+    for t, calibrate, oos, level, refit in zip(
+        rows.temperature, rows.calibrate, rows.out_of_sample, tests, refits, strict=True
     ):
         if pd.isna(t):
             continue
         parts = [f"T={float(t):g}"] + (["learned"] if calibrate else []) + (["oos"] if oos else [])
         if not pd.isna(level) and level > 0:
             parts.append(f"test {float(level):g}")
+        if not pd.isna(refit) and bool(refit):
+            parts.append("refit")
         labels.append(" ".join(parts))
     return "/".join(dict.fromkeys(labels))
 

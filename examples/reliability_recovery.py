@@ -17,7 +17,8 @@ policy's held-out accuracy against clean labels says which rule it learned (with
 the log loss and expected calibration error of ``sigmoid(s)``, 15 bins). RE-DPO runs
 with ``[em]`` at its defaults, as a user gets it: with one annotator ``eta`` learns
 from first visits and is refit after every epoch (``out_of_sample = "auto"``), with
-two by the paper's online update. ``--methods RE-DPO "RE-DPO online"`` runs beside it
+two by the paper's online update and a refit on each epoch's scores at its end
+(``epoch_m_step = "auto"``). ``--methods RE-DPO "RE-DPO online"`` runs beside it
 the online update with one annotator too (``out_of_sample = false``).
 
 Above rho = 0.5 with one annotator the likelihood's symmetry (scores -> -scores,
@@ -55,7 +56,8 @@ from repo.experiments import Method, method_from_text, t_interval, train_and_sco
 RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3})
 """The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1) with ``[em]`` at its
 defaults: out-of-sample annotator statistics with one annotator, the paper's online
-update with two (``out_of_sample = "auto"``)."""
+update and a refit after each epoch with two (``out_of_sample`` and ``epoch_m_step``
+``"auto"``)."""
 RE_DPO_ONLINE = Method("RE-DPO online", "dpo", True, {"beta": 0.3}, em={"out_of_sample": False})
 """RE-DPO with the paper's online update of eta also for one annotator
 (``[em] out_of_sample = false``, the default before ``"auto"``)."""
@@ -119,6 +121,7 @@ def recover(
                 "method": method.name,
                 "epochs": int(grid.optim.get("epochs", EPOCHS)),
                 "out_of_sample": result.estep.out_of_sample,
+                "epoch_m_step": result.estep.epoch_m_step,
                 "noise_evident": result.noise_test.rejected if result.noise_test else None,
                 "setting": setting,
                 "flip_rate": rho,
