@@ -94,9 +94,10 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1))
         wanted = example.SETTINGS[setting]
         one = family == "dpo"  # one annotator: out of sample for likelihood-style losses
-        assert chosen == (wanted["temperature"], wanted["calibrate"], one, 0.05), family
+        assert chosen == (wanted["temperature"], wanted["calibrate"], one, 0.05, False), family
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
-        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05), family
+        # several annotators: the refit after each epoch
+        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True), family
         assert example.default_for(family, "single") == setting + (example.OOS if one else "")
         assert example.default_for(family, "pool") == setting
     shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)

@@ -9,16 +9,19 @@ import pytest
 import torch
 
 from repo.data.simulate import simulate_labels
-from repo.inference.online import OnlineEM, fit_calibrated
+from repo.inference.online import OnlineEM, fit_calibrated, fit_from_starts
 from repo.noise import SymmetricFlip
 from repo.noise.layout import LabelData
+from repo.scorers import FixedLogits
 
 TRUE_ETA = (0.95, 0.75, 0.25)
 
 
-def _pool(num_items: int, seed: int) -> tuple[torch.Tensor, LabelData, torch.Tensor]:
+def _pool(
+    num_items: int, seed: int, dull: float = 4.0
+) -> tuple[torch.Tensor, LabelData, torch.Tensor]:
     """One label an item from three annotators of :data:`TRUE_ETA`; the scores a policy
-    would give, under-confident by a factor 4; the realised reliabilities."""
+    would give, under-confident by a factor ``dull``; the realised reliabilities."""
     sim = simulate_labels(
         num_items=num_items, num_annotators=3, shared_truth=False, eta_range=(0.5, 0.5), seed=seed
     )
@@ -30,7 +33,7 @@ def _pool(num_items: int, seed: int) -> tuple[torch.Tensor, LabelData, torch.Ten
     ].to(torch.float64)
     label = torch.where(correct, truth, 1 - truth)
     data = LabelData.from_labels(annotator, label, num_annotators=3)
-    scores = torch.as_tensor(sim.scores, dtype=torch.float64) / 4
+    scores = torch.as_tensor(sim.scores, dtype=torch.float64) / dull
     realised = torch.stack([correct[annotator == k].to(torch.float64).mean() for k in range(3)])
     return scores, data, realised
 
@@ -46,9 +49,12 @@ def _one_pass(online: OnlineEM, scores: torch.Tensor, data: LabelData, batch: in
 
 
 def test_the_refit_is_em_on_the_pass_scores_and_finds_the_adversary():
+    # an E-step that learns its scale: the refit learns it jointly
     scores, data, realised = _pool(3000, seed=0)
-    online = OnlineEM(SymmetricFlip(3), num_items=3000, labels=data, pass_refit=True)
-    plain = OnlineEM(SymmetricFlip(3), num_items=3000, labels=data)
+    online = OnlineEM(
+        SymmetricFlip(3), num_items=3000, labels=data, pass_refit=True, calibrate=True
+    )
+    plain = OnlineEM(SymmetricFlip(3), num_items=3000, labels=data, calibrate=True)
     steps = _one_pass(online, scores, data)
     _one_pass(plain, scores, data)
     before = copy.deepcopy(online.noise.state_dict())
@@ -69,7 +75,21 @@ def test_the_refit_is_em_on_the_pass_scores_and_finds_the_adversary():
     assert (eta - realised).abs().max() < 0.05, (eta, realised)
     online_error = (plain.noise.eta.detach().to(torch.float64) - realised).abs().max()
     assert online_error > 0.1
-    assert not online.calibrate and online.scale == 1.0  # the E-step's own scale is its own
+    assert online.scale == online.scale_of_refit  # the E-step reads the refit's scale
+
+
+def test_an_e_step_at_a_fixed_scale_refits_at_that_scale():
+    # DPO's E-step reads sigmoid(s) as it is: so does the refit (scale 1, not learned)
+    scores, data, realised = _pool(3000, seed=3, dull=1.0)
+    online = OnlineEM(SymmetricFlip(3), num_items=3000, labels=data, pass_refit=True)
+    steps = _one_pass(online, scores, data)
+    before = copy.deepcopy(online.noise.state_dict())
+    assert online.end_pass(steps) is not None
+    direct = SymmetricFlip(3)
+    fit_from_starts(direct, FixedLogits(scores), data, [before, SymmetricFlip(3).state_dict()])
+    torch.testing.assert_close(online.noise.eta, direct.eta, atol=1e-6, rtol=0)
+    assert online.scale == online.scale_of_refit == 1.0
+    assert (online.noise.eta.detach().to(torch.float64) - realised).abs().max() < 0.05
 
 
 def test_a_refit_on_scores_that_carry_nothing_is_refused():

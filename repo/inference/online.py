@@ -70,9 +70,10 @@ annotator parameters a fraction ``alpha`` of the way per step, so an annotator f
 ``eta_init`` (an adversary) is weighted wrongly for most of a pass. With ``pass_refit``
 every item's logit is kept as its E-step read it in the current pass, and
 :meth:`OnlineEM.end_pass` (called by the training loop after a pass's last step) fits
-the annotator parameters to them by full EM with a Platt scale learned jointly
-(:meth:`OnlineEM.fit_pass`; as ``fit_out_of_sample`` does for first visits, which
-take its place with ``out_of_sample``). No forward pass is added. A refit whose scores
+the annotator parameters to them by full EM, the logits read at the E-step's scale
+(learned jointly with ``calibrate``) (:meth:`OnlineEM.fit_pass`; ``fit_out_of_sample``
+refits on first visits, always with a Platt scale learned, and takes its place with
+``out_of_sample``). No forward pass is added. A refit whose scores
 carry no information about the truths is not taken: the labels alone would leave the
 noise model's mirror solution as likely as the right one.
 
@@ -120,6 +121,7 @@ __all__ = [
     "EStep",
     "OnlineEM",
     "fit_calibrated",
+    "fit_from_starts",
     "fit_minibatch_em",
     "frozen",
     "look_points",
@@ -490,7 +492,7 @@ class OnlineEM:
         first = self.first_visit_logits(reduce)
         if first is None:
             raise ValueError("fit_out_of_sample needs the first visits: OnlineEM(num_items=...)")
-        result = self.refit(first, data, tol=tol, max_iter=max_iter)
+        result = self.refit(first, data, learn_scale=True, tol=tol, max_iter=max_iter)
         if result is not None:
             self.out_of_sample_scale = self.scale_of_refit
         return result
@@ -505,11 +507,15 @@ class OnlineEM:
     ) -> EMResult | None:
         """Full-data EM of the annotator parameters on the logits the E-steps of the
         current pass read, each item's at its visit (over processes by ``reduce``):
-        :meth:`refit` on them. No forward pass is added; in a later pass these are
-        scores of labels the policy has trained on (they lean to reliable labels)."""
+        :meth:`refit` on them, read as the E-step reads them (their scale learned only
+        with ``calibrate``). No forward pass is added; in a later pass these are
+        scores of labels the policy has trained on (they lean to reliable labels, and a
+        scale learned on them alone grows with the policy's fit of the labels: the
+        demo's adversary, true eta 0.19, came out at 0.37 so, at 0.26 read at scale 1)."""
         if self.pass_logits is None:
             raise ValueError("fit_pass needs the pass's logits: OnlineEM(pass_refit=True, ...)")
-        return self.refit(_combine(self.pass_logits, reduce), data, tol=tol, max_iter=max_iter)
+        logits = _combine(self.pass_logits, reduce)
+        return self.refit(logits, data, learn_scale=self.calibrate, tol=tol, max_iter=max_iter)
 
     def end_pass(self, step: int, reduce: Reduce | None = None) -> EMResult | None:
         """The annotator M-step to convergence a training loop takes after the last
@@ -532,20 +538,28 @@ class OnlineEM:
         return self.labels
 
     def refit(
-        self, logits: Tensor, data: LabelData, *, tol: float = 1e-6, max_iter: int = 500
+        self,
+        logits: Tensor,
+        data: LabelData,
+        *,
+        learn_scale: bool = True,
+        tol: float = 1e-6,
+        max_iter: int = 500,
     ) -> EMResult | None:
         """Full-data EM of the annotator parameters on per-item ``logits`` (NaN: an item
-        not scored), the units of scored items fitted with the noise model and a Platt
-        scale learned jointly (:class:`~repo.scorers.CalibratedLogits`).
+        not scored), the units of scored items fitted with the noise model and, with
+        ``learn_scale``, a Platt scale learned jointly
+        (:class:`~repo.scorers.CalibratedLogits`); without, the logits read at the
+        E-step's scale (:meth:`calibrated`).
 
         EM runs from several starts, the parameters the online update reached and the
-        model's own (:attr:`initial_state`, its ``eta_init``), each with the scale at
-        every value of :data:`REFIT_SCALES`, and the fit with the highest likelihood is
-        kept: along the ridge of the one-annotator likelihood (docs/math.md section 9)
-        EM from a high reliability and a small scale stalls at "reliable labels, dull
-        scorer" (LoRA runs of 8,192 pairs: eta 0.997 and 0.900 against maxima at 0.69
-        and 0.59). The scale is kept in :attr:`scale_of_refit` (and used by the E-step
-        too when ``calibrate``).
+        model's own (:attr:`initial_state`, its ``eta_init``), each (when the scale is
+        learned) with the scale at every value of :data:`REFIT_SCALES`, and the fit with
+        the highest likelihood is kept: along the ridge of the one-annotator likelihood
+        (docs/math.md section 9) EM from a high reliability and a small scale stalls at
+        "reliable labels, dull scorer" (LoRA runs of 8,192 pairs: eta 0.997 and 0.900
+        against maxima at 0.69 and 0.59). The scale is kept in :attr:`scale_of_refit`
+        (and used by the E-step too when ``calibrate``).
         ``None``, the parameters unchanged, when no item is scored or the scores carry
         no information about the truths (:meth:`_scores_inform`): the labels alone
         then pick among the noise model's mirror solutions (every reliability
@@ -559,14 +573,20 @@ class OnlineEM:
         logits = torch.nan_to_num(logits.to(torch.float64), nan=0.0)
         with single_thread():
             starts = _distinct_states(before, self.initial_state)
-            result, scorer = fit_calibrated(self.noise, logits, part, starts, tol, max_iter)
+            if learn_scale:
+                result, scorer = fit_calibrated(self.noise, logits, part, starts, tol, max_iter)
+                scale = float(scorer.scale.detach())
+            else:
+                scale = self.scale
+                fixed = FixedLogits(self.calibrated(logits))
+                result = fit_from_starts(self.noise, fixed, part, starts, tol, max_iter)
             informative = self._scores_inform(part, result.objective, tol, max_iter)
         self._discard_step()
         self._running = None
         if not informative:
             self.noise.load_state_dict(before)
             return None
-        self.scale_of_refit = float(scorer.scale.detach())
+        self.scale_of_refit = scale
         if self.calibrate:
             self.scale = self.scale_of_refit
         return result
@@ -803,6 +823,26 @@ def _combine(logits: Tensor, reduce: Reduce | None) -> Tensor:
     total = reduce(torch.where(seen, logits, 0.0))
     count = reduce(seen.to(torch.float64))
     return torch.where(count > 0, total / count.clamp_min(1.0), float("nan"))
+
+
+def fit_from_starts(
+    noise: NoiseModel,
+    scorer: Scorer,
+    data: LabelData,
+    starts: list[dict[str, Tensor]],
+    tol: float = 1e-6,
+    max_iter: int = 500,
+) -> EMResult:
+    """EM of ``noise`` with ``scorer`` held, from every parameter state of ``starts``;
+    ``noise`` is left at the fit of the highest objective, which is returned."""
+    best: tuple[EMResult, dict[str, Tensor]] | None = None
+    for start in starts:
+        noise.load_state_dict(start)
+        result = fit_em(noise, scorer, data, tol=tol, max_iter=max_iter)
+        if best is None or result.objective > best[0].objective:
+            best = (result, _copy_state(noise))
+    noise.load_state_dict(best[1])
+    return best[0]
 
 
 def fit_calibrated(

@@ -359,9 +359,9 @@ class EMSection:
         default="auto",
         metadata=_doc(
             "after every epoch: EM of the annotator parameters to convergence (no EMA) on the "
-            "logits the epoch's E-steps read, with a Platt scale learned jointly (no extra "
-            "forward pass; docs/math.md, section 11); 'auto': with several annotators "
-            "(out_of_sample's refit on first visits takes its place)"
+            "logits the epoch's E-steps read, at the E-step's scale (learned jointly with "
+            "calibrate; no extra forward pass; docs/math.md, section 11); 'auto': with "
+            "several annotators (out_of_sample's refit on first visits takes its place)"
         ),
     )
     noise_lr: float = field(
