@@ -18,8 +18,8 @@ same start on those labels:
   with :math:`s_i` the policy's induced DPO logit; the E-step gives each pair's
   posterior :math:`q_i = p(z_i = 1 \\mid o_i)` (the soft training target) and each
   label's posterior of being correct :math:`w_{ij}`; the M-step updates
-  :math:`\\eta_k` (EMA per optimizer step, and a full-data E-step with a plain
-  M-step after every epoch).
+  :math:`\\eta_k` (EMA per optimizer step, and EM to convergence on the epoch's
+  logits after every epoch: ``[em] epoch_m_step``'s default with several annotators).
 
 The pool has few annotators with many labels each, so the EM has something to
 learn within a CPU budget: reliable ones, an adversarial one (eta = 0.2) and a
@@ -119,7 +119,7 @@ class DemoSettings:
     :param labels_per_pair: labels per training pair, from distinct annotators.
     :param max_tokens: only pairs whose prompt + both responses fit this many tokens
         (chat template included) are used, so nothing is truncated.
-    :param epochs: passes over the training pairs (a full-data E-step after each).
+    :param epochs: passes over the training pairs (an annotator refit after each).
     :param batch_size: pairs per optimizer step.
     :param learning_rate: AdamW peak learning rate (linear warm-up over 10%, then
         linear decay).
@@ -249,7 +249,7 @@ def _config(settings: DemoSettings, out: Path, name: str, em: bool, device: str)
             "data": {"train": "simulated", "shared_truth": True},
             "loss": {"family": "dpo", "beta": settings.beta},
             "noise": {"model": "symmetric"},
-            "em": {"enabled": em, "epoch_m_step": True},
+            "em": {"enabled": em},
             "optim": {
                 "learning_rate": settings.learning_rate,
                 "batch_size": settings.batch_size,
