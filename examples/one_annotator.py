@@ -112,8 +112,8 @@ def run_one(num_pairs: int, rho: float, seed: int, method: Method, grid: Grid) -
             trainer.step += 1
             if trainer.step % per_epoch:
                 continue
-            if config.em.enabled and trainer.em.out_of_sample:
-                trainer.epoch_m_step()
+            if config.em.enabled:  # the annotator refit of the pass, as Trainer.train
+                trainer.em.end_pass(trainer.step, trainer.reduce)
             epoch = trainer.step // per_epoch
             if epoch not in (1, grid.epochs):
                 continue
