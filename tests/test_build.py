@@ -233,6 +233,11 @@ def test_epoch_m_step_takes_true_false_or_auto(tmp_path):
 
     with pytest.raises(ConfigError, match=r"\[em\] epoch_m_step: the boltzmann noise model"):
         estep_settings(boltzmann, get_likelihood("dpo"), build_noise_model(boltzmann, 2))
+    from repo.train.build import check_settings
+
+    nll = boltzmann.replace("loss", variant="nll")
+    with pytest.raises(ConfigError, match=r"\[em\] epoch_m_step"):  # before any model loads
+        check_settings(nll, None)
 
 
 def test_out_of_sample_takes_true_false_or_auto(tmp_path):

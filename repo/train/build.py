@@ -178,8 +178,8 @@ def check_settings(
     """Check what needs no model and no data; the likelihood and the variant.
 
     :raises ConfigError: a bad prior, a prior the noise model cannot take, a loss
-        option out of range, or a variant other than ``nll`` with a noise model that
-        has no latent truth (the message names the field).
+        option out of range, a variant other than ``nll`` or an epoch refit with a
+        noise model that has no latent truth (the message names the field).
     """
     likelihood = build_likelihood(config, recipe)
     variant = policy_variant(config, likelihood)
@@ -188,6 +188,7 @@ def check_settings(
         raise ConfigError(
             f"[loss] variant: the {noise.name} noise model has no latent truth; use variant = 'nll'"
         )
+    estep_settings(config, likelihood, noise)  # the E-step's fields against the model
     return likelihood, variant
 
 
@@ -493,7 +494,7 @@ def estep_settings(
     no refit."""
     em = config.em
     if not noise.has_truth:
-        if em.epoch_m_step is True:
+        if em.epoch_m_step is True and em.enabled:
             raise ConfigError(
                 f"[em] epoch_m_step: the {noise.name} noise model has no latent truth to "
                 "refit on the scores (leave it 'auto' or false)"
