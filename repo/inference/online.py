@@ -99,7 +99,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -511,7 +511,8 @@ class OnlineEM:
         with ``calibrate``). No forward pass is added; in a later pass these are
         scores of labels the policy has trained on (they lean to reliable labels, and a
         scale learned on them alone grows with the policy's fit of the labels: the
-        demo's adversary, true eta 0.19, came out at 0.37 so, at 0.26 read at scale 1)."""
+        demo's adversary, realised eta 0.19, came out at 0.37 with the scale learned
+        and at 0.26 read at scale 1)."""
         if self.pass_logits is None:
             raise ValueError("fit_pass needs the pass's logits: OnlineEM(pass_refit=True, ...)")
         logits = _combine(self.pass_logits, reduce)
@@ -825,6 +826,27 @@ def _combine(logits: Tensor, reduce: Reduce | None) -> Tensor:
     return torch.where(count > 0, total / count.clamp_min(1.0), float("nan"))
 
 
+def _best_fit(
+    noise: NoiseModel,
+    fits: Iterable[tuple[dict[str, Tensor], Scorer]],
+    data: LabelData,
+    tol: float,
+    max_iter: int,
+) -> tuple[EMResult, Scorer]:
+    """EM of ``noise`` from each ``(start, scorer)`` of ``fits``: ``noise`` loaded with
+    the start, fitted with the scorer; ``noise`` is left at the fit of the highest
+    objective, returned with its scorer."""
+    best: tuple[EMResult, Scorer, dict[str, Tensor]] | None = None
+    for start, scorer in fits:
+        noise.load_state_dict(start)
+        result = fit_em(noise, scorer, data, tol=tol, max_iter=max_iter)
+        if best is None or result.objective > best[0].objective:
+            best = (result, scorer, _copy_state(noise))
+    result, scorer, fitted = best
+    noise.load_state_dict(fitted)
+    return result, scorer
+
+
 def fit_from_starts(
     noise: NoiseModel,
     scorer: Scorer,
@@ -835,14 +857,7 @@ def fit_from_starts(
 ) -> EMResult:
     """EM of ``noise`` with ``scorer`` held, from every parameter state of ``starts``;
     ``noise`` is left at the fit of the highest objective, which is returned."""
-    best: tuple[EMResult, dict[str, Tensor]] | None = None
-    for start in starts:
-        noise.load_state_dict(start)
-        result = fit_em(noise, scorer, data, tol=tol, max_iter=max_iter)
-        if best is None or result.objective > best[0].objective:
-            best = (result, _copy_state(noise))
-    noise.load_state_dict(best[1])
-    return best[0]
+    return _best_fit(noise, ((start, scorer) for start in starts), data, tol, max_iter)[0]
 
 
 def fit_calibrated(
@@ -856,16 +871,11 @@ def fit_calibrated(
     """EM of ``noise`` and a Platt scale on fixed ``logits`` (:class:`CalibratedLogits`)
     from every parameter state of ``starts`` at every scale of :data:`REFIT_SCALES`;
     ``noise`` is left at the fit of the highest objective, returned with its scorer."""
-    best: tuple[EMResult, CalibratedLogits, dict[str, Tensor]] | None = None
-    for start, scale in itertools.product(starts, REFIT_SCALES):
-        noise.load_state_dict(start)
-        scorer = CalibratedLogits(logits, scale)
-        result = fit_em(noise, scorer, data, tol=tol, max_iter=max_iter)
-        if best is None or result.objective > best[0].objective:
-            best = (result, scorer, _copy_state(noise))
-    result, scorer, fitted = best
-    noise.load_state_dict(fitted)
-    return result, scorer
+    fits = (
+        (start, CalibratedLogits(logits, scale))
+        for start, scale in itertools.product(starts, REFIT_SCALES)
+    )
+    return _best_fit(noise, fits, data, tol, max_iter)
 
 
 def _clamp_scale(scale: float) -> float:
