@@ -55,41 +55,11 @@ from repo.policy import (
 )
 from repo.train import Trainer
 
-#: LlamaConfig keywords with Qwen2.5's dimensions (0.49B and 1.54B parameters).
-SHAPES = {
-    "0.5b": dict(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-    ),
-    "1.5b": dict(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-    ),
-}
+#: :data:`repo.policy.RANDOM_CONFIGS` names of the timed shapes, by their short name:
+#: Llama networks with Qwen2.5's dimensions (0.49B and 1.54B parameters).
+SHAPES = {"0.5b": "qwen2.5-0.5b", "1.5b": "qwen2.5-1.5b"}
 #: the ``--quick`` model: a two-layer Llama over the tiny tokenizer's vocabulary.
-QUICK_SHAPE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
+QUICK_SHAPE = "tiny"
 LORA = LoraSettings(
     r=16,
     alpha=32,
@@ -123,8 +93,9 @@ def stamp(device: str) -> float:
     return time.perf_counter()
 
 
-def build_network(shape: dict, s: Settings, *, trainable: bool):
-    """A random-weight network of ``shape`` (seed 0, so every copy is the same)."""
+def build_network(shape: str, s: Settings, *, trainable: bool):
+    """A random-weight network of the :data:`~repo.policy.RANDOM_CONFIGS` entry ``shape``
+    (seed 0, so every copy is the same)."""
     network = build_random_model(shape, seed=0, device=s.device, dtype=s.dtype)
     network.requires_grad_(trainable)
     return network
