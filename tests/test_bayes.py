@@ -175,19 +175,22 @@ def test_divergences_are_counted_and_warned():
     assert draws.num_divergences == int(draws.sample_stats["diverging"].sum())
 
 
-def test_chains_in_processes_give_the_same_draws():
-    # A chain's draws depend on its seed alone, not on where it runs.
+def test_chains_in_processes_give_the_same_draws(monkeypatch):
+    # A chain's draws depend on its seed alone, not on where it runs: in this process,
+    # in forked workers (on this process's traced potential) or in fresh ones.
     sim = simulate_labels(num_items=400, num_annotators=3, shared_truth=False, seed=12)
     model, scorer, data = fitted("symmetric", sim, 3, prior=beta(2.0, 1.0))
     runs = {}
-    for processes in (1, 2):
+    for processes, start in ((1, None), (2, "fork"), (2, "fresh")):
+        monkeypatch.setenv("REPO_WORKER_START", start or "fork")
         bayes = copy.deepcopy(model).bayesian()
-        runs[processes] = run_nuts(
+        runs[start] = run_nuts(
             bayes, scorer(data), data, num_chains=2, warmup=20, draws=20, seed=5,
             chain_processes=processes,
         )  # fmt: skip
-    np.testing.assert_allclose(runs[1].samples["eta"], runs[2].samples["eta"], atol=1e-6)
-    assert runs[2].info["chain_processes"] == 2
+    for start in ("fork", "fresh"):
+        np.testing.assert_allclose(runs[None].samples["eta"], runs[start].samples["eta"], atol=1e-6)
+        assert runs[start].info["chain_processes"] == 2
     with pytest.raises(ValueError, match="chain_processes"):
         run_nuts(bayes, scorer(data), data, num_chains=2, warmup=5, draws=5, chain_processes=0)
 

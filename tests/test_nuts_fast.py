@@ -125,32 +125,3 @@ def test_the_cli_runs_chains_in_processes_by_default(capsys):
             ["fit-noise", "x.csv", "--format", "scored", "--out", "o", "--chain-processes", "0"]
         )
     assert "expected 'auto' or a count >= 1" in capsys.readouterr().err
-
-
-def _die_or_wait(job):
-    """A worker's job: record the pid and wait, or exit without a result once the
-    other worker has recorded its pid."""
-    import os
-    import time
-    from pathlib import Path
-
-    kind, pid_file = job
-    if kind == "die":
-        while not Path(pid_file).exists():
-            time.sleep(0.05)
-        os._exit(3)
-    Path(pid_file).write_text(str(os.getpid()))
-    time.sleep(600)
-
-
-def test_a_dead_worker_takes_the_others_down(tmp_path):
-    # Chains run in processes by default: a failure (or Ctrl-C) leaves none running.
-    import os
-
-    from repo.inference.processes import WorkerError, map_in_processes
-
-    pid_file = str(tmp_path / "pid")
-    with pytest.raises(WorkerError, match="exited with code 3"):
-        map_in_processes(_die_or_wait, [("die", pid_file), ("wait", pid_file)], workers=2)
-    with pytest.raises(ProcessLookupError):  # the waiting worker is gone
-        os.kill(int(open(pid_file).read()), 0)

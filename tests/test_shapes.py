@@ -229,8 +229,10 @@ print("chains", result.draws.num_chains, "processes", result.draws.info["chain_p
 """
 
 
-def test_a_model_defined_on_stdin_runs_in_chain_processes(tmp_path):
+@pytest.mark.parametrize("start", ["fork", "fresh"])
+def test_a_model_defined_on_stdin_runs_in_chain_processes(tmp_path, start):
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env["REPO_WORKER_START"] = start  # fresh: the class travels by value
     done = subprocess.run(
         [sys.executable, "-"],
         input=textwrap.dedent(STDIN_SCRIPT),

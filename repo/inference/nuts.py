@@ -15,22 +15,23 @@ evaluator, with the factors that do not depend on ``theta`` computed once). With
 operations folded (:func:`traced_potential`).
 
 Chains run one after the other (or ``chain_processes`` at a time, each in its own
-process on one thread, :mod:`repo.inference.processes`: the model travels by
-value, so a class defined in a script, a notebook or on stdin works; ``"auto"``:
-one process per chain up to the cores this process may use), chain ``c``
-seeded with ``seed + c`` and started from the point estimate (when given)
-jittered by ``Normal(0, init_jitter^2)`` in unconstrained space, else uniformly
-in ``(-2, 2)`` there (Pyro's default).
+process on one thread, :mod:`repo.inference.processes`; ``"auto"``: one process per
+chain up to the cores this process may use). Forked workers (Linux) run on the
+potential this process traced; fresh ones (elsewhere) are sent the model by value,
+so a class defined in a script, a notebook or on stdin works, and build their own.
+Chain ``c`` is seeded with ``seed + c`` and started from the point estimate (when
+given) jittered by ``Normal(0, init_jitter^2)`` in unconstrained space, else
+uniformly in ``(-2, 2)`` there (Pyro's default).
 Divergent transitions after warm-up are recorded per draw, never dropped.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 import warnings
 from collections import OrderedDict
+from functools import partial
 
 import numpy as np
 import pyro
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from repo.inference.draws import PosteriorDraws
 from repo.inference.enumeration import MAX_PLATE_NESTING, BroadcastLogRing, local_params
-from repo.inference.processes import map_in_processes
+from repo.inference.processes import default_start, map_in_processes
 from repo.noise.base import NoiseModel
 from repo.noise.layout import LabelData
 
@@ -323,8 +324,16 @@ def _run_chain(
     return samples, record, first - clock["start"], end - first
 
 
+def _chain_forked(potential_fn, transforms, job: tuple[dict, dict]) -> tuple:
+    """A chain in a forked worker, on the potential this process built: ``job`` is the
+    chain's start and its :func:`_run_chain` keywords."""
+    torch.set_num_threads(1)  # one core per chain
+    start, chain = job
+    return _run_chain(potential_fn, transforms, start, **chain)
+
+
 def _chain_in_process(job: dict) -> tuple:
-    """A chain in a worker process: the potential is built (and traced) there."""
+    """A chain in a fresh worker process: the potential is built (and traced) there."""
     torch.set_num_threads(1)  # one core per chain
     with local_params():
         _, potential_fn, transforms = _potential(
@@ -335,7 +344,7 @@ def _chain_in_process(job: dict) -> tuple:
 
 def _warm_diagnostics() -> None:
     """Import ArviZ, which the R-hat and ESS of the summaries need next (seconds of
-    imports), while the chains run in other processes and this one would be idle."""
+    imports), while the chains run in worker processes and this one would be idle."""
     from repo.diagnostics.compat import _az
 
     _az()
@@ -424,6 +433,15 @@ def run_nuts(
                 _run_chain(potential_fn, transforms, chain_start, **job)
                 for chain_start, job in zip(starts, jobs, strict=True)
             ]
+        elif default_start() == "fork":  # the workers inherit the traced potential
+            chain = partial(_chain_forked, potential_fn, transforms)
+            results = map_in_processes(
+                chain,
+                list(zip(starts, jobs, strict=True)),
+                chain_processes,
+                start="fork",
+                meanwhile=_warm_diagnostics,
+            )
         else:
             payloads = [
                 {
@@ -436,10 +454,13 @@ def run_nuts(
                 }
                 for chain_start, job in zip(starts, jobs, strict=True)
             ]
-            warming = threading.Thread(target=_warm_diagnostics, daemon=True)
-            warming.start()  # this process waits on the workers meanwhile
-            results = map_in_processes(_chain_in_process, payloads, chain_processes)
-            warming.join()
+            results = map_in_processes(
+                _chain_in_process,
+                payloads,
+                chain_processes,
+                start="fresh",
+                meanwhile=_warm_diagnostics,
+            )
     for _, _, warmup_s, sampling_s in results:
         seconds["warmup"] += warmup_s
         seconds["sampling"] += sampling_s
