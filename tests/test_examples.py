@@ -128,3 +128,20 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     assert [(r["flip_rate"], r["seed"]) for r in rows] == [(0.2, 1), (0.3, 1)]
     assert rows[1] == row
     assert json.loads((tmp_path / "one-annotator-lora.json").read_text()) == rows
+
+
+def test_oracle_eta_holds_the_realised_reliabilities():
+    """examples/oracle_eta.py: the oracles' eta stays at the realised shares of correct
+    labels through training (only the E-step's scale may learn); RE-X learns its own."""
+    example = _load("oracle_eta")
+    rows = example.run("DPO", 0.4, 1, 10, "pool", pairs=64)
+    by_method = {row["method"]: row for row in rows}
+    assert list(by_method) == ["DPO", "RE-DPO", "oracle", "oracle, scale 1"]
+    truth = np.array(json.loads(rows[0]["eta_true"]))
+    for name in ("oracle", "oracle, scale 1"):
+        np.testing.assert_allclose(
+            json.loads(by_method[name]["eta"]), truth.clip(1e-4, 1 - 1e-4), atol=1e-4
+        )
+    assert not np.allclose(json.loads(by_method["RE-DPO"]["eta"]), truth, atol=1e-3)
+    assert json.loads(by_method["DPO"]["eta"]) == []
+    assert all(0 <= row["accuracy"] <= 1 for row in rows)
