@@ -389,12 +389,19 @@ def _em_summary(
     vote = majority_flags(items, labels)[posteriors["row"].to_numpy()]
     return {
         "eta": eta,
-        "eta_mae": float(np.mean([abs(e["estimated_eta"] - e["true_eta"]) for e in eta])),
+        "eta_mae": _mae(eta, "estimated_eta", "true_eta"),
+        "eta_mae_realised": _mae(eta, "estimated_eta", "realised_eta"),
+        "realised_mae": _mae(eta, "realised_eta", "true_eta"),
         "flags": {
             "re-dpo": flag_scores(em_flags, wrong),
             "majority vote": flag_scores(vote, wrong),
         },
     }
+
+
+def _mae(eta: list[dict[str, Any]], estimate: str, truth: str) -> float:
+    """Mean over annotators of ``|estimate - truth|`` (keys of the eta table's rows)."""
+    return float(np.mean([abs(row[estimate] - row[truth]) for row in eta]))
 
 
 def _write_report(out: Path, result: dict[str, Any]) -> Path:
@@ -429,7 +436,11 @@ def _write_report(out: Path, result: dict[str, Any]) -> Path:
         "",
         markdown_table(pd.DataFrame(result["eta"]), float_format=".3f"),
         "",
-        f"Mean absolute error of eta: {result['eta_mae']:.3f}.",
+        f"Mean absolute error of eta: {result['eta_mae']:.3f} against the true eta, "
+        f"{result['eta_mae_realised']:.3f} against the realised shares of correct labels. "
+        f"The realised shares are themselves {result['realised_mae']:.3f} from the true eta "
+        "on average: an estimator that knew which labels are wrong would be off by that "
+        "much against the true eta.",
         "",
         "## Labels flagged as flipped (posterior w < 1/2)",
         "",

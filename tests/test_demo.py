@@ -103,6 +103,13 @@ def test_demo_runs_end_to_end_and_recovers_the_pool(tmp_path, capsys):
     assert min(estimated, key=estimated.get) == "adversarial", estimated
     assert estimated["adversarial"] < 0.5 < estimated["careful"], estimated
     assert result["eta_mae"] < 0.15, estimated
+    rows = list(eta.values())
+    for key, (a, b) in {
+        "eta_mae": ("estimated_eta", "true_eta"),
+        "eta_mae_realised": ("estimated_eta", "realised_eta"),
+        "realised_mae": ("realised_eta", "true_eta"),
+    }.items():
+        assert result[key] == pytest.approx(np.mean([abs(r[a] - r[b]) for r in rows]))
     em = result["flags"]["re-dpo"]
     assert em["wrong"] == round(result["data"]["wrong_labels"] * 192)
     assert em["precision"] > 0.7 and em["recall"] > 0.5, em
@@ -110,6 +117,7 @@ def test_demo_runs_end_to_end_and_recovers_the_pool(tmp_path, capsys):
     report = (tmp_path / "demo" / "report.md").read_text()
     for heading in ("Preference accuracy", "true against estimated", "flagged as flipped"):
         assert heading in report
+    assert f"are themselves {result['realised_mae']:.3f} from the true eta" in report
     diagnostics = tmp_path / "demo" / "diagnostics"
     text = (diagnostics / "report.md").read_text()
     assert "training run: dpo" in text and "online EM on" in text
