@@ -44,13 +44,8 @@ HELD_OUT, TRAIN_PAIRS = 500, 512  # as noise_sweep.py
 def hold_eta(trainer: Trainer, eta: torch.Tensor) -> None:
     """Set the noise model's ``eta`` and keep it there: no annotator M-step, no refit."""
     set_value(trainer.noise, "eta", eta)
-
-    def m_step(reduce=None, *, alpha=None):  # the scale's Newton step alone, if learned
-        if trainer.em.calibrate:
-            trainer.em._calibration_step(reduce or (lambda t: t))
-        trainer.em._discard_step()
-
-    trainer.em.m_step = m_step
+    m_step = trainer.em.m_step  # at EMA rate 0: the scale still learns, eta stays
+    trainer.em.m_step = lambda reduce=None, *, alpha=None: m_step(reduce, alpha=0.0)
     trainer.em.end_pass = lambda step, reduce=None: None
 
 
