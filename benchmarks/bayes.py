@@ -1,28 +1,29 @@
 """NUTS at scale: 100,000 labels from 500 annotators, symmetric flip, known scores.
 
-Simulated per-label truth (eta ~ Beta(4, 1.5), scores ~ N(0, 3^2) given), the
-symmetric flip under that prior, EM first (the chains start near its estimate with
-the Laplace variances as the metric's start, adapted in warm-up as the library's
-defaults do), then NUTS with 4 chains of 500 warm-up + 1,000 draws (Pyro, discrete
-truth enumerated out, ``jit_compile=True``; as many chains at once as there are cores,
-each in its own process on one thread). Why 1,000 draws: R-hat is a noisy statistic,
-and its maximum over 500 annotators lies above 1.01 at 500 draws per chain even when
-the chains agree (1.0139, with every chain's mean of the worst annotator within
-0.003 of the others; 1.0196 with the metric held at the Laplace variances), while the
-target is max R-hat at most 1.01 within ``TARGET_S``. Recorded: wall
-time by phase, the minimum over annotators of bulk ESS per second of sampling
-(and of the whole run), max R-hat, divergences, coverage of the true eta by the
-90% intervals, and what ``jit_compile`` did: the time of one potential-and-gradient
-evaluation with and without it (steady state, after tracing), and the tracing cost.
-Budget: 10 minutes on this machine; target: ``TARGET_S`` (300 s) at max R-hat
-``TARGET_R_HAT`` (1.01), ``meets_target``. The anchor: NumPyro's NUTS on the same model
-written in NumPyro (``benchmarks/_numpyro_flip.py``; same chains, warm-up, draws and
-start, chains one after the other on one thread), its min bulk ESS per second of
-wall time and per CPU second beside Pyro's, and the ratios (NumPyro over Pyro).
-The load average at the start and the end is recorded (the machine is shared).
-Also recorded: the CPU seconds of the NUTS call (its chain processes included) and
-the seconds of the Rao-Blackwellised enumeration of the truth at every draw
-(``enumeration_s``, vectorised over draws). ``--no-anchor`` skips NumPyro's run.
+Simulated per-label truth (eta ~ Beta(4, 1.5), scores ~ N(0, 3^2) given), the symmetric
+flip under that prior, EM first (the chains start near its estimate with the Laplace
+variances as the metric's start, adapted in warm-up as the library's defaults do), then
+NUTS with 4 chains of 500 warm-up + 1,000 draws (the Pyro program, discrete truth
+enumerated out, ``jit_compile=True``; the chains split over as many processes as there
+are cores, each batch run at once in its process on one thread). Why 1,000 draws: R-hat
+is a noisy statistic, and its maximum over 500 annotators lies above 1.01 at 500 draws
+per chain even when the chains agree (1.0139, with every chain's mean of the worst
+annotator within 0.003 of the others; 1.0196 with the metric held at the Laplace
+variances), while the target is max R-hat at most 1.01 within ``TARGET_S``. Recorded:
+wall time by phase, the minimum over annotators of bulk ESS per second of sampling (and
+of the whole run), max R-hat, divergences, coverage of the true eta by the 90%
+intervals, and what ``jit_compile`` did: the time of one potential-and-gradient call of
+a process's batch of chains with and without it (steady state), Pyro's own potential
+beside them, and the cost of compiling (``benchmarks/_potential_cost.py``). Budget: 10
+minutes on this machine; target: ``TARGET_S`` (300 s) at max R-hat ``TARGET_R_HAT``
+(1.01), ``meets_target``. The anchor: NumPyro's NUTS on the same model written in
+NumPyro (``benchmarks/_numpyro_flip.py``; same chains, warm-up, draws and start, chains
+one after the other on one thread), its min bulk ESS per second of wall time and per CPU
+second beside ours (key ``pyro``), and the ratios (NumPyro over ours). The load average
+at the start and the end is recorded (the machine is shared). Also recorded: the CPU
+seconds of the NUTS call (its chain processes included) and the seconds of the Rao-
+Blackwellised enumeration of the truth at every draw (``enumeration_s``, vectorised over
+draws). ``--no-anchor`` skips NumPyro's run.
 
 ``--quick`` (10,000 labels, 50 annotators, 2 chains of 150 + 150) finishes within a
 minute. The last line printed is one JSON object with the figures; it is also
@@ -45,14 +46,12 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 from _numpyro_flip import run_numpyro_nuts
+from _potential_cost import potential_cost
 from _results import record
-from pyro.ops.integrator import potential_grad
 
 from repo.data.simulate import simulate_labels
-from repo.inference.bayes import BayesSettings, bayesian_copy, infer, summarise_draws
+from repo.inference.bayes import BayesSettings, infer, summarise_draws
 from repo.inference.em import fit_em
-from repo.inference.enumeration import local_params
-from repo.inference.nuts import _potential
 from repo.noise import LabelData, SymmetricFlip
 from repo.scorers import FixedLogits
 
@@ -70,29 +69,6 @@ def simulate(num_labels: int, num_annotators: int, seed: int = 0):
     truth = sim.truth
     label = np.where(rng.random(num_labels) < eta[sim.annotator], truth, 1 - truth)
     return sim.annotator, label.astype(float), sim.scores, eta
-
-
-def jit_effect(model, logits, data, repeats: int = 20) -> dict:
-    """Seconds per potential+gradient with and without jit, and the tracing cost,
-    of the potential NUTS runs (:class:`repo.inference.nuts.CachedEnumEvaluator`)."""
-    bayes = bayesian_copy(model)
-    out = {}
-    for jit in (False, True):
-        with local_params():
-            start = time.perf_counter()
-            initial, potential, _ = _potential(bayes, logits, data, jit)
-            init = {name: value[0] for name, value in initial.items()}
-            potential_grad(potential, init)  # the first call traces under jit
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            for _ in range(repeats):
-                potential_grad(potential, init)
-            per_call = (time.perf_counter() - start) / repeats
-        key = "jit" if jit else "no_jit"
-        out[f"{key}_grad_ms"] = 1000 * per_call
-        out[f"{key}_setup_s"] = first
-    out["speedup"] = out["no_jit_grad_ms"] / out["jit_grad_ms"]
-    return out
 
 
 def cpu_seconds() -> float:
@@ -148,14 +124,15 @@ def run(
     start = time.perf_counter()
     fit_em(model, scorer, data)
     em_s = time.perf_counter() - start
-    jit = jit_effect(model, scorer(data), data)
+    processes = min(chains, os.cpu_count() or 1)
+    jit = potential_cost(model, scorer(data), data, chains=-(-chains // processes))
     print(f"jit: {json.dumps(jit)}", file=sys.stderr)
     settings = BayesSettings(
         num_chains=chains,
         warmup=warmup,
         draws=draws,
         seed=0,
-        chain_processes=min(chains, os.cpu_count() or 1),
+        chain_processes=processes,
     )
     load_start = os.getloadavg()[0]
     cpu, start = cpu_seconds(), time.perf_counter()

@@ -2,31 +2,33 @@
 
 The case is the CLI's ``re-po fit-noise --format scored --method nuts`` with its
 defaults (symmetric flip under Beta(1, 1), EM first, then 4 chains of 500 warm-up
-+ 500 draws one after the other, started near the EM estimate with the Laplace
-variances as initial metric) on 300 labels from 3 annotators (per-label truth,
-known scores; ``repo.data.simulate.simulate_labels``, seed 12). Recorded:
++ 500 draws, split over as many processes as there are cores, started near the EM
+estimate with the Laplace variances as initial metric) on 300 labels from 3
+annotators (per-label truth, known scores; ``repo.data.simulate.simulate_labels``,
+seed 12). Recorded:
 
 * ``cli_s``: wall time of the whole CLI process (``python -m repo.cli fit-noise``),
   the median of ``--repeats`` runs; ``cli_sequential_s`` the same with
-  ``--chain-processes 1`` (chains one after the other rather than in as many
-  processes as there are cores); with ``--baseline DIR`` (another checkout, e.g.
+  ``--chain-processes 1`` (all chains batched in the CLI's process rather than
+  split over as many processes as there are cores); with ``--baseline DIR`` (another checkout, e.g.
   the code before a change) the same command from there, the runs alternated, and
   the medians of the paired ratios (``speedup``: baseline over ours);
 * ``import_s``: a fresh process importing ``repo.cli`` and ``repo.fit``;
-* ``phases_s``: in this process, EM, NUTS (setup, warm-up and sampling, summed over
-  chains, which run one after the other here), the enumeration of the truth at every
+* ``phases_s``: in this process, EM, NUTS (setup, warm-up and sampling of the four
+  chains batched in this process), the enumeration of the truth at every
   draw (Rao-Blackwellised posteriors and pointwise log-likelihood; vectorised over
   draws, ``enumeration_vectorised``) and the ArviZ summaries (R-hat, ESS; the first
   call imports ArviZ);
-* ``potential_grad_ms``: one potential-and-gradient evaluation, Pyro's own
-  evaluator (``initialize_model``) against the one NUTS runs
-  (:class:`repo.inference.nuts.CachedEnumEvaluator`, under ``jit_compile`` traced with
-  its constants folded by :func:`repo.inference.nuts.traced_potential`), each with and
-  without ``jit_compile``;
+* ``potential_grad_ms``: one potential-and-gradient call for the chains of a batch
+  (``benchmarks/_potential_cost.py``): Pyro's own potential (``initialize_model``)
+  chain by chain, and the batch NUTS runs
+  (:class:`repo.inference.batched_nuts.BatchedPotential`) without and with
+  ``jit_compile``, and the seconds to compile it;
 * ``anchor``: min bulk ESS over annotators per second of the sampler call (warm-up,
-  sampling, tracing or compilation included), wall and CPU seconds, of Pyro's NUTS
-  (``repo.inference.bayes.infer``) and of NumPyro's NUTS on the same model written in
-  NumPyro (``benchmarks/_numpyro_flip.py``), run back to back, and their ratio.
+  sampling, tracing or compilation included), wall and CPU seconds, of our NUTS on
+  the Pyro program (``repo.inference.bayes.infer``, key ``pyro``) and of NumPyro's
+  NUTS on the same model written in NumPyro (``benchmarks/_numpyro_flip.py``), run
+  back to back, and their ratio.
 
 The machine's load average is recorded at the start and the end: on a shared
 machine absolute seconds vary with the load, ratios measured side by side less so.
@@ -48,20 +50,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pyro.distributions as dist
 import torch
 from _numpyro_flip import run_numpyro_nuts
+from _potential_cost import potential_cost
 from _results import record
-from pyro.infer.mcmc.util import initialize_model
-from pyro.ops.integrator import potential_grad
 
 from repo.data.simulate import simulate_labels
-from repo.inference.bayes import BayesSettings, bayesian_copy, infer, summarise_draws
-from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
-from repo.inference.nuts import _potential
+from repo.inference.bayes import BayesSettings, infer, summarise_draws
 from repo.noise import LabelData, SymmetricFlip
 from repo.scorers import FixedLogits
 
@@ -155,29 +153,6 @@ def import_seconds() -> float:
     return _timed([sys.executable, "-c", code], ROOT) - _timed([sys.executable, "-c", ""], ROOT)
 
 
-def gradient_ms(model, logits, data, repeats: int) -> dict:
-    """ms per potential+gradient: Pyro's evaluator and CachedEnumEvaluator, +-jit."""
-    bayes = bayesian_copy(model)
-    out = {}
-    for jit in (False, True):
-        with local_params(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            init, pyro_potential, _, _ = initialize_model(
-                bayes, (logits, data), max_plate_nesting=MAX_PLATE_NESTING, jit_compile=jit,
-                skip_jit_warnings=True,
-            )  # fmt: skip
-            _, cached_potential, _ = _potential(bayes, logits, data, jit)
-            for name, potential in (("pyro", pyro_potential), ("cached", cached_potential)):
-                potential_grad(potential, init)  # traced here under jit
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    potential_grad(potential, init)
-                key = f"{name}_{'jit' if jit else 'no_jit'}"
-                out[key] = 1000 * (time.perf_counter() - start) / repeats
-    out["speedup_jit"] = out["pyro_jit"] / out["cached_jit"]
-    return out
-
-
 def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -185,7 +160,7 @@ def _cpu_seconds() -> float:
 
 
 def in_process(chains: int, warmup: int, draws: int) -> dict:
-    """Phases of the fit in this process, and Pyro's NUTS beside NumPyro's."""
+    """Phases of the fit in this process, and its NUTS beside NumPyro's."""
     from repo.diagnostics.compat import ess_bulk, rhat
     from repo.inference.em import fit_em
 
@@ -240,7 +215,7 @@ def in_process(chains: int, warmup: int, draws: int) -> dict:
         "numpyro_over_pyro_ess_per_cpu_s": sides["numpyro"]["min_ess_per_cpu_s"]
         / sides["pyro"]["min_ess_per_cpu_s"],
     }
-    gradients = gradient_ms(model, scorer(data).detach(), data, repeats=50)
+    gradients = potential_cost(model, scorer(data).detach(), data, chains, repeats=50)
     return {
         "phases_s": phases,
         "enumeration_vectorised": vectorised,

@@ -76,6 +76,7 @@ EXTRA_MODULES = (
     "repo.inference.bayes",
     "repo.inference.laplace",
     "repo.inference.nuts",
+    "repo.inference.batched_nuts",
     "repo.inference.svi",
     "repo.inference.draws",
 )

@@ -353,12 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--chain-processes",
         type=_chain_processes,
         default="auto",
-        help="NUTS chains run at once, each in its own process on one thread (auto: as "
-        "many as there are cores, at most --chains; 1: one after the other in this "
-        "process; each process imports torch and Pyro anew; the draws do not depend on it)",
+        help="processes the NUTS chains are split over, each batch of chains run at once "
+        "on one thread (auto: as many as there are cores, at most --chains; 1: all in this "
+        "process); the draws do not depend on it",
     )
     bayes.add_argument("--seed", type=int, default=0)
-    bayes.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")
+    bayes.add_argument(
+        "--no-jit",
+        action="store_true",
+        help="NUTS without jit_compile: the model's potential and autograd chain by chain "
+        "rather than one compiled graph for a batch of chains (slower; for a potential "
+        "that cannot be traced)",
+    )
     bayes.add_argument("--target-accept", type=float, default=0.8)
     bayes.add_argument("--svi-steps", type=int, default=3000, help="SVI/MAP optimisation steps")
     bayes.add_argument("--idata", default=None, help="also write the ArviZ InferenceData (.nc)")

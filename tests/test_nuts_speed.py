@@ -1,4 +1,4 @@
-"""NUTS's potential (CachedEnumEvaluator) against Pyro's own, and the quick mode of
+"""NUTS's potential (CachedEnumEvaluator, batched and compiled) against Pyro's own, and the quick mode of
 benchmarks/nuts_speed.py (Pyro's NUTS beside NumPyro's on one model)."""
 
 from __future__ import annotations
@@ -21,42 +21,53 @@ from repo.data.simulate import simulate_labels
 from repo.inference.bayes import bayesian_copy
 from repo.inference.em import fit_em
 from repo.inference.enumeration import MAX_PLATE_NESTING, local_params
-from repo.inference.nuts import _potential
+from repo.inference.nuts import _potential, batched_potential
 from repo.noise import LabelData, make_noise_model
+from repo.noise.base import Sizes
 from repo.scorers import FixedLogits
 
 BENCHMARKS = Path(repo.__file__).resolve().parents[1] / "benchmarks"
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("name", ["symmetric", "two-coin", "spammer", "hierarchical", "boltzmann"])
+@pytest.mark.parametrize(
+    "name", ["symmetric", "two-coin", "spammer", "hierarchical", "boltzmann", "glad"]
+)
 @pytest.mark.parametrize("jit", [False, True])
-def test_cached_potential_equals_pyros(name, jit):
-    # The theta-free factors are computed once and the enumerated sum is a direct
-    # logsumexp: value and gradient must be Pyro's, away from the start too.
+def test_batched_potential_equals_pyros(name, jit):
+    # The theta-free factors are computed once, the enumerated sum is a direct
+    # logsumexp and, under jit, the batch's energies and gradients are one compiled
+    # graph: each chain's value and gradient must be Pyro's, away from the start too.
     k = 3
-    sim = simulate_labels(num_items=200, num_annotators=k, shared_truth=False, model=name, seed=3)
+    simulated = "symmetric" if name == "glad" else name
+    sim = simulate_labels(
+        num_items=200, num_annotators=k, shared_truth=False, model=simulated, seed=3
+    )
     data = LabelData.from_labels(sim.annotator, sim.label, num_annotators=k)
     scorer = FixedLogits(torch.as_tensor(sim.scores))
     prior = None
     if name in ("symmetric", "two-coin", "spammer"):
         prior = dist.Beta(torch.tensor(2.0, dtype=F64), torch.tensor(1.0, dtype=F64))
-    model = make_noise_model(name, k, prior=prior)
+    model = make_noise_model(name, Sizes.of(data), prior=prior)
     fit_em(model, scorer, data)
     bayes, logits = bayesian_copy(model), scorer(data).detach()
     with local_params(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        init, pyros, _, _ = initialize_model(
+        _, pyros, _, _ = initialize_model(
             bayes, (logits, data), max_plate_nesting=MAX_PLATE_NESTING
         )
-        _, cached, _ = _potential(bayes, logits, data, jit)
+        initial, potential_fn, _ = _potential(bayes, logits, data, num_chains=2)
+        potential = batched_potential(potential_fn, initial, [0, 1], jit)
+        assert bool(potential.graphs) == jit
         for shift in (0.0, 0.3, -0.7):
-            point = {key: value + shift for key, value in init.items()}
-            expected_grad, expected = potential_grad(pyros, point)
-            grad, value = potential_grad(cached, point)
-            assert torch.allclose(value, expected, rtol=1e-10, atol=1e-9), (shift, value)
-            for key, g in expected_grad.items():
-                assert torch.allclose(grad[key], g, rtol=1e-8, atol=1e-8), (shift, key)
+            z = potential.flatten({key: value + shift for key, value in initial.items()})
+            energy, grad = potential(z)
+            for chain in range(2):
+                point = {n: v[chain].clone() for n, v in potential.unflatten(z).items()}
+                expected_grad, expected = potential_grad(pyros, point)
+                flat = torch.cat([expected_grad[n].reshape(-1) for n in potential.names])
+                assert torch.allclose(energy[chain], expected, rtol=1e-10, atol=1e-9), shift
+                assert torch.allclose(grad[chain], flat, rtol=1e-8, atol=1e-8), shift
 
 
 def load_benchmark(name: str):
@@ -89,9 +100,6 @@ def test_nuts_speed_quick(tmp_path, capsys):
     np.testing.assert_allclose(anchor["pyro"]["eta_mean"], anchor["numpyro"]["eta_mean"], atol=0.03)
     gradients = result["potential_grad_ms"]
     assert set(gradients) == {
-        "pyro_no_jit",
-        "pyro_jit",
-        "cached_no_jit",
-        "cached_jit",
-        "speedup_jit",
-    }
+        "chains", "pyro_ms", "uncompiled_ms", "compiled_ms", "compile_s", "speedup"
+    }  # fmt: skip
+    assert gradients["chains"] == 2 and gradients["compiled_ms"] > 0

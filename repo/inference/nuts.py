@@ -10,16 +10,17 @@ Pyro builds the potential energy ``-log p(theta | o)`` (in unconstrained
 coordinates, log-Jacobian included) from the noise model itself: sites marked
 ``infer={"enumerate": "parallel"}`` are summed out exactly by variable elimination,
 so NUTS never sees a discrete variable (:class:`CachedEnumEvaluator`: Pyro's
-evaluator, with the factors that do not depend on ``theta`` computed once). With
-``jit_compile`` the potential is traced once by the PyTorch JIT, its constant
-operations folded (:func:`traced_potential`).
+evaluator, with the factors that do not depend on ``theta`` computed once).
 
-Chains run one after the other (or ``chain_processes`` at a time, each in its own
-process on one thread, :mod:`repo.inference.processes`; ``"auto"``: one process per
-chain up to the cores this process may use). Forked workers (Linux) run on the
-potential this process traced; fresh ones (elsewhere) are sent the model by value,
-so a class defined in a script, a notebook or on stdin works, and build their own.
-Chain ``c`` is seeded with ``seed + c`` and started from the point estimate (when
+The sampler is Pyro's NUTS algorithm run on a batch of chains at once
+(:mod:`repo.inference.batched_nuts`): with ``jit_compile`` the potential and its
+gradient of every chain of a batch are one call of one compiled graph. The chains
+are split into ``chain_processes`` batches, each in its own process on one thread
+(:mod:`repo.inference.processes`; ``"auto"``: as many as the cores this process may
+use, at most one per chain; 1: one batch in this process). Forked workers (Linux)
+run on the potentials this process compiled; fresh ones (elsewhere) are sent the
+model by value, so a class defined in a script, a notebook or on stdin works, and
+build their own. Chain ``c`` is seeded with ``seed + c`` and started from the point estimate (when
 given) jittered by ``Normal(0, init_jitter^2)`` in unconstrained space, else
 uniformly in ``(-2, 2)`` there (Pyro's default).
 Divergent transitions after warm-up are recorded per draw, never dropped.
@@ -37,13 +38,14 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.infer import MCMC, NUTS, config_enumerate
+from pyro.infer import config_enumerate
 from pyro.infer.mcmc.util import TraceEinsumEvaluator, _PEMaker, initialize_model
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor
 
+from repo.inference.batched_nuts import BatchedNUTS, BatchedPotential
 from repo.inference.draws import PosteriorDraws
 from repo.inference.enumeration import MAX_PLATE_NESTING, BroadcastLogRing, local_params
 from repo.inference.processes import default_start, map_in_processes
@@ -61,51 +63,6 @@ INIT_BOUND = 6.0
 
 class DivergenceWarning(UserWarning):
     """NUTS reported divergent transitions: the posterior summaries may be biased."""
-
-
-class CountingNUTS(NUTS):
-    """Pyro's NUTS that counts each iteration's leapfrog steps (``num_steps``): its
-    tree depth is ``ceil(log2(num_steps + 1))``, as Stan reports ``treedepth__``."""
-
-    num_steps = 0
-
-    def sample(self, params):
-        self.num_steps = 0
-        return super().sample(params)
-
-    def _build_basetree(self, *args, **kwargs):
-        self.num_steps += 1
-        return super()._build_basetree(*args, **kwargs)
-
-
-class PreconditionedNUTS(CountingNUTS):
-    """NUTS whose diagonal inverse mass matrix starts at given values.
-
-    :param inverse_mass: site name -> unconstrained variances (the site's shape),
-        e.g. from the Laplace approximation at the EM estimate; sites not given
-        start at 1. With ``adapt_mass_matrix=False`` warm-up only tunes the step size.
-    """
-
-    def __init__(self, *args, inverse_mass: dict[str, Tensor], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.initial_inverse_mass = inverse_mass
-
-    def _initialize_adapter(self) -> None:
-        super()._initialize_adapter()
-        adapter = self._adapter.mass_matrix_adapter
-        current = dict(adapter.inverse_mass_matrix)
-        for sites, matrix in current.items():
-            if matrix.dim() != 1:  # dense blocks keep Pyro's start
-                continue
-            parts = []
-            for name in sites:
-                ones = torch.ones_like(self.initial_params[name]).reshape(-1)
-                value = self.initial_inverse_mass.get(name)
-                parts.append(ones if value is None else value.reshape(-1).to(ones))
-            current[sites] = torch.cat(parts)
-        adapter.inverse_mass_matrix = current
-        if self._adapter.adapt_step_size:
-            self._adapter.reset_step_size_adaptation(self._initial_params)
 
 
 def available_cores() -> int:
@@ -140,13 +97,6 @@ def check_sampler_settings(num_chains: int, warmup: int, draws: int, data: Label
             f"too few labels for a chain: {data.num_labels} label(s); the posterior would "
             "be the prior"
         )
-
-
-def _kernel(potential_fn, transforms, options: dict, inverse_mass: dict | None) -> NUTS:
-    options = dict(options, potential_fn=potential_fn, transforms=transforms)
-    if inverse_mass:
-        return PreconditionedNUTS(inverse_mass=inverse_mass, **options)
-    return CountingNUTS(**options)
 
 
 class CachedEnumEvaluator(TraceEinsumEvaluator):
@@ -214,12 +164,11 @@ class CachedEnumEvaluator(TraceEinsumEvaluator):
         return contract_to_tensor(log_probs, self._enum_dims, ring=ring)
 
 
-def _potential(
-    bayes_model: NoiseModel, logits: Tensor, data: LabelData, jit_compile: bool, num_chains: int = 1
-):
+def _potential(bayes_model: NoiseModel, logits: Tensor, data: LabelData, num_chains: int = 1):
     """Initial values (a leading chain dim), potential energy and transforms of
     ``p(theta | o)``: Pyro's ``initialize_model`` for the start and the transforms,
-    the potential from :class:`CachedEnumEvaluator` (discrete sites enumerated out)."""
+    the potential (one chain) from :class:`CachedEnumEvaluator` (discrete sites
+    enumerated out)."""
     args = (logits, data)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -242,104 +191,93 @@ def _potential(
     constrained = {k: transforms[k].inv(v) for k, v in point.items()}
     evaluator.probe(poutine.trace(poutine.condition(enumerated, constrained)).get_trace(*args))
     maker = _PEMaker(enumerated, args, {}, evaluator, transforms)
-    if jit_compile:
-        return initial, traced_potential(maker._potential_fn, point), transforms
     return initial, maker.get_potential_fn(False), transforms
 
 
-def traced_potential(potential_fn, point: dict[str, Tensor]):
-    """``potential_fn`` (site name -> unconstrained value, to the potential energy)
-    traced once at ``point`` by :func:`torch.jit.trace` into a graph of tensor
-    operations, with the operations that depend on no input folded into constants
-    (TorchScript's constant propagation and dead-code elimination: a Pyro program
-    recomputes, e.g., its plates' index ranges and the enumerated values at every
-    call). Pyro's ``jit_compile`` traces the same function at its first call,
-    without the folding."""
-    names = sorted(point)
-
-    def flat(*values: Tensor) -> Tensor:
-        return potential_fn(dict(zip(names, values, strict=True)))
-
-    example = tuple(point[name].detach() for name in names)
-    with pyro.validation_enabled(False), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(flat, example, check_trace=False)
-    graph = traced.graph
-    torch._C._jit_pass_constant_propagation(graph)
-    torch._C._jit_pass_dce(graph)
-
-    def potential(params: dict[str, Tensor]) -> Tensor:
-        return traced(*(params[name] for name in names))
-
+def batched_potential(
+    potential_fn, initial: dict[str, Tensor], chains: list[int], jit_compile: bool
+) -> BatchedPotential:
+    """The potential of ``chains`` (indices into ``initial``'s chain dim) batched,
+    compiled under ``jit_compile`` and checked at their starts."""
+    point = {k: v[chains[0]].detach() for k, v in initial.items()}
+    potential = BatchedPotential(potential_fn, point, len(chains), compile=jit_compile)
+    potential.check(potential.flatten({k: v[chains] for k, v in initial.items()}))
     return potential
 
 
-def _run_chain(
-    potential_fn,
+SAMPLER_OPTIONS = ("step_size", "adapt_step_size", "adapt_mass_matrix")
+"""The ``kernel_options`` :class:`~repo.inference.batched_nuts.BatchedNUTS` takes."""
+
+
+def _run_chains(
+    potential: BatchedPotential,
     transforms,
-    initial: dict[str, Tensor],
+    start: dict[str, Tensor],
     *,
-    seed: int,
+    seeds: list[int],
     warmup: int,
     draws: int,
     options: dict,
     inverse_mass: dict | None,
     progress: bool,
-) -> tuple[dict[str, np.ndarray], dict[str, list[float]], float, float]:
-    """One chain: its draws, per-draw statistics, and warm-up and sampling seconds."""
-    pyro.set_rng_seed(seed)
-    kernel = _kernel(potential_fn, transforms, options, inverse_mass)
-    record: dict[str, list[float]] = {
-        "diverging": [], "lp": [], "step_size": [], "n_steps": [], "tree_depth": []
-    }  # fmt: skip
-    clock = {"start": time.perf_counter(), "sampling": None}
-
-    def hook(kernel, params, stage, i):
-        if stage != "Sample":
-            return
-        if clock["sampling"] is None:
-            clock["sampling"] = time.perf_counter()
-        diverged = len(kernel._divergences) > sum(record["diverging"])
-        record["diverging"].append(float(diverged))
-        record["lp"].append(-float(kernel._potential_energy_last))
-        record["step_size"].append(float(kernel.step_size))
-        record["n_steps"].append(float(kernel.num_steps))
-        record["tree_depth"].append(float(np.ceil(np.log2(kernel.num_steps + 1))))
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        mcmc = MCMC(
-            kernel,
-            num_samples=draws,
-            warmup_steps=warmup,
-            initial_params=initial,
-            transforms=transforms,
-            hook_fn=hook,
-            disable_progbar=not progress,
+) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, float]]:
+    """The chains of one batch (``start``: their unconstrained starts, a leading chain
+    dim): each chain's constrained draws, per-draw statistics, and the batch's warm-up
+    and sampling seconds."""
+    mass = None
+    if inverse_mass:  # sites not given start at 1
+        mass = torch.cat(
+            [
+                torch.as_tensor(inverse_mass[name], dtype=torch.float64).reshape(-1)
+                if name in inverse_mass
+                else torch.ones(size, dtype=torch.float64)
+                for name, size in zip(potential.names, potential.sizes, strict=True)
+            ]
         )
-        mcmc.run()
-    end = time.perf_counter()
-    first = clock["sampling"] or end
-    samples = {k: v.detach().numpy().astype(np.float64) for k, v in mcmc.get_samples().items()}
-    return samples, record, first - clock["start"], end - first
+    sampler = BatchedNUTS(potential, seeds, inverse_mass=mass, **options)
+    run = sampler.run(potential.flatten(start), warmup, draws, progress=progress)
+    values = potential.unflatten(run["samples"])
+    constrained = {k: transforms[k].inv(v).detach().numpy() for k, v in values.items()}
+    return [
+        (
+            {k: v[c] for k, v in constrained.items()},
+            {k: v[c] for k, v in run["stats"].items()},
+            run["warmup"],
+            run["sampling"],
+        )
+        for c in range(len(seeds))
+    ]
 
 
-def _chain_forked(potential_fn, transforms, job: tuple[dict, dict]) -> tuple:
-    """A chain in a forked worker, on the potential this process built: ``job`` is the
-    chain's start and its :func:`_run_chain` keywords."""
-    torch.set_num_threads(1)  # one core per chain
-    start, chain = job
-    return _run_chain(potential_fn, transforms, start, **chain)
+def _chains_forked(potentials: dict[int, BatchedPotential], transforms, job: tuple) -> list:
+    """A batch of chains in a forked worker, on a potential this process compiled for
+    its size: ``job`` is the batch's starts and its :func:`_run_chains` keywords."""
+    torch.set_num_threads(1)  # one core per batch
+    start, batch = job
+    return _run_chains(potentials[len(batch["seeds"])], transforms, start, **batch)
 
 
-def _chain_in_process(job: dict) -> tuple:
-    """A chain in a fresh worker process: the potential is built (and traced) there."""
-    torch.set_num_threads(1)  # one core per chain
+def _chains_in_process(job: dict) -> list:
+    """A batch of chains in a fresh worker process: the potential is built (and
+    compiled) there."""
+    torch.set_num_threads(1)  # one core per batch
     with local_params():
-        _, potential_fn, transforms = _potential(
-            job["model"], job["logits"], job["data"], job["jit_compile"]
+        initial, potential_fn, transforms = _potential(job["model"], job["logits"], job["data"])
+        chains = list(range(len(job["batch"]["seeds"])))
+        start = job["start"]
+        potential = batched_potential(potential_fn, start, chains, job["jit_compile"])
+        return _run_chains(potential, transforms, start, **job["batch"])
+
+
+def _sampler_options(kernel_options: dict) -> dict:
+    """``kernel_options`` checked against :data:`SAMPLER_OPTIONS`."""
+    unknown = sorted(set(kernel_options) - set(SAMPLER_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown NUTS kernel option(s) {', '.join(unknown)}; the sampler takes "
+            f"{', '.join(SAMPLER_OPTIONS)}"
         )
-        return _run_chain(potential_fn, transforms, job["initial"], **job["chain"])
+    return dict(kernel_options)
 
 
 def _warm_diagnostics() -> None:
@@ -376,15 +314,20 @@ def run_nuts(
     :param logits: ``(I,)`` fixed preference logits of the truth units.
     :param init: point values (constrained) by site name to start the chains near.
     :param inverse_mass: unconstrained variances by site name to start the diagonal
-        inverse mass matrix at (:class:`PreconditionedNUTS`).
+        inverse mass matrix at (e.g. the Laplace approximation's at the estimate;
+        sites not given start at 1).
     :param adapt_mass_matrix: adapt the mass matrix in warm-up windows (Stan's
         schedule); without it warm-up tunes only the step size.
-    :param kernel_options: further keyword arguments of :class:`pyro.infer.NUTS`
-        (e.g. ``step_size``, ``adapt_step_size``, ``adapt_mass_matrix``).
-    :param chain_processes: chains run at once, each in its own process on one
-        thread (1: one after another in this process; ``"auto"``:
-        :func:`resolve_chain_processes`). A chain's draws depend only on its seed,
-        so the result does not depend on this number.
+    :param jit_compile: run the potential and its gradient as one compiled graph
+        over the batch (:class:`~repo.inference.batched_nuts.BatchedPotential`);
+        without it, Pyro's potential and autograd chain by chain (slow; for a model
+        whose potential cannot be traced).
+    :param kernel_options: ``step_size`` (the initial step size), ``adapt_step_size``
+        or ``adapt_mass_matrix`` of :class:`~repo.inference.batched_nuts.BatchedNUTS`.
+    :param chain_processes: processes the chains are split over, each batch of
+        chains run at once in its own process on one thread (1: all in this
+        process; ``"auto"``: :func:`resolve_chain_processes`). A chain's draws
+        depend only on its seed, so the result does not depend on this number.
     :returns: draws ``(num_chains, draws, ...)`` with per-draw ``diverging``,
         ``lp`` (log density in unconstrained space), ``step_size``, ``n_steps``
         (leapfrog steps) and ``tree_depth``.
@@ -396,9 +339,7 @@ def run_nuts(
     start = time.perf_counter()
     pyro.set_rng_seed(seed)
     with local_params():
-        initial, potential_fn, transforms = _potential(
-            bayes_model, logits, data, jit_compile, num_chains
-        )
+        initial, potential_fn, transforms = _potential(bayes_model, logits, data, num_chains)
         if init:
             generator = torch.Generator().manual_seed(seed)
             for name, value in init.items():
@@ -409,35 +350,43 @@ def run_nuts(
                         (num_chains, *centre.shape), generator=generator, dtype=torch.float64
                     )
                     initial[name] = centre + init_jitter * noise
-        starts = [{k: v[chain] for k, v in initial.items()} for chain in range(num_chains)]
-        options = dict(
-            target_accept_prob=target_accept,
-            max_tree_depth=max_tree_depth,
-            adapt_mass_matrix=adapt_mass_matrix,
-            **(kernel_options or {}),
-        )
-        jobs = [
-            {
-                "seed": seed + chain,
-                "warmup": warmup,
-                "draws": draws,
-                "options": options,
-                "inverse_mass": inverse_mass,
-                "progress": progress,
-            }
-            for chain in range(num_chains)
+        options = {"max_tree_depth": max_tree_depth, "target_accept": target_accept}
+        options["adapt_mass_matrix"] = adapt_mass_matrix
+        options.update(_sampler_options(kernel_options or {}))
+        batches = [
+            chains.tolist()
+            for chains in np.array_split(np.arange(num_chains), min(chain_processes, num_chains))
         ]
+        jobs = [
+            (
+                {k: v[chains] for k, v in initial.items()},
+                {
+                    "seeds": [seed + chain for chain in chains],
+                    "warmup": warmup,
+                    "draws": draws,
+                    "options": options,
+                    "inverse_mass": inverse_mass,
+                    "progress": progress,
+                },
+            )
+            for chains in batches
+        ]
+        if chain_processes == 1 or default_start() == "fork":
+            # compiled here, once per batch size; forked workers inherit them
+            potentials = {}
+            for chains in batches:
+                if len(chains) not in potentials:
+                    potentials[len(chains)] = batched_potential(
+                        potential_fn, initial, chains, jit_compile
+                    )
         seconds = {"setup": time.perf_counter() - start, "warmup": 0.0, "sampling": 0.0}
         if chain_processes == 1:
-            results = [
-                _run_chain(potential_fn, transforms, chain_start, **job)
-                for chain_start, job in zip(starts, jobs, strict=True)
-            ]
-        elif default_start() == "fork":  # the workers inherit the traced potential
-            chain = partial(_chain_forked, potential_fn, transforms)
-            results = map_in_processes(
-                chain,
-                list(zip(starts, jobs, strict=True)),
+            chain_start, batch = jobs[0]
+            grouped = [_run_chains(potentials[num_chains], transforms, chain_start, **batch)]
+        elif default_start() == "fork":
+            grouped = map_in_processes(
+                partial(_chains_forked, potentials, transforms),
+                jobs,
                 chain_processes,
                 start="fork",
                 meanwhile=_warm_diagnostics,
@@ -449,19 +398,20 @@ def run_nuts(
                     "logits": logits,
                     "data": data,
                     "jit_compile": jit_compile,
-                    "initial": chain_start,
-                    "chain": job,
+                    "start": chain_start,
+                    "batch": batch,
                 }
-                for chain_start, job in zip(starts, jobs, strict=True)
+                for chain_start, batch in jobs
             ]
-            results = map_in_processes(
-                _chain_in_process,
+            grouped = map_in_processes(
+                _chains_in_process,
                 payloads,
                 chain_processes,
                 start="fresh",
                 meanwhile=_warm_diagnostics,
             )
-    for _, _, warmup_s, sampling_s in results:
+    results = [chain for batch in grouped for chain in batch]
+    for (_, _, warmup_s, sampling_s), *_ in grouped:
         seconds["warmup"] += warmup_s
         seconds["sampling"] += sampling_s
     seconds["total"] = time.perf_counter() - start
