@@ -154,3 +154,19 @@ def test_unknown_kernel_options_are_errors():
             draws=5,
             kernel_options={"full_mass": True},
         )
+
+
+def test_a_branch_on_parameter_values_is_caught_at_the_starts():
+    # The record holds the branch taken at its point; a start on the other side gets
+    # a different potential, which the check refuses.
+    def energy(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = params["x"]
+        return (x**2).sum() if bool(x.sum() > 0) else 10 * (x**2).sum()
+
+    potential = BatchedPotential(energy, {"x": torch.ones(2, dtype=F64)}, 2)
+    potential.check(torch.tensor([[1.0, 2.0], [0.5, 0.1]], dtype=F64))
+    with pytest.raises(RuntimeError, match="jit_compile=False"):
+        potential.check(torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=F64))
+    uncompiled = BatchedPotential(energy, {"x": torch.ones(2, dtype=F64)}, 2, compile=False)
+    energy_values, _ = uncompiled(torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=F64))
+    torch.testing.assert_close(energy_values, torch.tensor([5.0, 50.0], dtype=F64))
