@@ -26,9 +26,10 @@ Welford variances of each slow window regularised as Stan's
 (:class:`~pyro.ops.welford.WelfordCovariance`) as the next ``M^{-1}``, and the
 step-size search of :class:`~pyro.infer.mcmc.HMC` at the start and after each window.
 
-Chain ``c`` draws all its randomness from its own generator (seeded ``seeds[c]``),
-the same count of numbers at every iteration whatever the other chains do, so its
-draws depend on its seed and not on which chains share its batch.
+Chain ``c`` draws all its randomness from its own generator (seeded ``seeds[c]``):
+a fixed count of numbers at every transition, and fresh momenta only for its own
+step-size searches, whatever the other chains do, so its draws depend on its seed
+and not on which chains share its batch.
 """
 
 from __future__ import annotations
