@@ -44,7 +44,7 @@ def potential_cost(model, logits, data, chains: int, repeats: int = 20) -> dict:
         )
         for jit in (False, True):
             start = time.perf_counter()
-            potential = batched_potential(potential_fn, initial, batch, jit)
+            potential = batched_potential(potential_fn, initial, [batch], jit)
             z = potential.flatten(initial)
             potential(z)
             if jit:

@@ -31,17 +31,17 @@ def gaussian_energy(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return 0.5 * (((x - MU) / SD) ** 2).sum() + 0.5 * (y**2).sum() + 0.5 * s**2
 
 
-def gaussian_potential(num_chains: int, compile: bool = True) -> BatchedPotential:
+def gaussian_potential(compile: bool = True) -> BatchedPotential:
     point = {
         "x": torch.zeros(3, dtype=F64),
         "y": torch.zeros(2, 2, dtype=F64),
         "s": torch.zeros((), dtype=F64),
     }
-    return BatchedPotential(gaussian_energy, point, num_chains, compile=compile)
+    return BatchedPotential(gaussian_energy, point, compile=compile)
 
 
 def test_potential_layout_and_compiled_values():
-    potential = gaussian_potential(3)
+    potential = gaussian_potential()
     assert (potential.names, potential.dim) == (["s", "x", "y"], 8)
     z = torch.randn(3, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
     values = potential.unflatten(z)
@@ -58,7 +58,7 @@ def test_potential_layout_and_compiled_values():
 
 
 def test_gaussian_moments_and_adapted_metric():
-    potential = gaussian_potential(4)
+    potential = gaussian_potential()
     sampler = BatchedNUTS(potential, seeds=[0, 1, 2, 3])
     start = torch.randn(4, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
     run = sampler.run(start, warmup=400, draws=1500)
@@ -82,15 +82,15 @@ def test_gaussian_moments_and_adapted_metric():
 
 def test_a_chains_draws_do_not_depend_on_its_batch():
     start = torch.randn(3, 8, dtype=F64, generator=torch.Generator().manual_seed(2))
-    together = BatchedNUTS(gaussian_potential(3), seeds=[5, 6, 7]).run(start, 60, 40)
-    alone = BatchedNUTS(gaussian_potential(1), seeds=[6]).run(start[1:2], 60, 40)
+    together = BatchedNUTS(gaussian_potential(), seeds=[5, 6, 7]).run(start, 60, 40)
+    alone = BatchedNUTS(gaussian_potential(), seeds=[6]).run(start[1:2], 60, 40)
     torch.testing.assert_close(together["samples"][1], alone["samples"][0], rtol=0, atol=1e-10)
     for key, value in alone["stats"].items():
         np.testing.assert_allclose(together["stats"][key][1], value[0], atol=1e-10)
 
 
 def test_tree_depth_is_capped():
-    potential = gaussian_potential(2)
+    potential = gaussian_potential()
     sampler = BatchedNUTS(potential, seeds=[0, 1], max_tree_depth=2, step_size=0.01)
     sampler.adapt_step_size = False
     run = sampler.run(torch.zeros(2, 8, dtype=F64), warmup=0, draws=20)
@@ -100,7 +100,7 @@ def test_tree_depth_is_capped():
 def test_uncompiled_sampler_draws_as_the_compiled_one():
     start = torch.randn(2, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
     runs = [
-        BatchedNUTS(gaussian_potential(2, compile=compile), seeds=[1, 2]).run(start, 30, 20)
+        BatchedNUTS(gaussian_potential(compile=compile), seeds=[1, 2]).run(start, 30, 20)
         for compile in (True, False)
     ]
     torch.testing.assert_close(runs[0]["samples"], runs[1]["samples"], rtol=0, atol=1e-8)
@@ -163,10 +163,10 @@ def test_a_branch_on_parameter_values_is_caught_at_the_starts():
         x = params["x"]
         return (x**2).sum() if bool(x.sum() > 0) else 10 * (x**2).sum()
 
-    potential = BatchedPotential(energy, {"x": torch.ones(2, dtype=F64)}, 2)
+    potential = BatchedPotential(energy, {"x": torch.ones(2, dtype=F64)})
     potential.check(torch.tensor([[1.0, 2.0], [0.5, 0.1]], dtype=F64))
     with pytest.raises(RuntimeError, match="jit_compile=False"):
         potential.check(torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=F64))
-    uncompiled = BatchedPotential(energy, {"x": torch.ones(2, dtype=F64)}, 2, compile=False)
+    uncompiled = BatchedPotential(energy, {"x": torch.ones(2, dtype=F64)}, compile=False)
     energy_values, _ = uncompiled(torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=F64))
     torch.testing.assert_close(energy_values, torch.tensor([5.0, 50.0], dtype=F64))

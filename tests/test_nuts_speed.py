@@ -57,7 +57,7 @@ def test_batched_potential_equals_pyros(name, jit):
             bayes, (logits, data), max_plate_nesting=MAX_PLATE_NESTING
         )
         initial, potential_fn, _ = _potential(bayes, logits, data, num_chains=2)
-        potential = batched_potential(potential_fn, initial, [0, 1], jit)
+        potential = batched_potential(potential_fn, initial, [[0, 1]], jit)
         assert bool(potential.graphs) == jit
         for shift in (0.0, 0.3, -0.7):
             z = potential.flatten({key: value + shift for key, value in initial.items()})

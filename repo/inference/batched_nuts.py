@@ -69,7 +69,8 @@ class BatchedPotential:
     :func:`torch.func.grad_and_value`, a leapfrog step is built around it, and the
     whole is recorded again and run by :func:`torch.jit.trace`: one call moves ``n``
     chains one step and returns their energies and gradients, with no autograd
-    engine at run time (a graph per ``n``, built at its first use). Shapes and any
+    engine at run time (a graph per ``n``, built at its first use and kept, so a
+    process that forks after a check hands its compiled graphs to the workers). Shapes and any
     value-dependent branches are those at ``point``, as under any trace. Without it
     each chain is one call of ``potential_fn`` and autograd (Pyro's
     ``potential_grad``).
@@ -82,21 +83,16 @@ class BatchedPotential:
     :param point: a value of each site (one chain): names, shapes, trace point.
     """
 
-    def __init__(
-        self, potential_fn, point: dict[str, Tensor], num_chains: int, compile: bool = True
-    ) -> None:
+    def __init__(self, potential_fn, point: dict[str, Tensor], compile: bool = True) -> None:
         self.potential_fn = potential_fn
         self.names = sorted(point)
         self.shapes = [tuple(point[name].shape) for name in self.names]
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.dim = sum(self.sizes)
-        self.num_chains = num_chains
         self.example = tuple(point[name].detach().clone() for name in self.names)
         self.compile = compile
         self.program = self._record() if compile else None
         self.graphs: dict[int, torch.jit.ScriptModule] = {}
-        if compile:
-            self._graph(num_chains)
 
     def _record(self):
         """The potential's tensor operations at the example point (one chain)."""
@@ -152,7 +148,7 @@ class BatchedPotential:
 
     def flatten(self, values: dict[str, Tensor]) -> Tensor:
         """Site name -> ``(C, *shape)`` to flat ``(C, D)`` coordinates."""
-        return torch.cat([values[name].reshape(self.num_chains, -1) for name in self.names], -1)
+        return torch.cat([values[name].reshape(len(values[name]), -1) for name in self.names], -1)
 
     def leapfrog(
         self,
@@ -226,7 +222,12 @@ def _velocity_verlet(potential, z, r, grad, step, inverse_mass):
     z = z + step * inverse_mass * r
     energy, grad = potential(z)
     r = r - 0.5 * step * grad
-    return z, r, grad, energy, 0.5 * (r * inverse_mass * r).sum(-1)
+    return z, r, grad, energy, _kinetic_energy(r, inverse_mass)
+
+
+def _kinetic_energy(r: Tensor, inverse_mass: Tensor) -> Tensor:
+    """``r^T M^{-1} r / 2`` for each chain, ``M^{-1} = diag(inverse_mass)``."""
+    return 0.5 * (r * inverse_mass * r).sum(-1)
 
 
 @dataclass
@@ -256,7 +257,7 @@ class BatchedNUTS:
     """NUTS on ``C`` chains at once; see the module docstring.
 
     :param potential: the chains' :class:`BatchedPotential`.
-    :param seeds: one seed per chain.
+    :param seeds: one seed per chain (``C`` of them).
     :param inverse_mass: ``(D,)`` or ``(C, D)`` initial diagonal of ``M^{-1}``
         (default ones).
     :param step_size: initial step size (searched from it when adapted).
@@ -274,26 +275,25 @@ class BatchedNUTS:
         adapt_mass_matrix: bool = True,
         inverse_mass: Tensor | None = None,
     ) -> None:
-        if len(seeds) != potential.num_chains:
-            raise ValueError(f"{potential.num_chains} chains need as many seeds, got {seeds}")
         self.potential = potential
+        self.num_chains = len(seeds)
         self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         self.target_accept = target_accept
         self.max_tree_depth = max_tree_depth
         self.adapt_step_size = adapt_step_size
         self.adapt_mass_matrix = adapt_mass_matrix
-        shape = (potential.num_chains, potential.dim)
+        shape = (self.num_chains, potential.dim)
         ones = torch.ones(shape, dtype=torch.float64)
         self.inverse_mass = ones if inverse_mass is None else inverse_mass.expand(shape).clone()
-        self.step_size = torch.full((potential.num_chains,), float(step_size), dtype=torch.float64)
+        self.step_size = torch.full((self.num_chains,), float(step_size), dtype=torch.float64)
 
     # -- randomness, chain by chain ------------------------------------------------
 
     def _normals(self, chains: list[int] | None = None) -> Tensor:
         """Standard normals ``(C, D)`` from each listed chain's generator (zeros for
         the others)."""
-        out = torch.zeros(self.potential.num_chains, self.potential.dim, dtype=torch.float64)
-        for c in range(self.potential.num_chains) if chains is None else chains:
+        out = torch.zeros(self.num_chains, self.potential.dim, dtype=torch.float64)
+        for c in range(self.num_chains) if chains is None else chains:
             out[c] = torch.randn(self.potential.dim, generator=self.generators[c], dtype=out.dtype)
         return out
 
@@ -309,7 +309,7 @@ class BatchedNUTS:
     # -- dynamics ----------------------------------------------------------------
 
     def _kinetic(self, r: Tensor) -> Tensor:
-        return 0.5 * (r * self.inverse_mass * r).sum(-1)
+        return _kinetic_energy(r, self.inverse_mass)
 
     def _leapfrog(self, z: Tensor, r: Tensor, grad: Tensor, step: Tensor, active: Tensor):
         """One velocity-Verlet step of signed size ``step`` ``(C, 1)`` (the

@@ -195,13 +195,15 @@ def _potential(bayes_model: NoiseModel, logits: Tensor, data: LabelData, num_cha
 
 
 def batched_potential(
-    potential_fn, initial: dict[str, Tensor], chains: list[int], jit_compile: bool
+    potential_fn, initial: dict[str, Tensor], batches: list[list[int]], jit_compile: bool
 ) -> BatchedPotential:
-    """The potential of ``chains`` (indices into ``initial``'s chain dim) batched,
-    compiled under ``jit_compile`` and checked at their starts."""
-    point = {k: v[chains[0]].detach() for k, v in initial.items()}
-    potential = BatchedPotential(potential_fn, point, len(chains), compile=jit_compile)
-    potential.check(potential.flatten({k: v[chains] for k, v in initial.items()}))
+    """The batched potential, compiled under ``jit_compile`` and checked at the starts
+    of each batch of chains (indices into ``initial``'s chain dim), which compiles its
+    graph for each batch size here."""
+    point = {k: v[batches[0][0]].detach() for k, v in initial.items()}
+    potential = BatchedPotential(potential_fn, point, compile=jit_compile)
+    for chains in batches:
+        potential.check(potential.flatten({k: v[chains] for k, v in initial.items()}))
     return potential
 
 
@@ -249,12 +251,12 @@ def _run_chains(
     ]
 
 
-def _chains_forked(potentials: dict[int, BatchedPotential], transforms, job: tuple) -> list:
-    """A batch of chains in a forked worker, on a potential this process compiled for
-    its size: ``job`` is the batch's starts and its :func:`_run_chains` keywords."""
+def _chains_forked(potential: BatchedPotential, transforms, job: tuple) -> list:
+    """A batch of chains in a forked worker, on the potential this process compiled:
+    ``job`` is the batch's starts and its :func:`_run_chains` keywords."""
     torch.set_num_threads(1)  # one core per batch
     start, batch = job
-    return _run_chains(potentials[len(batch["seeds"])], transforms, start, **batch)
+    return _run_chains(potential, transforms, start, **batch)
 
 
 def _chains_in_process(job: dict) -> list:
@@ -262,10 +264,10 @@ def _chains_in_process(job: dict) -> list:
     compiled) there."""
     torch.set_num_threads(1)  # one core per batch
     with local_params():
-        initial, potential_fn, transforms = _potential(job["model"], job["logits"], job["data"])
-        chains = list(range(len(job["batch"]["seeds"])))
+        _, potential_fn, transforms = _potential(job["model"], job["logits"], job["data"])
         start = job["start"]
-        potential = batched_potential(potential_fn, start, chains, job["jit_compile"])
+        chains = list(range(len(job["batch"]["seeds"])))
+        potential = batched_potential(potential_fn, start, [chains], job["jit_compile"])
         return _run_chains(potential, transforms, start, **job["batch"])
 
 
@@ -372,20 +374,15 @@ def run_nuts(
             for chains in batches
         ]
         if chain_processes == 1 or default_start() == "fork":
-            # compiled here, once per batch size; forked workers inherit them
-            potentials = {}
-            for chains in batches:
-                if len(chains) not in potentials:
-                    potentials[len(chains)] = batched_potential(
-                        potential_fn, initial, chains, jit_compile
-                    )
+            # compiled here for each batch size; forked workers inherit it
+            potential = batched_potential(potential_fn, initial, batches, jit_compile)
         seconds = {"setup": time.perf_counter() - start, "warmup": 0.0, "sampling": 0.0}
         if chain_processes == 1:
             chain_start, batch = jobs[0]
-            grouped = [_run_chains(potentials[num_chains], transforms, chain_start, **batch)]
+            grouped = [_run_chains(potential, transforms, chain_start, **batch)]
         elif default_start() == "fork":
             grouped = map_in_processes(
-                partial(_chains_forked, potentials, transforms),
+                partial(_chains_forked, potential, transforms),
                 jobs,
                 chain_processes,
                 start="fork",
