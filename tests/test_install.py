@@ -27,7 +27,7 @@ import pytest
 import repo
 
 ROOT = Path(repo.__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "repo", "models")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "repo", "models")
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
@@ -100,8 +100,22 @@ def test_the_wheel_carries_every_module_and_the_models_folder(wheel):
     }
     assert "repo/models/tiny-llama/model.safetensors" in models
     assert not models - names, sorted(models - names)
+    for source in ("pandalm", "hh-rlhf"):  # the shipped data, each with its licence
+        assert f"repo/resources/data/{source}/LICENSE" in names
     assert "repo/resources/data/pandalm/testset-v1.json" in names
+    assert "repo/resources/data/hh-rlhf/subsample.jsonl.gz" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_the_wheel_states_its_licence(wheel):
+    """The project's licence as an SPDX expression (core metadata 2.4), and its text."""
+    archive = zipfile.ZipFile(wheel)
+    (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    fields = archive.read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in fields
+    assert "License-File: LICENSE" in fields
+    licence = metadata.replace("METADATA", "licenses/LICENSE")
+    assert "Apache License" in archive.read(licence).decode()
 
 
 @pytest.mark.slow
