@@ -32,7 +32,8 @@ pass: every E-step is out of sample) and the default four epochs.
     python examples/noise_sweep.py --hh-rlhf --out docs/experiments    # SmolLM2 on HH-RLHF
 
 The grid writes ``noise-sweep.csv`` (one row a run), ``noise-sweep-table.md`` and
-``noise-sweep.png`` (``-epochs1`` before the suffix for one pass); ``--settings``
+``noise-sweep.png`` (``-epochs1`` before the suffix for one pass; ``--pairs N``, another
+number of training pairs than 512, puts ``-pairsN`` before that); ``--settings``
 runs a part of the grid and ``--append`` keeps the CSV's rows and skips the runs
 already in it (so several processes can share a grid); ``--targets`` writes
 ``noise-sweep-targets.md`` from the two regimes' CSVs (RE-X against X and eta against
@@ -746,9 +747,11 @@ def parse_setting(text: str) -> tuple[str, float]:
     return noise, value
 
 
-def stem_for(quick: bool, epochs: int) -> str:
-    """File stem: ``noise-sweep``, ``-quick`` for the small grid, ``-epochs{N}`` off 4 epochs."""
+def stem_for(quick: bool, epochs: int, pairs: int | None = None) -> str:
+    """File stem: ``noise-sweep``, ``-quick`` for the small grid, ``-pairs{N}`` off the
+    grid's training pairs, ``-epochs{N}`` off 4 epochs."""
     stem = "noise-sweep" + ("-quick" if quick else "")
+    stem += "" if pairs is None else f"-pairs{pairs}"
     return stem + ("" if epochs == EPOCHS else f"-epochs{epochs}")
 
 
@@ -773,6 +776,11 @@ def main(argv: list[str] | None = None) -> dict:
         nargs="+",
         help="run only these methods, e.g. DPO RE-DPO, or variants of them with fields set, "
         "e.g. 'RE-CPO em.epoch_m_step=true' (section em, loss or noise; TOML values)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        help="training pairs per seed (default 512); files get -pairs{N} in their names",
     )
     parser.add_argument(
         "--append", action="store_true", help="keep the CSV's rows; skip the runs already in it"
@@ -800,11 +808,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.targets:
         regimes = {}
         for epochs, label in ((1, "one pass"), (EPOCHS, f"{EPOCHS} epochs")):
-            path = args.out / f"{stem_for(args.quick, epochs)}.csv"
+            path = args.out / f"{stem_for(args.quick, epochs, args.pairs)}.csv"
             if path.exists():
                 regimes[label] = complete(pd.read_csv(path), args.min_seeds)
         table = targets_table(regimes)
-        (args.out / f"{stem_for(args.quick, EPOCHS)}-targets.md").write_text(table)
+        (args.out / f"{stem_for(args.quick, EPOCHS, args.pairs)}-targets.md").write_text(table)
         print(table)
         return {"experiment": "noise_sweep_targets", "regimes": list(regimes)}
     grid = QUICK if args.quick else Grid()
@@ -812,6 +820,8 @@ def main(argv: list[str] | None = None) -> dict:
     grid = dataclasses.replace(grid, optim={**grid.optim, "epochs": epochs})
     if args.seeds:
         grid = dataclasses.replace(grid, seeds=tuple(args.seeds))
+    if args.pairs:
+        grid = dataclasses.replace(grid, num_pairs=args.pairs)
     if args.settings:
         grid = dataclasses.replace(grid, settings=tuple(args.settings))
     if args.methods:
@@ -821,7 +831,7 @@ def main(argv: list[str] | None = None) -> dict:
             except ValueError as err:
                 parser.error(str(err))
         grid = dataclasses.replace(grid, only=tuple(args.methods))
-    stem = stem_for(args.quick, args.epochs if args.epochs is not None else EPOCHS)
+    stem = stem_for(args.quick, args.epochs if args.epochs is not None else EPOCHS, args.pairs)
     csv_path = args.out / f"{stem}.csv"
     if not args.replot:
         if not args.append:

@@ -130,6 +130,37 @@ def test_noise_sweep_method_variants():
     assert list(gains.family) == ["CPO"] and gains["mean"].iloc[0] == pytest.approx(0.015)
 
 
+def test_noise_sweep_file_stems_and_pairs(tmp_path, monkeypatch):
+    """``--pairs N`` trains on N pairs per seed and names its files ``-pairsN``, before
+    ``-epochs1``; ``--targets --pairs N`` reads those files."""
+    sweep = load_example("noise_sweep")
+    assert sweep.stem_for(False, 4) == "noise-sweep"
+    assert sweep.stem_for(False, 1) == "noise-sweep-epochs1"
+    assert sweep.stem_for(False, 1, 8192) == "noise-sweep-pairs8192-epochs1"
+    assert sweep.stem_for(True, 3, 64) == "noise-sweep-quick-pairs64-epochs3"
+    grids = []
+    monkeypatch.setattr(sweep, "run_grid", lambda grid, *a, **k: grids.append(grid))
+    monkeypatch.setattr(sweep, "markdown_tables", lambda frame: "")
+    monkeypatch.setattr(sweep, "plot", lambda frame, path: None)
+    monkeypatch.setattr(sweep, "headline", lambda frame: {})
+    run = {"noise": "single", "flip_rate": 0.4, "seed": 20, "epochs": 1, "wall_s": 1, "cpu_s": 1}
+    runs = [
+        {**run, "method": "DPO", "family": "dpo", "re_po": False, "accuracy": 0.90},
+        {**run, "method": "RE-DPO", "family": "dpo", "re_po": True, "accuracy": 0.95},
+    ]
+    runs[1].update(temperature=1.0, calibrate=False, out_of_sample=True)
+    runs[1].update(eta_true="[0.6]", eta_hat="[0.61]")
+    pd.DataFrame(runs).to_csv(tmp_path / "noise-sweep-pairs64-epochs1.csv", index=False)
+    args = ["--pairs", "64", "--epochs", "1", "--settings", "single:0.4", "--append"]
+    result = sweep.main([*args, "--out", str(tmp_path)])
+    (grid,) = grids
+    assert grid.num_pairs == 64 and grid.optim["epochs"] == 1 and result["train_pairs"] == 64
+    assert (tmp_path / "noise-sweep-pairs64-epochs1-table.md").exists()
+    sweep.main(["--targets", "--pairs", "64", "--out", str(tmp_path)])
+    targets = (tmp_path / "noise-sweep-pairs64-targets.md").read_text()
+    assert "| one pass | K=1 0.4 | DPO | 1 | T=1 oos |  | +0.050 | 0.010 |" in targets
+
+
 def test_with_fields_and_recovery_variants():
     """``with_fields`` sets fields of a method's sections from TOML values and names the
     result after them; the recovery script's ``--methods`` reads the same syntax."""
