@@ -6,15 +6,16 @@ command line with its defaults and ``[em] enabled = true``, except a LoRA learni
 rate of 2e-3 (at the default 1e-4 the tiny model's adapter learns nothing of the rule
 in one pass, and no estimator can then tell eta). It records the learned eta against
 the realised share of correct labels, the profile-likelihood interval of eta from
-``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs.
+``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs,
+beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
     python examples/one_annotator_lora.py --pairs 512 --seeds 1 --flip-rates 0.3 --out /tmp/x
 
-Writes ``one-annotator-lora.json`` (a row per run): the rows already there are kept and
-their runs (same pairs, flip rate and seed) not repeated; the last line printed is the
-file's JSON.
+Writes ``one-annotator-lora.json`` (a row per pairs, flip rate and seed): the rows
+already there are kept and their runs not repeated (a row without DPO's accuracy,
+``plain_accuracy``, gets that run alone); the last line printed is the file's JSON.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ device = "cpu"
 [data]
 train = "train.jsonl"
 [em]
-enabled = true
+enabled = {em}
 [optim]
 learning_rate = 2e-3
 [run]
-output_dir = "run"
+output_dir = "{output}"
 progress = false
+seed = {seed}
 """
+"""The run's config: the defaults, LoRA's learning rate, and ``[em] enabled`` (RE-DPO) or
+not (DPO, the paired baseline)."""
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -49,33 +53,47 @@ def _write(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
 
-def run_one(pairs: int, rho: float, seed: int) -> dict:
-    """``re-po train`` then ``re-po eval`` in a temporary folder; one row."""
+def _train_and_eval(folder: Path, em: bool, seed: int) -> tuple[Path, float]:
+    """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
+    held-out accuracy."""
+    output = "run" if em else "run-plain"
+    config = folder / f"{output}.toml"
+    config.write_text(CONFIG.format(em=str(em).lower(), output=output, seed=seed))
+    cli = [sys.executable, "-m", "repo.cli"]
+    subprocess.run([*cli, "train", config.name], cwd=folder, check=True, capture_output=True)
+    scores = subprocess.run(
+        [*cli, "eval", output, "--data", "held.jsonl"],
+        cwd=folder, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return folder / output, json.loads(scores.stdout.strip().splitlines()[-1])["accuracy"]
+
+
+def run_one(pairs: int, rho: float, seed: int, row: dict | None = None) -> dict:
+    """RE-DPO (``[em] enabled = true``) and DPO on the same pairs, each by ``re-po train``
+    then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
+    only what it lacks is run."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
+    row = dict(row or {})
     with tempfile.TemporaryDirectory(prefix="re-po-lora-") as tmp:
         folder = Path(tmp)
         _write(folder / "train.jsonl", data.rows)
         _write(folder / "held.jsonl", held.rows)
-        (folder / "config.toml").write_text(CONFIG + f"seed = {seed}\n")
-        cli = [sys.executable, "-m", "repo.cli"]
-        subprocess.run([*cli, "train", "config.toml"], cwd=folder, check=True, capture_output=True)
-        scores = subprocess.run(
-            [*cli, "eval", "run", "--data", "held.jsonl"],
-            cwd=folder, check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        report = json.loads((folder / "run" / "reliability.json").read_text())
-    accuracy = json.loads(scores.stdout.strip().splitlines()[-1])["accuracy"]
-    profile = report["eta_profile"]
-    return {
-        "pairs": pairs,
-        "flip_rate": rho,
-        "seed": seed,
-        "eta_true": round(float(data.realised_eta[0]), 4),
-        "eta": round(report["annotators"][0]["eta"], 4),
-        "profile_interval": [round(v, 4) for v in profile["interval"]],
-        "held_out_accuracy": accuracy,
-    }
+        if "eta" not in row:
+            run, accuracy = _train_and_eval(folder, True, seed)
+            report = json.loads((run / "reliability.json").read_text())
+            row.update(
+                pairs=pairs,
+                flip_rate=rho,
+                seed=seed,
+                eta_true=round(float(data.realised_eta[0]), 4),
+                eta=round(report["annotators"][0]["eta"], 4),
+                profile_interval=[round(v, 4) for v in report["eta_profile"]["interval"]],
+                held_out_accuracy=accuracy,
+            )
+        if "plain_accuracy" not in row:
+            row["plain_accuracy"] = _train_and_eval(folder, False, seed)[1]
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -87,13 +105,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     path = args.out / "one-annotator-lora.json"
     rows = json.loads(path.read_text()) if path.exists() else []
-    done = {(r["pairs"], r["flip_rate"], r["seed"]) for r in rows}
+    done = {(r["pairs"], r["flip_rate"], r["seed"]): r for r in rows}
     args.out.mkdir(parents=True, exist_ok=True)
     for rho in args.flip_rates:
         for seed in args.seeds:
-            if (args.pairs, rho, seed) in done:
+            old = done.get((args.pairs, rho, seed))
+            if old is not None and "plain_accuracy" in old:
                 continue
-            rows.append(run_one(args.pairs, rho, seed))
+            rows = [r for r in rows if r is not old] + [run_one(args.pairs, rho, seed, old)]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             rows.sort(key=lambda r: (r["pairs"], r["flip_rate"], r["seed"]))
             path.write_text(json.dumps(rows, indent=1) + "\n")

@@ -120,14 +120,22 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     args = ["--pairs", "32", "--seeds", "1", "--flip-rates", "0.3", "--out", str(tmp_path)]
     (row,) = example.main(args)
     assert row["pairs"] == 32 and 0 < row["eta"] < 1 and 0 <= row["held_out_accuracy"] <= 1
+    assert 0 <= row["plain_accuracy"] <= 1  # DPO on the same pairs, [em] enabled = false
     low, high = row["profile_interval"]
     assert 0.5 <= low <= high <= 1.0
-    assert json.loads((tmp_path / "one-annotator-lora.json").read_text()) == [row]
+    path = tmp_path / "one-annotator-lora.json"
+    assert json.loads(path.read_text()) == [row]
     # a second call keeps the row, does not repeat its run, and adds the new one
     rows = example.main([*args[:4], "--flip-rates", "0.3", "0.2", "--out", str(tmp_path)])
     assert [(r["flip_rate"], r["seed"]) for r in rows] == [(0.2, 1), (0.3, 1)]
     assert rows[1] == row
-    assert json.loads((tmp_path / "one-annotator-lora.json").read_text()) == rows
+    assert json.loads(path.read_text()) == rows
+    # a row from before the paired DPO run gets that run alone: its RE-DPO figures stay
+    older = {**rows[0], "eta": 0.5}  # not what a new RE-DPO run would give
+    del older["plain_accuracy"]
+    path.write_text(json.dumps([older, rows[1]]))
+    again = example.main([*args[:4], "--flip-rates", "0.2", "--out", str(tmp_path)])
+    assert again[0] == {**older, "plain_accuracy": rows[0]["plain_accuracy"]}
 
 
 def test_oracle_eta_holds_the_realised_reliabilities():
