@@ -215,6 +215,38 @@ def test_the_test_is_a_config_field_and_reaches_the_trainer(tmp_path):
         rule_config(str(tmp_path / "bad"), bad, seed=0)
 
 
+def test_while_held_back_every_variant_trains_as_the_plain_loss(tmp_path):
+    """Clean labels: the test never rejects, so RE-CPO with the literal EM step
+    (``"nll"``: a logistic on ``(beta + lambda) Delta``, no SFT term) trains exactly as
+    CPO, SFT term included; the policy objective of a held-back E-step is the plain
+    loss, and the logged loss is X's."""
+    from repo.data.loaders import load_preferences
+    from repo.data.rule_pairs import rule_pairs
+    from repo.experiments import Method, rule_config
+    from repo.train import Trainer
+
+    rows = rule_pairs(48, [1.0], seed=2, markers=4).rows
+    runs = {}
+    for name, robust, loss in (
+        ("CPO", False, {"beta": 1.0}),
+        ("RE-CPO", True, {"beta": 1.0, "variant": "nll"}),
+    ):
+        method = Method(name, "cpo", robust, loss)
+        cfg = rule_config(str(tmp_path / name), method, seed=0, optim={"epochs": 1})
+        trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
+        trainer.train()
+        runs[name] = trainer
+    re_cpo = runs["RE-CPO"]
+    assert re_cpo.variant == "nll" and not re_cpo.em.noise_evident
+    for (key, a), b in zip(
+        runs["CPO"].policy.model.state_dict().items(),
+        re_cpo.policy.model.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), key
+    assert re_cpo.last_metrics["loss"] == runs["CPO"].last_metrics["loss"]
+
+
 def test_a_checkpoint_keeps_the_items_every_process_visited():
     # two processes, each visiting half the items: the saved state (the main
     # process's copy) holds both halves' first-visit and pass logits, so a resumed

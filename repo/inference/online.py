@@ -215,12 +215,17 @@ class EStep:
     :param exact: whether ``q`` is the exact posterior at the current parameters
         (no temperature, no warm-up), so that the policy step may be taken as the
         gradient of the marginal likelihood.
+    :param held_back: the noise test has not yet found evidence of noise, so the
+        posterior is held back: ``w`` is the mask, ``q`` the labels' mean, and the
+        policy step is the family's own loss on the labels as given
+        (:func:`repo.train.objective.plain_loss`), whatever the policy-step variant.
     """
 
     q: Tensor
     w: Tensor
     log_likelihood: Tensor
     exact: bool
+    held_back: bool = False
 
 
 class OnlineEM:
@@ -389,7 +394,8 @@ class OnlineEM:
         self._units += data.num_units if new is None else int(new.sum())
         if not self.noise_evident:  # no evidence of noise yet: the labels as given
             w = data.mask.to(w.dtype)
-            return EStep(_target_from_w(w, data), w, posterior.log_likelihood, exact=False)
+            q = _target_from_w(w, data)
+            return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
 
     def _record_first_visit(self, logits: Tensor, data: LabelData) -> Tensor | None:

@@ -123,7 +123,7 @@ def add_micro_metrics(
     :param labels: the micro-batch's :class:`~repo.noise.LabelData`.
     """
     stats = _detached(stats)
-    if estep is not None:
+    if estep is not None and not estep.held_back:
         q = estep.q.to(stats.policy_a.device, stats.policy_a.dtype)
         value = likelihood.policy_loss(stats, q, variant).sum()
         units = labels.num_units

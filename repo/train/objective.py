@@ -21,8 +21,11 @@ and the E-step's soft targets :math:`q_i = p(z_i = 1 \mid o, \phi)`:
 * otherwise (``"mixture"``, a tempered E-step, the warm-up): the family's
   :meth:`~repo.likelihoods.base.PreferenceLikelihood.policy_loss` with :math:`w = q`
   held fixed.
-* the plain loss (EM off): :math:`L(\text{chosen} \succ \text{rejected})` on the
-  observed labels, i.e. ``policy_loss`` with :math:`w = o`.
+* the plain loss (EM off, and while the noise test holds the posterior back, whatever
+  the variant): :math:`L(\text{chosen} \succ \text{rejected})` on the observed labels,
+  i.e. ``policy_loss`` with :math:`w = o` in the ``"mixture"`` form. Until the labels
+  show noise RE-X trains exactly as X, also where X's loss is not the ``"nll"`` step
+  (CPO's one-sided SFT term, IPO's and SimPO's surrogates).
 
 Terms of a family outside its induced likelihood (CPO's w-weighted SFT term) are
 added to the marginal-likelihood form through
@@ -93,6 +96,8 @@ def policy_objective(
     :param estep: the micro-batch's E-step.
     :param variant: ``"nll"`` or ``"mixture"``.
     """
+    if estep.held_back:  # no evidence of noise yet: the family's own loss on the labels
+        return plain_loss(likelihood, stats, data)
     if variant == "nll" and estep.exact:
         loss = marginal_nll(noise, logits, data).to(logits.device, logits.dtype)
         q = estep.q.to(logits.device, logits.dtype)
