@@ -15,7 +15,7 @@ name              class                           needs reference    default var
 ``"dpo"``         :class:`DPOLikelihood`          yes                ``"nll"``
 ``"ipo"``         :class:`IPOLikelihood`          yes                ``"mixture"``
 ``"simpo"``       :class:`SimPOLikelihood`        no                 ``"mixture"``
-``"cpo"``         :class:`CPOLikelihood`          no                 ``"mixture"``
+``"cpo"``         :class:`CPOLikelihood`          no                 ``"nll"``
 ``"hinge"``       :class:`HingeLikelihood`        yes                ``"mixture"``
 ``"cdpo"``        :class:`CDPOLikelihood`         yes                ``"mixture"``
 ``"rdpo"``        :class:`RDPOLikelihood`         yes                ``"mixture"``

@@ -75,14 +75,19 @@ class CPOLikelihood(PreferenceLikelihood):
     :param nll_length_normalized: use the mean-token NLL :math:`-\ell_y/|y|` (TRL)
         instead of the summed one (CPO paper, RE-PO paper; default ``False``).
 
-    Default policy-loss variant: ``"mixture"``. It is CPO's own loss at
-    :math:`w = 1`, so CPO's published :math:`(\beta, \lambda)` keep their
-    meaning, and it keeps the SFT term (CPO's guard against the likelihood of
-    both responses drifting down), now weighted by :math:`w` so that a label
-    believed flipped clones the other response. The "nll" step instead trains a
-    reference-free logistic model with temperature :math:`\beta + \lambda`
-    (about 11 times sharper than :math:`\beta` at CPO's :math:`\beta = 0.1`) on
-    summed log-probs, and drops the SFT term unless ``keep_sft_term``.
+    Default policy-loss variant: ``"nll"``, the literal EM step (the paper's RE-CPO): the
+    soft-label logistic loss on :math:`s = (\beta + \lambda)\Delta`, without the SFT
+    term. Until the noise test finds evidence of noise (``[em] noise_test``) the policy
+    step is CPO's own loss on the labels as given, SFT term included
+    (:func:`repo.train.objective.plain_loss`), so on labels without evident noise RE-CPO
+    trains exactly as CPO. ``"mixture"`` keeps CPO's shape instead: the SFT term
+    weighted by :math:`w`, which clones the response the E-step believes. Measured on
+    one annotator's labels (``docs/experiments/noise-sweep.md``, "Where the data identify
+    eta"), it is the SFT term that costs accuracy once the posterior is on: at 8,192
+    rule pairs and flip rate 0.2, RE-CPO with ``"mixture"`` is 0.147 below CPO, with
+    the w-weighted SFT term added to ``"nll"`` (``keep_sft_term``) still below, with
+    ``"nll"`` 0.135 above; with ``eta`` held at the truth the mixture is still below, so
+    it is the step, not the estimate of ``eta``.
 
     Default E-step temperature: 50. The induced logit sums log-probs over tokens, so it
     is tens of nats from the first step, set largely by the responses' lengths. The
@@ -90,12 +95,12 @@ class CPOLikelihood(PreferenceLikelihood):
     :math:`1/50`, the temperature the noise sweep used. That is the best of the E-step
     settings measured in ``docs/experiments/estep-defaults.md``; started at 1 the
     scale does not come down before the first E-steps have pulled :math:`\eta` toward
-    1/2. Even so, RE-CPO is below CPO there in most settings.
+    1/2. Even so, RE-CPO with the "mixture" step was below CPO there in most settings.
     """
 
     name = "cpo"
     needs_reference = False
-    default_variant = "mixture"
+    default_variant = "nll"
     default_temperature = 50.0
 
     def __init__(
