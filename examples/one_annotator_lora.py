@@ -9,7 +9,7 @@ the realised share of correct labels, the profile-likelihood interval of eta fro
 ``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs,
 beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
 
-    python examples/one_annotator_lora.py --out docs/experiments        # 6 runs
+    python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
     python examples/one_annotator_lora.py --pairs 512 --seeds 1 --flip-rates 0.3 --out /tmp/x
 

@@ -84,6 +84,7 @@ def run(
                 "noise": noise,
                 "flip_rate": flip_rate,
                 "epochs": epochs,
+                "pairs": pairs,
                 "seed": seed,
                 "family": family,
                 "method": oracles.get(name, name),
@@ -101,13 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--flip-rate", type=float, default=0.2)
     parser.add_argument("--noise", default="pool", choices=["pool", "single"])
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=TRAIN_PAIRS, help="training pairs per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10, 20)))
     parser.add_argument("--out", type=Path, help="append the rows to this CSV")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for seed in args.seeds:
-        new = run(args.family, args.flip_rate, args.epochs, seed, args.noise)
+        new = run(args.family, args.flip_rate, args.epochs, seed, args.noise, args.pairs)
         rows += new
         print({r["method"]: r["accuracy"] for r in new}, f"seed {seed}", file=sys.stderr)
         if args.out is not None:
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
             pd.DataFrame(new).to_csv(args.out, mode="a", header=header, index=False)
     frame = pd.DataFrame(rows).pivot(index="seed", columns="method", values="accuracy")
     summary = {"family": args.family, "noise": args.noise, "flip_rate": args.flip_rate}
-    summary["epochs"] = args.epochs
+    summary.update(epochs=args.epochs, pairs=args.pairs)
     for method in (f"RE-{args.family}", "oracle", "oracle, scale 1"):
         mean, half = t_interval((frame[method] - frame[args.family]).tolist())
         summary[f"{method} - {args.family}"] = [round(mean, 4), round(half, 4)]
