@@ -32,8 +32,8 @@ pass: every E-step is out of sample) and the default four epochs.
     python examples/noise_sweep.py --hh-rlhf --out docs/experiments    # SmolLM2 on HH-RLHF
 
 The grid writes ``noise-sweep.csv`` (one row a run), ``noise-sweep-table.md`` and
-``noise-sweep.png`` (``-epochs1`` before the suffix for one pass; ``--pairs N``, another
-number of training pairs than 512, puts ``-pairsN`` before that); ``--settings``
+``noise-sweep.png`` (``-epochs1`` before the suffix for one pass; ``--pairs N``, the
+training pairs per seed, 512 without it, puts ``-pairsN`` before that); ``--settings``
 runs a part of the grid and ``--append`` keeps the CSV's rows and skips the runs
 already in it (so several processes can share a grid); ``--targets`` writes
 ``noise-sweep-targets.md`` from the two regimes' CSVs (RE-X against X and eta against
