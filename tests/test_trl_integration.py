@@ -25,7 +25,7 @@ from _helpers import tiny_config, torchrun
 
 from repo.data.loaders import load_preferences
 from repo.data.rule_pairs import rule_pairs
-from repo.likelihoods import CPOLikelihood
+from repo.likelihoods import CPOLikelihood, get_likelihood
 from repo.noise import NOISE_MODELS
 from repo.policy import load_model_and_tokenizer
 from repo.train import Trainer
@@ -170,8 +170,9 @@ def test_one_batch_gradient_equals_repo_trainer(rt, tmp_path, case):
         max_steps=1,
         model={"layout": "concatenated", "reference": "on-the-fly", "max_length": 64},
         data=repo_fields,
-        loss={**loss_section, "variant": "mixture"},
+        loss=loss_section,  # the family's own policy step, in both
         noise=noise,
+        em={"noise_test": 0.0},  # the posterior from the first step: the step itself
         optim={"batch_size": units, "max_grad_norm": 0.0},
     )
     ours = Trainer(config, records=records)
@@ -188,6 +189,7 @@ def test_one_batch_gradient_equals_repo_trainer(rt, tmp_path, case):
         use_cpu=True,
         bf16=False,  # TRL's default is bf16 autocast, on the CPU too
         eta_init=0.8,
+        em_noise_test=0.0,
         noise_model=noise.get("model", "symmetric"),
         **{k: v for k, v in data.items()},
         **trl_fields,
@@ -493,7 +495,6 @@ def test_every_noise_model_trains(rt, tmp_path, kind, noise_model):
         item_column="item",
         position_column="chosen_first",
         shared_truth=True,
-        policy_step="nll" if noise_model == "boltzmann" else "mixture",
         max_steps=2,  # at step 1 the policy is its reference: s = 0 tells tau nothing
         em_noise_test=0.0,  # the posterior from step 1 (the test would wait for a look)
         **fields,
@@ -512,7 +513,35 @@ def test_every_noise_model_trains(rt, tmp_path, kind, noise_model):
 
 def test_boltzmann_needs_the_nll_step(rt, tmp_path):
     with pytest.raises(ValueError, match="policy_step.*boltzmann.*nll"):
-        dpo_config(rt, tmp_path, noise_model="boltzmann")
+        dpo_config(rt, tmp_path, noise_model="boltzmann", policy_step="mixture")
+    model, tokenizer = tiny()  # IPO's own step is the mixture: refused once it is known
+    with pytest.raises(ValueError, match="policy_step.*boltzmann.*'mixture'.*nll"):
+        rt.REDPOTrainer(
+            model,
+            args=dpo_config(rt, tmp_path, noise_model="boltzmann", loss_type=["ipo"]),
+            train_dataset=_dataset(per_label_rows(8)),
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "family"),
+    [
+        ("dpo", {}, "dpo"),
+        ("dpo", {"loss_type": ["ipo"]}, "ipo"),
+        ("cpo", {}, "cpo"),
+        ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0}, "simpo"),
+    ],
+)
+def test_the_default_policy_step_is_the_familys(rt, tmp_path, kind, fields, family):
+    """``policy_step="default"`` is the step ``re-po train`` takes for the same family
+    (``[loss] variant = "default"``): nll for DPO and CPO, the mixture for IPO and SimPO;
+    a step given is kept."""
+    trainer = _train(rt, tmp_path, per_label_rows(8), kind, **fields)
+    assert trainer.policy_step == get_likelihood(family).default_variant
+    given = "mixture" if trainer.policy_step == "nll" else "nll"
+    trainer = _train(rt, tmp_path, per_label_rows(8), kind, policy_step=given, **fields)
+    assert trainer.policy_step == given
 
 
 def test_unsupported_loss_type_is_named(rt, tmp_path):

@@ -28,12 +28,19 @@ the annotator M-step, each the one re-po's own trainer runs
    :math:`\beta h`), by :class:`~repo.inference.online.OnlineEM` built as
    ``re-po train`` builds it (:func:`repo.train.build.build_online_em`): the posterior
    :math:`q = p(A \succ^* B \mid \text{labels})`, no gradient through it.
-3. **Policy step** (:func:`repo.train.objective.policy_objective`): the paper's
-   posterior-weighted loss :math:`q\,L(A \succ B) + (1 - q)\,L(B \succ A)`, i.e. per
-   label :math:`w\,\ell(y) + (1 - w)\,\ell(\text{flipped})` with :math:`w` the
-   posterior that the label is right; :math:`L` is TRL's own per-pair loss
-   (``policy_step="nll"``: the gradient of the noise model's marginal likelihood,
-   the only step for the Boltzmann model, which has no latent truth).
+3. **Policy step** (:func:`repo.train.objective.policy_objective`), the one
+   ``re-po train`` takes for the same family (``policy_step="default"``, as ``[loss]
+   variant = "default"``): ``"mixture"``, the paper's posterior-weighted loss
+   :math:`q\,L(A \succ B) + (1 - q)\,L(B \succ A)`, i.e. per label
+   :math:`w\,\ell(y) + (1 - w)\,\ell(\text{flipped})` with :math:`w` the posterior
+   that the label is right and :math:`L` TRL's own per-pair loss; or ``"nll"``, the
+   gradient of the noise model's marginal likelihood (the only step for the Boltzmann
+   model, which has no latent truth). The default is ``"nll"`` for a likelihood-style
+   loss (DPO's ``sigmoid``, where the two coincide) and for CPO's ``sigmoid`` loss (the
+   paper's literal RE-CPO, without the behaviour-cloning term once the posterior is on:
+   :class:`~repo.likelihoods.CPOLikelihood`), ``"mixture"`` otherwise (IPO, SimPO,
+   hinge, ...). Until the noise test finds noise, every step is TRL's loss on the
+   labels as given.
 4. **M-step** once per optimizer step (a ``TrainerCallback``'s ``on_step_end``, after
    gradient accumulation): the step's sufficient statistics all-reduced over
    processes through TRL's ``accelerator``, then the damped update. Every process
@@ -102,8 +109,8 @@ from repo.inference.online import EStep
 from repo.likelihoods import CPOLikelihood, InducedLikelihood, PairLogps, PreferenceLikelihood
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel
 from repo.policy import PairTokenizer
-from repo.train.build import build_noise, build_online_em
-from repo.train.config import DataSection, EMSection, NoiseSection, TrainConfig
+from repo.train.build import build_noise, build_online_em, policy_variant
+from repo.train.config import DataSection, EMSection, LossSection, NoiseSection, TrainConfig
 from repo.train.dataset import TrainingData
 from repo.train.metrics import parameter_summary
 from repo.train.objective import plain_loss, policy_objective
@@ -242,10 +249,12 @@ class REPOArguments:
         default=0.05, metadata={"help": "Adam step of gradient M-steps (boltzmann)"}
     )
     policy_step: str = field(
-        default="mixture",
+        default="default",
         metadata={
             "help": "'mixture': w L(y) + (1 - w) L(flipped) (the paper); 'nll': the gradient "
-            "of the marginal likelihood (required by boltzmann)"
+            "of the marginal likelihood (required by boltzmann); 'default': the loss's own, "
+            "as [loss] variant = 'default' (nll for DPO's and CPO's sigmoid loss, mixture for "
+            "the others)"
         },
     )
 
@@ -263,7 +272,11 @@ class REPOArguments:
             ("em_warmup_steps", self.em_warmup_steps >= 0, ">= 0"),
             ("em_noise_test", 0 <= self.em_noise_test < 1, "in [0, 1) (0: no test)"),
             ("noise_lr", self.noise_lr > 0, "> 0"),
-            ("policy_step", self.policy_step in ("mixture", "nll"), "'mixture' or 'nll'"),
+            (
+                "policy_step",
+                self.policy_step in ("default", "mixture", "nll"),
+                "'default', 'mixture' or 'nll'",
+            ),
         ]
         for field_name, ok, rule in checks:
             if not ok:
@@ -271,17 +284,18 @@ class REPOArguments:
                 raise ValueError(f"{name}.{field_name} must be {rule}, got {value!r}")
         if self.shared_truth and not self.item_column:
             raise ValueError(f"{name}.shared_truth needs item_column (the item-id column)")
-        if not NOISE_MODELS[self.noise_model].has_truth and self.policy_step != "nll":
+        if not NOISE_MODELS[self.noise_model].has_truth and self.policy_step == "mixture":
             raise ValueError(
                 f"{name}.policy_step: the {self.noise_model} noise model has no latent truth, "
                 "so no posterior weight: use policy_step='nll'"
             )
 
     def repo_config(self) -> TrainConfig:
-        """The ``[data]``, ``[noise]`` and ``[em]`` sections of ``re-po train`` these
-        fields stand for (the other sections at their defaults)."""
+        """The ``[data]``, ``[noise]`` and ``[em]`` sections and ``[loss] variant`` of
+        ``re-po train`` these fields stand for (the other fields at their defaults)."""
         return TrainConfig(
             data=DataSection(shared_truth=self.shared_truth),
+            loss=LossSection(variant=self.policy_step),
             noise=NoiseSection(
                 model=self.noise_model, prior=self.noise_prior, eta_init=self.eta_init
             ),
@@ -522,6 +536,7 @@ class _REPOTrainerMixin:
 
     likelihood: PreferenceLikelihood
     noise: NoiseModel
+    policy_step: str  # "nll" or "mixture": ``policy_step`` resolved against the loss
     repo_data: TrainingData | None = None
     _repo_args: REPOArguments
 
@@ -561,6 +576,14 @@ class _REPOTrainerMixin:
         """The noise model and the online EM for the training set's annotators."""
         config = self._repo_args.repo_config()
         self.noise = build_noise(config, self.repo_data)
+        self.policy_step = policy_variant(config, self.likelihood)
+        if not self.noise.has_truth and self.policy_step != "nll":
+            raise ValueError(
+                f"{type(self._repo_args).__name__}.policy_step: the {self.noise.name} noise "
+                f"model has no latent truth, so no posterior weight, and the "
+                f"{self.likelihood.name} loss's default step is {self.policy_step!r}: use "
+                "policy_step='nll'"
+            )
         labels = self.repo_data.labels
         self.online_em = build_online_em(
             config,
@@ -623,7 +646,7 @@ class _REPOTrainerMixin:
                 logits,
                 labels,
                 estep,
-                self._repo_args.policy_step,
+                self.policy_step,
             )
             loss = loss / labels.num_units
             self._record_posteriors(labels.unit, estep.w)
@@ -984,6 +1007,8 @@ class RECPOTrainer(_REPOTrainerMixin, CPOTrainer):
         self.likelihood = InducedLikelihood(
             lambda stats: cpo_pair_loss(stats, self),
             needs_reference=False,
+            # CPO's sigmoid loss takes CPOLikelihood's step: the literal EM step, no SFT term
+            default_variant=CPOLikelihood.default_variant if args.loss_type == "sigmoid" else None,
             # summed log-probs (all but ipo and simpo): CPO's E-step default (CPOLikelihood)
             default_temperature=(
                 1.0 if args.loss_type in ("ipo", "simpo") else CPOLikelihood.default_temperature
