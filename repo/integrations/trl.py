@@ -109,7 +109,7 @@ from repo.inference.online import EStep
 from repo.likelihoods import CPOLikelihood, InducedLikelihood, PairLogps, PreferenceLikelihood
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel
 from repo.policy import PairTokenizer
-from repo.train.build import build_noise, build_online_em, policy_variant
+from repo.train.build import build_noise, build_online_em, check_policy_variant, policy_variant
 from repo.train.config import DataSection, EMSection, LossSection, NoiseSection, TrainConfig
 from repo.train.dataset import TrainingData
 from repo.train.metrics import parameter_summary
@@ -284,10 +284,9 @@ class REPOArguments:
                 raise ValueError(f"{name}.{field_name} must be {rule}, got {value!r}")
         if self.shared_truth and not self.item_column:
             raise ValueError(f"{name}.shared_truth needs item_column (the item-id column)")
-        if not NOISE_MODELS[self.noise_model].has_truth and self.policy_step == "mixture":
-            raise ValueError(
-                f"{name}.policy_step: the {self.noise_model} noise model has no latent truth, "
-                "so no posterior weight: use policy_step='nll'"
+        if self.policy_step != "default":  # the default is known with the trainer's loss
+            check_policy_variant(
+                NOISE_MODELS[self.noise_model], self.policy_step, f"{name}.policy_step"
             )
 
     def repo_config(self) -> TrainConfig:
@@ -577,13 +576,9 @@ class _REPOTrainerMixin:
         config = self._repo_args.repo_config()
         self.noise = build_noise(config, self.repo_data)
         self.policy_step = policy_variant(config, self.likelihood)
-        if not self.noise.has_truth and self.policy_step != "nll":
-            raise ValueError(
-                f"{type(self._repo_args).__name__}.policy_step: the {self.noise.name} noise "
-                f"model has no latent truth, so no posterior weight, and the "
-                f"{self.likelihood.name} loss's default step is {self.policy_step!r}: use "
-                "policy_step='nll'"
-            )
+        check_policy_variant(
+            self.noise, self.policy_step, f"{type(self._repo_args).__name__}.policy_step"
+        )
         labels = self.repo_data.labels
         self.online_em = build_online_em(
             config,

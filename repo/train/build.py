@@ -83,6 +83,7 @@ __all__ = [
     "build_scheduler",
     "build_trained_noise_fit",
     "build_trained_policy",
+    "check_policy_variant",
     "check_settings",
     "check_trackers",
     "data_summary",
@@ -172,6 +173,26 @@ def policy_variant(config: TrainConfig, likelihood: PreferenceLikelihood) -> str
     return likelihood.default_variant if variant == "default" else variant
 
 
+def check_policy_variant(
+    noise: NoiseModel | type[NoiseModel], variant: str, field: str = "[loss] variant"
+) -> None:
+    """Refuse a policy step the noise model cannot take: without a latent truth
+    (Boltzmann) there is no posterior weight ``w``, so only the ``nll`` step (the
+    gradient of the marginal likelihood) is defined.
+
+    :param noise: the noise model, or its class (before its size is known).
+    :param variant: the resolved step, ``"nll"`` or ``"mixture"``.
+    :param field: the setting the error names (``[loss] variant``, or a TRL trainer's
+        ``policy_step``).
+    :raises ConfigError: ``variant`` is not ``nll`` and the model has no latent truth.
+    """
+    if not noise.has_truth and variant != "nll":
+        raise ConfigError(
+            f"{field}: the {noise.name} noise model has no latent truth, so no posterior "
+            f"weight for the {variant!r} step; use 'nll'"
+        )
+
+
 def check_settings(
     config: TrainConfig, recipe: ModelRecipe | None
 ) -> tuple[PreferenceLikelihood, str]:
@@ -184,10 +205,8 @@ def check_settings(
     likelihood = build_likelihood(config, recipe)
     variant = policy_variant(config, likelihood)
     noise = build_noise_model(config, 1)  # the name, the prior and the starting values
-    if not noise.has_truth and variant != "nll" and config.em.enabled:
-        raise ConfigError(
-            f"[loss] variant: the {noise.name} noise model has no latent truth; use variant = 'nll'"
-        )
+    if config.em.enabled:
+        check_policy_variant(noise, variant)
     estep_settings(config, likelihood, noise)  # the E-step's fields against the model
     return likelihood, variant
 
