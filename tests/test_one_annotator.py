@@ -279,3 +279,30 @@ def test_fit_out_of_sample_starts_once_where_the_online_update_is_still_at_the_s
     calls.clear()
     online.fit_out_of_sample(data)  # two distinct starts now
     assert len(calls) == 2 * len(online_module.REFIT_SCALES) + 1
+
+
+def test_with_a_learned_scale_first_visits_fit_eta_and_every_visit_fits_the_scale():
+    # calibrate + out_of_sample: eta learns from first visits only, the E-step's scale
+    # from every visit (it must follow the policy's logits as they grow), and the
+    # first-visit refit's Platt scale (of the first-visit scores) is not the E-step's.
+    c, data = _one_annotator(20_000, 0.75, seed=11, shrink=2.5)
+    online = OnlineEM(SymmetricFlip(1), calibrate=True, out_of_sample=True, num_items=20_000)
+    for start in range(0, 20_000, 1_000):  # pass 1 at the under-confident scores
+        batch = _batch(data, list(range(start, start + 1_000)))
+        online.e_step(c[batch.unit], batch, step=start // 1_000)
+        online.m_step()
+    online.fit_out_of_sample(data)
+    eta, first_scale = float(online.noise.eta.detach()[0]), online.out_of_sample_scale
+    assert eta == pytest.approx(0.75, abs=0.03) and first_scale == pytest.approx(2.5, rel=0.15)
+    before = online.scale
+    assert before != first_scale  # the refit's scale stays the refit's
+    # pass 2: the policy's scores are now 10 times as large (it has trained on them)
+    for step, start in enumerate(range(0, 20_000, 1_000), start=20):
+        batch = _batch(data, list(range(start, start + 1_000)))
+        online.e_step(10 * c[batch.unit], batch, step=step)
+        online.m_step()
+    assert float(online.noise.eta.detach()[0]) == eta  # no first visits: eta untouched
+    assert online.scale < before / 2  # the scale followed the larger scores down
+    online.fit_out_of_sample(data)
+    assert float(online.noise.eta.detach()[0]) == pytest.approx(eta, abs=2e-3)
+    assert online.out_of_sample_scale == pytest.approx(first_scale, rel=1e-2)
