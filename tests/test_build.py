@@ -168,6 +168,7 @@ def test_the_e_step_settings_are_the_family_defaults_unless_given(
         ("dpo", 2, "symmetric", "auto", False),  # several: their agreement does
         ("dpo", 1, "two-coin", "auto", True),
         ("dpo", 1, "boltzmann", "auto", False),  # no latent truth, no first-visit posterior
+        ("simpo", 1, "symmetric", "auto", True),  # a Bradley-Terry log-odds, shifted
         ("ipo", 1, "symmetric", "auto", False),  # a surrogate's scores are not Platt-shaped
         ("cpo", 1, "symmetric", "auto", False),
         ("dpo", 1, "symmetric", False, False),
@@ -183,7 +184,7 @@ def test_out_of_sample_statistics_are_the_default_for_one_annotator(
     cfg = config(tmp_path, em={"out_of_sample": given, "enabled": True}, noise={"model": noise})
     model = build_noise_model(cfg, annotators)
     likelihood = get_likelihood(family)
-    assert likelihood.default_out_of_sample is likelihood.likelihood_style
+    assert likelihood.default_out_of_sample is (likelihood.likelihood_style or family == "simpo")
     assert estep_settings(cfg, likelihood, model).out_of_sample is expected
     online = build_online_em(cfg, model, likelihood, num_items=10)
     assert online.out_of_sample is expected

@@ -539,6 +539,9 @@ def test_the_default_policy_step_is_the_familys(rt, tmp_path, kind, fields, fami
     a step given is kept."""
     trainer = _train(rt, tmp_path, per_label_rows(8), kind, **fields)
     assert trainer.policy_step == get_likelihood(family).default_variant
+    # and whether one annotator's eta learns from first visits (DPO and SimPO)
+    own = get_likelihood(family).default_out_of_sample
+    assert trainer.likelihood.default_out_of_sample is own
     given = "mixture" if trainer.policy_step == "nll" else "nll"
     trainer = _train(rt, tmp_path, per_label_rows(8), kind, policy_step=given, **fields)
     assert trainer.policy_step == given

@@ -1008,6 +1008,8 @@ class RECPOTrainer(_REPOTrainerMixin, CPOTrainer):
             default_temperature=(
                 1.0 if args.loss_type in ("ipo", "simpo") else CPOLikelihood.default_temperature
             ),
+            # SimPO without the SFT term: its logit is a log-odds (SimPOLikelihood)
+            default_out_of_sample=args.loss_type == "simpo" and not args.cpo_alpha,
             rewards_fn=lambda s: (args.beta * s.policy_a, args.beta * s.policy_b),
             name=f"trl-cpo:{args.loss_type}",
         )

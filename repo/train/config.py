@@ -343,7 +343,7 @@ class EMSection:
             "learn the annotator parameters from each item's first visit only (before the "
             "policy has trained on it), and refit them after every epoch by EM on those "
             "logits with their scale learned (docs/math.md, section 9); 'auto': with one "
-            "annotator and a likelihood-style loss (DPO)"
+            "annotator and a loss whose logit is a log-odds up to a scale (DPO, SimPO)"
         ),
     )
     noise_test: float = field(
