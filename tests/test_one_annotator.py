@@ -223,6 +223,11 @@ def test_by_default_eta_of_one_annotator_is_fitted_on_first_visits(
     trainer.train()
     assert trainer.em.out_of_sample is (len(etas) == 1)
     assert len(calls) == fits
+    # the run's report says where eta was learned from
+    report = json.loads((tmp_path / "run" / "reliability.json").read_text())
+    assert report["e_step"]["out_of_sample"] is (len(etas) == 1)
+    assert report["e_step"]["calibrate"] is False and report["e_step"]["noise_test"] == 0.05
+    assert ("first_visit_scale" in report) is (trainer.em.out_of_sample_scale is not None)
 
 
 def test_fit_out_of_sample_does_not_stall_where_the_online_update_left_eta():

@@ -136,9 +136,15 @@ def reliability(
     e_step_scale: float = 1.0,
     first_visit: Tensor | None = None,
     noise_test: NoiseTest | None = None,
+    e_step: dict[str, Any] | None = None,
+    first_visit_scale: float | None = None,
 ) -> dict[str, Any]:
     """Per annotator: label count and the noise model's parameters; the population's;
     the E-step's logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``);
+    ``e_step``, the E-step settings the run resolved ``[em]``'s ``"auto"`` fields to
+    (:class:`~repo.train.build.EStepSettings`: where the reliabilities were learned
+    from), when given; the Platt scale of the first-visit refit (``first_visit_scale``,
+    :attr:`~repo.inference.online.OnlineEM.out_of_sample_scale`), when there was one;
     the noise test's last look (``noise_test``: whether the posterior reached the
     policy; :mod:`~repo.inference.noise_test`), when there was one;
     with one annotator, :func:`one_annotator_profile` at ``first_visit`` and the
@@ -158,6 +164,10 @@ def reliability(
         "population": {k: float(v) for k, v in noise.population_parameters().items()},
         "e_step_scale": float(e_step_scale),
     }
+    if e_step is not None:
+        report["e_step"] = dict(e_step)
+    if first_visit_scale is not None:
+        report["first_visit_scale"] = float(first_visit_scale)
     if noise_test is not None:
         report["noise_test"] = noise_test.to_dict()
     profile = one_annotator_profile(noise, data.labels, first_visit)

@@ -61,6 +61,7 @@ from repo.train.build import (
     build_run,
     build_schedule,
     build_scheduler,
+    estep_settings,
     seed_everything,
 )
 from repo.train.checkpoint import (
@@ -504,6 +505,12 @@ class Trainer:
         )
 
     # -- the end ------------------------------------------------------------------
+    def _estep_settings(self) -> dict[str, Any] | None:
+        """The E-step settings ``[em]`` resolved to (``None`` with EM off)."""
+        if not self.config.em.enabled:
+            return None
+        return estep_settings(self.config, self.likelihood, self.noise)._asdict()
+
     def _finish(self) -> None:
         posterior = None
         if self.config.run.posteriors and self.config.em.enabled:
@@ -521,6 +528,8 @@ class Trainer:
                 self.em.scale,
                 first_visit=first_visit,
                 noise_test=self.em.noise_test_result,
+                e_step=self._estep_settings(),
+                first_visit_scale=self.em.out_of_sample_scale,
             )
             run.write_reliability(report)
             self.warnings = [FitWarning.from_dict(w) for w in report.get("warnings", [])]
