@@ -93,7 +93,7 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         cfg = rule_config(str(tmp_path), Method("RE-X", family, True), seed=0)
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1))
         wanted = example.SETTINGS[setting]
-        one = family == "dpo"  # one annotator: out of sample for likelihood-style losses
+        one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale
         assert chosen == (wanted["temperature"], wanted["calibrate"], one, 0.05, False), family
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
         # several annotators: the refit after each epoch
