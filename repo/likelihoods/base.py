@@ -144,8 +144,8 @@ class PreferenceLikelihood:
         for SimPO (which says so). IPO's minimiser is linear in :math:`p`, bounded where
         the log-odds are not, and CPO's logit carries its SFT term's log-probabilities:
         at 8,192 pairs and four epochs the first-visit fit put RE-CPO's ``eta`` 0.16 off
-        at flip rate 0.2, and RE-IPO's up to 0.07 low at 0.4, where one run of four fell
-        to 0.70 held-out accuracy (``docs/experiments/estep-defaults.md``)."""
+        at flip rate 0.2, and RE-IPO's 0.042 off at 0.4, where one run of ten fell to
+        0.70 held-out accuracy (``docs/experiments/estep-defaults.md``)."""
         return self.likelihood_style
 
     # ------------------------------------------------------------------ induced model
