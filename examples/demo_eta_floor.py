@@ -63,13 +63,9 @@ def draw_labels(settings: DemoSettings, seed: int) -> pd.DataFrame:
         for i, t in enumerate(truths)
     ]
     labelled, _ = label_pairs(pairs, settings.pool, settings.labels_per_pair, seed)
+    truth_of = {pair.item: pair.label for pair in pairs}
     return pd.DataFrame(
-        {
-            "item": r.item,
-            "annotator": r.annotator,
-            "label": r.label,
-            "truth": int(truths[int(r.item.removeprefix("pair"))]),
-        }
+        {"item": r.item, "annotator": r.annotator, "label": r.label, "truth": truth_of[r.item]}
         for r in labelled.records
     )
 
