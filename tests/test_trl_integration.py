@@ -581,6 +581,12 @@ def test_one_annotator_refits_eta_on_first_visits_after_each_epoch(
     if fits:  # every unit visited in the first pass; later scores are not kept
         assert not torch.isnan(calls[0]).any()
         torch.testing.assert_close(calls[0], calls[1])
+    # the saved state says where eta was learned from
+    trainer.save_model(str(tmp_path / "saved"))
+    info = json.loads((tmp_path / "saved" / "repo_em.json").read_text())
+    assert info["e_step"]["out_of_sample"] is (given == "auto")
+    scale = trainer.online_em.out_of_sample_scale
+    assert info.get("first_visit_scale") == (None if scale is None else pytest.approx(scale))
 
 
 def test_em_out_of_sample_takes_true_false_or_auto(rt, tmp_path):
@@ -617,6 +623,9 @@ def test_checkpoints_hold_the_state_and_resume_gives_the_same_eta(rt, tmp_path):
     checkpoint = tmp_path / "whole" / "trl" / "checkpoint-3"
     info = json.loads((checkpoint / "repo_em.json").read_text())
     assert info["annotators"] == ["a0", "a1", "a2", "a3"] and info["global_step"] == 3
+    # the E-step settings the fields resolved to, as reliability.json of re-po train
+    assert info["e_step"] == whole.e_step_settings()
+    assert info["e_step"]["epoch_m_step"] is True and info["e_step"]["out_of_sample"] is False
     assert (checkpoint / "repo_em.safetensors").is_file()
     final = whole.annotator_parameters()["eta"]
     assert info["parameters"]["eta"] != final  # steps 4 to 6 moved it

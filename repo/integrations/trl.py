@@ -109,7 +109,13 @@ from repo.inference.online import EStep
 from repo.likelihoods import CPOLikelihood, InducedLikelihood, PairLogps, PreferenceLikelihood
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel
 from repo.policy import PairTokenizer
-from repo.train.build import build_noise, build_online_em, check_policy_variant, policy_variant
+from repo.train.build import (
+    build_noise,
+    build_online_em,
+    check_policy_variant,
+    estep_settings,
+    policy_variant,
+)
 from repo.train.config import DataSection, EMSection, LossSection, NoiseSection, TrainConfig
 from repo.train.dataset import TrainingData
 from repo.train.metrics import parameter_summary
@@ -764,9 +770,20 @@ class _REPOTrainerMixin:
             "parameters": self.annotator_parameters(),
             "population": {k: float(v) for k, v in self.noise.population_parameters().items()},
             "e_step_scale": float(self.online_em.scale),
+            "e_step": self.e_step_settings(),
             "global_step": int(self.state.global_step),
         }
+        if self.online_em.out_of_sample_scale is not None:
+            info["first_visit_scale"] = float(self.online_em.out_of_sample_scale)
         (folder / STATE_JSON).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+    def e_step_settings(self) -> dict[str, Any]:
+        """The E-step settings the RE-PO fields resolved to
+        (:func:`~repo.train.build.estep_settings`: ``"auto"`` made concrete for this
+        trainer's loss and annotators), as ``reliability.json`` of ``re-po train`` has
+        them."""
+        config = self._repo_args.repo_config()
+        return estep_settings(config, self.likelihood, self.noise)._asdict()
 
     def load_repo_state(self, folder: str | os.PathLike) -> None:
         """Restore the RE-PO state written by :meth:`save_repo_state`.
