@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import pyro
 import torch
+from torch import Tensor
 
 from repo.data.loaders import is_dataset_name, load_preferences
 from repo.data.records import PreferenceData
@@ -62,7 +63,7 @@ from repo.policy import (
     resolve_recipe,
 )
 from repo.train.config import ConfigError, TrainConfig
-from repo.train.dataset import BatchSchedule, TrainingData
+from repo.train.dataset import BatchSchedule, TrainingData, held_out_items
 from repo.train.run_dir import RunDir
 from repo.train.summaries import scored_fit
 
@@ -73,6 +74,7 @@ __all__ = [
     "build_online_em",
     "EStepSettings",
     "estep_settings",
+    "build_held_out",
     "build_optimizer",
     "build_pair_tokenizer",
     "build_policy",
@@ -484,14 +486,16 @@ def build_run(
 class EStepSettings(NamedTuple):
     """How the online EM reads the policy: the E-step's temperature, whether it learns
     its logit scale, whether the annotator parameters learn from first visits only, the
-    level of the noise test that switches the posterior on (0: none), and whether the
-    annotator parameters are refitted on each pass's logits at its end."""
+    level of the noise test that switches the posterior on (0: none), whether the
+    annotator parameters are refitted on each pass's logits at its end, and the share
+    of items held out of training for their refit (``[em] held_out``)."""
 
     temperature: float
     calibrate: bool
     out_of_sample: bool
     noise_test: float = 0.0
     epoch_m_step: bool = False
+    held_out: float = 0.0
 
 
 def estep_settings(
@@ -513,6 +517,11 @@ def estep_settings(
     no refit."""
     em = config.em
     if not noise.has_truth:
+        if em.held_out > 0 and em.enabled:
+            raise ConfigError(
+                f"[em] held_out: the {noise.name} noise model has no latent truth to refit "
+                "on the held-out scores (leave it 0)"
+            )
         if em.epoch_m_step is True and em.enabled:
             raise ConfigError(
                 f"[em] epoch_m_step: the {noise.name} noise model has no latent truth to "
@@ -529,7 +538,9 @@ def estep_settings(
         epoch_m_step = noise.num_annotators > 1 and not out_of_sample
     else:
         epoch_m_step = bool(em.epoch_m_step)
-    return EStepSettings(temperature, calibrate, out_of_sample, em.noise_test, epoch_m_step)
+    return EStepSettings(
+        temperature, calibrate, out_of_sample, em.noise_test, epoch_m_step, em.held_out
+    )
 
 
 def build_online_em(
@@ -570,15 +581,42 @@ def build_online_em(
     )
 
 
-def build_schedule(config: TrainConfig, num_units: int, processes: int) -> BatchSchedule:
-    """The order of truth units over optimizer steps (``[optim]`` batches, ``[run] seed``)."""
+def build_held_out(config: TrainConfig, data: TrainingData) -> Tensor | None:
+    """The items of ``data`` whose labels the policy never trains on (``[em]
+    held_out``, :func:`~repo.train.dataset.held_out_items`), ``None`` when there are
+    none (the share is 0 or EM is off).
+
+    :raises ConfigError: the share leaves no item to train on."""
+    em = config.em
+    if not em.enabled or em.held_out == 0:
+        return None
+    items = held_out_items(len(data.pairs), em.held_out, config.run.seed)
+    if len(items) >= len(data.pairs):
+        raise ConfigError(
+            f"[em] held_out = {em.held_out} of {len(data.pairs)} items leaves none to train on"
+        )
+    return items
+
+
+def build_schedule(
+    config: TrainConfig,
+    data: TrainingData,
+    processes: int,
+    held_out: Tensor | None = None,
+) -> BatchSchedule:
+    """The order of ``data``'s truth units over optimizer steps (``[optim]`` batches,
+    ``[run] seed``), the units of the ``held_out`` items left out."""
     o = config.optim
+    units = None
+    if held_out is not None:
+        units = torch.isin(data.labels.unit, held_out).nonzero().reshape(-1)
     return BatchSchedule(
-        num_units=num_units,
+        num_units=data.num_units,
         batch_size=o.batch_size,
         accumulation=o.gradient_accumulation_steps,
         world_size=processes,
         seed=config.run.seed,
+        held_out=units,
     )
 
 

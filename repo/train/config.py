@@ -364,6 +364,15 @@ class EMSection:
             "several annotators (out_of_sample's refit on first visits takes its place)"
         ),
     )
+    held_out: float = field(
+        default=0.0,
+        metadata=_doc(
+            "share of the items whose labels the policy never trains on: after every epoch "
+            "the current policy scores them (one forward pass over them) and the annotator "
+            "parameters are refitted by EM on those scores with their scale learned, and "
+            "then learn from nothing else (docs/math.md, section 12); 0: none"
+        ),
+    )
     noise_lr: float = field(
         default=0.05,
         metadata=_doc("Adam step size for noise models without a closed-form M-step (boltzmann)"),
@@ -565,6 +574,7 @@ class TrainConfig:
             ("em", "temperature", self.em.temperature >= 0, ">= 0 (0: the family's default)"),
             ("em", "warmup_steps", self.em.warmup_steps >= 0, ">= 0"),
             ("em", "noise_test", 0 <= self.em.noise_test < 1, "in [0, 1) (0: no test)"),
+            ("em", "held_out", 0 <= self.em.held_out < 0.5, "in [0, 0.5) (0: none)"),
             ("em", "noise_lr", self.em.noise_lr > 0, "> 0"),
             ("noise", "eta_init", 0 < self.noise.eta_init < 1, "in (0, 1)"),
             ("optim", "learning_rate", self.optim.learning_rate > 0, "> 0"),

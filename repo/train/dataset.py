@@ -14,6 +14,10 @@ of process ``r`` in a global batch is the slice ``[(a P + r) m, (a P + r + 1) m)
 (``m`` = batch_size, ``P`` = processes), so a one-process run with ``m P`` units
 per micro-batch sees the same global batches, grouped the same way. The order is a
 pure function of (seed, epoch, step): resuming needs only the step.
+
+Held-out labels (``[em] held_out``, :func:`held_out_items`): a share of the items,
+drawn from the seed alone, whose units no batch holds; the policy never trains on
+their labels, and the annotator parameters are refitted on them at each pass's end.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from repo.noise.layout import LabelData
 from repo.policy.reference import data_fingerprint
 from repo.policy.tokenize import PairTokenizer, TokenizedPair, collate_pairs
 
-__all__ = ["BatchSchedule", "MicroBatch", "TrainingData", "VIRTUAL_ANNOTATOR"]
+__all__ = ["BatchSchedule", "MicroBatch", "TrainingData", "VIRTUAL_ANNOTATOR", "held_out_items"]
 
 VIRTUAL_ANNOTATOR = "all"
 """The annotator id given to labels of data without an annotator column (K = 1)."""
@@ -218,6 +222,7 @@ class BatchSchedule:
     :param accumulation: micro-batches per optimizer step.
     :param world_size: processes (``P``).
     :param seed: the run's seed.
+    :param held_out: units no batch holds (``None``: every unit is trained on).
     """
 
     num_units: int
@@ -225,11 +230,13 @@ class BatchSchedule:
     accumulation: int
     world_size: int
     seed: int
+    held_out: Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"the data has {self.num_units} truth units but one optimizer step needs "
+                f"the data has {self.num_trained} truth units to train on but one optimizer "
+                "step needs "
                 f"{self.global_batch} (batch_size {self.batch_size} x gradient_accumulation_steps "
                 f"{self.accumulation} x processes {self.world_size}); lower the batch size"
             )
@@ -239,13 +246,31 @@ class BatchSchedule:
         return self.batch_size * self.accumulation * self.world_size
 
     @property
+    def trained_units(self) -> Tensor | None:
+        """The units batches hold, ascending (``None``: all of them)."""
+        if self.held_out is None:
+            return None
+        keep = torch.ones(self.num_units, dtype=torch.bool)
+        keep[self.held_out] = False
+        return keep.nonzero().reshape(-1)
+
+    @property
+    def num_trained(self) -> int:
+        """Units batches hold: all but the held-out ones."""
+        units = self.trained_units
+        return self.num_units if units is None else len(units)
+
+    @property
     def steps_per_epoch(self) -> int:
-        return self.num_units // self.global_batch
+        return self.num_trained // self.global_batch
 
     def permutation(self, epoch: int) -> Tensor:
-        """The order of the units in ``epoch`` (a function of seed and epoch only)."""
+        """The order of the trained units in ``epoch`` (a function of seed and epoch
+        only)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_units, generator=generator)
+        order = torch.randperm(self.num_trained, generator=generator)
+        units = self.trained_units
+        return order if units is None else units[order]
 
     def global_units(self, step: int) -> Tensor:
         """All units of optimizer step ``step`` (counted from 0 over the whole run)."""
@@ -285,3 +310,15 @@ def _item_label(records: PreferenceData, n: int, first: dict[str, int]) -> tuple
         field="item",
         reason="item_mismatch",
     )
+
+
+def held_out_items(num_items: int, share: float, seed: int) -> Tensor:
+    """The items whose labels the policy never trains on (``[em] held_out``):
+    ``round(share * num_items)`` of them, at least one when ``share > 0``, drawn
+    from ``seed`` alone (the same on every process and on resume), ascending; an
+    empty tensor when ``share`` is 0."""
+    count = round(share * num_items)
+    if share > 0:
+        count = max(count, 1)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 - 1)
+    return torch.randperm(num_items, generator=generator)[:count].sort().values

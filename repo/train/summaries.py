@@ -103,6 +103,7 @@ def data_report(
         "skipped": data.skipped,
         "notes": data.notes,
         "units_per_epoch": schedule.steps_per_epoch * schedule.global_batch,
+        "held_out_units": schedule.num_units - schedule.num_trained,  # [em] held_out
     }
     if noise.reads_position and not records.shown_order:
         report["warning"] = (
@@ -114,11 +115,16 @@ def data_report(
 
 
 def one_annotator_profile(
-    noise: NoiseModel, labels: LabelData, first_visit: Tensor | None
+    noise: NoiseModel,
+    labels: LabelData,
+    first_visit: Tensor | None,
+    source: str = "first_visit_logits",
 ) -> dict[str, Any] | None:
     """The profile likelihood of ``eta`` (:func:`~repo.inference.profile.eta_profile`)
-    at the items' first-visit logits, when the run has one annotator, per-label truth
-    and the symmetric flip (the only case it describes); else ``None``."""
+    at per-item out-of-sample logits (NaN: not scored), the items' first-visit logits
+    or the held-out items' (``source`` names them in the result), when the run has one
+    annotator, per-label truth and the symmetric flip (the only case it describes);
+    else ``None``."""
     one = noise.num_annotators == 1 and not labels.shared_truth and labels.num_slots == 1
     if first_visit is None or not one or not isinstance(noise, SymmetricFlip):
         return None
@@ -127,7 +133,7 @@ def one_annotator_profile(
     if not bool(seen.any()):
         return None
     profile = eta_profile(logits[seen], labels.label[seen, 0], grid=201, scales=121)
-    return {"from": "first_visit_logits", **profile.to_dict()}
+    return {"from": source, **profile.to_dict()}
 
 
 def reliability(
@@ -138,6 +144,8 @@ def reliability(
     noise_test: NoiseTest | None = None,
     e_step: dict[str, Any] | None = None,
     first_visit_scale: float | None = None,
+    held_out: Tensor | None = None,
+    held_out_scale: float | None = None,
 ) -> dict[str, Any]:
     """Per annotator: label count and the noise model's parameters; the population's;
     the E-step's logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``);
@@ -145,9 +153,12 @@ def reliability(
     (:class:`~repo.train.build.EStepSettings`: where the reliabilities were learned
     from), when given; the Platt scale of the first-visit refit (``first_visit_scale``,
     :attr:`~repo.inference.online.OnlineEM.out_of_sample_scale`), when there was one;
+    the number of held-out items and the Platt scale of their refit (``held_out``, the
+    logits of their last refit, NaN elsewhere; ``held_out_scale``), when there were any;
     the noise test's last look (``noise_test``: whether the posterior reached the
     policy; :mod:`~repo.inference.noise_test`), when there was one;
-    with one annotator, :func:`one_annotator_profile` at ``first_visit`` and the
+    with one annotator, :func:`one_annotator_profile` at ``held_out`` when given, else
+    at ``first_visit``, and the
     ``warnings`` of :func:`~repo.diagnostics.checks.identification_warnings` on it."""
     counts = data.label_counts()
     params = noise.annotator_parameters()
@@ -168,9 +179,16 @@ def reliability(
         report["e_step"] = dict(e_step)
     if first_visit_scale is not None:
         report["first_visit_scale"] = float(first_visit_scale)
+    if held_out is not None:
+        report["held_out_items"] = int((~torch.isnan(held_out)).sum())
+    if held_out_scale is not None:
+        report["held_out_scale"] = float(held_out_scale)
     if noise_test is not None:
         report["noise_test"] = noise_test.to_dict()
-    profile = one_annotator_profile(noise, data.labels, first_visit)
+    if held_out is not None:
+        profile = one_annotator_profile(noise, data.labels, held_out, "held_out_logits")
+    else:
+        profile = one_annotator_profile(noise, data.labels, first_visit)
     if profile is not None:
         report["eta_profile"] = profile
         eta = float(params["eta"][0])

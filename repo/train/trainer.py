@@ -55,6 +55,7 @@ from repo.inference.enumeration import enumerate_posterior
 from repo.inference.online import single_thread
 from repo.policy import Policy, ReferenceLogps, ResponseLogps, batch_to
 from repo.train.build import (
+    build_held_out,
     build_online_em,
     build_optimizer,
     build_reference,
@@ -132,7 +133,8 @@ class Trainer:
         self.likelihood, self.variant = parts.likelihood, parts.variant
         self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
         self.eval_data = parts.eval_data
-        self.schedule = build_schedule(config, self.data.num_units, acc.num_processes)
+        self.held_out = build_held_out(config, self.data)  # items no batch trains on
+        self.schedule = build_schedule(config, self.data, acc.num_processes, self.held_out)
         per_epoch = self.schedule.steps_per_epoch
         self.total_steps = config.optim.max_steps or config.optim.epochs * per_epoch
         self.em = build_online_em(
@@ -291,9 +293,15 @@ class Trainer:
 
     # -- full passes ------------------------------------------------------------
     @torch.no_grad()
-    def item_scores(self, data: TrainingData, reference: ReferenceLogps | None) -> Tensor:
-        """Induced logit and rewards of A and B of every item of ``data`` under the
-        current policy: ``(3, I)`` float64 on the CPU (rows: logit, reward A, reward B).
+    def item_scores(
+        self,
+        data: TrainingData,
+        reference: ReferenceLogps | None,
+        items: Tensor | None = None,
+    ) -> Tensor:
+        """Induced logit and rewards of A and B of every item of ``data`` (or of
+        ``items`` only, the others' columns NaN) under the current policy: ``(3, I)``
+        float64 on the CPU (rows: logit, reward A, reward B).
 
         Items are shared out over processes and the results summed, so every process
         gets all of them. Every process runs the same number of forwards (one with
@@ -305,9 +313,10 @@ class Trainer:
         self.model.eval()
         num_items = len(data.pairs)
         out = torch.zeros(3, num_items, dtype=torch.float64)
-        mine = list(range(acc.process_index, num_items, acc.num_processes))
+        scored = list(range(num_items)) if items is None else items.tolist()
+        mine = scored[acc.process_index :: acc.num_processes]
         size = self.config.optim.batch_size
-        rounds = math.ceil(math.ceil(num_items / acc.num_processes) / size)
+        rounds = math.ceil(math.ceil(len(scored) / acc.num_processes) / size)
         for r in range(rounds):
             chunk = mine[r * size : (r + 1) * size]
             pairs = [data.pairs[i] for i in chunk] or data.pairs[:1]
@@ -320,7 +329,12 @@ class Trainer:
                 out[1, index] = reward_a.double().cpu()
                 out[2, index] = reward_b.double().cpu()
         self.model.train()
-        return self.reduce(out)
+        out = self.reduce(out)
+        if items is not None:
+            keep = torch.zeros(num_items, dtype=torch.bool)
+            keep[items] = True
+            out[:, ~keep] = float("nan")
+        return out
 
     def item_logits(self) -> Tensor:
         """Induced logits of every training item under the current policy ``(I,)``
@@ -376,7 +390,10 @@ class Trainer:
                 em = self.config.em
                 end_of_epoch = self.step % per_epoch == 0 or self.step == self.total_steps
                 if em.enabled and end_of_epoch:  # the annotator refit of the pass
-                    self.em.end_pass(self.step, self.reduce)
+                    held_out = None
+                    if self.held_out is not None:  # scored by the pass's last policy
+                        held_out = self.item_scores(self.data, self.reference, self.held_out)[0]
+                    self.em.end_pass(self.step, self.reduce, held_out)
                 last = self.step == self.total_steps
                 if self.eval_data is not None and (
                     last or (eval_steps and self.step % eval_steps == 0)
@@ -530,6 +547,8 @@ class Trainer:
                 noise_test=self.em.noise_test_result,
                 e_step=self._estep_settings(),
                 first_visit_scale=self.em.out_of_sample_scale,
+                held_out=self.em.held_out_logits,
+                held_out_scale=self.em.held_out_scale,
             )
             run.write_reliability(report)
             self.warnings = [FitWarning.from_dict(w) for w in report.get("warnings", [])]

@@ -1,0 +1,180 @@
+"""Held-out labels (``[em] held_out``): items no batch trains on, scored by the policy
+at each pass's end, and the annotator parameters refitted on them alone."""
+
+import json
+
+import pytest
+import torch
+
+from repo.data.simulate import simulate_labels
+from repo.inference.online import OnlineEM
+from repo.noise import SymmetricFlip
+from repo.noise.layout import LabelData
+from repo.train.dataset import BatchSchedule, held_out_items
+
+
+def _one_annotator(num: int, eta: float, seed: int):
+    """Labels of one annotator with reliability ``eta`` over truths drawn from
+    ``sigmoid(s)``; the true logits ``s`` (a calibrated scorer)."""
+    sim = simulate_labels(
+        num_items=num, num_annotators=1, shared_truth=False, eta_range=(eta, eta), seed=seed
+    )
+    data = LabelData.from_labels(sim.annotator, sim.label, num_annotators=1)
+    truth = torch.as_tensor(sim.truth, dtype=torch.float64)
+    return torch.as_tensor(sim.scores, dtype=torch.float64), truth, data
+
+
+def test_held_out_items_are_a_seeded_share_of_the_items():
+    items = held_out_items(1000, 0.1, seed=3)
+    assert len(items) == 100 and len(set(items.tolist())) == 100
+    assert torch.equal(items, items.sort().values)
+    assert torch.equal(items, held_out_items(1000, 0.1, seed=3))
+    assert not torch.equal(items, held_out_items(1000, 0.1, seed=4))
+    assert len(held_out_items(1000, 0.0, seed=3)) == 0
+    assert len(held_out_items(5, 0.01, seed=3)) == 1  # a share > 0 holds out one at least
+
+
+def test_a_schedule_never_batches_held_out_units_and_is_unchanged_without_them():
+    held = torch.tensor([0, 7, 8, 30])
+    schedule = BatchSchedule(
+        num_units=40, batch_size=4, accumulation=1, world_size=2, seed=5, held_out=held
+    )
+    assert schedule.num_trained == 36 and schedule.steps_per_epoch == 4
+    for epoch in range(3):
+        order = schedule.permutation(epoch)
+        assert sorted(order.tolist()) == sorted(set(range(40)) - set(held.tolist()))
+    seen = torch.cat([schedule.global_units(step) for step in range(12)])
+    assert not torch.isin(seen, held).any()
+    plain = BatchSchedule(num_units=40, batch_size=4, accumulation=1, world_size=2, seed=5)
+    generator = torch.Generator().manual_seed(5 * 1_000_003 + 1)
+    assert torch.equal(plain.permutation(1), torch.randperm(40, generator=generator))
+
+
+def test_fit_held_out_recovers_eta_and_then_the_e_step_leaves_it():
+    # scores of held-out items from a scorer that knows the truth: the fit gives the
+    # share of labels that agree with it (the closed form when the scorer is always
+    # right), and afterwards no E-step moves eta, while the learned scale still follows
+    # the policy's logits
+    c, truth, data = _one_annotator(6000, 0.7, seed=11)
+    sign = 2 * truth - 1
+    held = torch.arange(0, 6000, 2)
+    logits = torch.full((6000,), float("nan"), dtype=torch.float64)
+    logits[held] = 8.0 * sign[held]
+    online = OnlineEM(
+        SymmetricFlip(1), alpha=1.0, calibrate=True, out_of_sample=True, num_items=6000
+    )
+    online.labels = data
+    assert online.end_pass(1, held_out=logits) is not None
+    agree = (data.label[held, 0] == truth[held]).double().mean()
+    assert float(online.noise.eta.detach()[0]) == pytest.approx(float(agree), abs=1e-3)
+    assert torch.sigmoid(torch.tensor(8.0 * online.held_out_scale)) > 0.99  # read as sure
+    assert online.out_of_sample_scale is None  # the first-visit refit did not run
+    eta = float(online.noise.eta.detach()[0])
+    trained = data.subset(torch.arange(1, 6000, 2))
+    scale = online.scale
+    online.e_step(5.0 * c[trained.unit], trained, step=2)
+    online.m_step()
+    assert float(online.noise.eta.detach()[0]) == eta
+    assert online.scale != scale
+    # the refit's scale and scores survive a checkpoint
+    other = OnlineEM(SymmetricFlip(1), calibrate=True, out_of_sample=True, num_items=6000)
+    other.load_state_dict(online.state_dict())
+    assert other.held_out_scale == online.held_out_scale
+    torch.testing.assert_close(other.held_out_logits, online.held_out_logits, equal_nan=True)
+
+
+def test_fit_held_out_of_a_calibrated_scorer_recovers_the_true_eta():
+    # a calibrated but imperfect scorer (truths drawn from sigmoid(s)): EM with the
+    # Platt scale learned recovers eta and a scale near 1
+    c, _, data = _one_annotator(20_000, 0.8, seed=12)
+    online = OnlineEM(SymmetricFlip(1), num_items=20_000)
+    assert online.fit_held_out(c, data) is not None
+    assert float(online.noise.eta.detach()[0]) == pytest.approx(0.8, abs=0.02)
+    assert online.held_out_scale == pytest.approx(1.0, rel=0.15)
+
+
+def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypatch):
+    from repo.data.loaders import load_preferences
+    from repo.data.rule_pairs import rule_pairs
+    from repo.experiments import Method, rule_config
+    from repo.train import Trainer
+
+    batches, fits = [], []
+    e_step, fit = OnlineEM.e_step, OnlineEM.fit_held_out
+
+    def spy_e_step(self, logits, data, step):
+        batches.append(data.unit.clone())
+        return e_step(self, logits, data, step)
+
+    def spy_fit(self, logits, data, **kwargs):
+        fits.append(logits.clone())
+        return fit(self, logits, data, **kwargs)
+
+    monkeypatch.setattr(OnlineEM, "e_step", spy_e_step)
+    monkeypatch.setattr(OnlineEM, "fit_held_out", spy_fit)
+    rows = rule_pairs(80, [0.8], seed=2, markers=4).rows
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em={"held_out": 0.25})
+    cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
+    trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
+    trainer.train()
+    held = trainer.held_out
+    assert len(held) == 20
+    assert not torch.isin(torch.cat(batches), held).any()  # no batch held them
+    # one refit a pass, on the held-out items' scores under the pass's last policy
+    assert len(fits) == 2
+    scored = ~torch.isnan(fits[1])
+    assert torch.equal(scored.nonzero().reshape(-1), held)
+    torch.testing.assert_close(fits[1][held], trainer.item_logits()[held], rtol=1e-4, atol=1e-3)
+    report = json.loads((tmp_path / "run" / "reliability.json").read_text())
+    assert report["e_step"]["held_out"] == 0.25 and report["held_out_items"] == 20
+    assert ("held_out_scale" in report) is (trainer.em.held_out_scale is not None)
+    assert report["eta_profile"]["from"] == "held_out_logits"
+    assert trainer.run_dir.read_data_report()["held_out_units"] == 20
+
+
+def test_held_out_is_checked():
+    from repo.experiments import Method, rule_config
+    from repo.train.config import ConfigError
+
+    for share in (-0.1, 0.5):
+        method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"held_out": share})
+        with pytest.raises(ConfigError, match=r"\[em\] held_out"):
+            rule_config("unused", method, seed=0).validate()
+
+
+def test_a_run_with_held_out_labels_resumes_to_the_same_state(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from repo.data.loaders import load_preferences
+    from repo.data.rule_pairs import rule_pairs
+    from repo.experiments import Method, rule_config
+    from repo.train import Trainer
+
+    records = load_preferences(
+        rule_pairs(96, [0.7], seed=4, markers=4).rows, annotator_column="annotator"
+    )
+    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"held_out": 0.25})
+    # 72 units trained on, 4 steps a pass: the checkpoint at step 6 lies after the
+    # first held-out refit, inside the second pass
+    cfg = rule_config(str(tmp_path / "full"), method, seed=1, optim={"epochs": 2})
+    cfg = cfg.replace("run", save_steps=6)
+    full = Trainer(cfg, records=records)
+    full.train()
+    assert full.step == 8 and full.em.held_out_scale is not None
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000006", part / "step-000006")
+    for name in ("config.json", "metrics.jsonl", "annotators.jsonl"):
+        shutil.copy(tmp_path / "full" / name, tmp_path / "part" / name)
+    resumed = Trainer(
+        cfg.replace("run", output_dir=str(tmp_path / "part"), resume=True), records=records
+    )
+    resumed.train()
+    assert resumed.step == 8 and resumed.em.held_out_scale == full.em.held_out_scale
+    a = load_file(str(tmp_path / "full" / "noise.safetensors"))
+    b = load_file(str(tmp_path / "part" / "noise.safetensors"))
+    assert a.keys() == b.keys() and "held_out.logits" in a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, equal_nan=True)
