@@ -46,9 +46,11 @@ def test_auto_is_the_first_available_device(monkeypatch):
     assert select_device("auto").type == "cuda"
 
 
-def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path):
+@pytest.mark.parametrize("em", ["", "[em]\nheld_out = 0.25\n"])
+def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path, em):
     """The documented command, ``torchrun --nproc_per_node 2 -m repo.cli train CONFIG``,
-    with the default ``device = "auto"`` and CUDA hidden (a CPU-only machine)."""
+    with the default ``device = "auto"`` and CUDA hidden (a CPU-only machine); also with
+    held-out labels, which the two processes score between them at the pass's end."""
     rows = rule_pairs(32, [0.95, 0.8, 0.6], seed=3).rows
     with open(tmp_path / "data.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in rows)
@@ -57,7 +59,7 @@ def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path):
         '[data]\ntrain = "data.jsonl"\nannotator_column = "annotator"\n'
         "[loss]\nbeta = 1.0\n"
         "[optim]\nbatch_size = 4\nlearning_rate = 0.01\nepochs = 1\n"
-        '[run]\noutput_dir = "run"\nprogress = false\n'
+        '[run]\noutput_dir = "run"\nprogress = false\n' + em
     )
     views = tmp_path / "views"
     views.mkdir()
@@ -88,5 +90,9 @@ def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path):
     reliability = json.loads((run / "reliability.json").read_text())
     eta = [a["eta"] for a in reliability["annotators"]]
     np.testing.assert_allclose(eta, rank1["parameters"]["eta"], rtol=1e-6)
+    if em:  # 8 of the 32 items held out, refitted on scores both processes computed
+        assert reliability["held_out_items"] == 8
+        report = json.loads((run / "data_report.json").read_text())
+        assert report["held_out_units"] == 8 and report["units_per_epoch"] == 24
     printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1 and json.loads(printed[0])["step"] == config["total_steps"]
