@@ -206,6 +206,7 @@ def test_the_test_is_a_config_field_and_reaches_the_trainer(tmp_path):
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())
     assert report["noise_test"] == trainer.em.noise_test_result.to_dict()
     assert trainer.last_metrics["noise/evident"] == float(trainer.em.noise_evident)
+    assert trainer.last_metrics["e_step_scale"] == trainer.em.scale  # TRL's name
     off = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"noise_test": 0})
     cfg = rule_config(str(tmp_path / "off"), off, seed=0, optim={"epochs": 1})
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))

@@ -278,6 +278,7 @@ class Trainer:
         metrics = sums.means(self.reduce)
         if use_em:
             metrics["noise/evident"] = float(self.em.noise_evident)
+            metrics["e_step_scale"] = float(self.em.scale)  # the a the E-step read s at
         metrics["grad_norm"] = float(grad_norm)
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         metrics.update(parameter_summary(self.noise.annotator_parameters()))
