@@ -178,3 +178,20 @@ def test_a_run_with_held_out_labels_resumes_to_the_same_state(tmp_path):
     assert a.keys() == b.keys() and "held_out.logits" in a
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_an_uninformative_held_out_fit_leaves_the_pass_to_the_first_visit_refit():
+    # held-out scores at chance (a policy that has learned nothing yet) are refused,
+    # and the end of the pass refits on first visits as it would without them
+    c, _, data = _one_annotator(4000, 0.75, seed=13)
+    online = OnlineEM(SymmetricFlip(1), out_of_sample=True, num_items=4000)
+    online.labels = data
+    online.e_step(c[data.unit], data, step=0)
+    online.m_step()
+    g = torch.Generator().manual_seed(0)
+    chance = torch.full((4000,), float("nan"), dtype=torch.float64)
+    chance[:400] = 1e-3 * torch.randn(400, generator=g, dtype=torch.float64)
+    result = online.end_pass(1, held_out=chance)
+    assert result is not None and online.held_out_scale is None
+    assert online.out_of_sample_scale is not None  # the first-visit refit ran
+    assert float(online.noise.eta.detach()[0]) == pytest.approx(0.75, abs=0.03)

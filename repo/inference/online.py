@@ -575,14 +575,16 @@ class OnlineEM:
     ) -> EMResult | None:
         """The annotator M-step to convergence a training loop takes after the last
         optimizer step of a pass (``step`` optimizer steps taken): :meth:`fit_held_out`
-        when given the held-out items' logits (``held_out``), else
-        :meth:`fit_out_of_sample` with ``out_of_sample``, else :meth:`fit_pass` with
-        ``pass_refit``; nothing during the E-step warm-up. Every process must call it
-        (it reduces)."""
+        when given the held-out items' logits (``held_out``); when there are none or
+        that fit is not taken, :meth:`fit_out_of_sample` with ``out_of_sample``, else
+        :meth:`fit_pass` with ``pass_refit``; nothing during the E-step warm-up. Every
+        process must call it (it reduces)."""
         if self.in_warmup(step):
             return None
         if held_out is not None:
-            return self.fit_held_out(held_out, self.labels_for_refit)
+            result = self.fit_held_out(held_out, self.labels_for_refit)
+            if result is not None or self.held_out_scale is not None:
+                return result
         if self.out_of_sample:
             return self.fit_out_of_sample(self.labels_for_refit, reduce)
         if self.pass_refit:
