@@ -155,6 +155,18 @@ SECOND_TIER = ("cDPO", "rDPO")
 """Methods run after all the others, setting by setting (the first to go when time is short)."""
 
 
+def _append_row(csv_path: Path, row: dict) -> None:
+    """Append ``row`` to ``csv_path`` in the file's own column order (a column the file
+    lacks, as in a CSV from before the column was added, is left out), or start the
+    file with ``row``'s columns."""
+    frame = pd.DataFrame([row])
+    if csv_path.exists() and csv_path.stat().st_size > 0:
+        frame = frame.reindex(columns=pd.read_csv(csv_path, nrows=0).columns)
+        frame.to_csv(csv_path, mode="a", header=False, index=False)
+    else:
+        frame.to_csv(csv_path, index=False)
+
+
 def run_order(grid: Grid) -> list[tuple[tuple[str, float], list[str]]]:
     """``(setting, method names)`` in the order they are run: every setting with all
     but the :data:`SECOND_TIER` methods, then every setting with those (``grid.only``:
@@ -231,6 +243,7 @@ def run_grid(
                     "out_of_sample": result.estep.out_of_sample if result.estep else None,
                     "noise_test": result.estep.noise_test if result.estep else None,
                     "epoch_m_step": result.estep.epoch_m_step if result.estep else None,
+                    "held_out": result.estep.held_out if result.estep else None,
                     "noise_evident": test.rejected if test else None,
                     "noise_test_items": test.items if test else None,
                     "noise_test_p": round(test.p_value, 6) if test else None,
@@ -246,8 +259,7 @@ def run_grid(
                 }
                 rows.append(row)
                 if csv_path is not None:
-                    new_file = not csv_path.exists() or csv_path.stat().st_size == 0
-                    pd.DataFrame([row]).to_csv(csv_path, mode="a", header=new_file, index=False)
+                    _append_row(csv_path, row)
                 elapsed = time.perf_counter() - start
                 print(
                     f"[{done}/{total}] {noise} rho={rho} seed={seed} {method.name}: "
@@ -512,8 +524,9 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     labels = []
     tests = rows.noise_test if "noise_test" in rows else [math.nan] * len(rows)
     refits = rows.epoch_m_step if "epoch_m_step" in rows else [False] * len(rows)
-    for t, calibrate, oos, level, refit in zip(
-        rows.temperature, rows.calibrate, rows.out_of_sample, tests, refits, strict=True
+    held = rows.held_out if "held_out" in rows else [0.0] * len(rows)
+    for t, calibrate, oos, level, refit, share in zip(
+        rows.temperature, rows.calibrate, rows.out_of_sample, tests, refits, held, strict=True
     ):
         if pd.isna(t):
             continue
@@ -522,6 +535,8 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
             parts.append(f"test {float(level):g}")
         if not pd.isna(refit) and bool(refit):
             parts.append("refit")
+        if not pd.isna(share) and share > 0:
+            parts.append(f"held out {float(share):g}")
         labels.append(" ".join(parts))
     return "/".join(dict.fromkeys(labels))
 

@@ -46,7 +46,7 @@ def hold_eta(trainer: Trainer, eta: torch.Tensor) -> None:
     set_value(trainer.noise, "eta", eta)
     m_step = trainer.em.m_step  # at EMA rate 0: the scale still learns, eta stays
     trainer.em.m_step = lambda reduce=None, *, alpha=None: m_step(reduce, alpha=0.0)
-    trainer.em.end_pass = lambda step, reduce=None: None
+    trainer.em.end_pass = lambda step, reduce=None, held_out=None: None
 
 
 def run(
@@ -58,8 +58,9 @@ def run(
     held_out = _records(rule_pairs(HELD_OUT, [1.0], seed=10_000 + seed, markers=MARKERS).rows)
     known = {m.name: m for m in methods(flip_rate)}
     oracles = {
-        f"RE-{family} em.noise_test=0 em.epoch_m_step=false": "oracle",
-        f"RE-{family} em.noise_test=0 em.epoch_m_step=false em.calibrate=false": "oracle, scale 1",
+        f"RE-{family} em.noise_test=0 em.epoch_m_step=false em.held_out=false": "oracle",
+        f"RE-{family} em.noise_test=0 em.epoch_m_step=false em.held_out=false "
+        "em.calibrate=false": "oracle, scale 1",
     }
     rows = []
     for name in (family, f"RE-{family}", *oracles):

@@ -33,7 +33,7 @@ from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
 from repo.inference.noise_test import NoiseTest
 from repo.train import TrainConfig, Trainer
-from repo.train.build import EStepSettings, estep_settings
+from repo.train.build import EStepSettings
 from repo.train.evaluate import evaluate_records
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "Method",
     "RunResult",
     "annotator_pool",
+    "held_out_scores",
     "rule_config",
     "t_interval",
     "method_from_text",
@@ -194,6 +195,19 @@ def _records(rows: Sequence[dict] | PreferenceData) -> PreferenceData:
     return load_preferences(list(rows), annotator_column="annotator")
 
 
+def held_out_scores(trainer: Trainer, held_out: PreferenceData) -> dict[str, float]:
+    """The trained policy of ``trainer`` on ``held_out`` (clean labels): accuracy, log
+    loss, ECE (:data:`ECE_BINS` bins), ... (:func:`repo.train.evaluate.evaluate_records`)."""
+    return evaluate_records(
+        trainer.config,
+        trainer.policy,
+        trainer.likelihood,
+        trainer.pair_tokenizer,
+        held_out,
+        bins=ECE_BINS,
+    )
+
+
 def train_and_score(
     train_rows: Sequence[dict] | PreferenceData,
     held_out_rows: Sequence[dict] | PreferenceData,
@@ -222,17 +236,10 @@ def train_and_score(
         config = rule_config(tmp, method, seed=seed, optim=optim, recipe=recipe, model=model)
         trainer = Trainer(config, records=train)
         trainer.train()
-        scores = evaluate_records(
-            trainer.config,
-            trainer.policy,
-            trainer.likelihood,
-            trainer.pair_tokenizer,
-            held_out,
-            bins=ECE_BINS,
-        )
+        scores = held_out_scores(trainer, held_out)
         eta, estep = {}, None
         if method.robust:
-            estep = estep_settings(trainer.config, trainer.likelihood, trainer.noise)
+            estep = trainer.estep
         if method.robust and hasattr(trainer.noise, "eta"):
             values = trainer.noise.eta.detach().double().cpu().tolist()
             eta = dict(zip(trainer.data.annotator_ids, values, strict=True))

@@ -46,7 +46,7 @@ def test_auto_is_the_first_available_device(monkeypatch):
     assert select_device("auto").type == "cuda"
 
 
-@pytest.mark.parametrize("em", ["", "[em]\nheld_out = 0.25\n"])
+@pytest.mark.parametrize("em", ["", "[em]\nheld_out = true\nheld_out_share = 0.25\n"])
 def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path, em):
     """The documented command, ``torchrun --nproc_per_node 2 -m repo.cli train CONFIG``,
     with the default ``device = "auto"`` and CUDA hidden (a CPU-only machine); also with

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -91,13 +93,15 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
     example = _load("estep_defaults")
     for family, setting in example.DEFAULTS.items():
         cfg = rule_config(str(tmp_path), Method("RE-X", family, True), seed=0)
-        chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1))
+        chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale
-        assert chosen == (wanted["temperature"], wanted["calibrate"], one, 0.05, False), family
+        # 512 pairs: too few to hold any out (MIN_HELD_OUT)
+        wanted_one = (wanted["temperature"], wanted["calibrate"], one, 0.05, False, 0.0)
+        assert chosen == wanted_one, family
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
         # several annotators: the refit after each epoch
-        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True), family
+        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0), family
         assert example.default_for(family, "single") == setting + (example.OOS if one else "")
         assert example.default_for(family, "pool") == setting
     shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)
@@ -109,7 +113,8 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         assert all("| 10 |" in row for row in rows), rows  # ten seeds each
     # the warm-up setting: EM held back for a quarter of the steps, in every noise setting
     warm = example.method("cpo", "T=50 learned warm-up", epochs=4)
-    assert warm.em == {**example.SETTINGS["T=50 learned"], "warmup_steps": 32, "noise_test": 0.0}
+    wanted_em = {**example.SETTINGS["T=50 learned"], "warmup_steps": 32, "noise_test": 0.0}
+    assert warm.em == {**wanted_em, "held_out": False}  # every label trained on
     assert example.method("ipo", "learned warm-up", epochs=1).em["warmup_steps"] == 8
     assert "learned warm-up" in example.settings_for("simpo", "pool", 0.4, 1)
     assert "fixed warm-up" not in example.settings_for("dpo", "single", 0.0, 4)
@@ -153,3 +158,51 @@ def test_oracle_eta_holds_the_realised_reliabilities():
     assert not np.allclose(json.loads(by_method["RE-DPO"]["eta"]), truth, atol=1e-3)
     assert json.loads(by_method["DPO"]["eta"]) == []
     assert all(0 <= row["accuracy"] <= 1 for row in rows)
+
+
+def test_first_visit_scores_reads_each_items_first_visit(tmp_path, capsys):
+    """examples/first_visit_scores.py: every item is first visited in the first pass,
+    block by block, and the summary's shares are those of the block table."""
+    example = _load("first_visit_scores")
+    args = ["--method", "RE-IPO em.out_of_sample=true em.held_out=false", "--seed", "3"]
+    args += ["--pairs", "64", "--epochs", "1", "--block", "2", "--out", str(tmp_path)]
+    summary = example.main(args)
+    path = tmp_path / "first-visit-scores-re-ipo-em-out-of-sample-true-em-held-out-false-seed3.csv"
+    table = pd.read_csv(path)
+    assert table["items"].sum() == 64 and list(table.first_step) == [0, 2]  # 4 steps of 16
+    right = (table.sign_right * table["items"]).sum() / 64
+    assert right == pytest.approx(summary["first_visit_sign_right"], abs=1e-3)
+    assert 0.5 <= summary["learned_eta"] <= 1 and summary["realised_eta"] > 0.5
+    assert "sign_right" in capsys.readouterr().out
+
+
+def test_held_out_labels_pairs_runs_by_seed():
+    """examples/held_out_labels.py: differences are paired by seed and restricted to
+    the seeds every frame holds."""
+    example = _load("held_out_labels")
+
+    def row(method, seed, accuracy, eta_hat):
+        return {
+            "noise": "single", "pairs": 8192, "epochs": 4, "flip_rate": 0.4, "seed": seed,
+            "method": method,
+            "accuracy": accuracy, "eta_true": "[0.6]", "eta_hat": f"[{eta_hat}]",
+        }  # fmt: skip
+
+    base = pd.DataFrame(
+        [row("IPO", s, 0.9 + 0.01 * s, 0.0) for s in (1, 2, 3)]
+        + [row("RE-IPO", s, 0.95, 0.65) for s in (1, 2, 3)]
+    )
+    held = pd.DataFrame([row("RE-IPO em.held_out=true", s, 1.0, 0.61) for s in (1, 2, 4)])
+    (result,) = example.compare(held, base).to_dict("records")
+    assert result["family"] == "IPO" and result["seeds"] == "2 (1-2)"  # seed 4 has no pair
+    assert result["minus_plain"].startswith("+0.085")  # 1 - 0.91, 1 - 0.92
+    assert result["minus_default"].startswith("+0.050")
+    assert result["eta_mae"].startswith("0.010") and result["default_eta_mae"].startswith("0.050")
+    assert "| 8,192 | 4 epochs | 0.4 | IPO | 2 (1-2) |" in example.markdown(
+        example.compare(held, base)
+    )
+    # RE-IPO with every label trained on, where named so, is what held-out is set against
+    named = base.assign(method=base.method.replace("RE-IPO", "RE-IPO em.held_out=false"))
+    extra = pd.DataFrame([row("RE-IPO", s, 0.0, 0.6) for s in (1, 2, 3)])  # not these
+    (again,) = example.compare(held, pd.concat([named, extra])).to_dict("records")
+    assert again["minus_default"] == result["minus_default"]

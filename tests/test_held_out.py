@@ -113,7 +113,9 @@ def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypa
     monkeypatch.setattr(OnlineEM, "e_step", spy_e_step)
     monkeypatch.setattr(OnlineEM, "fit_held_out", spy_fit)
     rows = rule_pairs(80, [0.8], seed=2, markers=4).rows
-    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em={"held_out": 0.25})
+    method = Method(
+        "RE-IPO", "ipo", True, {"beta": 0.1}, em={"held_out": True, "held_out_share": 0.25}
+    )
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
     trainer.train()
@@ -136,9 +138,10 @@ def test_held_out_is_checked():
     from repo.experiments import Method, rule_config
     from repo.train.config import ConfigError
 
-    for share in (-0.1, 0.5):
-        method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"held_out": share})
-        with pytest.raises(ConfigError, match=r"\[em\] held_out"):
+    for share in (0.0, 0.5):
+        em = {"held_out": True, "held_out_share": share}
+        method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em=em)
+        with pytest.raises(ConfigError, match=r"\[em\] held_out_share"):
             rule_config("unused", method, seed=0).validate()
 
 
@@ -155,7 +158,9 @@ def test_a_run_with_held_out_labels_resumes_to_the_same_state(tmp_path):
     records = load_preferences(
         rule_pairs(96, [0.7], seed=4, markers=4).rows, annotator_column="annotator"
     )
-    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"held_out": 0.25})
+    method = Method(
+        "RE-DPO", "dpo", True, {"beta": 0.3}, em={"held_out": True, "held_out_share": 0.25}
+    )
     # 72 units trained on, 4 steps a pass: the checkpoint at step 6 lies after the
     # first held-out refit, inside the second pass
     cfg = rule_config(str(tmp_path / "full"), method, seed=1, optim={"epochs": 2})
@@ -195,3 +200,32 @@ def test_an_uninformative_held_out_fit_leaves_the_pass_to_the_first_visit_refit(
     assert result is not None and online.held_out_scale is None
     assert online.out_of_sample_scale is not None  # the first-visit refit ran
     assert float(online.noise.eta.detach()[0]) == pytest.approx(0.75, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("family", "annotators", "given", "share"),
+    [
+        ("ipo", 1, "auto", 0.1),  # IPO's trained scores are far from 0
+        ("ipo", 2, "auto", 0.0),  # several annotators identify each other
+        ("dpo", 1, "auto", 0.0),  # DPO's fit the labels' odds: not identified
+        ("simpo", 1, "auto", 0.0),
+        ("cpo", 1, "auto", 0.0),
+        ("dpo", 1, True, 0.1),
+        ("ipo", 1, False, 0.0),
+    ],
+)
+def test_held_out_labels_by_default_for_ipo_with_one_annotator(family, annotators, given, share):
+    from repo.experiments import Method, rule_config
+    from repo.likelihoods import get_likelihood
+    from repo.train.build import MIN_HELD_OUT, estep_settings
+
+    method = Method("RE-X", family, True, {}, em={"held_out": given})
+    config = rule_config("unused", method, seed=0)
+    likelihood, noise = get_likelihood(family), SymmetricFlip(annotators)
+    assert estep_settings(config, likelihood, noise, num_items=8192).held_out == share
+    # "auto" holds out MIN_HELD_OUT items at least (512 pairs: none); true holds out any
+    few = estep_settings(config, likelihood, noise, num_items=10 * MIN_HELD_OUT - 10)
+    assert few.held_out == (share if given is True else 0.0)
+    assert estep_settings(config, likelihood, noise, num_items=10 * MIN_HELD_OUT).held_out == share
+    off = rule_config("unused", Method("X", family, False, {}, em={"held_out": given}), seed=0)
+    assert estep_settings(off, likelihood, noise, num_items=8192).held_out == 0

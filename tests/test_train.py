@@ -473,7 +473,9 @@ def test_epoch_m_step_refits_on_the_scores_the_pass_read(tmp_path, monkeypatch):
     calls, read = [], []
     original = trainer.em.end_pass
     monkeypatch.setattr(
-        trainer.em, "end_pass", lambda step, reduce: (calls.append(step), original(step, reduce))
+        trainer.em,
+        "end_pass",
+        lambda step, reduce, held_out=None: (calls.append(step), original(step, reduce, held_out)),
     )
     e_step = trainer.em.e_step
     monkeypatch.setattr(

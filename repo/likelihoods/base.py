@@ -99,7 +99,8 @@ class PreferenceLikelihood:
     :attr:`default_calibrate` says whether the E-step learns the scale of the
     induced logits by default (``[em] calibrate = "auto"``), and
     :attr:`default_out_of_sample` whether one annotator's parameters learn from first
-    visits only (``[em] out_of_sample = "auto"``).
+    visits only (``[em] out_of_sample = "auto"``), and :attr:`default_held_out` whether
+    they learn from held-out labels (``[em] held_out = "auto"``).
     """
 
     name: str = "preference"
@@ -147,6 +148,18 @@ class PreferenceLikelihood:
         at flip rate 0.2, and RE-IPO's 0.042 off at 0.4, where one run of ten fell to
         0.70 held-out accuracy (``docs/experiments/estep-defaults.md``)."""
         return self.likelihood_style
+
+    @property
+    def default_held_out(self) -> bool:
+        r"""Whether one annotator's parameters learn from held-out labels by default
+        (``[em] held_out = "auto"``; ``docs/math.md`` section 12): when a policy trained
+        by the loss scores pairs it has learned far from 0 whatever the label noise, so
+        that the held-out scores' Platt fit reads ``eta`` off the pairs it is sure of.
+        Not by default: a likelihood-style loss fits :math:`\sigma(s)` to the labels'
+        own odds (:math:`s \to \mathrm{logit}(\eta)` on a learned rule), and there
+        only :math:`(2\eta - 1) a` is identified (RE-DPO at 8,192 pairs, flip rate 0.4:
+        ``eta`` 0.079 off from held-out labels, 0.018 from first visits)."""
+        return False
 
     # ------------------------------------------------------------------ induced model
     def logits(self, stats: PairLogps) -> Tensor:
@@ -244,6 +257,8 @@ class InducedLikelihood(PreferenceLikelihood):
     :param default_out_of_sample: whether one annotator's reliability learns from
         first visits by default (:attr:`PreferenceLikelihood.default_out_of_sample`);
         ``None``: when the loss is likelihood-style.
+    :param default_held_out: whether one annotator's reliability learns from held-out
+        labels by default (:attr:`PreferenceLikelihood.default_held_out`).
     :param rewards_fn: ``stats -> (reward_A, reward_B)`` for metrics; by default the
         implicit log-ratios :math:`r = \log\pi_\theta - \log\pi_{\mathrm{ref}}` when
         reference log-probs are present, else the summed policy log-probs.
@@ -259,6 +274,7 @@ class InducedLikelihood(PreferenceLikelihood):
         default_variant: str | None = None,
         default_temperature: float = 1.0,
         default_out_of_sample: bool | None = None,
+        default_held_out: bool = False,
         rewards_fn: Callable[[PairLogps], tuple[Tensor, Tensor]] | None = None,
         name: str = "induced",
     ) -> None:
@@ -276,6 +292,7 @@ class InducedLikelihood(PreferenceLikelihood):
         self.default_variant = default_variant
         self.default_temperature = check_positive("default_temperature", default_temperature)
         self._default_out_of_sample = default_out_of_sample
+        self._default_held_out = bool(default_held_out)
         self.rewards_fn = rewards_fn
         self.name = name
 
@@ -288,6 +305,10 @@ class InducedLikelihood(PreferenceLikelihood):
         if self._default_out_of_sample is None:
             return self.likelihood_style
         return self._default_out_of_sample
+
+    @property
+    def default_held_out(self) -> bool:
+        return self._default_held_out
 
     def loss(self, stats: PairLogps) -> Tensor:
         self.check_stats(stats)

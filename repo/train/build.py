@@ -74,6 +74,7 @@ __all__ = [
     "build_online_em",
     "EStepSettings",
     "estep_settings",
+    "MIN_HELD_OUT",
     "build_held_out",
     "build_optimizer",
     "build_pair_tokenizer",
@@ -488,7 +489,7 @@ class EStepSettings(NamedTuple):
     its logit scale, whether the annotator parameters learn from first visits only, the
     level of the noise test that switches the posterior on (0: none), whether the
     annotator parameters are refitted on each pass's logits at its end, and the share
-    of items held out of training for their refit (``[em] held_out``)."""
+    of items held out of training for their refit (``[em] held_out``; 0: none)."""
 
     temperature: float
     calibrate: bool
@@ -498,8 +499,18 @@ class EStepSettings(NamedTuple):
     held_out: float = 0.0
 
 
+MIN_HELD_OUT = 625
+r"""The fewest items ``[em] held_out = "auto"`` holds out: the held-out fit's standard
+error of ``eta``, :math:`\sqrt{\eta (1 - \eta) / n}`, is then at most 0.02. With
+fewer (RE-IPO at 512 pairs: 51 held-out items) the fit's own error swamps what it
+fixes (``docs/experiments/held-out-labels.md``)."""
+
+
 def estep_settings(
-    config: TrainConfig, likelihood: PreferenceLikelihood, noise: NoiseModel
+    config: TrainConfig,
+    likelihood: PreferenceLikelihood,
+    noise: NoiseModel,
+    num_items: int = 0,
 ) -> EStepSettings:
     """``[em] temperature``, ``calibrate`` and ``out_of_sample``, or their defaults where
     they are left at 0 and ``"auto"``: the loss family's
@@ -512,15 +523,19 @@ def estep_settings(
     ``[em] noise_test`` is taken as given. ``[em] epoch_m_step``'s default: the refit on
     each pass's logits when ``noise`` has several annotators (whose disagreements the
     refit reads with every label at once) and the annotator parameters do not learn
-    from first visits (whose own refit takes its place). A noise model without a latent
+    from first visits (whose own refit takes its place). ``[em] held_out``'s default:
+    with one annotator when the family's
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_held_out` says so and
+    ``held_out_share`` of the ``num_items`` items is at least :data:`MIN_HELD_OUT`; the
+    share held out is ``held_out_share``, 0 when off or EM is. A noise model without a latent
     truth has no E-step to tune: its defaults are 1, false and false, no noise test and
     no refit."""
     em = config.em
     if not noise.has_truth:
-        if em.held_out > 0 and em.enabled:
+        if em.held_out is True and em.enabled:
             raise ConfigError(
                 f"[em] held_out: the {noise.name} noise model has no latent truth to refit "
-                "on the held-out scores (leave it 0)"
+                "on the held-out scores (leave it 'auto' or false)"
             )
         if em.epoch_m_step is True and em.enabled:
             raise ConfigError(
@@ -538,9 +553,13 @@ def estep_settings(
         epoch_m_step = noise.num_annotators > 1 and not out_of_sample
     else:
         epoch_m_step = bool(em.epoch_m_step)
-    return EStepSettings(
-        temperature, calibrate, out_of_sample, em.noise_test, epoch_m_step, em.held_out
-    )
+    if em.held_out == "auto":
+        enough = em.held_out_share * num_items >= MIN_HELD_OUT
+        held_out = noise.num_annotators == 1 and likelihood.default_held_out and enough
+    else:
+        held_out = bool(em.held_out)
+    share = em.held_out_share if held_out and em.enabled else 0.0
+    return EStepSettings(temperature, calibrate, out_of_sample, em.noise_test, epoch_m_step, share)
 
 
 def build_online_em(
@@ -581,19 +600,18 @@ def build_online_em(
     )
 
 
-def build_held_out(config: TrainConfig, data: TrainingData) -> Tensor | None:
-    """The items of ``data`` whose labels the policy never trains on (``[em]
-    held_out``, :func:`~repo.train.dataset.held_out_items`), ``None`` when there are
-    none (the share is 0 or EM is off).
+def build_held_out(config: TrainConfig, data: TrainingData, share: float) -> Tensor | None:
+    """The items of ``data`` whose labels the policy never trains on: ``share`` of
+    them (``[em] held_out`` as :func:`estep_settings` resolves it), drawn from ``[run]
+    seed`` (:func:`~repo.train.dataset.held_out_items`); ``None`` when ``share`` is 0.
 
     :raises ConfigError: the share leaves no item to train on."""
-    em = config.em
-    if not em.enabled or em.held_out == 0:
+    if share == 0:
         return None
-    items = held_out_items(len(data.pairs), em.held_out, config.run.seed)
+    items = held_out_items(len(data.pairs), share, config.run.seed)
     if len(items) >= len(data.pairs):
         raise ConfigError(
-            f"[em] held_out = {em.held_out} of {len(data.pairs)} items leaves none to train on"
+            f"[em] held_out_share = {share} of {len(data.pairs)} items leaves none to train on"
         )
     return items
 

@@ -364,14 +364,20 @@ class EMSection:
             "several annotators (out_of_sample's refit on first visits takes its place)"
         ),
     )
-    held_out: float = field(
-        default=0.0,
+    held_out: Literal["auto", True, False] = field(
+        default="auto",
         metadata=_doc(
-            "share of the items whose labels the policy never trains on: after every epoch "
-            "the current policy scores them (one forward pass over them) and the annotator "
+            "keep held_out_share of the items out of every batch: after every epoch the "
+            "current policy scores them (one forward pass over them) and the annotator "
             "parameters are refitted by EM on those scores with their scale learned, and "
-            "then learn from nothing else (docs/math.md, section 12); 0: none"
+            "then learn from nothing else (docs/math.md, section 12); 'auto': with one "
+            "annotator, a loss whose trained scores are far from 0 (IPO) and at least 625 "
+            "items held out (6,250 items at the default share)"
         ),
+    )
+    held_out_share: float = field(
+        default=0.1,
+        metadata=_doc("the share of the items held out with held_out, in (0, 0.5)"),
     )
     noise_lr: float = field(
         default=0.05,
@@ -574,7 +580,7 @@ class TrainConfig:
             ("em", "temperature", self.em.temperature >= 0, ">= 0 (0: the family's default)"),
             ("em", "warmup_steps", self.em.warmup_steps >= 0, ">= 0"),
             ("em", "noise_test", 0 <= self.em.noise_test < 1, "in [0, 1) (0: no test)"),
-            ("em", "held_out", 0 <= self.em.held_out < 0.5, "in [0, 0.5) (0: none)"),
+            ("em", "held_out_share", 0 < self.em.held_out_share < 0.5, "in (0, 0.5)"),
             ("em", "noise_lr", self.em.noise_lr > 0, "> 0"),
             ("noise", "eta_init", 0 < self.noise.eta_init < 1, "in (0, 1)"),
             ("optim", "learning_rate", self.optim.learning_rate > 0, "> 0"),

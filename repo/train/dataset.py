@@ -234,9 +234,9 @@ class BatchSchedule:
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
+            trained = "truth units to train on" if self.held_out is not None else "truth units"
             raise ValueError(
-                f"the data has {self.num_trained} truth units to train on but one optimizer "
-                "step needs "
+                f"the data has {self.num_trained} {trained} but one optimizer step needs "
                 f"{self.global_batch} (batch_size {self.batch_size} x gradient_accumulation_steps "
                 f"{self.accumulation} x processes {self.world_size}); lower the batch size"
             )

@@ -133,7 +133,9 @@ class Trainer:
         self.likelihood, self.variant = parts.likelihood, parts.variant
         self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
         self.eval_data = parts.eval_data
-        self.held_out = build_held_out(config, self.data)  # items no batch trains on
+        # how the online EM reads the policy, "auto" resolved for this data
+        self.estep = estep_settings(config, self.likelihood, self.noise, len(self.data.pairs))
+        self.held_out = build_held_out(config, self.data, self.estep.held_out)
         self.schedule = build_schedule(config, self.data, acc.num_processes, self.held_out)
         per_epoch = self.schedule.steps_per_epoch
         self.total_steps = config.optim.max_steps or config.optim.epochs * per_epoch
@@ -527,7 +529,7 @@ class Trainer:
         """The E-step settings ``[em]`` resolved to (``None`` with EM off)."""
         if not self.config.em.enabled:
             return None
-        return estep_settings(self.config, self.likelihood, self.noise)._asdict()
+        return self.estep._asdict()
 
     def _finish(self) -> None:
         posterior = None
