@@ -33,6 +33,10 @@ def test_a_wide_interval_warns_with_its_width_and_names_the_annotator():
     assert "[0.505, 1.000]" in found.message and "300 first-visit" in found.message
     assert "inside" in found.message
     assert FitWarning.from_dict(found.to_dict()) == found  # what reliability.json keeps
+    # the scores the profile was computed at are named (held-out labels: [em] held_out)
+    held = {**_profile(0.505, 1.0, n=51), "from": "held_out_logits"}
+    (found,) = identification_warnings(held, 0.93, "rater")
+    assert "51 held-out logits" in found.message
 
 
 def test_an_estimate_outside_a_short_interval_warns():

@@ -393,22 +393,25 @@ def identification_warnings(
     """One annotator's learned ``eta`` against what its labels can tell of it.
 
     ``profile`` is :meth:`repo.inference.profile.EtaProfile.to_dict` (``interval``,
-    ``num_labels``); it warns when the interval is wider than
-    :data:`IDENTIFICATION_WIDTH` or does not contain ``eta``. With one annotator the
-    labels and the scorer cannot tell noisy labels on clear pairs from clean labels on
-    unclear ones (``docs/math.md`` section 9): the interval is the honest answer.
+    ``num_labels``; ``from``, the scores it was computed at, as
+    :func:`repo.train.summaries.one_annotator_profile` names them); it warns when the
+    interval is wider than :data:`IDENTIFICATION_WIDTH` or does not contain ``eta``.
+    With one annotator the labels and the scorer cannot tell noisy labels on clear pairs
+    from clean labels on unclear ones (``docs/math.md`` section 9): the interval is the
+    honest answer.
     """
     low, high = (float(v) for v in profile["interval"])
     outside = not low <= eta <= high
     if not outside and high - low <= IDENTIFICATION_WIDTH:
         return []
     where = "outside" if outside else "inside"
+    scores = str(profile.get("from", "first_visit_logits")).removesuffix("_logits")
     return [
         FitWarning(
             "identification",
             f"the labels of one annotator fix its eta only to [{low:.3f}, {high:.3f}] (95% "
-            f"profile-likelihood interval at {int(profile['num_labels'])} first-visit "
-            f"logits); the learned eta {eta:.3f} lies {where} it",
+            f"profile-likelihood interval at {int(profile['num_labels'])} "
+            f"{scores.replace('_', '-')} logits); the learned eta {eta:.3f} lies {where} it",
             "report the interval rather than the point; several annotators, or items "
             "labelled more than once, identify eta, and so does a policy that has learned "
             "more of the task before it scores the labels (more pairs; docs/math.md "
