@@ -8,12 +8,15 @@ in one pass, and no estimator can then tell eta). It records the learned eta aga
 the realised share of correct labels, the profile-likelihood interval of eta from
 ``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs,
 beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
+``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead.
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
     python examples/one_annotator_lora.py --pairs 512 --seeds 1 --flip-rates 0.3 --out /tmp/x
+    python examples/one_annotator_lora.py --family ipo --flip-rates 0.4 --out docs/experiments
 
-Writes ``one-annotator-lora.json`` (a row per pairs, flip rate and seed): the rows
+Writes ``one-annotator-lora.json`` (a row per family, pairs, flip rate and seed; a row
+without ``family`` is DPO's): the rows
 already there are kept and their runs not repeated (a row without DPO's accuracy,
 ``plain_accuracy``, gets that run alone); the last line printed is the file's JSON.
 """
@@ -34,6 +37,8 @@ recipe = "tiny-llama"
 device = "cpu"
 [data]
 train = "train.jsonl"
+[loss]
+family = "{family}"
 [em]
 enabled = {em}
 [optim]
@@ -43,8 +48,8 @@ output_dir = "{output}"
 progress = false
 seed = {seed}
 """
-"""The run's config: the defaults, LoRA's learning rate, and ``[em] enabled`` (RE-DPO) or
-not (DPO, the paired baseline)."""
+"""The run's config: the defaults, the loss family, LoRA's learning rate, and ``[em]
+enabled`` (RE-X) or not (X, the paired baseline)."""
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -53,12 +58,12 @@ def _write(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
 
-def _train_and_eval(folder: Path, em: bool, seed: int) -> tuple[Path, float]:
+def _train_and_eval(folder: Path, em: bool, seed: int, family: str) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy."""
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
-    config.write_text(CONFIG.format(em=str(em).lower(), output=output, seed=seed))
+    config.write_text(CONFIG.format(em=str(em).lower(), output=output, seed=seed, family=family))
     cli = [sys.executable, "-m", "repo.cli"]
     subprocess.run([*cli, "train", config.name], cwd=folder, check=True, capture_output=True)
     scores = subprocess.run(
@@ -68,8 +73,10 @@ def _train_and_eval(folder: Path, em: bool, seed: int) -> tuple[Path, float]:
     return folder / output, json.loads(scores.stdout.strip().splitlines()[-1])["accuracy"]
 
 
-def run_one(pairs: int, rho: float, seed: int, row: dict | None = None) -> dict:
-    """RE-DPO (``[em] enabled = true``) and DPO on the same pairs, each by ``re-po train``
+def run_one(
+    pairs: int, rho: float, seed: int, row: dict | None = None, family: str = "dpo"
+) -> dict:
+    """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
     only what it lacks is run."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
@@ -80,8 +87,10 @@ def run_one(pairs: int, rho: float, seed: int, row: dict | None = None) -> dict:
         _write(folder / "train.jsonl", data.rows)
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row:
-            run, accuracy = _train_and_eval(folder, True, seed)
+            run, accuracy = _train_and_eval(folder, True, seed, family)
             report = json.loads((run / "reliability.json").read_text())
+            if family != "dpo":
+                row["family"] = family
             row.update(
                 pairs=pairs,
                 flip_rate=rho,
@@ -92,8 +101,13 @@ def run_one(pairs: int, rho: float, seed: int, row: dict | None = None) -> dict:
                 held_out_accuracy=accuracy,
             )
         if "plain_accuracy" not in row:
-            row["plain_accuracy"] = _train_and_eval(folder, False, seed)[1]
+            row["plain_accuracy"] = _train_and_eval(folder, False, seed, family)[1]
     return row
+
+
+def _key(row: dict) -> tuple:
+    """A row's place: family (DPO's rows name none), pairs, flip rate, seed."""
+    return row.get("family", "dpo"), row["pairs"], row["flip_rate"], row["seed"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -102,19 +116,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--pairs", type=int, default=8192)
     parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--family", default="dpo", choices=["dpo", "ipo", "simpo", "cpo"])
     args = parser.parse_args(argv)
     path = args.out / "one-annotator-lora.json"
     rows = json.loads(path.read_text()) if path.exists() else []
-    done = {(r["pairs"], r["flip_rate"], r["seed"]): r for r in rows}
+    done = {_key(r): r for r in rows}
     args.out.mkdir(parents=True, exist_ok=True)
     for rho in args.flip_rates:
         for seed in args.seeds:
-            old = done.get((args.pairs, rho, seed))
+            old = done.get((args.family, args.pairs, rho, seed))
             if old is not None and "plain_accuracy" in old:
                 continue
-            rows = [r for r in rows if r is not old] + [run_one(args.pairs, rho, seed, old)]
+            new = run_one(args.pairs, rho, seed, old, args.family)
+            rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-            rows.sort(key=lambda r: (r["pairs"], r["flip_rate"], r["seed"]))
+            rows.sort(key=_key)
             path.write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows))
     return rows

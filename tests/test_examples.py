@@ -143,6 +143,18 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     assert again[0] == {**older, "plain_accuracy": rows[0]["plain_accuracy"]}
 
 
+def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
+    example = _load("one_annotator_lora")
+    dpo = {"pairs": 32, "flip_rate": 0.3, "seed": 1, "eta": 0.9, "plain_accuracy": 0.5}
+    (tmp_path / "one-annotator-lora.json").write_text(json.dumps([dpo]))  # a DPO row
+    args = ["--pairs", "32", "--seeds", "1", "--flip-rates", "0.3", "--out", str(tmp_path)]
+    rows = example.main([*args, "--family", "ipo"])
+    assert rows[0] == dpo  # DPO's rows as they were, not taken for IPO's
+    assert rows[1]["family"] == "ipo" and 0.5 <= rows[1]["eta"] <= 1
+    runs = (tmp_path / "one-annotator-lora.json").read_text()
+    assert json.loads(runs) == rows
+
+
 def test_oracle_eta_holds_the_realised_reliabilities():
     """examples/oracle_eta.py: the oracles' eta stays at the realised shares of correct
     labels through training (only the E-step's scale may learn); RE-X learns its own."""

@@ -222,10 +222,34 @@ def test_held_out_labels_by_default_for_ipo_with_one_annotator(family, annotator
     method = Method("RE-X", family, True, {}, em={"held_out": given})
     config = rule_config("unused", method, seed=0)
     likelihood, noise = get_likelihood(family), SymmetricFlip(annotators)
-    assert estep_settings(config, likelihood, noise, num_items=8192).held_out == share
-    # "auto" holds out MIN_HELD_OUT items at least (512 pairs: none); true holds out any
-    few = estep_settings(config, likelihood, noise, num_items=10 * MIN_HELD_OUT - 10)
-    assert few.held_out == (share if given is True else 0.0)
-    assert estep_settings(config, likelihood, noise, num_items=10 * MIN_HELD_OUT).held_out == share
+    assert estep_settings(config, likelihood, noise, 8192, passes=4).held_out == share
+    # "auto" holds out MIN_HELD_OUT items at least (512 pairs: none) and only in a run
+    # of several passes (in one the refit would change the reported eta alone); true
+    # holds out whatever the size and length
+    forced = share if given is True else 0.0
+    few = estep_settings(config, likelihood, noise, 10 * MIN_HELD_OUT - 10, passes=4)
+    assert few.held_out == forced
+    assert estep_settings(config, likelihood, noise, 10 * MIN_HELD_OUT, passes=4).held_out == share
+    assert estep_settings(config, likelihood, noise, 8192, passes=1).held_out == forced
     off = rule_config("unused", Method("X", family, False, {}, em={"held_out": given}), seed=0)
-    assert estep_settings(off, likelihood, noise, num_items=8192).held_out == 0
+    assert estep_settings(off, likelihood, noise, 8192, passes=4).held_out == 0
+
+
+@pytest.mark.parametrize(("epochs", "held"), [(1, False), (2, True)])
+def test_the_trainer_holds_out_by_default_only_over_several_passes(
+    tmp_path, monkeypatch, epochs, held
+):
+    # RE-IPO with one annotator at its defaults (MIN_HELD_OUT lowered to fit a test)
+    from repo.data.loaders import load_preferences
+    from repo.data.rule_pairs import rule_pairs
+    from repo.experiments import Method, rule_config
+    from repo.train import Trainer, build
+
+    monkeypatch.setattr(build, "MIN_HELD_OUT", 5)
+    records = load_preferences(rule_pairs(80, [0.7], seed=1).rows, annotator_column="annotator")
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1})
+    cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": epochs})
+    trainer = Trainer(cfg, records=records)
+    assert (trainer.held_out is not None) is held
+    assert trainer.estep.held_out == (0.1 if held else 0.0)
+    assert trainer.schedule.num_trained == (72 if held else 80)

@@ -511,6 +511,7 @@ def estep_settings(
     likelihood: PreferenceLikelihood,
     noise: NoiseModel,
     num_items: int = 0,
+    passes: int = 1,
 ) -> EStepSettings:
     """``[em] temperature``, ``calibrate`` and ``out_of_sample``, or their defaults where
     they are left at 0 and ``"auto"``: the loss family's
@@ -525,9 +526,12 @@ def estep_settings(
     refit reads with every label at once) and the annotator parameters do not learn
     from first visits (whose own refit takes its place). ``[em] held_out``'s default:
     with one annotator when the family's
-    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_held_out` says so and
-    ``held_out_share`` of the ``num_items`` items is at least :data:`MIN_HELD_OUT`; the
-    share held out is ``held_out_share``, 0 when off or EM is. A noise model without a latent
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_held_out` says so,
+    ``held_out_share`` of the ``num_items`` items is at least :data:`MIN_HELD_OUT`, and
+    the run makes more than one pass over the data (``passes``: the held-out refit sets
+    ``eta`` for the E-steps of the passes after it; in one pass it would only change the
+    reported ``eta``, at the cost of the held-out labels); the share held out is
+    ``held_out_share``, 0 when off or EM is. A noise model without a latent
     truth has no E-step to tune: its defaults are 1, false and false, no noise test and
     no refit."""
     em = config.em
@@ -554,7 +558,7 @@ def estep_settings(
     else:
         epoch_m_step = bool(em.epoch_m_step)
     if em.held_out == "auto":
-        enough = em.held_out_share * num_items >= MIN_HELD_OUT
+        enough = em.held_out_share * num_items >= MIN_HELD_OUT and passes > 1
         held_out = noise.num_annotators == 1 and likelihood.default_held_out and enough
     else:
         held_out = bool(em.held_out)

@@ -133,8 +133,13 @@ class Trainer:
         self.likelihood, self.variant = parts.likelihood, parts.variant
         self.pair_tokenizer, self.noise = parts.pair_tokenizer, parts.noise
         self.eval_data = parts.eval_data
-        # how the online EM reads the policy, "auto" resolved for this data
-        self.estep = estep_settings(config, self.likelihood, self.noise, len(self.data.pairs))
+        # how the online EM reads the policy, "auto" resolved for this data and run length
+        every = build_schedule(config, self.data, acc.num_processes)  # no unit held out
+        steps = config.optim.max_steps or config.optim.epochs * every.steps_per_epoch
+        passes = math.ceil(steps / every.steps_per_epoch)
+        self.estep = estep_settings(
+            config, self.likelihood, self.noise, len(self.data.pairs), passes
+        )
         self.held_out = build_held_out(config, self.data, self.estep.held_out)
         self.schedule = build_schedule(config, self.data, acc.num_processes, self.held_out)
         per_epoch = self.schedule.steps_per_epoch
