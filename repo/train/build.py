@@ -575,6 +575,7 @@ def build_online_em(
     labels: LabelData | None = None,
     passes: int = 1,
     pass_size: int | None = None,
+    settings: EStepSettings | None = None,
 ) -> OnlineEM:
     """The online EM of ``[em]`` around ``noise`` for the loss family ``likelihood``
     (:func:`estep_settings`; ``label_counts``: labels per annotator in the whole data,
@@ -582,9 +583,11 @@ def build_online_em(
     out-of-sample annotator statistics; ``labels``: the whole data's labels, keyed as
     the E-step's, needed for the noise test: without them, as when a run's fit is
     read back, there is none; ``passes`` and ``pass_size``: the run's passes over the
-    data and the units each visits, which place the noise test's looks)."""
+    data and the units each visits, which place the noise test's looks; ``settings``:
+    the E-step settings the caller already resolved, by default :func:`estep_settings`
+    of ``config``)."""
     em = config.em
-    settings = estep_settings(config, likelihood, noise)
+    settings = settings or estep_settings(config, likelihood, noise)
     test = settings.noise_test if em.enabled and labels is not None else 0.0
     return OnlineEM(
         noise,

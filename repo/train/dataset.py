@@ -28,6 +28,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -245,9 +246,10 @@ class BatchSchedule:
     def global_batch(self) -> int:
         return self.batch_size * self.accumulation * self.world_size
 
-    @property
+    @cached_property
     def trained_units(self) -> Tensor | None:
-        """The units batches hold, ascending (``None``: all of them)."""
+        """The units batches hold, ascending (``None``: all of them); computed once, as
+        every step's :meth:`permutation` reads it."""
         if self.held_out is None:
             return None
         keep = torch.ones(self.num_units, dtype=torch.bool)

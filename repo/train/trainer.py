@@ -153,6 +153,7 @@ class Trainer:
             labels=self.data.labels,
             passes=math.ceil(self.total_steps / per_epoch),
             pass_size=per_epoch * self.schedule.global_batch,
+            settings=self.estep,
         )
         with acc.main_process_first():  # one process computes the reference cache
             show = self.is_main and config.run.progress
@@ -399,7 +400,8 @@ class Trainer:
                 end_of_epoch = self.step % per_epoch == 0 or self.step == self.total_steps
                 if em.enabled and end_of_epoch:  # the annotator refit of the pass
                     held_out = None
-                    if self.held_out is not None:  # scored by the pass's last policy
+                    if self.held_out is not None and not self.em.in_warmup(self.step):
+                        # scored by the pass's last policy (end_pass skips the warm-up)
                         held_out = self.item_scores(self.data, self.reference, self.held_out)[0]
                     self.em.end_pass(self.step, self.reduce, held_out)
                 last = self.step == self.total_steps
