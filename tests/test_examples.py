@@ -1,5 +1,6 @@
 """The runnable examples run, and say what the docs say they say."""
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -186,6 +187,26 @@ def test_first_visit_scores_reads_each_items_first_visit(tmp_path, capsys):
     assert right == pytest.approx(summary["first_visit_sign_right"], abs=1e-3)
     assert 0.5 <= summary["learned_eta"] <= 1 and summary["realised_eta"] > 0.5
     assert "sign_right" in capsys.readouterr().out
+
+
+def test_noise_test_looks_probes_without_changing_the_run(tmp_path):
+    """examples/noise_test_looks.py: the probes come every ``--every`` visits until the
+    posterior is on, leave the run as it would be without them, and a forced switch
+    comes on at its visit count."""
+    example = _load("noise_test_looks")
+    args = ["--pairs", "64", "--held-out", "32", "--seeds", "3", "--every", "16"]
+    frame = example.main([*args, "--switch-at", "32", "--out", str(tmp_path)])
+    probes = pd.read_csv(tmp_path / "noise-test-looks-p.csv")
+    tested = frame[frame.switch == "test"].iloc[0]
+    last = tested.switched_on_at if tested.switched_on_at == tested.switched_on_at else 64
+    assert list(probes.visits) == list(range(16, int(last) + 1, 16))
+    assert probes.p_value.between(0, 1).all()
+    assert frame[frame.switch == "32"].switched_on_at.iloc[0] == 32
+    assert (tmp_path / "noise-test-looks.png").exists()
+    # the same run without probes ends with the same eta
+    settings = argparse.Namespace(pairs=64, held_out=32, flip_rate=0.4, every=10**9)
+    row, seen = example.run(3, None, settings)
+    assert row["eta_hat"] == pytest.approx(tested.eta_hat, abs=1e-4) and seen == []
 
 
 def test_held_out_labels_pairs_runs_by_seed():

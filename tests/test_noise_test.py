@@ -15,7 +15,13 @@ from repo.inference.noise_test import (
     likelihood_ratio_test,
     perfect_labels_log_likelihood,
 )
-from repo.inference.online import FIRST_LOOK, OnlineEM, fit_calibrated, look_points
+from repo.inference.online import (
+    FIRST_LOOK,
+    LOOK_SPACING,
+    OnlineEM,
+    fit_calibrated,
+    look_points,
+)
 from repo.noise import SymmetricFlip
 from repo.noise.layout import LabelData
 
@@ -91,11 +97,16 @@ def test_the_test_holds_its_level_on_clean_labels_and_finds_noise():
     assert _test(*_labels(300, 0.75, seed=7, num_annotators=3)).df == 3
 
 
-def test_looks_double_from_the_first_and_end_with_every_item():
+def test_looks_double_from_the_first_then_space_evenly_and_end_with_every_item():
     assert look_points(1000) == [64, 128, 256, 512, 1000]
     assert look_points(512) == [64, 128, 256, 512]
     assert look_points(40) == [40]
-    assert FIRST_LOOK == 64
+    assert look_points(100) == [64, 100]
+    assert FIRST_LOOK == 64 and LOOK_SPACING == 512
+    # past LOOK_SPACING the looks come every LOOK_SPACING items, not at doublings
+    assert look_points(2048) == [64, 128, 256, 512, 1024, 1536, 2048]
+    assert look_points(8192)[3:] == list(range(512, 8193, 512))
+    assert look_points(2600) == [64, 128, 256, 512, 1024, 1536, 2048, 2560, 2600]
     # later passes: one look at the end of each
     assert look_points(512, passes=3) == [64, 128, 256, 512, 1024, 1536]
 
@@ -116,7 +127,7 @@ def test_a_later_pass_looks_at_its_own_scores():
     rest = data.subset(torch.arange(256, 2048))
     opened = [online.noise_evident, *_run(online, c, rest, batch=256)]
     assert opened == [False] * 7 + [True]
-    assert online.noise_test_result.level == pytest.approx(0.05 / 7)  # 6 + 1 looks
+    assert online.noise_test_result.level == pytest.approx(0.05 / 8)  # 7 + 1 looks
     assert online.noise_test_result.items == 2048
 
 
