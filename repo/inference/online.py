@@ -105,9 +105,9 @@ scale fitted as in ``fit_out_of_sample`` (on a copy: the online parameters are n
 touched). In the first pass these are the first-visit logits, and the test looks when
 the items visited reach 64, 128, 256, 512, every 512 after that, and all of them (the
 scores gain power as the policy learns, so the looks come evenly where they can
-reject); in each later pass it looks
-once, at its end, on the logits of that pass (scores of labels the policy has trained
-on in earlier passes: they favour "no noise", so these looks are conservative). Each of
+reject); in each later pass it looks once, at its end, on the logits of that pass
+(scores of labels the policy has trained on in earlier passes: they favour "no noise",
+so these looks are conservative). Each of
 the :math:`L` looks of the run is taken at level :math:`\alpha / L` (Bonferroni: on
 clean data the E-step switches on with probability at most :math:`\alpha`), and the
 test rejects at once when the labels of one unit disagree. Once it rejects, the
@@ -210,7 +210,7 @@ def look_points(pass_size: int, passes: int = 1) -> list[int]:
     spacing after it looks often where the policy has learned enough for the test to
     have power (a first pass of 8,192 pairs gets 19 looks rather than 8: RE-IPO's test
     at flip rate 0.4 rejects by three quarters of the pass in more runs, and switching
-    the posterior on later than that gains nothing, ``docs/experiments/noise-sweep.md``).
+    the posterior on later than that gains little, ``docs/experiments/noise-sweep.md``).
     """
     points, n = [], FIRST_LOOK
     while n < min(pass_size, LOOK_SPACING):
