@@ -44,7 +44,7 @@ from noise_sweep import HELD_OUT, MARKERS, annotator_etas, variant  # noqa: E402
 from repo.data.loaders import load_preferences  # noqa: E402
 from repo.data.rule_pairs import rule_pairs  # noqa: E402
 from repo.experiments import held_out_scores, rule_config  # noqa: E402
-from repo.inference.online import FIRST_LOOK, LOOK_SPACING, look_points  # noqa: E402
+from repo.inference.online import LOOK_SPACING, look_points  # noqa: E402
 from repo.train import Trainer  # noqa: E402
 
 SEEDS = (20, 21, 24, 26)
@@ -128,11 +128,10 @@ def plot(
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for seed, part in probes.groupby("seed"):
         left.semilogy(part.visits, part.p_value.clip(lower=1e-12), marker=".", label=f"seed {seed}")
-    doubling = [FIRST_LOOK * 2**k for k in range(32)]
-    old = len([n for n in doubling if n < pass_size]) + 1  # 64, 128, ... and the pass's end
+    old = len(look_points(pass_size, spacing=pass_size))  # 64, 128, ... and the pass's end
     left.axhline(alpha / old, ls=":", c="grey", label=f"alpha / {old} (doubling looks)")
     new = len(look_points(pass_size))
-    left.axhline(alpha / new, ls="--", c="k", label=f"alpha / {new} (looks every 512)")
+    left.axhline(alpha / new, ls="--", c="k", label=f"alpha / {new} (looks every {LOOK_SPACING})")
     left.set(xlabel="items visited", ylabel="noise test p-value", title="the test over one pass")
     left.legend(fontsize=7)
     for seed, part in rows.groupby("seed"):

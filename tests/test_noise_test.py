@@ -107,6 +107,8 @@ def test_looks_double_from_the_first_then_space_evenly_and_end_with_every_item()
     assert look_points(2048) == [64, 128, 256, 512, 1024, 1536, 2048]
     assert look_points(8192)[3:] == list(range(512, 8193, 512))
     assert look_points(2600) == [64, 128, 256, 512, 1024, 1536, 2048, 2560, 2600]
+    # spacing = pass_size: the doubling looks alone
+    assert look_points(8192, spacing=8192) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
     # later passes: one look at the end of each
     assert look_points(512, passes=3) == [64, 128, 256, 512, 1024, 1536]
 

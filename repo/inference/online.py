@@ -200,11 +200,13 @@ LOOK_SPACING = 512
 """Items visited between the noise test's looks once the doubling reaches this many."""
 
 
-def look_points(pass_size: int, passes: int = 1) -> list[int]:
+def look_points(pass_size: int, passes: int = 1, spacing: int = LOOK_SPACING) -> list[int]:
     """The visit counts (units visited, over passes) at which the noise test looks: in
-    the first pass :data:`FIRST_LOOK`, twice that, ... up to :data:`LOOK_SPACING`, then
-    every :data:`LOOK_SPACING` below ``pass_size``, and ``pass_size``; then the end of
-    every later pass, ``p * pass_size``.
+    the first pass :data:`FIRST_LOOK`, twice that, ... up to ``spacing``
+    (:data:`LOOK_SPACING`), then every ``spacing`` below ``pass_size``, and
+    ``pass_size``; then the end of every later pass, ``p * pass_size``
+    (``spacing = pass_size`` gives the doubling looks alone, the schedule before
+    2026-12-05).
 
     Doubling spends few looks where the first-visit scores are weakest; the even
     spacing after it looks often where the policy has learned enough for the test to
@@ -213,13 +215,13 @@ def look_points(pass_size: int, passes: int = 1) -> list[int]:
     the posterior on later than that gains little, ``docs/experiments/noise-sweep.md``).
     """
     points, n = [], FIRST_LOOK
-    while n < min(pass_size, LOOK_SPACING):
+    while n < min(pass_size, spacing):
         points.append(n)
         n *= 2
-    n = LOOK_SPACING
+    n = spacing
     while n < pass_size:
         points.append(n)
-        n += LOOK_SPACING
+        n += spacing
     return [*points, *(p * pass_size for p in range(1, passes + 1))]
 
 
