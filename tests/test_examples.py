@@ -198,7 +198,7 @@ def test_noise_test_looks_probes_without_changing_the_run(tmp_path):
     frame = example.main([*args, "--switch-at", "32", "--out", str(tmp_path)])
     probes = pd.read_csv(tmp_path / "noise-test-looks-p.csv")
     tested = frame[frame.switch == "test"].iloc[0]
-    last = tested.switched_on_at if tested.switched_on_at == tested.switched_on_at else 64
+    last = tested.switched_on_at if pd.notna(tested.switched_on_at) else 64  # never on
     assert list(probes.visits) == list(range(16, int(last) + 1, 16))
     assert probes.p_value.between(0, 1).all()
     assert frame[frame.switch == "32"].switched_on_at.iloc[0] == 32
