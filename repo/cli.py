@@ -428,5 +428,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def console() -> int:
+    """The ``re-po`` console script and ``python -m repo.cli``: :func:`main`, then the
+    process group closed where a launcher (torchrun, ``accelerate launch``) had one
+    opened. Left to interpreter shutdown, gloo's threads can abort a finished run
+    ("terminate called without an active exception", pytorch/pytorch#179291): the run
+    directory is complete but the launcher reports a failure. :func:`main` itself
+    leaves the group open, for callers that go on using it."""
+    try:
+        return main()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -347,6 +347,26 @@ def test_exit_code_in_a_subprocess(tmp_path):
     assert not (tmp_path / "result.json").exists()
 
 
+def test_the_console_script_closes_the_process_group_main_leaves_open(tmp_path, monkeypatch):
+    # torchrun's processes open a group; one left to interpreter shutdown can abort a
+    # finished run (pytorch/pytorch#179291), so the console script closes it, while
+    # main() leaves it to callers that go on using it (tests/_fsdp_worker.py)
+    import torch.distributed as dist
+
+    from repo.cli import console
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        assert main(["train", "--describe-config"]) == 0 and dist.is_initialized()
+        monkeypatch.setattr(sys, "argv", ["re-po", "train", "--describe-config"])
+        assert console() == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # -- the Python API ---------------------------------------------------------------
 
 
