@@ -129,6 +129,11 @@ class RunResult:
     :param noise_test: the noise test's last look (RE-PO runs with ``[em] noise_test``;
         ``None`` otherwise): its ``rejected`` says whether the posterior was switched on,
         its ``items`` how many units that look read.
+    :param eta_interval: with one annotator, the 95% profile-likelihood interval of
+        ``eta`` at the scores the run refitted it on, the held-out labels' or the first
+        visits' (``reliability.json``'s ``eta_profile``,
+        :func:`repo.inference.profile.eta_profile`): how far those scores identify
+        ``eta`` at all; ``None`` where the run computed none.
     """
 
     accuracy: float
@@ -140,6 +145,7 @@ class RunResult:
     cpu_seconds: float
     estep: EStepSettings | None = None
     noise_test: NoiseTest | None = None
+    eta_interval: tuple[float, float] | None = None
 
 
 def annotator_pool(flip_rate: float, shape: Sequence[float] = POOL_SHAPE) -> list[float]:
@@ -245,6 +251,8 @@ def train_and_score(
             eta = dict(zip(trainer.data.annotator_ids, values, strict=True))
         steps = trainer.step
         noise_test = trainer.em.noise_test_result if method.robust else None
+        profile = trainer.run_dir.read_reliability().get("eta_profile")
+        eta_interval = tuple(profile["interval"]) if profile else None
     return RunResult(
         accuracy=float(scores["accuracy"]),
         log_loss=float(scores["log_loss"]),
@@ -255,6 +263,7 @@ def train_and_score(
         cpu_seconds=time.process_time() - cpu,
         estep=estep,
         noise_test=noise_test,
+        eta_interval=eta_interval,
     )
 
 

@@ -68,6 +68,11 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     eta = json.loads(frame.set_index("method").eta_hat["RE-DPO"])
     assert len(eta) == 1 and eta[0] > 0.93, eta  # started at 0.9; every label is right
     assert json.loads(frame.set_index("method").eta_hat["DPO"]) == []
+    # the profile interval of eta at the first-visit scores (reliability.json's
+    # eta_profile): one annotator's, on [1/2, 1]; none for a run without EM
+    low, high = frame.set_index("method").loc["RE-DPO", ["eta_low", "eta_high"]]
+    assert 0.5 <= low <= high <= 1.0, (low, high)
+    assert frame.set_index("method").loc["DPO", ["eta_low", "eta_high"]].isna().all()
     # the E-step the defaults resolved to: one annotator and DPO, first visits only
     re_dpo = frame.set_index("method").loc["RE-DPO"]
     assert (re_dpo.temperature, re_dpo.calibrate, re_dpo.out_of_sample) == (1.0, False, True)
@@ -80,6 +85,8 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     targets = sweep.targets_table({"3 epochs": frame})
     row = next(line for line in targets.splitlines() if "| clean | DPO |" in line)
     assert "| T=1 oos test 0.05 | 0/1 | +0.000 |" in row and "not below" in row, row
+    hold = int(low <= 1.0 <= high)  # clean labels: the realised share is 1
+    assert f"| {hold}/1 hold, width {high - low:.2f} |" in row, row
     tables = sweep.markdown_tables(frame)
     assert "| DPO | " in tables and "| Hölder-DPO | " in tables
     assert "| RE-DPO | clean | 1.000 |" in tables
