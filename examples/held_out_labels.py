@@ -22,9 +22,12 @@ the noise sweep's (``examples/noise_sweep.py``):
     python examples/held_out_labels.py --out docs/experiments
 
 The runs it is paired with are those of the sweep's CSVs (:data:`BASE_CSVS`); RE-IPO's
-with every label trained on at 8,192 pairs are kept in
-``noise-sweep-pairs8192-ipo-online.csv`` (``RE-IPO em.held_out=false``). Writes
-``held-out-labels-table.md``.
+and RE-CPO's with every label trained on at 8,192 pairs after four epochs are kept in
+``noise-sweep-pairs8192-ipo-online.csv`` and ``-cpo-online.csv`` (``RE-X
+em.held_out=false``), since the sweep's own rows of both hold labels out. Writes
+``held-out-labels-table.md``; ``--held-out`` and ``--table`` name another CSV of
+held-out runs and its table (RE-CPO's, run when held-out labels became its default:
+``--held-out noise-sweep-held-out-labels-cpo.csv --table held-out-labels-cpo-table.md``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ BASE_CSVS = (
     (8192, "noise-sweep-pairs8192-epochs1.csv"),
     (8192, "noise-sweep-pairs8192-holdout.csv"),
     (8192, "noise-sweep-pairs8192-ipo-online.csv"),
+    (8192, "noise-sweep-pairs8192-cpo-online.csv"),
     (512, "noise-sweep.csv"),
 )
 """The sweep's runs the held-out ones are paired with: (pairs, CSV)."""
@@ -138,15 +142,23 @@ def markdown(table: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/experiments"))
+    parser.add_argument(
+        "--held-out",
+        default=HELD_OUT_CSV,
+        help="the CSV of held-out runs in --out (a noise sweep's rows with a pairs column)",
+    )
+    parser.add_argument(
+        "--table", default="held-out-labels-table.md", help="the table's file name in --out"
+    )
     args = parser.parse_args(argv)
     read = {"dtype": {"seed": int}}
-    held_out = pd.read_csv(args.out / HELD_OUT_CSV, **read)
+    held_out = pd.read_csv(args.out / args.held_out, **read)
     base = pd.concat(
         [pd.read_csv(args.out / name, **read).assign(pairs=pairs) for pairs, name in BASE_CSVS]
     )
     table = compare(held_out, base)
     text = markdown(table)
-    (args.out / "held-out-labels-table.md").write_text(text, encoding="utf-8")
+    (args.out / args.table).write_text(text, encoding="utf-8")
     print(text)
     return table
 

@@ -209,7 +209,7 @@ def test_noise_test_looks_probes_without_changing_the_run(tmp_path):
     assert row["eta_hat"] == pytest.approx(tested.eta_hat, abs=1e-4) and seen == []
 
 
-def test_held_out_labels_pairs_runs_by_seed():
+def test_held_out_labels_pairs_runs_by_seed(tmp_path, monkeypatch):
     """examples/held_out_labels.py: differences are paired by seed and restricted to
     the seeds every frame holds."""
     example = _load("held_out_labels")
@@ -239,3 +239,13 @@ def test_held_out_labels_pairs_runs_by_seed():
     extra = pd.DataFrame([row("RE-IPO", s, 0.0, 0.6) for s in (1, 2, 3)])  # not these
     (again,) = example.compare(held, pd.concat([named, extra])).to_dict("records")
     assert again["minus_default"] == result["minus_default"]
+    # main reads the held-out CSV it is given and writes the table it names
+    monkeypatch.setattr(example, "BASE_CSVS", ((8192, "base.csv"),))
+    cpo = {"IPO": "CPO", "RE-IPO": "RE-CPO"}
+    base.assign(method=base.method.map(cpo)).to_csv(tmp_path / "base.csv", index=False)
+    held.assign(method="RE-CPO em.held_out=true").to_csv(tmp_path / "cpo.csv", index=False)
+    argv = ["--out", str(tmp_path), "--held-out", "cpo.csv", "--table", "cpo-table.md"]
+    (only,) = example.main(argv).to_dict("records")
+    assert only["family"] == "CPO" and only["minus_default"] == result["minus_default"]
+    assert "| 8,192 | 4 epochs | 0.4 | CPO | 2 (1-2) |" in (tmp_path / "cpo-table.md").read_text()
+    assert not (tmp_path / "held-out-labels-table.md").exists()

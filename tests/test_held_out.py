@@ -209,7 +209,7 @@ def test_an_uninformative_held_out_fit_leaves_the_pass_to_the_first_visit_refit(
         ("ipo", 2, "auto", 0.0),  # several annotators identify each other
         ("dpo", 1, "auto", 0.0),  # DPO's fit the labels' odds: not identified
         ("simpo", 1, "auto", 0.0),
-        ("cpo", 1, "auto", 0.0),
+        ("cpo", 1, "auto", 0.1),  # so are CPO's (summed log-probs)
         ("dpo", 1, True, 0.1),
         ("ipo", 1, False, 0.0),
     ],

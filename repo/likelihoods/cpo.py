@@ -123,6 +123,22 @@ class CPOLikelihood(PreferenceLikelihood):
     def likelihood_style(self) -> bool:
         return self.nll_weight == 0.0
 
+    @property
+    def default_held_out(self) -> bool:
+        r"""Held-out labels by default with one annotator while the SFT term is on:
+        the induced logit carries the summed log-probabilities of the two responses,
+        tens of nats on a pair the policy has learned, so the held-out fit reads
+        ``eta`` off sure scores, as it does for IPO; trained on every label, the later
+        passes' E-steps read scores of labels the policy has fitted, flipped ones
+        included, and ``eta`` drifts up (8,192 pairs, four epochs, flip rate 0.2:
+        ``eta`` 0.047 and 0.060 off training on every label, 0.012 from held-out labels,
+        on seeds 20 to 29 and 30 to 37; ``docs/experiments/held-out-labels.md``). At
+        flip rate 0.4 CPO's policy is right on about 60% of pairs, and its held-out
+        scores do not identify ``eta`` (profile interval about [0.5, 1] in all 18 runs;
+        ``reliability.json`` warns). With ``nll_weight = 0`` the loss is
+        likelihood-style and, as for DPO, only :math:`(2\eta - 1) a` is identified."""
+        return not self.likelihood_style
+
     def _sft_logps(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
         """The log-probabilities the NLL term reads (summed, or per-token means)."""
         if self.nll_length_normalized:

@@ -371,7 +371,7 @@ class EMSection:
             "current policy scores them (one forward pass over them) and the annotator "
             "parameters are refitted by EM on those scores with their scale learned, and "
             "then learn from nothing else (docs/math.md, section 12); 'auto': with one "
-            "annotator, a loss whose trained scores are far from 0 (IPO), at least 625 "
+            "annotator, a loss whose trained scores are far from 0 (IPO, CPO), at least 625 "
             "items held out (6,250 items at the default share) and more than one epoch"
         ),
     )
