@@ -8,15 +8,19 @@ in one pass, and no estimator can then tell eta). It records the learned eta aga
 the realised share of correct labels, the profile-likelihood interval of eta from
 ``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs,
 beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
-``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead.
+``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead; ``--epochs N``
+makes N passes (one by default, ``re-po train``'s own default), where RE-IPO and RE-CPO
+hold a tenth of the pairs out by default (``[em] held_out = "auto"``).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
     python examples/one_annotator_lora.py --pairs 512 --seeds 1 --flip-rates 0.3 --out /tmp/x
     python examples/one_annotator_lora.py --family ipo --flip-rates 0.4 --out docs/experiments
+    python examples/one_annotator_lora.py --family cpo --epochs 4 --flip-rates 0.2 0.4 \
+        --out docs/experiments
 
-Writes ``one-annotator-lora.json`` (a row per family, pairs, flip rate and seed; a row
-without ``family`` is DPO's): the rows
+Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
+a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
 already there are kept and their runs not repeated (a row without DPO's accuracy,
 ``plain_accuracy``, gets that run alone); the last line printed is the file's JSON.
 """
@@ -43,13 +47,14 @@ family = "{family}"
 enabled = {em}
 [optim]
 learning_rate = 2e-3
+epochs = {epochs}
 [run]
 output_dir = "{output}"
 progress = false
 seed = {seed}
 """
-"""The run's config: the defaults, the loss family, LoRA's learning rate, and ``[em]
-enabled`` (RE-X) or not (X, the paired baseline)."""
+"""The run's config: the defaults, the loss family, LoRA's learning rate, the passes,
+and ``[em] enabled`` (RE-X) or not (X, the paired baseline)."""
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -58,12 +63,15 @@ def _write(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
 
-def _train_and_eval(folder: Path, em: bool, seed: int, family: str) -> tuple[Path, float]:
+def _train_and_eval(
+    folder: Path, em: bool, seed: int, family: str, epochs: int = 1
+) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy."""
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
-    config.write_text(CONFIG.format(em=str(em).lower(), output=output, seed=seed, family=family))
+    text = CONFIG.format(em=str(em).lower(), output=output, seed=seed, family=family, epochs=epochs)
+    config.write_text(text)
     cli = [sys.executable, "-m", "repo.cli"]
     subprocess.run([*cli, "train", config.name], cwd=folder, check=True, capture_output=True)
     scores = subprocess.run(
@@ -74,7 +82,12 @@ def _train_and_eval(folder: Path, em: bool, seed: int, family: str) -> tuple[Pat
 
 
 def run_one(
-    pairs: int, rho: float, seed: int, row: dict | None = None, family: str = "dpo"
+    pairs: int,
+    rho: float,
+    seed: int,
+    row: dict | None = None,
+    family: str = "dpo",
+    epochs: int = 1,
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
@@ -87,10 +100,13 @@ def run_one(
         _write(folder / "train.jsonl", data.rows)
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row:
-            run, accuracy = _train_and_eval(folder, True, seed, family)
+            run, accuracy = _train_and_eval(folder, True, seed, family, epochs)
             report = json.loads((run / "reliability.json").read_text())
             if family != "dpo":
                 row["family"] = family
+            if epochs != 1:
+                row["epochs"] = epochs
+                row["held_out_items"] = report.get("held_out_items", 0)
             row.update(
                 pairs=pairs,
                 flip_rate=rho,
@@ -101,13 +117,20 @@ def run_one(
                 held_out_accuracy=accuracy,
             )
         if "plain_accuracy" not in row:
-            row["plain_accuracy"] = _train_and_eval(folder, False, seed, family)[1]
+            row["plain_accuracy"] = _train_and_eval(folder, False, seed, family, epochs)[1]
     return row
 
 
 def _key(row: dict) -> tuple:
-    """A row's place: family (DPO's rows name none), pairs, flip rate, seed."""
-    return row.get("family", "dpo"), row["pairs"], row["flip_rate"], row["seed"]
+    """A row's place: family (DPO's rows name none), pairs, passes (one where a row
+    names none), flip rate, seed."""
+    return (
+        row.get("family", "dpo"),
+        row["pairs"],
+        row.get("epochs", 1),
+        row["flip_rate"],
+        row["seed"],
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -117,6 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--family", default="dpo", choices=["dpo", "ipo", "simpo", "cpo"])
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
     args = parser.parse_args(argv)
     path = args.out / "one-annotator-lora.json"
     rows = json.loads(path.read_text()) if path.exists() else []
@@ -124,10 +148,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     for rho in args.flip_rates:
         for seed in args.seeds:
-            old = done.get((args.family, args.pairs, rho, seed))
+            old = done.get((args.family, args.pairs, args.epochs, rho, seed))
             if old is not None and "plain_accuracy" in old:
                 continue
-            new = run_one(args.pairs, rho, seed, old, args.family)
+            new = run_one(args.pairs, rho, seed, old, args.family, args.epochs)
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             rows.sort(key=_key)

@@ -154,6 +154,10 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     assert rows[1]["family"] == "ipo" and 0.5 <= rows[1]["eta"] <= 1
     runs = (tmp_path / "one-annotator-lora.json").read_text()
     assert json.loads(runs) == rows
+    # two passes are a row of their own beside the one-pass row, which stays
+    more = example.main([*args, "--family", "ipo", "--epochs", "2"])
+    assert more[:2] == rows and more[2]["epochs"] == 2 and more[2]["family"] == "ipo"
+    assert more[2]["held_out_items"] == 0  # 32 pairs: "auto" holds out none (< 625)
 
 
 def test_oracle_eta_holds_the_realised_reliabilities():
