@@ -58,6 +58,24 @@ def test_profile_of_a_strong_scorer_passes_and_of_a_weak_one_warns():
         assert bool(identification_warnings(profile, 0.8, "a0")) is warns, profile
 
 
+def test_the_profile_reads_logits_up_to_their_scale():
+    # the scale is free, so the interval cannot depend on the logits' units; and scores
+    # of tens of nats at chance (a policy that learned nothing, as CPO's summed
+    # log-probabilities) say nothing of eta: the interval is all of [1/2, 1], where a
+    # scale held at a >= MIN_SCALE read them as labels near chance ([0.5, 0.68])
+    g = torch.Generator().manual_seed(5)
+    truth = torch.rand(819, generator=g, dtype=torch.float64) < 0.5
+    labels = (truth ^ (torch.rand(819, generator=g, dtype=torch.float64) < 0.2)).double()
+    sure = (2 * truth.double() - 1) * (0.2 + torch.rand(819, generator=g, dtype=torch.float64))
+    base = eta_profile(sure, labels, grid=201, scales=121)
+    assert base.interval[0] <= 0.8 <= base.interval[1] and base.width < 0.1
+    for units in (30.0, 100.0):
+        scaled = eta_profile(units * sure, labels, grid=201, scales=121)
+        assert scaled.interval == pytest.approx(base.interval, abs=0.011)
+        chance = units * torch.randn(819, generator=g, dtype=torch.float64)
+        assert eta_profile(chance, labels, grid=201, scales=121).interval == (0.5, 1.0)
+
+
 def test_re_po_train_prints_the_warning_and_records_it(tmp_path, capsys):
     # one annotator, 32 pairs, two steps: the labels cannot pin eta down
     rows = rule_pairs(32, [0.8], seed=5).rows

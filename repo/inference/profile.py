@@ -30,6 +30,7 @@ range only through its shape; when every :math:`|a c_i|` is small only
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +97,12 @@ def eta_profile(
     :param logits: ``(n,)`` the scorer's logits :math:`c_i` that A is better.
     :param labels: ``(n,)`` the labels :math:`o_i \\in \\{0, 1\\}` (1: A preferred).
     :param grid: grid points for ``eta`` on ``[1/2, 1]``.
-    :param scales: grid points for ``log a`` on ``[log MIN_SCALE, log MAX_SCALE]``; the
-        best grid point is refined by one parabolic step in ``log a``.
+    :param scales: grid points for ``log a`` on ``[log MIN_SCALE, log MAX_SCALE]`` in
+        units of the logits' root mean square (``a * rms(c)`` spans that range), so the
+        bounds never bind: scores of tens of nats at chance can be read as saying nothing
+        (``a -> 0``), not only as labels near chance (held at ``a >= MIN_SCALE`` such
+        scores put the interval at [0.5, 0.68] for labels 80% right). The best grid
+        point is refined by one parabolic step in ``log a``.
     :param level: coverage of the likelihood-ratio interval (0.95 only: the
         chi-square quantile is the 0.95 one).
     :param max_values: the largest ``eta x scale x label`` block evaluated at once.
@@ -114,9 +119,11 @@ def eta_profile(
         raise ValueError("logits must be finite (drop the items never scored)")
     t = c * (2 * o - 1)
     eta = torch.linspace(0.5, 1.0, grid, dtype=torch.float64)
+    rms = float(c.pow(2).mean().sqrt())
+    unit = rms if rms > 0 else 1.0
     log_a = torch.linspace(
-        float(torch.log(torch.tensor(MIN_SCALE))),
-        float(torch.log(torch.tensor(MAX_SCALE))),
+        math.log(MIN_SCALE / unit),
+        math.log(MAX_SCALE / unit),
         scales,
         dtype=torch.float64,
     )
