@@ -530,7 +530,7 @@ def interval_cell(frame: pd.DataFrame, method: str, setting: str) -> str:
     (runs from before the columns, or without one annotator)."""
     if "eta_low" not in frame:
         return ""
-    rows = frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
+    rows = _runs(frame, method, setting)
     rows = rows[rows.eta_low.notna() & rows.eta_high.notna()]
     if rows.empty:
         return ""
@@ -543,7 +543,7 @@ def interval_cell(frame: pd.DataFrame, method: str, setting: str) -> str:
 def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     """The E-step settings ``method``'s runs resolved to in ``setting``: ``T=20 learned
     oos`` (several, joined by ``/``, if runs differ)."""
-    rows = frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
+    rows = _runs(frame, method, setting)
     labels = []
     tests = rows.noise_test if "noise_test" in rows else [math.nan] * len(rows)
     refits = rows.epoch_m_step if "epoch_m_step" in rows else [False] * len(rows)
@@ -567,10 +567,15 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
 def switched_on(frame: pd.DataFrame, method: str, setting: str) -> str:
     """In how many of ``method``'s runs in ``setting`` the noise test switched the
     posterior on (``k/n``; empty for runs without the test)."""
-    rows = frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
+    rows = _runs(frame, method, setting)
     if "noise_evident" not in rows or rows.noise_evident.isna().all():
         return ""
     return f"{int(rows.noise_evident.astype(bool).sum())}/{len(rows)}"
+
+
+def _runs(frame: pd.DataFrame, method: str, setting: str) -> pd.DataFrame:
+    """``method``'s runs in ``setting`` (a column label: ``K=1 0.4``, ``clean``, ...)."""
+    return frame[(frame.method == method) & (frame.apply(_setting_of, axis=1) == setting)]
 
 
 def _setting_of(row: pd.Series) -> str:
