@@ -126,4 +126,6 @@ def _demo(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_demo())
+    from repo.train.launch import exit_process
+
+    exit_process(_demo())  # under torchrun: without the finalization that can abort

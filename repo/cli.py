@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from repo.data.labels import FORMATS
 from repo.noise import NOISE_MODELS
@@ -428,21 +429,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def console() -> int:
-    """The ``re-po`` console script and ``python -m repo.cli``: :func:`main`, then the
-    process group closed where a launcher (torchrun, ``accelerate launch``) had one
-    opened. Left to interpreter shutdown, gloo's threads can abort a finished run
-    ("terminate called without an active exception", pytorch/pytorch#179291): the run
-    directory is complete but the launcher reports a failure. :func:`main` itself
-    leaves the group open, for callers that go on using it."""
-    try:
-        return main()
-    finally:
-        import torch.distributed as dist
+def console() -> NoReturn:
+    """The ``re-po`` console script and ``python -m repo.cli``: :func:`main`, then
+    :func:`repo.train.launch.exit_process` with its status, which closes the process
+    group a launcher (torchrun, ``accelerate launch``) had opened and, in a
+    multi-process run, leaves without interpreter finalization, where gloo's threads
+    can abort a finished run (the launcher would report a failure of a complete run
+    directory). :func:`main` itself leaves the group open, for callers that go on using
+    it."""
+    from repo.train.launch import exit_process
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    exit_process(main())
 
 
 if __name__ == "__main__":
-    sys.exit(console())
+    console()

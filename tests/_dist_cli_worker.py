@@ -2,24 +2,27 @@
 each rank's view of the end of the run.
 
 Usage: ``torchrun --nproc_per_node 2 tests/_dist_cli_worker.py VIEW_DIR train CONFIG.toml``.
-The arguments after ``VIEW_DIR`` go to :func:`repo.cli.main` unchanged. ``Trainer.train``
-is wrapped (not changed) to record, per rank, ``VIEW_DIR/rank<r>.json``: the process
-group's size and backend, the trainer's step, the annotator parameters and a checksum of
-the trainable weights at the end of training.
+The arguments after ``VIEW_DIR`` go to the console script (:func:`repo.cli.console`)
+unchanged. ``Trainer.train`` is wrapped (not changed) to record, per rank,
+``VIEW_DIR/rank<r>.json``: the process group's size and backend, the trainer's step, the
+annotator parameters and a checksum of the trainable weights at the end of training; an
+``atexit`` handler writes ``VIEW_DIR/atexit<r>`` (the console script's exit runs them).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 
-def main() -> int:
-    from repo.cli import main as cli
+def main() -> None:
+    from repo.cli import console
     from repo.train import Trainer
 
     view_dir = Path(sys.argv[1])
@@ -47,8 +50,11 @@ def main() -> int:
 
     Trainer.train = train_and_record
     torch.set_num_threads(1)
-    return cli(sys.argv[2:])
+    rank = os.environ["RANK"]
+    atexit.register(lambda: (view_dir / f"atexit{rank}").write_text("ran", encoding="utf-8"))
+    sys.argv = ["re-po", *sys.argv[2:]]
+    console()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

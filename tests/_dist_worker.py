@@ -49,3 +49,6 @@ def main(config_path: str, data_path: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    from repo.train.launch import exit_process
+
+    exit_process(0)  # without interpreter finalization, where gloo's threads can abort

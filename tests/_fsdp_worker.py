@@ -68,4 +68,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from repo.train.launch import exit_process
+
+    exit_process(main())  # without interpreter finalization, where gloo's threads can abort

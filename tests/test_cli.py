@@ -349,8 +349,10 @@ def test_exit_code_in_a_subprocess(tmp_path):
 
 def test_the_console_script_closes_the_process_group_main_leaves_open(tmp_path, monkeypatch):
     # torchrun's processes open a group; one left to interpreter shutdown can abort a
-    # finished run (pytorch/pytorch#179291), so the console script closes it, while
-    # main() leaves it to callers that go on using it (tests/_fsdp_worker.py)
+    # finished run (pytorch/pytorch#179291), so the console script exits through
+    # exit_process, which closes it (a group of one process: a normal sys.exit; of two,
+    # tests/test_distributed.py), while main() leaves it to callers that go on using it
+    # (tests/_fsdp_worker.py)
     import torch.distributed as dist
 
     from repo.cli import console
@@ -360,8 +362,14 @@ def test_the_console_script_closes_the_process_group_main_leaves_open(tmp_path, 
     try:
         assert main(["train", "--describe-config"]) == 0 and dist.is_initialized()
         monkeypatch.setattr(sys, "argv", ["re-po", "train", "--describe-config"])
-        assert console() == 0
+        with pytest.raises(SystemExit) as exited:
+            console()
+        assert exited.value.code == 0
         assert not dist.is_initialized()
+        monkeypatch.setattr(sys, "argv", ["re-po", "train", "no-such-config.toml"])
+        with pytest.raises(SystemExit) as exited:
+            console()
+        assert exited.value.code == 2  # main's status passes through
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -76,6 +76,8 @@ def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path, 
         assert view["device"].startswith("cpu")
     assert rank0["parameters"] == rank1["parameters"]  # bit for bit: all-reduced statistics
     assert rank0["weights"] == rank1["weights"]  # DDP keeps the adapters in step
+    # the console script left through exit_process: atexit handlers ran on both ranks
+    assert [(views / f"atexit{r}").read_text() for r in (0, 1)] == ["ran", "ran"]
 
     # one run directory, written by rank 0, finished; rank 0 alone printed its metrics
     assert [p.parent for p in tmp_path.rglob("config.json")] == [tmp_path / "run"]
