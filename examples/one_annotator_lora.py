@@ -18,11 +18,14 @@ hold a tenth of the pairs out by default (``[em] held_out = "auto"``).
     python examples/one_annotator_lora.py --family ipo --flip-rates 0.4 --out docs/experiments
     python examples/one_annotator_lora.py --family cpo --epochs 4 --flip-rates 0.2 0.4 \
         --out docs/experiments
+    python examples/one_annotator_lora.py --family ipo --epochs 4 --flip-rates 0.4 \
+        --trace 128 --out docs/experiments      # with each run's trajectory
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
 already there are kept and their runs not repeated (a row without DPO's accuracy,
-``plain_accuracy``, gets that run alone); the last line printed is the file's JSON.
+``plain_accuracy``, gets that run alone; with ``--trace``, a row without trajectories
+gets both runs again); the last line printed is the file's JSON.
 """
 
 from __future__ import annotations
@@ -56,6 +59,17 @@ seed = {seed}
 """The run's config: the defaults, the loss family, LoRA's learning rate, the passes,
 and ``[em] enabled`` (RE-X) or not (X, the paired baseline)."""
 
+TRACE = """[data]
+eval = "held.jsonl"
+[run]
+eval_steps = {every}
+"""
+"""Added with ``--trace``: the held-out pairs scored every ``every`` optimizer steps
+(``eval/accuracy`` in ``metrics.jsonl``)."""
+
+TRACED = ("noise/evident", "eta/mean", "e_step_scale", "w/frac_below_0.5", "rewards/accuracies")
+"""The E-step's metrics a trace averages over the steps since the last evaluation."""
+
 
 def _write(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
@@ -64,13 +78,16 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def _train_and_eval(
-    folder: Path, em: bool, seed: int, family: str, epochs: int = 1
+    folder: Path, em: bool, seed: int, family: str, epochs: int = 1, trace: int = 0
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
-    held-out accuracy."""
+    held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
+    steps during training (:data:`TRACE`)."""
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
     text = CONFIG.format(em=str(em).lower(), output=output, seed=seed, family=family, epochs=epochs)
+    if trace:
+        text = _with_trace(text, trace)
     config.write_text(text)
     cli = [sys.executable, "-m", "repo.cli"]
     subprocess.run([*cli, "train", config.name], cwd=folder, check=True, capture_output=True)
@@ -81,6 +98,34 @@ def _train_and_eval(
     return folder / output, json.loads(scores.stdout.strip().splitlines()[-1])["accuracy"]
 
 
+def _with_trace(config: str, every: int) -> str:
+    """``config`` with :data:`TRACE`'s keys added to its ``[data]`` and ``[run]`` tables."""
+    extra = TRACE.format(every=every).split("[run]\n")
+    data_keys, run_keys = extra[0].removeprefix("[data]\n"), extra[1]
+    config = config.replace('train = "train.jsonl"\n', 'train = "train.jsonl"\n' + data_keys)
+    return config.replace("seed = ", run_keys + "seed = ", 1)
+
+
+def trace_of(run: Path) -> list[dict]:
+    """The run's trajectory from ``metrics.jsonl``: at each evaluation, the step, the
+    pass (``epoch``), the held-out accuracy, and the means of :data:`TRACED` over the
+    steps since the evaluation before (those a run logged)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open(encoding="utf-8")]
+    points, since = [], []
+    for r in rows:
+        since.append(r)
+        if "eval/accuracy" not in r:
+            continue
+        point = {"step": r["step"], "epoch": round(r["epoch"], 3), "accuracy": r["eval/accuracy"]}
+        for key in TRACED:
+            values = [x[key] for x in since if key in x]
+            if values:
+                point[key] = round(sum(values) / len(values), 4)
+        points.append(point)
+        since = []
+    return points
+
+
 def run_one(
     pairs: int,
     rho: float,
@@ -88,10 +133,12 @@ def run_one(
     row: dict | None = None,
     family: str = "dpo",
     epochs: int = 1,
+    trace: int = 0,
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
-    only what it lacks is run."""
+    only what it lacks is run. ``trace > 0`` runs both and records their trajectories
+    (:func:`trace_of`, every ``trace`` steps) as ``trace`` and ``plain_trace``."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
     row = dict(row or {})
@@ -99,8 +146,10 @@ def run_one(
         folder = Path(tmp)
         _write(folder / "train.jsonl", data.rows)
         _write(folder / "held.jsonl", held.rows)
-        if "eta" not in row:
-            run, accuracy = _train_and_eval(folder, True, seed, family, epochs)
+        if "eta" not in row or (trace and "trace" not in row):
+            run, accuracy = _train_and_eval(folder, True, seed, family, epochs, trace)
+            if trace:
+                row["trace"] = trace_of(run)
             report = json.loads((run / "reliability.json").read_text())
             if family != "dpo":
                 row["family"] = family
@@ -116,8 +165,10 @@ def run_one(
                 profile_interval=[round(v, 4) for v in report["eta_profile"]["interval"]],
                 held_out_accuracy=accuracy,
             )
-        if "plain_accuracy" not in row:
-            row["plain_accuracy"] = _train_and_eval(folder, False, seed, family, epochs)[1]
+        if "plain_accuracy" not in row or (trace and "plain_trace" not in row):
+            run, row["plain_accuracy"] = _train_and_eval(folder, False, seed, family, epochs, trace)
+            if trace:
+                row["plain_trace"] = trace_of(run)
     return row
 
 
@@ -141,6 +192,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--family", default="dpo", choices=["dpo", "ipo", "simpo", "cpo"])
     parser.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="score the held-out pairs every STEPS steps during both runs and keep the "
+        "trajectories (accuracy and the E-step's metrics) in the rows; runs rows without one",
+    )
     args = parser.parse_args(argv)
     path = args.out / "one-annotator-lora.json"
     rows = json.loads(path.read_text()) if path.exists() else []
@@ -149,9 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for rho in args.flip_rates:
         for seed in args.seeds:
             old = done.get((args.family, args.pairs, args.epochs, rho, seed))
-            if old is not None and "plain_accuracy" in old:
+            if old is not None and "plain_accuracy" in old and (not args.trace or "trace" in old):
                 continue
-            new = run_one(args.pairs, rho, seed, old, args.family, args.epochs)
+            new = run_one(args.pairs, rho, seed, old, args.family, args.epochs, args.trace)
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             rows.sort(key=_key)

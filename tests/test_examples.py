@@ -160,6 +160,26 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     assert more[2]["held_out_items"] == 0  # 32 pairs: "auto" holds out none (< 625)
 
 
+def test_one_annotator_lora_traces_both_runs(tmp_path):
+    """--trace STEPS: both runs score the held-out pairs every STEPS steps; each row keeps
+    the trajectories, whose last point is the end of training (the accuracy re-po eval
+    reports), with the E-step's metrics averaged since the point before."""
+    example = _load("one_annotator_lora")
+    args = ["--pairs", "32", "--seeds", "1", "--flip-rates", "0.3", "--out", str(tmp_path)]
+    (row,) = example.main([*args, "--trace", "2"])
+    steps = 32 // 8  # one pass, batches of 8
+    for key, accuracy in (("trace", "held_out_accuracy"), ("plain_trace", "plain_accuracy")):
+        trace = row[key]
+        assert [p["step"] for p in trace] == [2, 4]
+        assert trace[-1]["accuracy"] == pytest.approx(row[accuracy])
+        assert trace[-1]["epoch"] == pytest.approx(1.0)
+    assert {"noise/evident", "eta/mean", "w/frac_below_0.5"} <= set(row["trace"][0])
+    assert "noise/evident" not in row["plain_trace"][0]  # EM off: no E-step metrics
+    assert steps == row["trace"][-1]["step"]
+    # rows without a trace are run again with --trace, rows with one are kept
+    assert example.main([*args, "--trace", "2"]) == [row]
+
+
 def test_oracle_eta_holds_the_realised_reliabilities():
     """examples/oracle_eta.py: the oracles' eta stays at the realised shares of correct
     labels through training (only the E-step's scale may learn); RE-X learns its own."""
