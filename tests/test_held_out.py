@@ -93,18 +93,45 @@ def test_fit_held_out_of_a_calibrated_scorer_recovers_the_true_eta():
     assert online.held_out_scale == pytest.approx(1.0, rel=0.15)
 
 
+def test_the_posterior_waits_for_the_first_held_out_fit():
+    # with held-out labels, the E-step gives the labels as given (held back) until a fit
+    # on the held-out scores is taken, even with the noise test off (evidence assumed)
+    c, truth, data = _one_annotator(2000, 0.7, seed=13)
+    online = OnlineEM(SymmetricFlip(1), alpha=1.0, num_items=2000, held_out=True)
+    assert online.noise_evident and not online.posterior_on
+    trained = data.subset(torch.arange(1000, 2000))
+    held_back = online.e_step(4.0 * c[trained.unit], trained, step=0)
+    assert held_back.held_back and torch.equal(held_back.w, trained.mask.to(held_back.w.dtype))
+    # scores that say nothing of the truths: no fit is taken, the posterior stays back
+    noise = torch.full((2000,), float("nan"), dtype=torch.float64)
+    noise[:1000] = torch.randn(
+        1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    assert online.fit_held_out(noise, data) is None and not online.posterior_on
+    # scores of a scorer that knows the truths: the fit is taken, the posterior is on
+    sure = torch.full((2000,), float("nan"), dtype=torch.float64)
+    sure[:1000] = 8.0 * (2 * truth[:1000] - 1)
+    assert online.fit_held_out(sure, data) is not None and online.posterior_on
+    posterior = online.e_step(4.0 * c[trained.unit], trained, step=1)
+    assert not posterior.held_back and (posterior.w < 0.5).any()
+    # without held-out labels the noise test alone decides, as before
+    assert OnlineEM(SymmetricFlip(1), num_items=2000).posterior_on
+
+
 def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypatch):
     from repo.data.loaders import load_preferences
     from repo.data.rule_pairs import rule_pairs
     from repo.experiments import Method, rule_config
     from repo.train import Trainer
 
-    batches, fits = [], []
+    batches, fits, held_back = [], [], []
     e_step, fit = OnlineEM.e_step, OnlineEM.fit_held_out
 
     def spy_e_step(self, logits, data, step):
         batches.append(data.unit.clone())
-        return e_step(self, logits, data, step)
+        result = e_step(self, logits, data, step)
+        held_back.append((step, result.held_back))
+        return result
 
     def spy_fit(self, logits, data, **kwargs):
         fits.append(logits.clone())
@@ -124,6 +151,12 @@ def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypa
     assert not torch.isin(torch.cat(batches), held).any()  # no batch held them
     # one refit a pass, on the held-out items' scores under the pass's last policy
     assert len(fits) == 2
+    # the posterior held back through the first pass (no fit yet), on after its fit
+    first_pass = trainer.schedule.steps_per_epoch
+    assert all(back for step, back in held_back if step < first_pass)
+    assert trainer.em.posterior_on is (trainer.em.held_out_scale is not None)
+    if trainer.em.posterior_on and trainer.em.noise_test == 0:
+        assert not any(back for step, back in held_back if step >= first_pass)
     scored = ~torch.isnan(fits[1])
     assert torch.equal(scored.nonzero().reshape(-1), held)
     torch.testing.assert_close(fits[1][held], trainer.item_logits()[held], rtol=1e-4, atol=1e-3)

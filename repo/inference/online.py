@@ -253,10 +253,11 @@ class EStep:
     :param exact: whether ``q`` is the exact posterior at the current parameters
         (no temperature, no warm-up), so that the policy step may be taken as the
         gradient of the marginal likelihood.
-    :param held_back: the noise test has not yet found evidence of noise, so the
-        posterior is held back: ``w`` is the mask, ``q`` the labels' mean, and the
-        policy step is the family's own loss on the labels as given
-        (:func:`repo.train.objective.plain_loss`), whatever the policy-step variant.
+    :param held_back: the posterior is held back (:attr:`OnlineEM.posterior_on`: no
+        evidence of noise yet, or no fit on held-out labels yet): ``w`` is the mask,
+        ``q`` the labels' mean, and the policy step is the family's own loss on the
+        labels as given (:func:`repo.train.objective.plain_loss`), whatever the
+        policy-step variant.
     """
 
     q: Tensor
@@ -292,6 +293,10 @@ class OnlineEM:
     :param pass_refit: at the end of every pass (:meth:`end_pass`), refit the annotator
         parameters by EM on the logits the E-steps of that pass read
         (:meth:`fit_pass`). Needs ``num_items``.
+    :param held_out: the run holds items out of training and fits the annotator
+        parameters on their scores at the end of every pass (:meth:`fit_held_out`);
+        until the first such fit is taken the posterior is held back, as before evidence
+        of noise (:attr:`posterior_on`).
     """
 
     def __init__(
@@ -311,6 +316,7 @@ class OnlineEM:
         passes: int = 1,
         pass_size: int | None = None,
         pass_refit: bool = False,
+        held_out: bool = False,
     ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
@@ -360,6 +366,7 @@ class OnlineEM:
         )
         self.out_of_sample_scale: float | None = None  # a of the last fit_out_of_sample
         self.scale_of_refit: float | None = None  # a of the last refit
+        self.held_out = bool(held_out)
         # a of the last fit_held_out; once set, the annotator parameters learn from no E-step
         self.held_out_scale: float | None = None
         self.held_out_logits: Tensor | None = None  # the logits of the last fit_held_out
@@ -434,11 +441,24 @@ class OnlineEM:
         if learn is not None and not self.closed_form:
             self._accumulate_gradient(learn[1], learn[0])
         self._units += data.num_units if new is None else int(new.sum())
-        if not self.noise_evident:  # no evidence of noise yet: the labels as given
+        if not self.posterior_on:  # the labels as given
             w = data.mask.to(w.dtype)
             q = _target_from_w(w, data)
             return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
+
+    @property
+    def posterior_on(self) -> bool:
+        """Whether the E-step gives the policy step the posterior (else the labels as
+        given, :attr:`EStep.held_back`): once there is evidence of noise
+        (:attr:`noise_evident`) and, with ``held_out``, once a fit on the held-out
+        items' scores has been taken. Before that fit the annotator parameters are the
+        online update's, read off a policy that is still learning the task: with one
+        annotator they can sit near 1/2, where the posterior ignores the labels and the
+        mixture step's targets pull every margin to 0 (an RE-IPO LoRA run of 8,192 pairs
+        at flip rate 0.4 went from 0.84 held-out accuracy to 0.45 in the 128 steps after
+        the noise test switched the posterior on at eta 0.50; docs/experiments/one-annotator.md)."""
+        return self.noise_evident and (not self.held_out or self.held_out_scale is not None)
 
     def _record_first_visit(self, logits: Tensor, data: LabelData) -> Tensor | None:
         """Keep the logits of items not visited before; with ``out_of_sample`` return

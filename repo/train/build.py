@@ -604,6 +604,7 @@ def build_online_em(
         passes=passes,
         pass_size=pass_size,
         pass_refit=settings.epoch_m_step and em.enabled and bool(num_items),
+        held_out=settings.held_out > 0 and em.enabled,
     )
 
 

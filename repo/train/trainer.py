@@ -286,6 +286,7 @@ class Trainer:
         metrics = sums.means(self.reduce)
         if use_em:
             metrics["noise/evident"] = float(self.em.noise_evident)
+            metrics["posterior/on"] = float(self.em.posterior_on)  # else the labels as given
             metrics["e_step_scale"] = float(self.em.scale)  # the a the E-step read s at
         metrics["grad_norm"] = float(grad_norm)
         metrics["learning_rate"] = float(self.scheduler.get_last_lr()[0])
