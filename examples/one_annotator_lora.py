@@ -67,7 +67,14 @@ eval_steps = {every}
 """Added with ``--trace``: the held-out pairs scored every ``every`` optimizer steps
 (``eval/accuracy`` in ``metrics.jsonl``)."""
 
-TRACED = ("noise/evident", "posterior/on", "eta/mean", "e_step_scale", "w/frac_below_0.5", "rewards/accuracies")
+TRACED = (
+    "noise/evident",
+    "posterior/on",
+    "eta/mean",
+    "e_step_scale",
+    "w/frac_below_0.5",
+    "rewards/accuracies",
+)
 """The E-step's metrics a trace averages over the steps since the last evaluation."""
 
 
