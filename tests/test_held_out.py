@@ -2,6 +2,7 @@
 at each pass's end, and the annotator parameters refitted on them alone."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -165,6 +166,26 @@ def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypa
     assert ("held_out_scale" in report) is (trainer.em.held_out_scale is not None)
     assert report["eta_profile"]["from"] == "held_out_logits"
     assert trainer.run_dir.read_data_report()["held_out_units"] == 20
+
+
+def test_held_out_in_one_pass_warns_that_the_posterior_never_comes_on(tmp_path):
+    from repo.data.loaders import load_preferences
+    from repo.data.rule_pairs import rule_pairs
+    from repo.experiments import Method, rule_config
+    from repo.train import Trainer
+
+    rows = rule_pairs(80, [0.8], seed=2, markers=4).rows
+    records = load_preferences(rows, annotator_column="annotator")
+    em = {"held_out": True, "held_out_share": 0.25}
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em=em)
+    one = rule_config(str(tmp_path / "one"), method, seed=0, optim={"epochs": 1})
+    with pytest.warns(UserWarning, match="held_out with one pass"):
+        trainer = Trainer(one, records=records)
+    assert len(trainer.held_out) == 20 and not trainer.em.posterior_on
+    two = rule_config(str(tmp_path / "two"), method, seed=0, optim={"epochs": 2})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*held_out with one pass")
+        Trainer(two, records=records)
 
 
 def test_held_out_is_checked():

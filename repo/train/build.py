@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -589,6 +590,17 @@ def build_online_em(
     em = config.em
     settings = settings or estep_settings(config, likelihood, noise)
     test = settings.noise_test if em.enabled and labels is not None else 0.0
+    held_out = settings.held_out > 0 and em.enabled
+    if held_out and labels is not None and passes < 2:
+        warnings.warn(
+            "[em] held_out with one pass over the data: the first fit on the held-out "
+            "labels comes at the end of the pass, and the posterior waits for it, so "
+            "the policy trains on the other labels as given (RE-X is X on them) and the "
+            "held-out fit only sets the reported eta; train several epochs, or set "
+            "[em] held_out = false",
+            UserWarning,
+            stacklevel=2,
+        )
     return OnlineEM(
         noise,
         alpha=em.alpha,
@@ -604,7 +616,7 @@ def build_online_em(
         passes=passes,
         pass_size=pass_size,
         pass_refit=settings.epoch_m_step and em.enabled and bool(num_items),
-        held_out=settings.held_out > 0 and em.enabled,
+        held_out=held_out,
     )
 
 
