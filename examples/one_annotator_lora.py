@@ -44,6 +44,7 @@ recipe = "tiny-llama"
 device = "cpu"
 [data]
 train = "train.jsonl"
+eval = "{eval}"
 [loss]
 family = "{family}"
 [em]
@@ -54,18 +55,14 @@ epochs = {epochs}
 [run]
 output_dir = "{output}"
 progress = false
+eval_steps = {every}
 seed = {seed}
 """
 """The run's config: the defaults, the loss family, LoRA's learning rate, the passes,
-and ``[em] enabled`` (RE-X) or not (X, the paired baseline)."""
-
-TRACE = """[data]
-eval = "held.jsonl"
-[run]
-eval_steps = {every}
-"""
-"""Added with ``--trace``: the held-out pairs scored every ``every`` optimizer steps
-(``eval/accuracy`` in ``metrics.jsonl``)."""
+and ``[em] enabled`` (RE-X) or not (X, the paired baseline). With ``--trace`` the
+held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
+``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
+defaults (``""`` and 0: no evaluation during training)."""
 
 TRACED = (
     "noise/evident",
@@ -89,12 +86,18 @@ def _train_and_eval(
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
-    steps during training (:data:`TRACE`)."""
+    steps during training (:data:`CONFIG`)."""
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
-    text = CONFIG.format(em=str(em).lower(), output=output, seed=seed, family=family, epochs=epochs)
-    if trace:
-        text = _with_trace(text, trace)
+    text = CONFIG.format(
+        em=str(em).lower(),
+        output=output,
+        seed=seed,
+        family=family,
+        epochs=epochs,
+        eval="held.jsonl" if trace else "",
+        every=trace,
+    )
     config.write_text(text)
     cli = [sys.executable, "-m", "repo.cli"]
     subprocess.run([*cli, "train", config.name], cwd=folder, check=True, capture_output=True)
@@ -103,14 +106,6 @@ def _train_and_eval(
         cwd=folder, check=True, capture_output=True, text=True,
     )  # fmt: skip
     return folder / output, json.loads(scores.stdout.strip().splitlines()[-1])["accuracy"]
-
-
-def _with_trace(config: str, every: int) -> str:
-    """``config`` with :data:`TRACE`'s keys added to its ``[data]`` and ``[run]`` tables."""
-    extra = TRACE.format(every=every).split("[run]\n")
-    data_keys, run_keys = extra[0].removeprefix("[data]\n"), extra[1]
-    config = config.replace('train = "train.jsonl"\n', 'train = "train.jsonl"\n' + data_keys)
-    return config.replace("seed = ", run_keys + "seed = ", 1)
 
 
 def trace_of(run: Path) -> list[dict]:
