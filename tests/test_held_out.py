@@ -51,6 +51,32 @@ def test_a_schedule_never_batches_held_out_units_and_is_unchanged_without_them()
     assert torch.equal(plain.permutation(1), torch.randperm(40, generator=generator))
 
 
+def test_a_schedule_trains_the_held_out_units_from_its_last_epoch():
+    # [em] train_held_out: epochs 0 and 1 over the 36 trained units (4 steps of 8),
+    # epoch 2 over all 40 (5 steps), in the order the plain schedule gives that epoch
+    held = torch.tensor([0, 7, 8, 30])
+    kwargs = dict(num_units=40, batch_size=4, accumulation=1, world_size=2, seed=5)
+    schedule = BatchSchedule(**kwargs, held_out=held, train_held_out_from=2)
+    plain = BatchSchedule(**kwargs)
+    assert [schedule.steps_in(e) for e in range(4)] == [4, 4, 5, 5]
+    assert schedule.steps_for(2) == 8 and schedule.steps_for(3) == 13
+    assert [schedule.epoch_of(step) for step in (0, 3, 4, 7, 8, 12, 13)] == [
+        (0, 0),
+        (0, 3),
+        (1, 0),
+        (1, 3),
+        (2, 0),
+        (2, 4),
+        (3, 0),
+    ]
+    before = torch.cat([schedule.global_units(step) for step in range(8)])
+    assert not torch.isin(before, held).any()
+    last = torch.cat([schedule.global_units(step) for step in range(8, 13)])
+    assert sorted(last.tolist()) == list(range(40))  # every unit once, held-out ones too
+    assert torch.equal(schedule.permutation(2), plain.permutation(2))
+    assert schedule.steps_per_epoch == 4 and schedule.num_trained == 36
+
+
 def test_fit_held_out_recovers_eta_and_then_the_e_step_leaves_it():
     # scores of held-out items from a scorer that knows the truth: the fit gives the
     # share of labels that agree with it (the closed form when the scorer is always
@@ -119,7 +145,10 @@ def test_the_posterior_waits_for_the_first_held_out_fit():
     assert OnlineEM(SymmetricFlip(1), num_items=2000).posterior_on
 
 
-def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypatch):
+@pytest.mark.parametrize("train_held_out", [True, False])
+def test_trainer_holds_items_out_and_fits_eta_on_their_scores(
+    tmp_path, monkeypatch, train_held_out
+):
     from repo.data.loaders import load_preferences
     from repo.data.rule_pairs import rule_pairs
     from repo.experiments import Method, rule_config
@@ -129,7 +158,7 @@ def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypa
     e_step, fit = OnlineEM.e_step, OnlineEM.fit_held_out
 
     def spy_e_step(self, logits, data, step):
-        batches.append(data.unit.clone())
+        batches.append((step, data.unit.clone()))
         result = e_step(self, logits, data, step)
         held_back.append((step, result.held_back))
         return result
@@ -141,31 +170,40 @@ def test_trainer_holds_items_out_and_fits_eta_on_their_scores(tmp_path, monkeypa
     monkeypatch.setattr(OnlineEM, "e_step", spy_e_step)
     monkeypatch.setattr(OnlineEM, "fit_held_out", spy_fit)
     rows = rule_pairs(80, [0.8], seed=2, markers=4).rows
-    method = Method(
-        "RE-IPO", "ipo", True, {"beta": 0.1}, em={"held_out": True, "held_out_share": 0.25}
-    )
+    em = {"held_out": True, "held_out_share": 0.25, "train_held_out": train_held_out}
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em=em)
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
     trainer.train()
     held = trainer.held_out
     assert len(held) == 20
-    assert not torch.isin(torch.cat(batches), held).any()  # no batch held them
-    # one refit a pass, on the held-out items' scores under the pass's last policy
+    first_pass = trainer.schedule.steps_per_epoch  # 60 trained units: 3 steps of 16
+    first = torch.cat([units for step, units in batches if step < first_pass])
+    later = torch.cat([units for step, units in batches if step >= first_pass])
+    assert not torch.isin(first, held).any()  # no batch of the first pass held them
+    # the last pass: every unit (5 steps of 16) with train_held_out, else the 60 again
+    assert trainer.total_steps == first_pass + (5 if train_held_out else 3)
+    assert torch.isin(later, held).sum() == (20 if train_held_out else 0)
+    # one refit a pass: on the held-out items' scores under the first pass's last
+    # policy, then under the last one's, or at their first visits in the pass that
+    # trained on them
     assert len(fits) == 2
+    for logits in fits:
+        assert torch.equal((~torch.isnan(logits)).nonzero().reshape(-1), held)
+    expected = trainer.em.first_visit if train_held_out else trainer.item_logits()
+    torch.testing.assert_close(fits[1][held], expected[held], rtol=1e-4, atol=1e-3)
     # the posterior held back through the first pass (no fit yet), on after its fit
-    first_pass = trainer.schedule.steps_per_epoch
     assert all(back for step, back in held_back if step < first_pass)
     assert trainer.em.posterior_on is (trainer.em.held_out_scale is not None)
     if trainer.em.posterior_on and trainer.em.noise_test == 0:
         assert not any(back for step, back in held_back if step >= first_pass)
-    scored = ~torch.isnan(fits[1])
-    assert torch.equal(scored.nonzero().reshape(-1), held)
-    torch.testing.assert_close(fits[1][held], trainer.item_logits()[held], rtol=1e-4, atol=1e-3)
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())
     assert report["e_step"]["held_out"] == 0.25 and report["held_out_items"] == 20
     assert ("held_out_scale" in report) is (trainer.em.held_out_scale is not None)
     assert report["eta_profile"]["from"] == "held_out_logits"
     assert trainer.run_dir.read_data_report()["held_out_units"] == 20
+    resolved = trainer.run_dir.read_resolved()
+    assert resolved["train_held_out_from"] == (1 if train_held_out else None)
 
 
 def test_held_out_in_one_pass_warns_that_the_posterior_never_comes_on(tmp_path):
@@ -221,7 +259,8 @@ def test_a_run_with_held_out_labels_resumes_to_the_same_state(tmp_path):
     cfg = cfg.replace("run", save_steps=6)
     full = Trainer(cfg, records=records)
     full.train()
-    assert full.step == 8 and full.em.held_out_scale is not None
+    # the last pass trains the 96 units, held-out ones too (6 steps, [em] train_held_out)
+    assert full.step == 10 and full.em.held_out_scale is not None
     part = tmp_path / "part" / "checkpoints"
     part.mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-000006", part / "step-000006")
@@ -231,7 +270,7 @@ def test_a_run_with_held_out_labels_resumes_to_the_same_state(tmp_path):
         cfg.replace("run", output_dir=str(tmp_path / "part"), resume=True), records=records
     )
     resumed.train()
-    assert resumed.step == 8 and resumed.em.held_out_scale == full.em.held_out_scale
+    assert resumed.step == 10 and resumed.em.held_out_scale == full.em.held_out_scale
     a = load_file(str(tmp_path / "full" / "noise.safetensors"))
     b = load_file(str(tmp_path / "part" / "noise.safetensors"))
     assert a.keys() == b.keys() and "held_out.logits" in a

@@ -21,6 +21,7 @@ from repo.inference.online import (
     OnlineEM,
     fit_calibrated,
     look_points,
+    pass_ends,
 )
 from repo.noise import SymmetricFlip
 from repo.noise.layout import LabelData
@@ -111,6 +112,40 @@ def test_looks_double_from_the_first_then_space_evenly_and_end_with_every_item()
     assert look_points(8192, spacing=8192) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
     # later passes: one look at the end of each
     assert look_points(512, passes=3) == [64, 128, 256, 512, 1024, 1536]
+    # passes of their own sizes (a last pass that trains the held-out items too)
+    assert pass_ends([448, 512], 3) == [448, 960, 1472] and pass_ends(512, 2) == [512, 1024]
+    assert look_points([448, 512], passes=2) == [64, 128, 256, 448, 960]
+
+
+def test_a_longer_last_pass_is_looked_at_at_its_own_end():
+    # a first pass over 1,792 of 2,048 items at chance, then a pass over all 2,048
+    # with scores that know the truth: the pass ends, and the last look, come at
+    # 1,792 + 2,048 visits, not at twice the first pass
+    c, data = _labels(2048, 0.7, seed=3)
+    online = OnlineEM(
+        SymmetricFlip(1),
+        num_items=2048,
+        noise_test=0.05,
+        labels=data,
+        passes=2,
+        pass_size=[1792, 2048],
+    )
+    assert not any(_run(online, torch.zeros_like(c), data.subset(torch.arange(1792)), batch=256))
+    # resumed at the first pass's end, a copy starts the next pass's scores anew as well
+    resumed = OnlineEM(
+        SymmetricFlip(1),
+        num_items=2048,
+        noise_test=0.05,
+        labels=data,
+        passes=2,
+        pass_size=[1792, 2048],
+    )
+    resumed.load_state_dict(online.state_dict())
+    for each in (online, resumed):
+        opened = _run(each, c, data, batch=256)
+        assert opened == [False] * 7 + [True]  # not at 3,584 = 2 x 1,792 visits
+        assert each.noise_test_result.items == 2048  # the second pass's scores alone
+        assert each.noise_test_result.level == pytest.approx(0.05 / 8)  # 7 + 1 looks
 
 
 def test_a_later_pass_looks_at_its_own_scores():

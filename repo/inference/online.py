@@ -119,7 +119,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -200,13 +200,25 @@ LOOK_SPACING = 512
 """Items visited between the noise test's looks once the doubling reaches this many."""
 
 
-def look_points(pass_size: int, passes: int = 1, spacing: int = LOOK_SPACING) -> list[int]:
+def pass_ends(pass_size: int | Sequence[int], passes: int = 1) -> list[int]:
+    """The visit counts (units visited, over passes) at which each of ``passes`` passes
+    ends: ``pass_size`` is the units one pass visits, or a list of them pass by pass
+    (its last repeated for passes beyond it; a run whose last pass also trains the
+    held-out items, ``[em] train_held_out``, visits more units in it)."""
+    sizes = [pass_size] if isinstance(pass_size, int) else list(pass_size)
+    sizes = sizes + sizes[-1:] * (passes - len(sizes))
+    return list(itertools.accumulate(sizes[:passes]))
+
+
+def look_points(
+    pass_size: int | Sequence[int], passes: int = 1, spacing: int = LOOK_SPACING
+) -> list[int]:
     """The visit counts (units visited, over passes) at which the noise test looks: in
     the first pass :data:`FIRST_LOOK`, twice that, ... up to ``spacing``
-    (:data:`LOOK_SPACING`), then every ``spacing`` below ``pass_size``, and
-    ``pass_size``; then the end of every later pass, ``p * pass_size``
-    (``spacing = pass_size`` gives the doubling looks alone, the schedule before
-    2026-12-05).
+    (:data:`LOOK_SPACING`), then every ``spacing`` below the first pass's size, and
+    its end; then the end of every later pass (:func:`pass_ends`: ``p * pass_size``
+    when the passes are of one size; ``spacing = pass_size`` gives the doubling looks
+    alone, the schedule before 2026-12-05).
 
     Doubling spends few looks where the first-visit scores are weakest; the even
     spacing after it looks often where the policy has learned enough for the test to
@@ -214,15 +226,17 @@ def look_points(pass_size: int, passes: int = 1, spacing: int = LOOK_SPACING) ->
     at flip rate 0.4 rejects by three quarters of the pass in more runs, and switching
     the posterior on later than that gains little, ``docs/experiments/noise-sweep.md``).
     """
+    ends = pass_ends(pass_size, passes)
+    first = ends[0]
     points, n = [], FIRST_LOOK
-    while n < min(pass_size, spacing):
+    while n < min(first, spacing):
         points.append(n)
         n *= 2
     n = spacing
-    while n < pass_size:
+    while n < first:
         points.append(n)
         n += spacing
-    return [*points, *(p * pass_size for p in range(1, passes + 1))]
+    return [*points, *ends]
 
 
 def _copy_state(noise: NoiseModel) -> dict[str, Tensor]:
@@ -288,7 +302,8 @@ class OnlineEM:
         paper's). Needs ``num_items`` and ``labels``.
     :param passes: passes over the items the run makes (the noise test's looks).
     :param pass_size: units visited in one pass (``num_items`` unless the schedule
-        leaves some out of each pass).
+        leaves some out of each pass), or a list of them pass by pass
+        (:func:`pass_ends`).
     :param labels: the whole data's labels, keyed as the E-step's (for the noise test).
     :param pass_refit: at the end of every pass (:meth:`end_pass`), refit the annotator
         parameters by EM on the logits the E-steps of that pass read
@@ -314,7 +329,7 @@ class OnlineEM:
         noise_test: float = 0.0,
         labels: LabelData | None = None,
         passes: int = 1,
-        pass_size: int | None = None,
+        pass_size: int | Sequence[int] | None = None,
         pass_refit: bool = False,
         held_out: bool = False,
     ) -> None:
@@ -375,7 +390,7 @@ class OnlineEM:
         # whether the E-step is the posterior (else w = 1 until the noise test rejects)
         self.noise_evident = self.noise_test == 0
         self.noise_test_result: NoiseTest | None = None  # the last look's outcome
-        size = pass_size or num_items
+        size = pass_size or int(num_items or 0)
         self._looks = look_points(size, max(passes, 1)) if self.noise_test > 0 else []
         self._level = self.noise_test / max(len(self._looks), 1)  # per look (Bonferroni)
         self.pass_refit = bool(pass_refit)
@@ -389,8 +404,8 @@ class OnlineEM:
         self._visits = 0  # units visited on this process since the last M-step
         self._disagreed = False  # labels of one unit disagreed on this process this step
         self._visits_seen = 0  # units visited on all processes, over passes
-        self.pass_size = int(pass_size or num_items or 0)
-        self._pass_end = self.pass_size  # visits at the end of the current pass
+        self._pass_sizes = [size] if isinstance(size, int) else [int(n) for n in size]
+        self._pass_end = self._end_of_pass(0)  # visits at the end of the current pass
 
     def _has_closed_form(self) -> bool:
         probe = LabelData.from_labels(
@@ -736,8 +751,18 @@ class OnlineEM:
                 self._looks = [n for n in self._looks if n > self._visits_seen]
                 self.look_for_noise(reduce)
         if self._visits_seen >= self._pass_end:  # a pass ended: the next E-step starts anew
-            self._pass_end += self.pass_size
+            self._pass_end = self._end_of_pass(self._visits_seen)
             self._new_pass = True
+
+    def _end_of_pass(self, visits: int) -> int:
+        """The visit count at which the pass under way after ``visits`` visits ends: the
+        first of :func:`pass_ends` of ``pass_size`` above it (passes beyond those
+        planned visit as many units as the last)."""
+        last = self._pass_sizes[-1]
+        ends = pass_ends(self._pass_sizes, len(self._pass_sizes))
+        if visits < ends[-1] or last == 0:
+            return next((end for end in ends if end > visits), ends[-1])
+        return ends[-1] + ((visits - ends[-1]) // last + 1) * last
 
     def look_for_noise(self, reduce: Reduce | None = None) -> NoiseTest | None:
         """One look of the noise test on the items visited so far in this pass: the
@@ -908,8 +933,9 @@ class OnlineEM:
         if "noise_test.visits_seen" in state and self.pass_logits is not None:
             self._visits_seen = int(state["noise_test.visits_seen"])
             self._looks = [n for n in self._looks if n > self._visits_seen]
-            self._pass_end = (self._visits_seen // self.pass_size + 1) * self.pass_size
-            self._new_pass = self._visits_seen > 0 and self._visits_seen % self.pass_size == 0
+            self._pass_end = self._end_of_pass(self._visits_seen)
+            seen = self._visits_seen  # resumed at a pass's end: the next E-step starts anew
+            self._new_pass = seen > 0 and self._end_of_pass(seen - 1) == seen
             self.pass_logits = state["noise_test.pass_logits"].to(torch.float64).clone()
         if "noise_test.result" in state:
             self.noise_test_result = NoiseTest.from_tensor(state["noise_test.result"])

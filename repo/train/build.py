@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,6 +85,7 @@ __all__ = [
     "build_reference_cache",
     "build_run",
     "build_schedule",
+    "run_steps",
     "build_scheduler",
     "build_trained_noise_fit",
     "build_trained_policy",
@@ -575,7 +577,7 @@ def build_online_em(
     num_items: int | None = None,
     labels: LabelData | None = None,
     passes: int = 1,
-    pass_size: int | None = None,
+    pass_size: int | Sequence[int] | None = None,
     settings: EStepSettings | None = None,
 ) -> OnlineEM:
     """The online EM of ``[em]`` around ``noise`` for the loss family ``likelihood``
@@ -584,7 +586,8 @@ def build_online_em(
     out-of-sample annotator statistics; ``labels``: the whole data's labels, keyed as
     the E-step's, needed for the noise test: without them, as when a run's fit is
     read back, there is none; ``passes`` and ``pass_size``: the run's passes over the
-    data and the units each visits, which place the noise test's looks; ``settings``:
+    data and the units each visits (one number, or one a pass), which place the noise
+    test's looks; ``settings``:
     the E-step settings the caller already resolved, by default :func:`estep_settings`
     of ``config``)."""
     em = config.em
@@ -592,10 +595,11 @@ def build_online_em(
     test = settings.noise_test if em.enabled and labels is not None else 0.0
     held_out = settings.held_out > 0 and em.enabled
     if held_out and labels is not None and passes < 2:
+        trained = "all labels" if em.train_held_out else "the other labels"
         warnings.warn(
             "[em] held_out with one pass over the data: the first fit on the held-out "
             "labels comes at the end of the pass, and the posterior waits for it, so "
-            "the policy trains on the other labels as given (RE-X is X on them) and the "
+            f"the policy trains on {trained} as given (RE-X is X on them) and the "
             "held-out fit only sets the reported eta; train several epochs, or set "
             "[em] held_out = false",
             UserWarning,
@@ -643,12 +647,14 @@ def build_schedule(
     held_out: Tensor | None = None,
 ) -> BatchSchedule:
     """The order of ``data``'s truth units over optimizer steps (``[optim]`` batches,
-    ``[run] seed``), the units of the ``held_out`` items left out."""
+    ``[run] seed``), the units of the ``held_out`` items left out: of every epoch, or
+    with ``[em] train_held_out`` of every epoch but the run's last (``[optim] epochs``,
+    or the epoch in which ``max_steps`` falls)."""
     o = config.optim
     units = None
     if held_out is not None:
         units = torch.isin(data.labels.unit, held_out).nonzero().reshape(-1)
-    return BatchSchedule(
+    schedule = BatchSchedule(
         num_units=data.num_units,
         batch_size=o.batch_size,
         accumulation=o.gradient_accumulation_steps,
@@ -656,6 +662,16 @@ def build_schedule(
         seed=config.run.seed,
         held_out=units,
     )
+    if units is None or not config.em.train_held_out:
+        return schedule
+    epochs = math.ceil(o.max_steps / schedule.steps_per_epoch) if o.max_steps else o.epochs
+    return dataclasses.replace(schedule, train_held_out_from=epochs - 1)
+
+
+def run_steps(config: TrainConfig, schedule: BatchSchedule) -> int:
+    """The run's optimizer steps: ``[optim] max_steps``, or the steps of ``[optim]
+    epochs`` epochs of ``schedule`` (:meth:`~repo.train.dataset.BatchSchedule.steps_for`)."""
+    return config.optim.max_steps or schedule.steps_for(config.optim.epochs)
 
 
 def build_optimizer(config: TrainConfig, policy: Policy, device: torch.device):

@@ -379,6 +379,15 @@ class EMSection:
         default=0.1,
         metadata=_doc("the share of the items held out with held_out, in (0, 0.5)"),
     )
+    train_held_out: bool = field(
+        default=True,
+        metadata=_doc(
+            "with held_out: the last epoch trains on the held-out items too (each label "
+            "weighted by its posterior, as every other), and the run's last refit reads "
+            "their scores at that first visit; false: the policy never trains on them "
+            "(docs/math.md, section 12)"
+        ),
+    )
     noise_lr: float = field(
         default=0.05,
         metadata=_doc("Adam step size for noise models without a closed-form M-step (boltzmann)"),

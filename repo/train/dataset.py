@@ -16,8 +16,11 @@ per micro-batch sees the same global batches, grouped the same way. The order is
 pure function of (seed, epoch, step): resuming needs only the step.
 
 Held-out labels (``[em] held_out``, :func:`held_out_items`): a share of the items,
-drawn from the seed alone, whose units no batch holds; the policy never trains on
-their labels, and the annotator parameters are refitted on them at each pass's end.
+drawn from the seed alone, whose units no batch holds until the epoch
+``train_held_out_from`` (``[em] train_held_out``: the run's last); the annotator
+parameters are refitted on their scores at each pass's end. From that epoch on the
+permutation is of every unit, as without held-out items, so that pass is longer by
+the held-out units: :meth:`BatchSchedule.epoch_of` maps a step to its epoch.
 """
 
 from __future__ import annotations
@@ -223,7 +226,10 @@ class BatchSchedule:
     :param accumulation: micro-batches per optimizer step.
     :param world_size: processes (``P``).
     :param seed: the run's seed.
-    :param held_out: units no batch holds (``None``: every unit is trained on).
+    :param held_out: units no batch holds before the epoch ``train_held_out_from``
+        (``None``: every unit is trained on).
+    :param train_held_out_from: the epoch (from 0) from which batches hold the
+        ``held_out`` units too (``[em] train_held_out``); ``None``: never.
     """
 
     num_units: int
@@ -232,6 +238,7 @@ class BatchSchedule:
     world_size: int
     seed: int
     held_out: Tensor | None = field(default=None, compare=False)
+    train_held_out_from: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
@@ -258,25 +265,55 @@ class BatchSchedule:
 
     @property
     def num_trained(self) -> int:
-        """Units batches hold: all but the held-out ones."""
+        """Units batches hold before :attr:`train_held_out_from`: all but the held-out
+        ones."""
         units = self.trained_units
         return self.num_units if units is None else len(units)
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimizer steps of an epoch over the :attr:`num_trained` units (every epoch
+        before :attr:`train_held_out_from`; :meth:`steps_in` gives any epoch's)."""
         return self.num_trained // self.global_batch
 
+    def _units_of(self, epoch: int) -> Tensor | None:
+        """The units batches hold in ``epoch``, ascending (``None``: all of them)."""
+        start = self.train_held_out_from
+        return None if start is not None and epoch >= start else self.trained_units
+
+    def steps_in(self, epoch: int) -> int:
+        """Optimizer steps of ``epoch``: :attr:`steps_per_epoch`, or from
+        :attr:`train_held_out_from` on, those of an epoch over every unit."""
+        units = self._units_of(epoch)
+        return (self.num_units if units is None else len(units)) // self.global_batch
+
+    def steps_for(self, epochs: int) -> int:
+        """Optimizer steps of the first ``epochs`` epochs."""
+        start = self.train_held_out_from
+        if start is None or epochs <= start:
+            return epochs * self.steps_per_epoch
+        return start * self.steps_per_epoch + (epochs - start) * self.steps_in(start)
+
+    def epoch_of(self, step: int) -> tuple[int, int]:
+        """``(epoch, position)`` of optimizer step ``step`` (counted from 0 over the
+        whole run): its epoch and its place among that epoch's steps."""
+        start = self.train_held_out_from
+        if start is None or step < start * self.steps_per_epoch:
+            return divmod(step, self.steps_per_epoch)
+        epoch, position = divmod(step - start * self.steps_per_epoch, self.steps_in(start))
+        return start + epoch, position
+
     def permutation(self, epoch: int) -> Tensor:
-        """The order of the trained units in ``epoch`` (a function of seed and epoch
-        only)."""
+        """The order of the units batches hold in ``epoch`` (a function of seed and
+        epoch only)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_trained, generator=generator)
-        units = self.trained_units
+        units = self._units_of(epoch)
+        order = torch.randperm(self.num_units if units is None else len(units), generator=generator)
         return order if units is None else units[order]
 
     def global_units(self, step: int) -> Tensor:
         """All units of optimizer step ``step`` (counted from 0 over the whole run)."""
-        epoch, position = divmod(step, self.steps_per_epoch)
+        epoch, position = self.epoch_of(step)
         start = position * self.global_batch
         return self.permutation(epoch)[start : start + self.global_batch]
 
@@ -315,7 +352,8 @@ def _item_label(records: PreferenceData, n: int, first: dict[str, int]) -> tuple
 
 
 def held_out_items(num_items: int, share: float, seed: int) -> Tensor:
-    """The items whose labels the policy never trains on (``[em] held_out``):
+    """The items whose labels the policy does not train on (``[em] held_out``; with
+    ``[em] train_held_out``, until the last epoch):
     ``round(share * num_items)`` of them, at least one when ``share > 0``, drawn
     from ``seed`` alone (the same on every process and on resume), ascending; an
     empty tensor when ``share`` is 0."""

@@ -84,6 +84,8 @@ def resolved_config(
         "total_steps": total_steps,
         "steps_per_epoch": schedule.steps_per_epoch,
         "global_batch": schedule.global_batch,
+        # [em] train_held_out: the epoch from which batches hold the held-out items too
+        "train_held_out_from": schedule.train_held_out_from,
     }
 
 

@@ -63,6 +63,7 @@ from repo.train.build import (
     build_schedule,
     build_scheduler,
     estep_settings,
+    run_steps,
     seed_everything,
 )
 from repo.train.checkpoint import (
@@ -135,15 +136,15 @@ class Trainer:
         self.eval_data = parts.eval_data
         # how the online EM reads the policy, "auto" resolved for this data and run length
         every = build_schedule(config, self.data, acc.num_processes)  # no unit held out
-        steps = config.optim.max_steps or config.optim.epochs * every.steps_per_epoch
-        passes = math.ceil(steps / every.steps_per_epoch)
+        passes = math.ceil(run_steps(config, every) / every.steps_per_epoch)
         self.estep = estep_settings(
             config, self.likelihood, self.noise, len(self.data.pairs), passes
         )
         self.held_out = build_held_out(config, self.data, self.estep.held_out)
         self.schedule = build_schedule(config, self.data, acc.num_processes, self.held_out)
-        per_epoch = self.schedule.steps_per_epoch
-        self.total_steps = config.optim.max_steps or config.optim.epochs * per_epoch
+        self.total_steps = run_steps(config, self.schedule)
+        passes = self.schedule.epoch_of(self.total_steps - 1)[0] + 1
+        batch = self.schedule.global_batch
         self.em = build_online_em(
             config,
             self.noise,
@@ -151,8 +152,8 @@ class Trainer:
             self.data.label_counts(),
             num_items=len(self.data.pairs),
             labels=self.data.labels,
-            passes=math.ceil(self.total_steps / per_epoch),
-            pass_size=per_epoch * self.schedule.global_batch,
+            passes=passes,
+            pass_size=[self.schedule.steps_in(e) * batch for e in range(passes)],
             settings=self.estep,
         )
         with acc.main_process_first():  # one process computes the reference cache
@@ -356,6 +357,21 @@ class Trainer:
             self._item_logits = self.item_scores(self.data, self.reference)[0]
         return self._item_logits
 
+    def held_out_logits(self, epoch: int) -> Tensor:
+        """``(I,)`` the held-out items' logits for the refit at the end of ``epoch``, NaN
+        for every other item: their scores under the current policy, which has not
+        trained on them; or, in an epoch whose batches held them
+        (``[em] train_held_out``), their scores at their first visit in it, before the
+        policy trained on them (:meth:`~repo.inference.online.OnlineEM.first_visit_logits`;
+        every process must call it)."""
+        start = self.schedule.train_held_out_from
+        if start is None or epoch < start:
+            return self.item_scores(self.data, self.reference, self.held_out)[0]
+        first = self.em.first_visit_logits(self.reduce)
+        logits = torch.full_like(first, float("nan"))
+        logits[self.held_out] = first[self.held_out]
+        return logits
+
     def evaluate_held_out(self) -> dict[str, float]:
         """The current policy on ``[data] eval``: ``eval/accuracy``, ``eval/margin``,
         ``eval/log_loss``, ``eval/brier``, ``eval/ece``, ... (see
@@ -389,21 +405,21 @@ class Trainer:
         if self.is_main and self.config.run.progress:
             em = "re-" if self.config.em.enabled else ""
             progress = ProgressBar(self.total_steps, self.step, f"re-po {em}{self.likelihood.name}")
-        per_epoch = self.schedule.steps_per_epoch
         save_steps = self.config.run.save_steps
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step(self.step)
                 self.step += 1
-                metrics = {"step": self.step, "epoch": self.step / per_epoch, **metrics}
+                epoch, position = self.schedule.epoch_of(self.step)
+                epochs = epoch + position / self.schedule.steps_in(epoch)
+                metrics = {"step": self.step, "epoch": epochs, **metrics}
                 self.last_metrics = metrics
                 em = self.config.em
-                end_of_epoch = self.step % per_epoch == 0 or self.step == self.total_steps
+                end_of_epoch = position == 0 or self.step == self.total_steps
                 if em.enabled and end_of_epoch:  # the annotator refit of the pass
                     held_out = None
                     if self.held_out is not None and not self.em.in_warmup(self.step):
-                        # scored by the pass's last policy (end_pass skips the warm-up)
-                        held_out = self.item_scores(self.data, self.reference, self.held_out)[0]
+                        held_out = self.held_out_logits(self.schedule.epoch_of(self.step - 1)[0])
                     self.em.end_pass(self.step, self.reduce, held_out)
                 last = self.step == self.total_steps
                 if self.eval_data is not None and (
