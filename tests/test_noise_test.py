@@ -354,3 +354,41 @@ def test_warm_up_steps_count_as_visits_of_the_pass():
     assert not online.noise_evident
     assert online.noise_test_result.items == 2048
     assert online._new_pass  # the pass ended with its last step
+
+
+def test_with_held_out_items_the_later_looks_read_their_scores():
+    # a first pass over half the items at chance shows no noise; at its end the other
+    # half's (held-out) scores, calibrated ones, do: the look there rejects, and the
+    # posterior comes on with the held-out fit. The looks of later passes are these
+    # (the run's looks: the first pass's, then one at each pass's end on held-out scores)
+    c, data = _labels(2048, 0.7, seed=3)
+
+    def online_em() -> OnlineEM:
+        return OnlineEM(
+            SymmetricFlip(1),
+            num_items=2048,
+            noise_test=0.05,
+            labels=data,
+            passes=3,
+            pass_size=1024,
+            held_out=True,
+        )
+
+    online = online_em()
+    assert online._looks == look_points(1024) == [64, 128, 256, 512, 1024]
+    assert online._level == pytest.approx(0.05 / (5 + 3))  # no in-sample look at later ends
+    trained = data.subset(torch.arange(1024))
+    assert not any(_run(online, torch.zeros_like(c), trained, batch=128))
+    assert not online.posterior_on
+    held = torch.full_like(c, float("nan"))
+    held[1024:] = c[1024:]
+    online.end_pass(8, held_out=held)
+    assert online.noise_evident and online.noise_test_result.items == 1024
+    assert online.held_out_scale is not None and online.posterior_on
+    # held-out scores at chance: no evidence, and the posterior stays back
+    quiet = online_em()
+    _run(quiet, torch.zeros_like(c), trained, batch=128)
+    g = torch.Generator().manual_seed(1)
+    held[1024:] = 1e-3 * torch.randn(1024, generator=g, dtype=torch.float64)
+    quiet.end_pass(8, held_out=held)
+    assert not quiet.noise_evident and not quiet.posterior_on
