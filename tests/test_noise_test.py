@@ -122,24 +122,21 @@ def test_a_longer_last_pass_is_looked_at_at_its_own_end():
     # with scores that know the truth: the pass ends, and the last look, come at
     # 1,792 + 2,048 visits, not at twice the first pass
     c, data = _labels(2048, 0.7, seed=3)
-    online = OnlineEM(
-        SymmetricFlip(1),
-        num_items=2048,
-        noise_test=0.05,
-        labels=data,
-        passes=2,
-        pass_size=[1792, 2048],
-    )
+
+    def online_em() -> OnlineEM:
+        return OnlineEM(
+            SymmetricFlip(1),
+            num_items=2048,
+            noise_test=0.05,
+            labels=data,
+            passes=2,
+            pass_size=[1792, 2048],
+        )
+
+    online = online_em()
     assert not any(_run(online, torch.zeros_like(c), data.subset(torch.arange(1792)), batch=256))
     # resumed at the first pass's end, a copy starts the next pass's scores anew as well
-    resumed = OnlineEM(
-        SymmetricFlip(1),
-        num_items=2048,
-        noise_test=0.05,
-        labels=data,
-        passes=2,
-        pass_size=[1792, 2048],
-    )
+    resumed = online_em()
     resumed.load_state_dict(online.state_dict())
     for each in (online, resumed):
         opened = _run(each, c, data, batch=256)
