@@ -311,9 +311,7 @@ class OnlineEM:
     :param held_out: the run holds items out of training and fits the annotator
         parameters on their scores at the end of every pass (:meth:`fit_held_out`);
         until the first such fit is taken the posterior is held back, as before evidence
-        of noise (:attr:`posterior_on`). The noise test then looks at those scores at
-        the end of every pass, in place of the looks at the ends of later passes
-        (in-sample scores, which favour "no noise").
+        of noise (:attr:`posterior_on`).
     """
 
     def __init__(
@@ -393,11 +391,8 @@ class OnlineEM:
         self.noise_evident = self.noise_test == 0
         self.noise_test_result: NoiseTest | None = None  # the last look's outcome
         size = pass_size or int(num_items or 0)
-        # with held-out items the looks after the first pass read their scores (end_pass)
-        looked = 1 if self.held_out else max(passes, 1)
-        self._looks = look_points(size, looked) if self.noise_test > 0 else []
-        held_looks = max(passes, 1) if self.held_out and self.noise_test > 0 else 0
-        self._level = self.noise_test / max(len(self._looks) + held_looks, 1)  # Bonferroni
+        self._looks = look_points(size, max(passes, 1)) if self.noise_test > 0 else []
+        self._level = self.noise_test / max(len(self._looks), 1)  # per look (Bonferroni)
         self.pass_refit = bool(pass_refit)
         # each item's logit in the current pass (NaN: not visited in it yet)
         self.pass_logits: Tensor | None = (
@@ -635,16 +630,12 @@ class OnlineEM:
     ) -> EMResult | None:
         """The annotator M-step to convergence a training loop takes after the last
         optimizer step of a pass (``step`` optimizer steps taken): :meth:`fit_held_out`
-        when given the held-out items' logits (``held_out``), after a look of the noise
-        test at them while it has not rejected (with ``held_out`` the looks after the
-        first pass are these, not the pass's in-sample logits); when there are none or
+        when given the held-out items' logits (``held_out``); when there are none or
         that fit is not taken, :meth:`fit_out_of_sample` with ``out_of_sample``, else
         :meth:`fit_pass` with ``pass_refit``; nothing during the E-step warm-up. Every
         process must call it (it reduces)."""
         if self.in_warmup(step):
             return None
-        if held_out is not None and self.noise_test > 0 and not self.noise_evident:
-            self.look_for_noise(reduce, held_out)  # out of sample, unlike a later pass's
         if held_out is not None:
             result = self.fit_held_out(held_out, self.labels_for_refit)
             if result is not None or self.held_out_scale is not None:
@@ -773,12 +764,8 @@ class OnlineEM:
             return next((end for end in ends if end > visits), ends[-1])
         return ends[-1] + ((visits - ends[-1]) // last + 1) * last
 
-    def look_for_noise(
-        self, reduce: Reduce | None = None, logits: Tensor | None = None
-    ) -> NoiseTest | None:
-        """One look of the noise test on the items visited so far in this pass (or on
-        ``logits``, ``(I,)`` and NaN for items not scored, the same on every process:
-        the held-out items' scores at a pass's end): the
+    def look_for_noise(self, reduce: Reduce | None = None) -> NoiseTest | None:
+        """One look of the noise test on the items visited so far in this pass: the
         noise model and a Platt scale fitted by EM to their logits (on a copy, from the
         starts of :meth:`fit_out_of_sample`) against perfect labels
         (:func:`~repo.inference.noise_test.likelihood_ratio_test`), at the level
@@ -787,7 +774,7 @@ class OnlineEM:
         has been visited."""
         if self.pass_logits is None or self.labels is None:
             raise ValueError("the noise test needs OnlineEM(noise_test=..., labels=...)")
-        current = _combine(self.pass_logits, reduce) if logits is None else logits.double()
+        current = _combine(self.pass_logits, reduce)
         units = (~torch.isnan(current[self.labels.unit])).nonzero().reshape(-1)
         if units.numel() == 0:
             return None
