@@ -250,16 +250,15 @@ def test_a_run_with_held_out_labels_resumes_to_the_same_state(tmp_path):
     records = load_preferences(
         rule_pairs(96, [0.7], seed=4, markers=4).rows, annotator_column="annotator"
     )
-    method = Method(
-        "RE-DPO", "dpo", True, {"beta": 0.3}, em={"held_out": True, "held_out_share": 0.25}
-    )
+    em = {"held_out": True, "held_out_share": 0.25, "train_held_out": True}
+    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em=em)
     # 72 units trained on, 4 steps a pass: the checkpoint at step 6 lies after the
-    # first held-out refit, inside the second pass
+    # first held-out refit, inside the second pass, which trains on all 96 units
     cfg = rule_config(str(tmp_path / "full"), method, seed=1, optim={"epochs": 2})
     cfg = cfg.replace("run", save_steps=6)
     full = Trainer(cfg, records=records)
     full.train()
-    # the last pass trains the 96 units, held-out ones too (6 steps, [em] train_held_out)
+    # the last pass trains the 96 units, held-out ones too (6 steps)
     assert full.step == 10 and full.em.held_out_scale is not None
     part = tmp_path / "part" / "checkpoints"
     part.mkdir(parents=True)
@@ -346,3 +345,6 @@ def test_the_trainer_holds_out_by_default_only_over_several_passes(
     assert (trainer.held_out is not None) is held
     assert trainer.estep.held_out == (0.1 if held else 0.0)
     assert trainer.schedule.num_trained == (72 if held else 80)
+    # by default the policy never trains on the held-out items ([em] train_held_out)
+    assert trainer.schedule.train_held_out_from is None
+    assert trainer.total_steps == epochs * trainer.schedule.steps_per_epoch

@@ -380,12 +380,12 @@ class EMSection:
         metadata=_doc("the share of the items held out with held_out, in (0, 0.5)"),
     )
     train_held_out: bool = field(
-        default=True,
+        default=False,
         metadata=_doc(
             "with held_out: the last epoch trains on the held-out items too (each label "
             "weighted by its posterior, as every other), and the run's last refit reads "
             "their scores at that first visit; false: the policy never trains on them "
-            "(docs/math.md, section 12)"
+            "(docs/math.md, section 12, and why it is not the default)"
         ),
     )
     noise_lr: float = field(
