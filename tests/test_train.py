@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ from repo.data.errors import DataError
 from repo.data.loaders import load_preferences
 from repo.data.records import PreferenceData
 from repo.data.rule_pairs import rule_pairs
-from repo.inference.em import fit_em
+from repo.inference.em import fit_em, set_value
 from repo.inference.enumeration import enumerate_posterior
 from repo.noise import LabelData, make_noise_model
 from repo.noise.base import beta_map
@@ -50,6 +51,7 @@ from repo.train import (
 )
 from repo.train.build import load_records
 from repo.train.checkpoint import latest_checkpoint
+from repo.train.objective import plain_loss, weighted_loss
 
 ROOT = Path(repo.__file__).resolve().parents[1]
 ETA_POOL = [0.95, 0.9, 0.8, 0.65, 0.55, 0.35]
@@ -243,6 +245,74 @@ def test_policy_objective_gradient_reaches_the_policy_log_probs(family, kwargs):
     expected = torch.autograd.grad(lik.policy_loss(stats, estep.q, "nll").sum(), (pa, pb))
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("family", ["dpo", "ipo", "cpo"])
+def test_the_weighted_step_is_each_labels_loss_times_its_posterior(family):
+    # one annotator: sum_i w_i L(o_i), with w_i = p(label i correct | o, s, eta), the
+    # closed form of the symmetric flip, w = eta g / (eta g + (1 - eta)(1 - g)) with g
+    # the probability the policy gives the labelled response; a label the policy
+    # doubts is left out, never turned round (no gradient towards the other response)
+    from repo.likelihoods import PairLogps, get_likelihood
+
+    lik = get_likelihood(family, beta=0.5)
+    data = _labels(False, k=1, n=6)
+    g = torch.Generator().manual_seed(2)
+    pa = (-20 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    pb = (-20 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_(True)
+    ones = torch.full((6,), 5.0, dtype=torch.float64)
+    ref = -10 * torch.ones(6, dtype=torch.float64)
+    stats = PairLogps(pa, pb, ones, ones, ref, ref)
+    noise = make_noise_model("symmetric", 1)
+    set_value(noise, "eta", torch.tensor([0.7], dtype=torch.float64))
+    logits = lik.logits(stats)
+    estep = OnlineEM(noise).e_step(logits, data, step=0)
+    o = data.label[:, 0]
+    agree = torch.where(o == 1, torch.sigmoid(logits), torch.sigmoid(-logits)).detach()
+    w = 0.7 * agree / (0.7 * agree + 0.3 * (1 - agree))
+    torch.testing.assert_close(estep.w[:, 0], w)
+    loss = policy_objective(lik, noise, stats, logits, data, estep, "weighted")
+    own = lik.policy_loss(stats, o, "mixture")
+    torch.testing.assert_close(loss, (w * own).sum())
+    # all weights 1: the plain loss; the gradient is w times the label's own gradient
+    torch.testing.assert_close(
+        weighted_loss(lik, stats, data, torch.ones_like(estep.w)), plain_loss(lik, stats, data)
+    )
+    grads = torch.autograd.grad(loss, (pa, pb))
+    expected = torch.autograd.grad((w * own).sum(), (pa, pb))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="needs the labels"):
+        lik.policy_loss(stats, estep.q, "weighted")
+
+
+def test_a_run_takes_the_weighted_step(tmp_path, monkeypatch):
+    # [loss] variant = "weighted" reaches the trainer's policy step, with the E-step's
+    # label weights, once the posterior is on (no noise test here)
+    from repo.experiments import Method, rule_config
+    from repo.train import objective
+
+    seen = []
+    weighted = objective.weighted_loss
+
+    def spy(likelihood, stats, data, w):
+        seen.append(w.clone())
+        return weighted(likelihood, stats, data, w)
+
+    monkeypatch.setattr(objective, "weighted_loss", spy)
+    rows = rule_pairs(48, [0.7], seed=1, markers=4).rows
+    method = Method(
+        "RE-IPO", "ipo", True, {"beta": 0.1, "variant": "weighted"}, em={"noise_test": 0.0}
+    )
+    cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 1})
+    trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))
+    trainer.train()
+    assert trainer.variant == "weighted" and seen
+    w = torch.cat(seen)
+    assert ((w >= 0) & (w <= 1)).all() and (w < 0.99).any()  # posterior weights, not labels
+    assert math.isfinite(trainer.last_metrics["loss"])
+    resolved = trainer.run_dir.read_resolved()
+    assert resolved["likelihood"]["variant"] == "weighted"
 
 
 def test_ema_update_is_algorithm_1():

@@ -258,7 +258,8 @@ class REPOArguments:
         default="default",
         metadata={
             "help": "'mixture': w L(y) + (1 - w) L(flipped) (the paper); 'nll': the gradient "
-            "of the marginal likelihood (required by boltzmann); 'default': the loss's own, "
+            "of the marginal likelihood (required by boltzmann); 'weighted': w L(y), a "
+            "doubtful label left out, never reversed; 'default': the loss's own, "
             "as [loss] variant = 'default' (nll for DPO's and CPO's sigmoid loss, mixture for "
             "the others)"
         },
@@ -280,8 +281,8 @@ class REPOArguments:
             ("noise_lr", self.noise_lr > 0, "> 0"),
             (
                 "policy_step",
-                self.policy_step in ("default", "mixture", "nll"),
-                "'default', 'mixture' or 'nll'",
+                self.policy_step in ("default", "mixture", "nll", "weighted"),
+                "'default', 'mixture', 'nll' or 'weighted'",
             ),
         ]
         for field_name, ok, rule in checks:
@@ -542,7 +543,7 @@ class _REPOTrainerMixin:
 
     likelihood: PreferenceLikelihood
     noise: NoiseModel
-    policy_step: str  # "nll" or "mixture": ``policy_step`` resolved against the loss
+    policy_step: str  # "nll", "mixture" or "weighted": ``policy_step`` resolved against the loss
     repo_data: TrainingData | None = None
     _repo_args: REPOArguments
 

@@ -48,8 +48,12 @@ from repo.likelihoods.stats import PairLogps
 
 __all__ = ["PreferenceLikelihood", "InducedLikelihood", "Variant", "VARIANTS"]
 
-Variant = Literal["nll", "mixture"]
-VARIANTS: tuple[str, ...] = ("nll", "mixture")
+Variant = Literal["nll", "mixture", "weighted"]
+VARIANTS: tuple[str, ...] = ("nll", "mixture", "weighted")
+"""The policy steps: ``"nll"`` and ``"mixture"`` (:meth:`PreferenceLikelihood.policy_loss`,
+from the truth's posterior ``q``) and ``"weighted"`` (each label's own loss weighted by
+the posterior that it is correct; it needs the labels, so the trainer's objective
+computes it: :func:`repo.train.objective.weighted_loss`)."""
 
 
 def check_positive(name: str, value: float) -> float:
@@ -190,6 +194,11 @@ class PreferenceLikelihood:
         :return: tensor of shape ``(B,)``; reduce (mean) in the caller.
         """
         variant = self.resolve_variant(variant)
+        if variant == "weighted":
+            raise ValueError(
+                "the 'weighted' step weights each label's own loss, so it needs the labels: "
+                "repo.train.objective.weighted_loss"
+            )
         self.check_stats(stats)
         ref = stats.policy_a
         w_t = torch.as_tensor(w, dtype=ref.dtype, device=ref.device).detach()

@@ -109,7 +109,7 @@ class RunParts:
     :param records: the validated records.
     :param policy: the policy (with its reference).
     :param likelihood: the loss family with its hyper-parameters.
-    :param variant: the policy step's variant (``"nll"`` or ``"mixture"``).
+    :param variant: the policy step's variant (``"nll"``, ``"mixture"`` or ``"weighted"``).
     :param pair_tokenizer: the tokeniser with the run's length limits.
     :param data: tokenised items and their labels.
     :param noise: the noise model at its starting values.
@@ -187,7 +187,7 @@ def check_policy_variant(
     gradient of the marginal likelihood) is defined.
 
     :param noise: the noise model, or its class (before its size is known).
-    :param variant: the resolved step, ``"nll"`` or ``"mixture"``.
+    :param variant: the resolved step, ``"nll"``, ``"mixture"`` or ``"weighted"``.
     :param field: the setting the error names (``[loss] variant``, or a TRL trainer's
         ``policy_step``).
     :raises ConfigError: ``variant`` is not ``nll`` and the model has no latent truth.

@@ -248,12 +248,14 @@ class LossSection:
             "dpo | ipo | simpo | cpo | hinge | cdpo | rdpo | holder_dpo (see repo.likelihoods)"
         ),
     )
-    variant: Literal["default", "nll", "mixture"] = field(
+    variant: Literal["default", "nll", "mixture", "weighted"] = field(
         default="default",
         metadata=_doc(
             "policy step: 'nll' (induced negative log-likelihood, the EM derivation; taken as "
-            "the gradient of the noise model's marginal likelihood) or 'mixture' (w L(A>B) + "
-            "(1-w) L(B>A), keeps the loss's shape); 'default': the family's own default"
+            "the gradient of the noise model's marginal likelihood), 'mixture' (w L(A>B) + "
+            "(1-w) L(B>A), keeps the loss's shape) or 'weighted' (each label's own loss times "
+            "the posterior that it is correct: a doubtful label is ignored, never reversed; "
+            "docs/math.md, section 5); 'default': the family's own default"
         ),
     )
     beta: float = field(

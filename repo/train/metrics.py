@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from repo.likelihoods.stats import PairLogps
-from repo.train.objective import plain_loss
+from repo.train.objective import plain_loss, weighted_loss
 
 __all__ = ["JsonlLog", "MetricSums", "ProgressBar", "add_micro_metrics", "parameter_summary"]
 
@@ -123,7 +123,10 @@ def add_micro_metrics(
     :param labels: the micro-batch's :class:`~repo.noise.LabelData`.
     """
     stats = _detached(stats)
-    if estep is not None and not estep.held_back:
+    if estep is not None and not estep.held_back and variant == "weighted":
+        value = weighted_loss(likelihood, stats, labels, estep.w)
+        units = labels.num_units
+    elif estep is not None and not estep.held_back:
         q = estep.q.to(stats.policy_a.device, stats.policy_a.dtype)
         value = likelihood.policy_loss(stats, q, variant).sum()
         units = labels.num_units

@@ -21,6 +21,12 @@ and the E-step's soft targets :math:`q_i = p(z_i = 1 \mid o, \phi)`:
 * otherwise (``"mixture"``, a tempered E-step, the warm-up): the family's
   :meth:`~repo.likelihoods.base.PreferenceLikelihood.policy_loss` with :math:`w = q`
   held fixed.
+* ``"weighted"``: each label's own loss, weighted by the E-step's posterior that the
+  label is correct, :math:`w_{ij} = p(z_i = o_{ij} \mid o, \phi)`:
+  :math:`\sum_{ij} w_{ij} L(o_{ij})` (:func:`weighted_loss`). A label believed wrong is
+  left out rather than turned round: it is the policy step of EM for a contamination
+  model, where a wrong label carries no information about the truth (``docs/math.md``
+  section 5).
 * the plain loss (EM off, and while the noise test holds the posterior back, whatever
   the variant): :math:`L(\text{chosen} \succ \text{rejected})` on the observed labels,
   i.e. ``policy_loss`` with :math:`w = o` in the ``"mixture"`` form. Until the labels
@@ -48,7 +54,7 @@ from repo.likelihoods.stats import PairLogps
 from repo.noise.base import NoiseModel
 from repo.noise.layout import LabelData
 
-__all__ = ["gather_stats", "marginal_nll", "plain_loss", "policy_objective"]
+__all__ = ["gather_stats", "marginal_nll", "plain_loss", "policy_objective", "weighted_loss"]
 
 
 def gather_stats(stats: PairLogps, index: Tensor) -> PairLogps:
@@ -94,10 +100,12 @@ def policy_objective(
     :param stats: per-unit statistics (with gradient).
     :param logits: per-unit induced logits ``likelihood.logits(stats)``.
     :param estep: the micro-batch's E-step.
-    :param variant: ``"nll"`` or ``"mixture"``.
+    :param variant: ``"nll"``, ``"mixture"`` or ``"weighted"``.
     """
     if estep.held_back:  # no evidence of noise yet: the family's own loss on the labels
         return plain_loss(likelihood, stats, data)
+    if variant == "weighted":
+        return weighted_loss(likelihood, stats, data, estep.w)
     if variant == "nll" and estep.exact:
         loss = marginal_nll(noise, logits, data).to(logits.device, logits.dtype)
         q = estep.q.to(logits.device, logits.dtype)
@@ -119,11 +127,23 @@ def plain_loss(likelihood: PreferenceLikelihood, stats: PairLogps, data: LabelDa
     ``w = o``, which is the family's loss itself). Shared truth: every label of a
     unit counts.
     """
+    return weighted_loss(likelihood, stats, data, data.mask)
+
+
+def weighted_loss(
+    likelihood: PreferenceLikelihood, stats: PairLogps, data: LabelData, w: Tensor
+) -> Tensor:
+    r"""The family's own loss on each observed label times its weight ``w`` (``(U,
+    slots)``, held fixed; 0 where no label), summed: :math:`\sum_{ij} w_{ij} L(o_{ij})`
+    with :math:`L(1) = L(A \succ B)`, :math:`L(0) = L(B \succ A)`. With ``w`` the
+    E-step's posterior that each label is correct it is the ``"weighted"`` policy step;
+    with ``w`` the label mask it is :func:`plain_loss`."""
     device, dtype = stats.policy_a.device, stats.policy_a.dtype
     label = data.label.to(device, dtype)
     mask = data.mask.to(device)
+    weight = w.to(device, dtype).detach()
     total = torch.zeros((), device=device, dtype=dtype)
     for slot in range(data.num_slots):
-        per_unit = likelihood.policy_loss(stats, label[:, slot], "mixture")
+        per_unit = weight[:, slot] * likelihood.policy_loss(stats, label[:, slot], "mixture")
         total = total + torch.where(mask[:, slot], per_unit, torch.zeros_like(per_unit)).sum()
     return total
