@@ -20,6 +20,8 @@ hold a tenth of the pairs out by default (``[em] held_out = "auto"``).
         --out docs/experiments
     python examples/one_annotator_lora.py --family ipo --epochs 4 --flip-rates 0.4 \
         --trace 128 --out docs/experiments      # with each run's trajectory
+    python examples/one_annotator_lora.py --family ipo --epochs 4 --flip-rates 0.4 \
+        --variant weighted --out docs/experiments   # RE-IPO's "weighted" policy step
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
@@ -47,6 +49,7 @@ train = "train.jsonl"
 eval = "{eval}"
 [loss]
 family = "{family}"
+variant = "{variant}"
 [em]
 enabled = {em}
 [optim]
@@ -58,8 +61,9 @@ progress = false
 eval_steps = {every}
 seed = {seed}
 """
-"""The run's config: the defaults, the loss family, LoRA's learning rate, the passes,
-and ``[em] enabled`` (RE-X) or not (X, the paired baseline). With ``--trace`` the
+"""The run's config: the defaults, the loss family (and RE-X's policy step, ``[loss]
+variant``), LoRA's learning rate, the passes, and ``[em] enabled`` (RE-X) or not (X,
+the paired baseline). With ``--trace`` the
 held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
@@ -82,11 +86,17 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def _train_and_eval(
-    folder: Path, em: bool, seed: int, family: str, epochs: int = 1, trace: int = 0
+    folder: Path,
+    em: bool,
+    seed: int,
+    family: str,
+    epochs: int = 1,
+    trace: int = 0,
+    variant: str = "default",
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
-    steps during training (:data:`CONFIG`)."""
+    steps during training; ``variant`` is ``[loss] variant`` (:data:`CONFIG`)."""
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
     text = CONFIG.format(
@@ -94,6 +104,7 @@ def _train_and_eval(
         output=output,
         seed=seed,
         family=family,
+        variant=variant,
         epochs=epochs,
         eval="held.jsonl" if trace else "",
         every=trace,
@@ -136,11 +147,14 @@ def run_one(
     family: str = "dpo",
     epochs: int = 1,
     trace: int = 0,
+    variant: str = "default",
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
     only what it lacks is run. ``trace > 0`` runs both and records their trajectories
-    (:func:`trace_of`, every ``trace`` steps) as ``trace`` and ``plain_trace``."""
+    (:func:`trace_of`, every ``trace`` steps) as ``trace`` and ``plain_trace``.
+    ``variant``: RE-X's ``[loss] variant`` (X's run is the same whatever it is), kept
+    in the row when not ``"default"``."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
     row = dict(row or {})
@@ -149,12 +163,14 @@ def run_one(
         _write(folder / "train.jsonl", data.rows)
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row or (trace and "trace" not in row):
-            run, accuracy = _train_and_eval(folder, True, seed, family, epochs, trace)
+            run, accuracy = _train_and_eval(folder, True, seed, family, epochs, trace, variant)
             if trace:
                 row["trace"] = trace_of(run)
             report = json.loads((run / "reliability.json").read_text())
             if family != "dpo":
                 row["family"] = family
+            if variant != "default":
+                row["variant"] = variant
             if epochs != 1:
                 row["epochs"] = epochs
                 row["held_out_items"] = report.get("held_out_items", 0)
@@ -175,10 +191,11 @@ def run_one(
 
 
 def _key(row: dict) -> tuple:
-    """A row's place: family (DPO's rows name none), pairs, passes (one where a row
-    names none), flip rate, seed."""
+    """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
+    row names none), pairs, passes (one where a row names none), flip rate, seed."""
     return (
         row.get("family", "dpo"),
+        row.get("variant", "default"),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -195,6 +212,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--family", default="dpo", choices=["dpo", "ipo", "simpo", "cpo"])
     parser.add_argument("--epochs", type=int, default=1, help="passes over the pairs")
     parser.add_argument(
+        "--variant",
+        default="default",
+        choices=["default", "nll", "mixture", "weighted"],
+        help="RE-X's policy step ([loss] variant); rows of a step other than the "
+        "family's default are rows of their own",
+    )
+    parser.add_argument(
         "--trace",
         type=int,
         default=0,
@@ -209,10 +233,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     for rho in args.flip_rates:
         for seed in args.seeds:
-            old = done.get((args.family, args.pairs, args.epochs, rho, seed))
+            old = done.get((args.family, args.variant, args.pairs, args.epochs, rho, seed))
             if old is not None and "plain_accuracy" in old and (not args.trace or "trace" in old):
                 continue
-            new = run_one(args.pairs, rho, seed, old, args.family, args.epochs, args.trace)
+            new = run_one(
+                args.pairs, rho, seed, old, args.family, args.epochs, args.trace, args.variant
+            )
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             rows.sort(key=_key)

@@ -158,6 +158,9 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     more = example.main([*args, "--family", "ipo", "--epochs", "2"])
     assert more[:2] == rows and more[2]["epochs"] == 2 and more[2]["family"] == "ipo"
     assert more[2]["held_out_items"] == 0  # 32 pairs: "auto" holds out none (< 625)
+    # another policy step of RE-X ([loss] variant) is a row of its own too
+    step = example.main([*args, "--family", "ipo", "--variant", "weighted"])
+    assert step[:3] == more and step[3]["variant"] == "weighted" and 0.5 <= step[3]["eta"] <= 1
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):
