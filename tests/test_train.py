@@ -225,18 +225,27 @@ def test_marginal_likelihood_gradient_is_the_weighted_loss_gradient(name, shared
     assert all(p.grad is None for p in noise.parameters())  # annotators held fixed
 
 
+def _pair_stats(seed: int, n: int = 6):
+    """Per-unit log-probs of ``n`` pairs (summed, 5 tokens each, reference -10), the
+    policy's with gradient."""
+    from repo.likelihoods import PairLogps
+
+    g = torch.Generator().manual_seed(seed)
+    pa = (-20 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(True)
+    pb = (-20 * torch.rand(n, generator=g, dtype=torch.float64)).requires_grad_(True)
+    ones = torch.full((n,), 5.0, dtype=torch.float64)
+    ref = -10 * torch.ones(n, dtype=torch.float64)
+    return PairLogps(pa, pb, ones, ones, ref, ref)
+
+
 @pytest.mark.parametrize(("family", "kwargs"), [("dpo", {}), ("cpo", {"keep_sft_term": True})])
 def test_policy_objective_gradient_reaches_the_policy_log_probs(family, kwargs):
-    from repo.likelihoods import PairLogps, get_likelihood
+    from repo.likelihoods import get_likelihood
 
     lik = get_likelihood(family, beta=0.5, **kwargs)
     data = _labels(False, n=6)
-    g = torch.Generator().manual_seed(1)
-    pa = (-20 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_(True)
-    pb = (-20 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_(True)
-    ones = torch.full((6,), 5.0, dtype=torch.float64)
-    ref = -10 * torch.ones(6, dtype=torch.float64)
-    stats = PairLogps(pa, pb, ones, ones, ref, ref)
+    stats = _pair_stats(seed=1)
+    pa, pb = stats.policy_a, stats.policy_b
     noise = make_noise_model("symmetric", 3)
     logits = lik.logits(stats)
     estep = OnlineEM(noise).e_step(logits, data, step=0)
@@ -253,16 +262,12 @@ def test_the_weighted_step_is_each_labels_loss_times_its_posterior(family):
     # closed form of the symmetric flip, w = eta g / (eta g + (1 - eta)(1 - g)) with g
     # the probability the policy gives the labelled response; a label the policy
     # doubts is left out, never turned round (no gradient towards the other response)
-    from repo.likelihoods import PairLogps, get_likelihood
+    from repo.likelihoods import get_likelihood
 
     lik = get_likelihood(family, beta=0.5)
     data = _labels(False, k=1, n=6)
-    g = torch.Generator().manual_seed(2)
-    pa = (-20 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_(True)
-    pb = (-20 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_(True)
-    ones = torch.full((6,), 5.0, dtype=torch.float64)
-    ref = -10 * torch.ones(6, dtype=torch.float64)
-    stats = PairLogps(pa, pb, ones, ones, ref, ref)
+    stats = _pair_stats(seed=2)
+    pa, pb = stats.policy_a, stats.policy_b
     noise = make_noise_model("symmetric", 1)
     set_value(noise, "eta", torch.tensor([0.7], dtype=torch.float64))
     logits = lik.logits(stats)
