@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from repo.likelihoods.stats import PairLogps
-from repo.train.objective import plain_loss, weighted_loss
+from repo.train.objective import plain_loss, posterior_loss
 
 __all__ = ["JsonlLog", "MetricSums", "ProgressBar", "add_micro_metrics", "parameter_summary"]
 
@@ -123,12 +123,8 @@ def add_micro_metrics(
     :param labels: the micro-batch's :class:`~repo.noise.LabelData`.
     """
     stats = _detached(stats)
-    if estep is not None and not estep.held_back and variant == "weighted":
-        value = weighted_loss(likelihood, stats, labels, estep.w)
-        units = labels.num_units
-    elif estep is not None and not estep.held_back:
-        q = estep.q.to(stats.policy_a.device, stats.policy_a.dtype)
-        value = likelihood.policy_loss(stats, q, variant).sum()
+    if estep is not None and not estep.held_back:
+        value = posterior_loss(likelihood, stats, labels, estep, variant)
         units = labels.num_units
     else:
         value = plain_loss(likelihood, stats, labels)

@@ -54,7 +54,14 @@ from repo.likelihoods.stats import PairLogps
 from repo.noise.base import NoiseModel
 from repo.noise.layout import LabelData
 
-__all__ = ["gather_stats", "marginal_nll", "plain_loss", "policy_objective", "weighted_loss"]
+__all__ = [
+    "gather_stats",
+    "marginal_nll",
+    "plain_loss",
+    "policy_objective",
+    "posterior_loss",
+    "weighted_loss",
+]
 
 
 def gather_stats(stats: PairLogps, index: Tensor) -> PairLogps:
@@ -104,8 +111,6 @@ def policy_objective(
     """
     if estep.held_back:  # no evidence of noise yet: the family's own loss on the labels
         return plain_loss(likelihood, stats, data)
-    if variant == "weighted":
-        return weighted_loss(likelihood, stats, data, estep.w)
     if variant == "nll" and estep.exact:
         loss = marginal_nll(noise, logits, data).to(logits.device, logits.dtype)
         q = estep.q.to(logits.device, logits.dtype)
@@ -116,7 +121,24 @@ def policy_objective(
             f"the {noise.name} noise model has no latent truth, so no soft target: use the "
             "'nll' variant with an exact E-step"
         )
-    q = estep.q.to(logits.device, logits.dtype)
+    return posterior_loss(likelihood, stats, data, estep, variant)
+
+
+def posterior_loss(
+    likelihood: PreferenceLikelihood,
+    stats: PairLogps,
+    data: LabelData,
+    estep: EStep,
+    variant: str,
+) -> Tensor:
+    """The policy step read off the E-step's posterior, summed over units: with
+    ``"weighted"`` each label's own loss times ``w`` (:func:`weighted_loss`), else the
+    family's :meth:`~repo.likelihoods.base.PreferenceLikelihood.policy_loss` at the
+    soft target ``q``. (:func:`policy_objective` takes the exact ``"nll"`` step from
+    the marginal likelihood instead; the trainer's ``loss`` metric reads this.)"""
+    if variant == "weighted":
+        return weighted_loss(likelihood, stats, data, estep.w)
+    q = estep.q.to(stats.policy_a.device, stats.policy_a.dtype)
     return likelihood.policy_loss(stats, q, variant).sum()
 
 
