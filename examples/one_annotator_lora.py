@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for rho in args.flip_rates:
         for seed in args.seeds:
             old = done.get((args.family, args.variant, args.pairs, args.epochs, rho, seed))
-            if old is not None and "plain_accuracy" in old and (not args.trace or "trace" in old):
+            complete = old is not None and "eta" in old and "plain_accuracy" in old
+            if complete and (not args.trace or "trace" in old):
                 continue
             new = run_one(
                 args.pairs, rho, seed, old, args.family, args.epochs, args.trace, args.variant

@@ -142,6 +142,12 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     path.write_text(json.dumps([older, rows[1]]))
     again = example.main([*args[:4], "--flip-rates", "0.2", "--out", str(tmp_path)])
     assert again[0] == {**older, "plain_accuracy": rows[0]["plain_accuracy"]}
+    # and a row with the paired DPO run alone (its RE-DPO run dropped, as when a
+    # default changes) gets the RE-DPO run alone: the DPO figure stays
+    plain = {k: rows[0][k] for k in ("pairs", "flip_rate", "seed")} | {"plain_accuracy": 0.25}
+    path.write_text(json.dumps([plain, rows[1]]))
+    (redone, _) = example.main([*args[:4], "--flip-rates", "0.2", "--out", str(tmp_path)])
+    assert redone == {**rows[0], "plain_accuracy": 0.25}
 
 
 def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
