@@ -83,6 +83,11 @@ GRID: dict[str, tuple[str, ...]] = {
 DEFAULTS = {"dpo": "fixed", "ipo": "learned", "simpo": "learned", "cpo": "T=50 learned"}
 """Each family's E-step default (``[em] temperature = 0``, ``calibrate = "auto"``); with
 one annotator DPO's runs out of sample (``out_of_sample = "auto"``, :func:`default_for`)."""
+STEP = {"simpo": "mixture"}
+"""The policy step of the runs where it is not the family's default now: SimPO's was
+the mixture when they were made (since 2026-12-06 its default is the exact ``"nll"``
+step, with no learned scale with one annotator: ``docs/experiments/noise-sweep.md``,
+"SimPO's exact step"). :data:`DEFAULTS` are the E-step readings under these steps."""
 NOISES = (("single", 0.2), ("single", 0.4), ("single", 0.0), ("pool", 0.4))
 """Noise settings; the last two for the plain losses, the defaults and ``fixed`` only."""
 ONE_PASS_ONLY = ("nll",)
@@ -92,9 +97,10 @@ SEEDS = tuple(range(10, 20))
 
 
 def default_for(family: str, noise: str) -> str:
-    """The setting ``re-po train`` picks with ``[em]`` left alone: the family's E-step
-    reading, out of sample with one annotator (``noise = "single"``) where the family's
-    ``default_out_of_sample`` says so (DPO)."""
+    """The setting ``re-po train`` picks with ``[em]`` left alone and the policy step of
+    these runs (:data:`STEP`): the family's E-step reading, out of sample with one
+    annotator (``noise = "single"``) where the family's ``default_out_of_sample`` says
+    so (DPO, SimPO)."""
     one_annotator = noise == "single" and get_likelihood(family).default_out_of_sample
     return DEFAULTS[family] + (OOS if one_annotator else "")
 
@@ -110,8 +116,8 @@ def method(family: str, setting: str, epochs: int = 1) -> Method:
     name = sweep.PLAIN_NAMES[family]
     if setting == "plain":
         return Method(name, family, False, loss)
-    if setting == "nll":
-        loss["variant"] = "nll"
+    if setting == "nll" or family in STEP:
+        loss["variant"] = "nll" if setting == "nll" else STEP[family]
     em = dict(
         SETTINGS[setting.removesuffix(OOS).removesuffix(WARMUP)], noise_test=0.0, held_out=False
     )

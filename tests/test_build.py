@@ -162,6 +162,30 @@ def test_the_e_step_settings_are_the_family_defaults_unless_given(
 
 
 @pytest.mark.parametrize(
+    ("annotators", "sections", "calibrate"),
+    [
+        (1, {}, False),  # the "nll" step from first visits: the exact E-step
+        (1, {"loss": {"variant": "mixture"}}, True),  # SimPO's margin: a scale learned
+        (1, {"em": {"out_of_sample": False}}, True),  # eta from every visit's scale
+        (1, {"em": {"calibrate": True}}, True),  # as given
+        (2, {}, True),  # several annotators' online update reads the E-step's scale
+    ],
+)
+def test_simpo_learns_no_scale_where_its_step_is_exact(tmp_path, annotators, sections, calibrate):
+    from repo.likelihoods import get_likelihood
+    from repo.train.build import build_online_em, estep_settings
+
+    loss = {"family": "simpo", **sections.get("loss", {})}
+    cfg = config(tmp_path, loss=loss, em=sections.get("em", {}))
+    likelihood, model = get_likelihood("simpo"), build_noise_model(cfg, annotators)
+    assert likelihood.default_variant == "nll" and likelihood.default_calibrate
+    assert estep_settings(cfg, likelihood, model).calibrate is calibrate
+    online = build_online_em(cfg, model, likelihood, num_items=10)
+    assert online.calibrate is calibrate
+    assert online.exact is (not calibrate)  # scale 1: the policy step is the exact one
+
+
+@pytest.mark.parametrize(
     ("family", "annotators", "noise", "given", "expected"),
     [
         ("dpo", 1, "symmetric", "auto", True),  # one annotator: only unseen labels tell

@@ -93,7 +93,8 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
 
     example = _load("estep_defaults")
     for family, setting in example.DEFAULTS.items():
-        cfg = rule_config(str(tmp_path), Method("RE-X", family, True), seed=0)
+        step = {"variant": example.STEP.get(family, "default")}  # the step of its rows
+        cfg = rule_config(str(tmp_path), Method("RE-X", family, True, step), seed=0)
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale

@@ -293,9 +293,11 @@ def test_cpo_keep_sft_term() -> None:
 
 
 def test_default_variants() -> None:
-    # CPO: the literal EM step, its SFT term dropped (docs/experiments/noise-sweep.md)
+    # CPO: the literal EM step, its SFT term dropped (docs/experiments/noise-sweep.md);
+    # SimPO: the exact step, which never trains a pair away from its label (docs/math.md)
     assert DPOLikelihood().default_variant == CPOLikelihood().default_variant == "nll"
-    for lik in (IPOLikelihood(), SimPOLikelihood(), HingeLikelihood()):
+    assert SimPOLikelihood().default_variant == "nll"
+    for lik in (IPOLikelihood(), HingeLikelihood()):
         assert lik.default_variant == "mixture"
     st = make_stats(seed=17)
     lik = IPOLikelihood(beta=0.1)

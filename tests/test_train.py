@@ -256,6 +256,48 @@ def test_policy_objective_gradient_reaches_the_policy_log_probs(family, kwargs):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("eta", [0.55, 0.6, 0.8, 0.95])
+def test_only_the_exact_step_never_trains_a_pair_away_from_its_label(eta):
+    # one label per pair, A chosen, one annotator of reliability eta > 1/2. The exact
+    # "nll" step is the gradient of log p(o | s) = log(eta sigma(s) + (1 - eta) sigma(-s)),
+    # increasing in s: at every policy margin it moves the pair towards A. SimPO's
+    # "mixture" (its margin gamma) and a posterior read at a scale a > 1 put the target
+    # q = sigma(a s + logit eta) below the policy's own stationary target where the
+    # policy prefers B (the mixture where logit eta < 2 gamma, "nll" where
+    # (a - 1)|s| > logit eta): the step trains the policy towards its own belief, away
+    # from the label (docs/math.md, section 5)
+    from repo.likelihoods import PairLogps, get_likelihood
+
+    lik = get_likelihood("simpo", beta=2.0, gamma=0.5)
+    margin = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)  # D, SimPO's margin
+    policy_a = (margin / 2).requires_grad_(True)
+    zeros, ones = torch.zeros_like(margin), torch.ones_like(margin)
+    stats = PairLogps(policy_a, zeros, ones, ones)
+    n = margin.numel()
+    data = LabelData.from_labels(
+        torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.float64)
+    )
+    noise = make_noise_model("symmetric", 1)
+    set_value(noise, "eta", torch.tensor([eta], dtype=torch.float64))
+
+    def pull(variant: str, temperature: float) -> torch.Tensor:
+        """d loss / d D per pair: > 0 where the step lowers D, away from the label A."""
+        logits = lik.logits(stats)
+        estep = OnlineEM(noise, temperature=temperature).e_step(logits.detach(), data, step=0)
+        loss = policy_objective(lik, noise, stats, logits, data, estep, variant)
+        (grad,) = torch.autograd.grad(loss, policy_a)
+        return grad / 2
+
+    assert bool((pull("nll", 1.0) < 0).all())  # exact: always towards the label
+    assert bool((pull("nll", 2.0)[margin < 0] < 0).all())  # a = 1/2: never further away
+    logit_eta = math.log(eta / (1 - eta))
+    away = margin[pull("mixture", 1.0) > 0]  # SimPO's own shape at the exact posterior
+    assert bool((away < 0).all()) and (away.numel() > 0) == (logit_eta < 2 * lik.gamma)
+    s = lik.logits(stats).detach()
+    away = pull("nll", 1 / 3) > 0  # a = 3, a learned scale's typical jump
+    torch.testing.assert_close(away, (s < 0) & (2 * s.abs() > logit_eta))
+
+
 @pytest.mark.parametrize("family", ["dpo", "ipo", "cpo"])
 def test_the_weighted_step_is_each_labels_loss_times_its_posterior(family):
     # one annotator: sum_i w_i L(o_i), with w_i = p(label i correct | o, s, eta), the

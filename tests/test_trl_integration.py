@@ -535,13 +535,18 @@ def test_boltzmann_needs_the_nll_step(rt, tmp_path):
 )
 def test_the_default_policy_step_is_the_familys(rt, tmp_path, kind, fields, family):
     """``policy_step="default"`` is the step ``re-po train`` takes for the same family
-    (``[loss] variant = "default"``): nll for DPO and CPO, the mixture for IPO and SimPO;
+    (``[loss] variant = "default"``): nll for DPO, CPO and SimPO, the mixture for IPO;
     a step given is kept."""
     trainer = _train(rt, tmp_path, per_label_rows(8), kind, **fields)
     assert trainer.policy_step == get_likelihood(family).default_variant
-    # and whether one annotator's eta learns from first visits (DPO and SimPO)
+    # and whether one annotator's eta learns from first visits (DPO and SimPO), and so
+    # whether the E-step learns a scale: not DPO's, nor SimPO's with one annotator
     own = get_likelihood(family).default_out_of_sample
     assert trainer.likelihood.default_out_of_sample is own
+    assert trainer.e_step_settings()["calibrate"] is (family != "dpo")  # four annotators
+    if family == "simpo":
+        one = [{**r, "annotator": "a"} for r in per_label_rows(8)]
+        assert _train(rt, tmp_path, one, kind, **fields).e_step_settings()["calibrate"] is False
     given = "mixture" if trainer.policy_step == "nll" else "nll"
     trainer = _train(rt, tmp_path, per_label_rows(8), kind, policy_step=given, **fields)
     assert trainer.policy_step == given

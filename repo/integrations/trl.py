@@ -36,11 +36,12 @@ the annotator M-step, each the one re-po's own trainer runs
    that the label is right and :math:`L` TRL's own per-pair loss; or ``"nll"``, the
    gradient of the noise model's marginal likelihood (the only step for the Boltzmann
    model, which has no latent truth). The default is ``"nll"`` for a likelihood-style
-   loss (DPO's ``sigmoid``, where the two coincide) and for CPO's ``sigmoid`` loss (the
+   loss (DPO's ``sigmoid``, where the two coincide), for CPO's ``sigmoid`` loss (the
    paper's literal RE-CPO, without the behaviour-cloning term once the posterior is on:
-   :class:`~repo.likelihoods.CPOLikelihood`), ``"mixture"`` otherwise (IPO, SimPO,
-   hinge, ...). Until the noise test finds noise, every step is TRL's loss on the
-   labels as given.
+   :class:`~repo.likelihoods.CPOLikelihood`) and for ``simpo`` without ``cpo_alpha``
+   (:class:`~repo.likelihoods.SimPOLikelihood`: the mixture with SimPO's margin can
+   train the policy away from its labels), ``"mixture"`` otherwise (IPO, hinge, ...).
+   Until the noise test finds noise, every step is TRL's loss on the labels as given.
 4. **M-step** once per optimizer step (a ``TrainerCallback``'s ``on_step_end``, after
    gradient accumulation): the step's sufficient statistics all-reduced over
    processes through TRL's ``accelerator``, then the damped update. Every process
@@ -106,7 +107,13 @@ from safetensors.torch import load_file, save_file
 
 from repo.data.loaders import load_preferences
 from repo.inference.online import EStep
-from repo.likelihoods import CPOLikelihood, InducedLikelihood, PairLogps, PreferenceLikelihood
+from repo.likelihoods import (
+    CPOLikelihood,
+    InducedLikelihood,
+    PairLogps,
+    PreferenceLikelihood,
+    SimPOLikelihood,
+)
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel
 from repo.policy import PairTokenizer
 from repo.train.build import (
@@ -1021,8 +1028,15 @@ class RECPOTrainer(_REPOTrainerMixin, CPOTrainer):
         self.likelihood = InducedLikelihood(
             lambda stats: cpo_pair_loss(stats, self),
             needs_reference=False,
-            # CPO's sigmoid loss takes CPOLikelihood's step: the literal EM step, no SFT term
-            default_variant=CPOLikelihood.default_variant if args.loss_type == "sigmoid" else None,
+            # CPO's sigmoid loss takes CPOLikelihood's step (the literal EM step, no SFT
+            # term), SimPO without the SFT term SimPOLikelihood's (the exact EM step)
+            default_variant=(
+                CPOLikelihood.default_variant
+                if args.loss_type == "sigmoid"
+                else SimPOLikelihood.default_variant
+                if args.loss_type == "simpo" and not args.cpo_alpha
+                else None
+            ),
             # summed log-probs (all but ipo and simpo): CPO's E-step default (CPOLikelihood)
             default_temperature=(
                 1.0 if args.loss_type in ("ipo", "simpo") else CPOLikelihood.default_temperature

@@ -47,18 +47,23 @@ class SimPOLikelihood(PreferenceLikelihood):
     :param gamma: target reward margin (>= 0, absolute, inside the sigmoid;
         default 0.5, TRL's ``simpo_gamma`` default).
 
-    Default policy-loss variant: ``"mixture"``,
-    :math:`w L(A \succ B) + (1 - w) L(B \succ A)`. At :math:`w = 1` it is SimPO's
-    own loss, margin :math:`\gamma` included, so the published
-    :math:`(\beta, \gamma)` keep their meaning; the "nll" variant replaces the
-    margin by the induced logit's symmetric reshaping (it trains towards
-    :math:`s = \mathrm{logit}(w)` and has no margin). At :math:`\gamma = 0` the
-    two coincide.
+    Default policy-loss variant: ``"nll"``, the soft-label loss on the induced logit
+    :math:`s`, which with an exact E-step is the gradient of the labels' marginal
+    likelihood (EM's own step). It moves every pair towards the response its labels
+    favour, at every :math:`s` (``docs/math.md`` section 5). The ``"mixture"``,
+    :math:`w L(A \succ B) + (1 - w) L(B \succ A)`, keeps SimPO's margin but is
+    stationary at :math:`w = \sigma(D + \gamma) / (\sigma(D + \gamma) + \sigma(\gamma - D))`
+    rather than at :math:`\sigma(s)`: where the policy prefers the other response
+    and a label's log-odds :math:`\mathrm{logit}\,\eta < 2\gamma`, the posterior lies
+    beyond that point and the step trains the policy towards its own belief, away
+    from the label (with LoRA at flip rate 0.4, ten seeds: 0.276 below SimPO;
+    ``"nll"``: level). Until the noise test rejects, RE-SimPO trains on SimPO's own
+    loss either way. At :math:`\gamma = 0` the two coincide.
     """
 
     name = "simpo"
     needs_reference = False
-    default_variant = "mixture"
+    default_variant = "nll"
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5) -> None:
         self.beta = check_positive("beta", beta)

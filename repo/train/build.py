@@ -519,7 +519,12 @@ def estep_settings(
     """``[em] temperature``, ``calibrate`` and ``out_of_sample``, or their defaults where
     they are left at 0 and ``"auto"``: the loss family's
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_temperature` and
-    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_calibrate`, and
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_calibrate` (but no
+    learned scale where the policy step is ``"nll"`` and the annotator parameters learn
+    from first visits, whose refit learns a scale of its own: the E-step then reads
+    :math:`s / T`, exact at SimPO's :math:`T = 1`, and the step is the gradient of the
+    marginal likelihood, which never trains a pair away from its labels, where a learned
+    scale above 1 would train the policy on its own beliefs), and
     out-of-sample annotator statistics when ``noise`` has one annotator (its labels
     alone do not identify its reliability: only the policy's scores of labels it has
     not trained on do, docs/math.md section 9) and the family's
@@ -551,11 +556,18 @@ def estep_settings(
             )
         return EStepSettings(em.temperature or 1.0, em.calibrate is True, em.out_of_sample is True)
     temperature = em.temperature or likelihood.default_temperature
-    calibrate = likelihood.default_calibrate if em.calibrate == "auto" else bool(em.calibrate)
     if em.out_of_sample == "auto":
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
     else:
         out_of_sample = bool(em.out_of_sample)
+    if em.calibrate == "auto":
+        # the "nll" step with first-visit annotator statistics: the refit on first visits
+        # learns a scale of its own, and a learned E-step scale above 1 would make the
+        # step train the policy on its own beliefs (docs/math.md, section 5)
+        fixed = out_of_sample and policy_variant(config, likelihood) == "nll"
+        calibrate = likelihood.default_calibrate and not fixed
+    else:
+        calibrate = bool(em.calibrate)
     if em.epoch_m_step == "auto":
         epoch_m_step = noise.num_annotators > 1 and not out_of_sample
     else:

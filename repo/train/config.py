@@ -336,7 +336,9 @@ class EMSection:
         metadata=_doc(
             "learn the E-step's logit scale a (starting at 1 / temperature) by EM with the "
             "annotator parameters: the E-step reads a * s (docs/math.md, calibration); 'auto': "
-            "for loss families that are not likelihood-style (IPO, SimPO, CPO; not DPO)"
+            "for loss families that are not likelihood-style (IPO, SimPO, CPO; not DPO), "
+            "except with the 'nll' step and out_of_sample (one annotator with SimPO: the "
+            "E-step is then exact, docs/math.md, section 5)"
         ),
     )
     out_of_sample: Literal["auto", True, False] = field(
