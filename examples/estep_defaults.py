@@ -116,8 +116,9 @@ def method(family: str, setting: str, epochs: int = 1) -> Method:
     name = sweep.PLAIN_NAMES[family]
     if setting == "plain":
         return Method(name, family, False, loss)
-    if setting == "nll" or family in STEP:
-        loss["variant"] = "nll" if setting == "nll" else STEP[family]
+    variant = "nll" if setting == "nll" else STEP.get(family)
+    if variant is not None:
+        loss["variant"] = variant
     em = dict(
         SETTINGS[setting.removesuffix(OOS).removesuffix(WARMUP)], noise_test=0.0, held_out=False
     )

@@ -1025,24 +1025,25 @@ class RECPOTrainer(_REPOTrainerMixin, CPOTrainer):
             )
         self._repo_args = args
         tokenizer = _prepare_tokenizer(processing_class, args, "RECPOTrainer")
+        simpo = args.loss_type == "simpo" and not args.cpo_alpha  # SimPO, no SFT term
         self.likelihood = InducedLikelihood(
             lambda stats: cpo_pair_loss(stats, self),
             needs_reference=False,
             # CPO's sigmoid loss takes CPOLikelihood's step (the literal EM step, no SFT
-            # term), SimPO without the SFT term SimPOLikelihood's (the exact EM step)
+            # term), SimPO SimPOLikelihood's (the exact EM step)
             default_variant=(
                 CPOLikelihood.default_variant
                 if args.loss_type == "sigmoid"
                 else SimPOLikelihood.default_variant
-                if args.loss_type == "simpo" and not args.cpo_alpha
+                if simpo
                 else None
             ),
             # summed log-probs (all but ipo and simpo): CPO's E-step default (CPOLikelihood)
             default_temperature=(
                 1.0 if args.loss_type in ("ipo", "simpo") else CPOLikelihood.default_temperature
             ),
-            # SimPO without the SFT term: its logit is a log-odds (SimPOLikelihood)
-            default_out_of_sample=args.loss_type == "simpo" and not args.cpo_alpha,
+            # SimPO: its logit is a log-odds (SimPOLikelihood)
+            default_out_of_sample=simpo,
             rewards_fn=lambda s: (args.beta * s.policy_a, args.beta * s.policy_b),
             name=f"trl-cpo:{args.loss_type}",
         )
