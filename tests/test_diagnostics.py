@@ -291,3 +291,23 @@ def test_fit_noise_python_api_to_inference_data():
     assert idata.attrs["method"] == "svi"
     assert group(idata, "posterior").sizes["chain"] == 1
     assert list(group(idata, "posterior")["annotator"].values) == ["0", "1", "2"]
+
+
+def test_predictive_checks_of_one_annotator_named_all(tmp_path):
+    # data without annotator ids have one virtual annotator, "all": its checks and the
+    # pooled row share the name, and the report's figure still shows both (re-po
+    # diagnose of a one-annotator run failed on the duplicate name)
+    from repo.data.labels import GLOBAL_ANNOTATOR
+    from repo.diagnostics import plots
+
+    sim = simulate_labels(num_items=300, num_annotators=1, shared_truth=False, seed=4)
+    result = infer("nuts", *fitted("symmetric", sim, 1), STRUCTURE)
+    idata = to_inference_data(result, annotator_ids=[GLOBAL_ANNOTATOR])
+    checks = predictive_checks(idata, num_draws=20)
+    assert (checks.annotator == "all").all() and len(checks) == 2 * 2
+    assert checks.pooled.sum() == 2  # one pooled row per statistic
+    one = checks[~checks.pooled].drop(columns="pooled").reset_index(drop=True)
+    pooled = checks[checks.pooled].drop(columns="pooled").reset_index(drop=True)
+    pd.testing.assert_frame_equal(one, pooled)  # one annotator: its labels are all labels
+    figure = plots.plot_predictive(checks)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["all", "all"]

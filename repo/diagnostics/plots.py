@@ -293,7 +293,7 @@ def plot_predictive(checks: pd.DataFrame, title: str = "") -> plt.Figure:
     interval of the statistic and the observed value, red when its p-value is below
     0.05 or above 0.95. Up to :data:`PREDICTIVE_ROWS` annotators, the most extreme first."""
     statistics = ["agreement", "balance"]
-    per = checks[checks.annotator != "all"].copy()
+    per = checks[~checks.pooled].copy()
     extremity = per.assign(e=(per.p_value - 0.5).abs()).groupby("annotator")["e"].max()
     chosen = extremity.sort_values(ascending=False).index[:PREDICTIVE_ROWS].tolist()
     order = ["all", *chosen]
@@ -301,7 +301,10 @@ def plot_predictive(checks: pd.DataFrame, title: str = "") -> plt.Figure:
     figure, axes = plt.subplots(1, 2, figsize=(9, height), sharey=True)
     y = np.arange(len(order))[::-1]
     for ax, statistic in zip(axes, statistics, strict=True):
-        part = checks[checks.statistic == statistic].set_index("annotator").reindex(order)
+        rows = checks[checks.statistic == statistic].set_index("annotator")
+        part = pd.concat(  # the pooled row, then the chosen annotators' (one may be "all")
+            [rows[rows.pooled], rows[~rows.pooled].reindex(chosen)]
+        )
         extreme = (part.p_value < 0.05) | (part.p_value > 0.95)
         ax.hlines(y, part.replicated_lo90, part.replicated_hi90, color="tab:grey", lw=3, alpha=0.6)
         ax.plot(part.observed[~extreme], y[~extreme.to_numpy()], "o", color="tab:blue", ms=4)

@@ -471,14 +471,15 @@ def _draws_sections(
         )  # fmt: skip
         figures.append(("PSIS-LOO Pareto k", path.name))
     checks = predictive_checks(idata, num_draws=ppc_draws)
-    extreme = checks[(checks.p_value < 0.05) | (checks.p_value > 0.95)]
+    shown = checks.drop(columns="pooled")
+    extreme = shown[(shown.p_value < 0.05) | (shown.p_value > 0.95)]
     lines += [
         "### Posterior predictive checks",
         "",
         "Agreement rate (with the score's sign, or the item's other labels) and label "
         "balance (share saying A); p = P(T(o_rep) >= T(o)).",
         "",
-        markdown_table(checks[checks.annotator == "all"]),
+        markdown_table(shown[checks.pooled]),
         "",
         f"Annotators with p < 0.05 or > 0.95: {len(extreme)}",
         "",

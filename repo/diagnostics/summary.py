@@ -120,7 +120,9 @@ def predictive_checks(idata, num_draws: int = 200, seed: int = 0) -> pd.DataFram
     """Posterior predictive checks per annotator (and ``"all"``); see the module doc.
 
     :returns: one row per (annotator, statistic): ``observed``, ``replicated_mean``,
-        ``replicated_lo90``, ``replicated_hi90`` and ``p_value``.
+        ``replicated_lo90``, ``replicated_hi90`` and ``p_value``, and ``pooled``: whether
+        the row pools every label (its ``annotator`` is ``"all"``, which an annotator can
+        be called too: the one virtual annotator of data without annotator ids).
     """
     data, logits, model, posterior = _rebuild(idata)
     names = [v for v in posterior.data_vars if v != "eta" or "eta" in model._pyro_params]
@@ -156,10 +158,12 @@ def predictive_checks(idata, num_draws: int = 200, seed: int = 0) -> pd.DataFram
         obs = observed[statistic]
         pooled_rep = (rep * weights).sum(-1) / weights.sum()
         pooled_obs = float((obs * weights).sum() / weights.sum())
-        for name, o, r in [*zip(ids, obs, rep.T, strict=True), ("all", pooled_obs, pooled_rep)]:
+        per_annotator = [(name, o, r, False) for name, o, r in zip(ids, obs, rep.T, strict=True)]
+        for name, o, r, pooled in [*per_annotator, ("all", pooled_obs, pooled_rep, True)]:
             rows.append(
                 {
                     "annotator": name,
+                    "pooled": pooled,
                     "statistic": statistic,
                     "observed": float(o),
                     "replicated_mean": float(r.mean()),
