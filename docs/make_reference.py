@@ -79,6 +79,7 @@ EXTRA_MODULES = (
     "repo.inference.batched_nuts",
     "repo.inference.svi",
     "repo.inference.draws",
+    "repo.train.cross_fit",
 )
 
 

@@ -110,8 +110,10 @@ def method(family: str, setting: str, epochs: int = 1) -> Method:
     in a run of ``epochs`` passes. The E-step reaches the policy from the first step
     (``[em] noise_test = 0``): these settings are what the noise test, on by default
     now, switches on (the noise sweep measures the defaults with it). Every label is
-    trained on (``[em] held_out = false``: IPO's held-out labels, its default with one
-    annotator, are measured in ``docs/experiments/held-out-labels.md``)."""
+    trained on (``[em] held_out = false``: IPO's held-out labels are measured in
+    ``docs/experiments/held-out-labels.md``), and the E-step reads the policy's own logits
+    (``[em] cross_fit = false``: one annotator's default now reads cross-fitted scores,
+    ``docs/math.md`` section 13)."""
     loss = {"beta": sweep.BETA[family]}
     name = sweep.PLAIN_NAMES[family]
     if setting == "plain":
@@ -120,7 +122,10 @@ def method(family: str, setting: str, epochs: int = 1) -> Method:
     if variant is not None:
         loss["variant"] = variant
     em = dict(
-        SETTINGS[setting.removesuffix(OOS).removesuffix(WARMUP)], noise_test=0.0, held_out=False
+        SETTINGS[setting.removesuffix(OOS).removesuffix(WARMUP)],
+        noise_test=0.0,
+        held_out=False,
+        cross_fit=False,
     )
     if setting.endswith(OOS):
         em["out_of_sample"] = True

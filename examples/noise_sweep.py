@@ -244,6 +244,7 @@ def run_grid(
                     "noise_test": result.estep.noise_test if result.estep else None,
                     "epoch_m_step": result.estep.epoch_m_step if result.estep else None,
                     "held_out": result.estep.held_out if result.estep else None,
+                    "cross_fit": result.estep.cross_fit if result.estep else None,
                     "noise_evident": test.rejected if test else None,
                     "noise_test_items": test.items if test else None,
                     "noise_test_p": round(test.p_value, 6) if test else None,
@@ -542,18 +543,30 @@ def interval_cell(frame: pd.DataFrame, method: str, setting: str) -> str:
 
 def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     """The E-step settings ``method``'s runs resolved to in ``setting``: ``T=20 learned
-    oos`` (several, joined by ``/``, if runs differ)."""
+    oos``, ``cross-fit test 0.05`` (several, joined by ``/``, if runs differ)."""
     rows = _runs(frame, method, setting)
     labels = []
     tests = rows.noise_test if "noise_test" in rows else [math.nan] * len(rows)
     refits = rows.epoch_m_step if "epoch_m_step" in rows else [False] * len(rows)
     held = rows.held_out if "held_out" in rows else [0.0] * len(rows)
-    for t, calibrate, oos, level, refit, share in zip(
-        rows.temperature, rows.calibrate, rows.out_of_sample, tests, refits, held, strict=True
+    crossed = rows.cross_fit if "cross_fit" in rows else [False] * len(rows)
+    for t, calibrate, oos, level, refit, share, cross in zip(
+        rows.temperature,
+        rows.calibrate,
+        rows.out_of_sample,
+        tests,
+        refits,
+        held,
+        crossed,
+        strict=True,
     ):
         if pd.isna(t):
             continue
-        parts = [f"T={float(t):g}"] + (["learned"] if calibrate else []) + (["oos"] if oos else [])
+        if not pd.isna(cross) and bool(cross):  # the E-step reads the folds' scores
+            parts = ["cross-fit"]
+        else:
+            parts = [f"T={float(t):g}"] + (["learned"] if calibrate else [])
+            parts += ["oos"] if oos else []
         if not pd.isna(level) and level > 0:
             parts.append(f"test {float(level):g}")
         if not pd.isna(refit) and bool(refit):

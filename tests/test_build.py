@@ -176,7 +176,8 @@ def test_simpo_learns_no_scale_where_its_step_is_exact(tmp_path, annotators, sec
     from repo.train.build import build_online_em, estep_settings
 
     loss = {"family": "simpo", **sections.get("loss", {})}
-    cfg = config(tmp_path, loss=loss, em=sections.get("em", {}))
+    em = {"cross_fit": False, **sections.get("em", {})}  # the E-step reading the policy
+    cfg = config(tmp_path, loss=loss, em=em)
     likelihood, model = get_likelihood("simpo"), build_noise_model(cfg, annotators)
     assert likelihood.default_variant == "nll" and likelihood.default_calibrate
     assert estep_settings(cfg, likelihood, model).calibrate is calibrate
@@ -205,7 +206,8 @@ def test_out_of_sample_statistics_are_the_default_for_one_annotator(
     from repo.likelihoods import get_likelihood
     from repo.train.build import build_online_em, estep_settings
 
-    cfg = config(tmp_path, em={"out_of_sample": given, "enabled": True}, noise={"model": noise})
+    em = {"out_of_sample": given, "enabled": True, "cross_fit": False}
+    cfg = config(tmp_path, em=em, noise={"model": noise})
     model = build_noise_model(cfg, annotators)
     likelihood = get_likelihood(family)
     assert likelihood.default_out_of_sample is (likelihood.likelihood_style or family == "simpo")

@@ -95,15 +95,19 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
     for family, setting in example.DEFAULTS.items():
         step = {"variant": example.STEP.get(family, "default")}  # the step of its rows
         cfg = rule_config(str(tmp_path), Method("RE-X", family, True, step), seed=0)
+        # one annotator cross-fits by default; the page's settings read the policy
+        crossed = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
+        assert crossed.cross_fit and not crossed.out_of_sample, family
+        cfg = cfg.replace("em", cross_fit=False)
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale
         # 512 pairs: too few to hold any out (MIN_HELD_OUT)
-        wanted_one = (wanted["temperature"], wanted["calibrate"], one, 0.05, False, 0.0)
+        wanted_one = (wanted["temperature"], wanted["calibrate"], one, 0.05, False, 0.0, False)
         assert chosen == wanted_one, family
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
         # several annotators: the refit after each epoch
-        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0), family
+        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0, False)
         assert example.default_for(family, "single") == setting + (example.OOS if one else "")
         assert example.default_for(family, "pool") == setting
     shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)
@@ -116,7 +120,7 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
     # the warm-up setting: EM held back for a quarter of the steps, in every noise setting
     warm = example.method("cpo", "T=50 learned warm-up", epochs=4)
     wanted_em = {**example.SETTINGS["T=50 learned"], "warmup_steps": 32, "noise_test": 0.0}
-    assert warm.em == {**wanted_em, "held_out": False}  # every label trained on
+    assert warm.em == {**wanted_em, "held_out": False, "cross_fit": False}  # every label
     assert example.method("ipo", "learned warm-up", epochs=1).em["warmup_steps"] == 8
     assert "learned warm-up" in example.settings_for("simpo", "pool", 0.4, 1)
     assert "fixed warm-up" not in example.settings_for("dpo", "single", 0.0, 4)

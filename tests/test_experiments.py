@@ -74,8 +74,10 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     assert 0.5 <= low <= high <= 1.0, (low, high)
     assert frame.set_index("method").loc["DPO", ["eta_low", "eta_high"]].isna().all()
     # the E-step the defaults resolved to: one annotator and DPO, first visits only
+    # (128 items: too few to cross-fit, MIN_CROSS_FIT)
     re_dpo = frame.set_index("method").loc["RE-DPO"]
     assert (re_dpo.temperature, re_dpo.calibrate, re_dpo.out_of_sample) == (1.0, False, True)
+    assert re_dpo.cross_fit == False  # noqa: E712 (a numpy bool)
     assert frame.set_index("method").out_of_sample.isna()["DPO"]
     assert sweep.estep_label(frame, "RE-DPO", "clean") == "T=1 oos test 0.05"
     # clean labels: the noise test kept the posterior off, so RE-DPO trained as DPO

@@ -311,7 +311,9 @@ def test_held_out_labels_by_default_for_ipo_with_one_annotator(family, annotator
     from repo.likelihoods import get_likelihood
     from repo.train.build import MIN_HELD_OUT, estep_settings
 
-    method = Method("RE-X", family, True, {}, em={"held_out": given})
+    # where the E-step reads the policy ([em] cross_fit = false; with "auto" one
+    # annotator cross-fits unless held_out is asked for: tests/test_cross_fit.py)
+    method = Method("RE-X", family, True, {}, em={"held_out": given, "cross_fit": False})
     config = rule_config("unused", method, seed=0)
     likelihood, noise = get_likelihood(family), SymmetricFlip(annotators)
     assert estep_settings(config, likelihood, noise, 8192, passes=4).held_out == share
@@ -323,7 +325,9 @@ def test_held_out_labels_by_default_for_ipo_with_one_annotator(family, annotator
     assert few.held_out == forced
     assert estep_settings(config, likelihood, noise, 10 * MIN_HELD_OUT, passes=4).held_out == share
     assert estep_settings(config, likelihood, noise, 8192, passes=1).held_out == forced
-    off = rule_config("unused", Method("X", family, False, {}, em={"held_out": given}), seed=0)
+    off = rule_config(
+        "unused", Method("X", family, False, {}, em={"held_out": given, "cross_fit": False}), seed=0
+    )
     assert estep_settings(off, likelihood, noise, 8192, passes=4).held_out == 0
 
 
@@ -331,7 +335,8 @@ def test_held_out_labels_by_default_for_ipo_with_one_annotator(family, annotator
 def test_the_trainer_holds_out_by_default_only_over_several_passes(
     tmp_path, monkeypatch, epochs, held
 ):
-    # RE-IPO with one annotator at its defaults (MIN_HELD_OUT lowered to fit a test)
+    # RE-IPO with one annotator at its defaults but cross_fit (MIN_HELD_OUT lowered to fit
+    # a test)
     from repo.data.loaders import load_preferences
     from repo.data.rule_pairs import rule_pairs
     from repo.experiments import Method, rule_config
@@ -339,7 +344,7 @@ def test_the_trainer_holds_out_by_default_only_over_several_passes(
 
     monkeypatch.setattr(build, "MIN_HELD_OUT", 5)
     records = load_preferences(rule_pairs(80, [0.7], seed=1).rows, annotator_column="annotator")
-    method = Method("RE-IPO", "ipo", True, {"beta": 0.1})
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em={"cross_fit": False})
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": epochs})
     trainer = Trainer(cfg, records=records)
     assert (trainer.held_out is not None) is held

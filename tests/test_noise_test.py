@@ -241,7 +241,8 @@ def test_the_test_is_a_config_field_and_reaches_the_trainer(tmp_path):
     from repo.train.config import ConfigError
 
     rows = rule_pairs(48, [1.0], seed=2, markers=4).rows
-    method = Method("RE-DPO", "dpo", True, {"beta": 0.3})
+    # the E-step reading the policy (one annotator's default cross-fits: tests/test_cross_fit.py)
+    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"cross_fit": False})
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 1})
     assert cfg.em.noise_test == 0.05
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))

@@ -201,7 +201,8 @@ def test_fit_out_of_sample_keeps_the_parameters_when_the_scores_say_nothing():
 def test_by_default_eta_of_one_annotator_is_fitted_on_first_visits(
     tmp_path, monkeypatch, etas, fits
 ):
-    # [em] out_of_sample = "auto": out-of-sample statistics for one annotator only
+    # [em] out_of_sample = "auto": out-of-sample statistics for one annotator only (where
+    # the E-step reads the policy: [em] cross_fit = false)
     from repo.data.loaders import load_preferences
     from repo.data.rule_pairs import rule_pairs
     from repo.experiments import Method, rule_config
@@ -216,7 +217,7 @@ def test_by_default_eta_of_one_annotator_is_fitted_on_first_visits(
 
     monkeypatch.setattr(OnlineEM, "fit_out_of_sample", spy)
     rows = rule_pairs(48, etas, seed=2, markers=4).rows
-    method = Method("RE-DPO", "dpo", True, {"beta": 0.3})
+    method = Method("RE-DPO", "dpo", True, {"beta": 0.3}, em={"cross_fit": False})
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 2})
     assert cfg.em.out_of_sample == "auto"
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))

@@ -335,7 +335,8 @@ def test_the_weighted_step_is_each_labels_loss_times_its_posterior(family):
 
 def test_a_run_takes_the_weighted_step(tmp_path, monkeypatch):
     # [loss] variant = "weighted" reaches the trainer's policy step, with the E-step's
-    # label weights, once the posterior is on (no noise test here)
+    # label weights, once the posterior is on (no noise test here; the E-step reads the
+    # policy, whose scores inform it from the first step)
     from repo.experiments import Method, rule_config
     from repo.train import objective
 
@@ -349,7 +350,11 @@ def test_a_run_takes_the_weighted_step(tmp_path, monkeypatch):
     monkeypatch.setattr(objective, "weighted_loss", spy)
     rows = rule_pairs(48, [0.7], seed=1, markers=4).rows
     method = Method(
-        "RE-IPO", "ipo", True, {"beta": 0.1, "variant": "weighted"}, em={"noise_test": 0.0}
+        "RE-IPO",
+        "ipo",
+        True,
+        {"beta": 0.1, "variant": "weighted"},
+        em={"noise_test": 0.0, "cross_fit": False},
     )
     cfg = rule_config(str(tmp_path / "run"), method, seed=0, optim={"epochs": 1})
     trainer = Trainer(cfg, records=load_preferences(rows, annotator_column="annotator"))

@@ -390,6 +390,9 @@ class OnlineEM:
         # whether the E-step is the posterior (else w = 1 until the noise test rejects)
         self.noise_evident = self.noise_test == 0
         self.noise_test_result: NoiseTest | None = None  # the last look's outcome
+        # the cross-fitted scores the E-step reads (fit_cross_fitted), by item; once set,
+        # the annotator parameters and the scale are fixed
+        self.cross_fit_logits: Tensor | None = None
         size = pass_size or int(num_items or 0)
         self._looks = look_points(size, max(passes, 1)) if self.noise_test > 0 else []
         self._level = self.noise_test / max(len(self._looks), 1)  # per look (Bonferroni)
@@ -441,6 +444,8 @@ class OnlineEM:
                 w = noise.implied_eta(logits, data).expand_as(data.label)
                 q = _target_from_w(w, data)
                 return EStep(q, w * data.mask, torch.zeros_like(logits), exact=False)
+            if self.cross_fit_logits is not None:
+                return self._cross_fitted_e_step(data)
             tempered = self.calibrated(logits)
             posterior = enumerate_posterior(noise.e_step_model(), tempered, data)
             w = noise.label_correct(tempered, data, posterior.marginals) * data.mask
@@ -461,6 +466,20 @@ class OnlineEM:
             q = _target_from_w(w, data)
             return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
+
+    def _cross_fitted_e_step(self, data: LabelData) -> EStep:
+        """The E-step at the cross-fitted scores of the units' items, read at the scale
+        :meth:`fit_cross_fitted` learned; no statistics are kept (the annotator
+        parameters are fixed)."""
+        tempered = self.calibrated(self.cross_fit_logits[data.unit])
+        posterior = enumerate_posterior(self.noise.e_step_model(), tempered, data)
+        if not self.posterior_on:
+            w = data.mask.to(tempered.dtype)
+            q = _target_from_w(w, data)
+            return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
+        w = self.noise.label_correct(tempered, data, posterior.marginals) * data.mask
+        q = self.noise.truth_posterior(tempered, posterior.marginals)
+        return EStep(q, w, posterior.log_likelihood, exact=False)
 
     @property
     def posterior_on(self) -> bool:
@@ -604,6 +623,52 @@ class OnlineEM:
             self.held_out_scale = self.scale_of_refit
         return result
 
+    def fit_cross_fitted(
+        self,
+        logits: Tensor,
+        data: LabelData,
+        *,
+        tol: float = 1e-6,
+        max_iter: int = 500,
+    ) -> EMResult | None:
+        r"""Fix the E-step on cross-fitted scores: ``logits`` ``(I,)``, each item's score
+        by a scorer that never trained on it (the same on every process).
+
+        The annotator parameters and a Platt scale :math:`a` are fitted to them by EM
+        (:meth:`refit`, from several starts), and from then on every E-step reads
+        :math:`a c_i` for the units of item :math:`i` instead of the policy's logits, at
+        these fixed parameters: no E-step statistics, no M-step, no refit at a pass's end.
+        With ``noise_test`` the posterior reaches the policy only when the likelihood-ratio
+        test of "no label is wrong" on these scores rejects at that level (one look); where
+        the scores carry no information about the truths (the fit is not taken) it never
+        does, and RE-X trains as X on the labels as given. The scores are kept
+        (:attr:`cross_fit_logits`) in units of their root mean square, the scale's too.
+        ``docs/math.md`` section 13."""
+        logits = logits.detach().to("cpu", torch.float64)
+        if torch.isnan(logits[data.unit]).any():
+            raise ValueError("fit_cross_fitted needs a score for every item with a label")
+        # in units of their root mean square, so that the scale's bounds do not bind
+        rms = float(logits[data.unit].pow(2).mean().sqrt())
+        logits = logits / rms if rms > 0 else logits
+        result = self.refit(
+            logits, data, learn_scale=True, tol=tol, max_iter=max_iter, keep_scale=True
+        )
+        self.cross_fit_logits = logits.clone()
+        self.calibrate = False  # the scale is the fit's, fixed with the annotator parameters
+        if result is None:
+            self.noise_evident = False
+            return None
+        self.scale = self.scale_of_refit
+        if self.noise_test > 0:
+            scorer = CalibratedLogits(logits, self.scale)
+            with torch.no_grad(), single_thread():
+                test = likelihood_ratio_test(self.noise, scorer, data, level=self.noise_test)
+            self.noise_test_result = test
+            self.noise_evident = test.rejected
+        else:
+            self.noise_evident = True
+        return result
+
     def fit_pass(
         self,
         data: LabelData,
@@ -633,8 +698,9 @@ class OnlineEM:
         when given the held-out items' logits (``held_out``); when there are none or
         that fit is not taken, :meth:`fit_out_of_sample` with ``out_of_sample``, else
         :meth:`fit_pass` with ``pass_refit``; nothing during the E-step warm-up. Every
-        process must call it (it reduces)."""
-        if self.in_warmup(step):
+        process must call it (it reduces). Nothing once the E-step reads cross-fitted
+        scores (:meth:`fit_cross_fitted`)."""
+        if self.in_warmup(step) or self.cross_fit_logits is not None:
             return None
         if held_out is not None:
             result = self.fit_held_out(held_out, self.labels_for_refit)
@@ -728,6 +794,9 @@ class OnlineEM:
         ``reduce`` sums a tensor over processes (identity when ``None``). ``alpha``
         overrides the EMA rate (1: the plain M-step).
         """
+        if self.cross_fit_logits is not None:  # fixed at the fit on cross-fitted scores
+            self._discard_step()
+            return
         alpha = self.alpha if alpha is None else alpha
         reduce = reduce or (lambda t: t)
         try:
@@ -906,6 +975,9 @@ class OnlineEM:
             state["noise_test.pass_logits"] = _combine(self.pass_logits, reduce)
         if self.noise_test_result is not None:
             state["noise_test.result"] = self.noise_test_result.to_tensor()
+        if self.cross_fit_logits is not None:
+            state["cross_fit.logits"] = self.cross_fit_logits.clone()
+            state["cross_fit.evident"] = torch.tensor(self.noise_evident)
         for k, v in (self._running or {}).items():
             state[f"running.{k}"] = v.clone()
         if self.optimizer is not None:
@@ -939,6 +1011,10 @@ class OnlineEM:
             self.pass_logits = state["noise_test.pass_logits"].to(torch.float64).clone()
         if "noise_test.result" in state:
             self.noise_test_result = NoiseTest.from_tensor(state["noise_test.result"])
+        if "cross_fit.logits" in state:
+            self.cross_fit_logits = state["cross_fit.logits"].to(torch.float64).clone()
+            self.noise_evident = bool(state["cross_fit.evident"])
+            self.calibrate = False
         running = {k[len("running.") :]: v for k, v in state.items() if k.startswith("running.")}
         self._running = running or None
         if self.optimizer is not None:

@@ -320,6 +320,7 @@ class REPOArguments:
                 out_of_sample=AUTO_BOOL[self.em_out_of_sample],
                 epoch_m_step=AUTO_BOOL[self.em_epoch_m_step],
                 held_out=False,  # TRL's loop trains on every row it is given
+                cross_fit=False,  # TRL's loop trains one policy: no folds' scorers
                 noise_test=self.em_noise_test,
                 noise_lr=self.noise_lr,
             ),

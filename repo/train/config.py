@@ -392,6 +392,19 @@ class EMSection:
             "(docs/math.md, section 12, and why it is not the default)"
         ),
     )
+    cross_fit: Literal["auto", True, False] = field(
+        default="auto",
+        metadata=_doc(
+            "before training, split the items in two folds, train a scorer on each fold's "
+            "labels by the plain loss (the run's model and passes, under "
+            "<output_dir>/cross-fit/), and let every E-step read each item's score by the "
+            "scorer of the other fold, the annotator parameters and a Platt scale fitted by "
+            "EM on those scores once (docs/math.md, section 13); the E-step fields above then "
+            "do not apply but noise_test (one test on those scores); 'auto': with one "
+            "annotator, a noise model with a latent truth and 4,096 items or more, unless "
+            "calibrate, out_of_sample, epoch_m_step or held_out is set to true"
+        ),
+    )
     noise_lr: float = field(
         default=0.05,
         metadata=_doc("Adam step size for noise models without a closed-form M-step (boltzmann)"),

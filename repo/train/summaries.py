@@ -148,6 +148,7 @@ def reliability(
     first_visit_scale: float | None = None,
     held_out: Tensor | None = None,
     held_out_scale: float | None = None,
+    cross_fit: Tensor | None = None,
 ) -> dict[str, Any]:
     """Per annotator: label count and the noise model's parameters; the population's;
     the E-step's logit scale ``a`` (``1 / T``, or learned with ``[em] calibrate``);
@@ -160,7 +161,8 @@ def reliability(
     the noise test's last look (``noise_test``: whether the posterior reached the
     policy; :mod:`~repo.inference.noise_test`), when there was one;
     with one annotator, :func:`one_annotator_profile` at ``held_out`` when given, else
-    at ``first_visit``, and the
+    at ``cross_fit`` (the cross-fitted scores the E-step read) when given, else at
+    ``first_visit``, and the
     ``warnings`` of :func:`~repo.diagnostics.checks.identification_warnings` on it."""
     counts = data.label_counts()
     params = noise.annotator_parameters()
@@ -189,6 +191,8 @@ def reliability(
         report["noise_test"] = noise_test.to_dict()
     if held_out is not None:
         profile = one_annotator_profile(noise, data.labels, held_out, "held_out_logits")
+    elif cross_fit is not None:
+        profile = one_annotator_profile(noise, data.labels, cross_fit, "cross_fit_logits")
     else:
         profile = one_annotator_profile(noise, data.labels, first_visit)
     if profile is not None:

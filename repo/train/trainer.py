@@ -74,6 +74,7 @@ from repo.train.checkpoint import (
     restore_training_state,
 )
 from repo.train.config import ConfigError, TrainConfig
+from repo.train.cross_fit import cross_fitted_logits
 from repo.train.dataset import TrainingData
 from repo.train.evaluate import evaluate_records, label_metrics
 from repo.train.metrics import MetricSums, ProgressBar, add_micro_metrics, parameter_summary
@@ -383,7 +384,8 @@ class Trainer:
         return {f"eval/{name}": value for name, value in result.items()}
 
     def full_posterior(self, logits: Tensor | None = None):
-        """The exact E-step over the whole data at the current parameters.
+        """The exact E-step over the whole data at the current parameters, at per-item
+        ``logits`` (default the current policy's, :meth:`item_logits`).
 
         Returns ``(unit_logits, posterior)`` (:class:`~repo.inference.enumeration.EnumPosterior`).
         """
@@ -400,6 +402,8 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Run (or resume) training to the end; write the run directory. Final metrics."""
         self._start_or_resume()
+        if self.estep.cross_fit and self.em.cross_fit_logits is None:
+            self.cross_fit()
         eval_steps = self.config.run.eval_steps
         progress = None
         if self.is_main and self.config.run.progress:
@@ -460,7 +464,12 @@ class Trainer:
         latest = run.latest_checkpoint()
         if self.config.run.resume and latest is not None:
             self.resume(load_checkpoint(latest))
-        elif self.is_main and run.holds_run() and not self.config.run.overwrite:
+        elif (
+            self.is_main
+            and run.holds_run()
+            and not (self.config.run.overwrite or self.config.run.resume)
+        ):  # resumed before its first checkpoint: it starts again (a cross-fitted run's
+            # finished scorers are kept)
             raise ConfigError(
                 f"[run] output_dir {run.path} already holds a run: resume it (--resume), "
                 "choose another output_dir, or set [run] overwrite = true"
@@ -487,6 +496,26 @@ class Trainer:
         if self.config.run.report_to:
             self.accelerator.init_trackers(run.path.name, config=tracker_config(self.config))
         self.accelerator.wait_for_everyone()
+
+    def cross_fit(self) -> None:
+        """Fix the E-step on cross-fitted scores (``[em] cross_fit``): train the two
+        folds' scorers, score every item by the one that never saw it
+        (:func:`~repo.train.cross_fit.cross_fitted_logits`) and fit the annotator
+        parameters and the scale to those scores
+        (:meth:`~repo.inference.online.OnlineEM.fit_cross_fitted`). The RNGs are then
+        seeded anew, so a run resumed after its scorers finished trains as one that
+        never stopped."""
+        logits = cross_fitted_logits(
+            self.config,
+            self.likelihood,
+            self.data,
+            self.reference,
+            total_steps=self.total_steps,
+            device=self.accelerator.device,
+            resume=self.config.run.resume,
+        )
+        self.em.fit_cross_fitted(logits, self.data.labels)
+        self.seed_everything(self.config.run.seed)
 
     # -- checkpoints ------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -557,8 +586,9 @@ class Trainer:
 
     def _finish(self) -> None:
         posterior = None
+        scores = self.em.cross_fit_logits  # the E-step's scores when cross-fitted
         if self.config.run.posteriors and self.config.em.enabled:
-            posterior = self.full_posterior()
+            posterior = self.full_posterior(scores)
         first_visit = self.em.first_visit_logits(self.reduce)
         noise = self.em.state_dict(self.reduce)
         whole = full_model_state(self.policy) if self.sharded else None
@@ -576,6 +606,7 @@ class Trainer:
                 first_visit_scale=self.em.out_of_sample_scale,
                 held_out=self.em.held_out_logits,
                 held_out_scale=self.em.held_out_scale,
+                cross_fit=scores,
             )
             run.write_reliability(report)
             self.warnings = [FitWarning.from_dict(w) for w in report.get("warnings", [])]

@@ -1,0 +1,156 @@
+r"""Cross-fitted scores for the E-step (``[em] cross_fit``).
+
+A policy that trains on a label fits it, flipped or not, and an E-step that reads that
+policy's logits then finds the label plausible; with a policy step that follows the
+posterior it can also train the policy on its own beliefs (``docs/math.md`` sections 5
+and 8). Cross-fitting breaks the loop. The items are split at random (from ``[run]
+seed``) into two folds :math:`F_0, F_1`; a scorer is trained on each fold's labels by
+the plain loss (the run's configuration with ``[em] enabled = false``: same model,
+recipe, LoRA or full fine-tuning, passes), and each item is scored by the scorer of
+the *other* fold:
+
+.. math::
+
+    c_i = s_{1 - k}(i), \qquad i \in F_k,
+
+the family's induced logit under a policy that never saw item :math:`i`. The
+annotator parameters and a Platt scale :math:`a` are fitted to the labels by EM on
+:math:`c` (:meth:`~repo.inference.online.OnlineEM.fit_cross_fitted`), and the E-step of
+every optimizer step of the run reads :math:`a\,c_i` instead of the policy's logit:
+the posterior :math:`w` each label gets is fixed before the policy trains, and no step
+can move it.
+
+Each scorer is a run of its own under ``<output_dir>/cross-fit/fold-K/`` (checkpoints
+and final policy, resumed like any run), trained and scored before the policy's
+first step; the cost is one more run's compute over the data (each scorer makes the
+run's passes over half the items), and the scorers' scores of every item are kept in
+the online EM's state (``cross_fit.logits``), so a resumed run does not score again.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import torch
+from torch import Tensor
+
+from repo.data.records import PreferenceData
+from repo.likelihoods import PreferenceLikelihood
+from repo.policy import ReferenceLogps, batch_to
+from repo.train.build import build_reference_cache, build_trained_policy
+from repo.train.config import TrainConfig
+from repo.train.dataset import TrainingData
+from repo.train.run_dir import RunDir
+
+__all__ = ["FOLDS", "cross_fitted_logits", "fold_config", "fold_records", "item_folds"]
+
+FOLDS = 2
+"""Folds of the items: each scorer trains on half of them."""
+
+
+def item_folds(num_items: int, seed: int, folds: int = FOLDS) -> Tensor:
+    """``(I,)`` the fold of every item: a random permutation drawn from ``seed`` alone,
+    dealt round the folds (their sizes differ by at most one)."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+    fold = torch.empty(num_items, dtype=torch.long)
+    fold[order] = torch.arange(num_items) % folds
+    return fold
+
+
+def fold_records(data: TrainingData, fold: Tensor, k: int) -> PreferenceData:
+    """The records of the items of fold ``k`` (``fold``: :func:`item_folds` over
+    ``data``'s items), in their order in ``data.records``."""
+    keep = {data.item_ids[i] for i in (fold == k).nonzero().reshape(-1).tolist()}
+    return PreferenceData([r for r in data.records if r.item in keep])
+
+
+def fold_config(config: TrainConfig, k: int, total_steps: int, share: float) -> TrainConfig:
+    """The configuration of fold ``k``'s scorer: the run's, with EM off (the plain loss),
+    no evaluation or trackers, its own run directory (:meth:`RunDir.cross_fit_fold`)
+    and the run's reference cache; as many passes over its items as the run makes over
+    all of them (``[optim] max_steps``, when set, scaled by the fold's ``share`` of the
+    units: ``total_steps`` the run's)."""
+    out = RunDir(config.output_dir).cross_fit_fold(k)
+    cache = build_reference_cache(config).directory
+    new = config.replace("run", output_dir=str(out), report_to=(), eval_steps=0)
+    new = new.replace("em", enabled=False)
+    new = new.replace("data", eval="")
+    new = new.replace("model", reference_cache_dir=str(cache))
+    if config.optim.max_steps:
+        new = new.replace("optim", max_steps=max(1, math.ceil(total_steps * share)))
+    return new
+
+
+@torch.no_grad()
+def _scores(
+    config: TrainConfig,
+    run: RunDir,
+    likelihood: PreferenceLikelihood,
+    data: TrainingData,
+    items: list[int],
+    reference: ReferenceLogps | None,
+    device: torch.device,
+) -> Tensor:
+    """The induced logits (``likelihood``'s) of ``items`` of ``data`` under the final
+    policy of ``run``
+    (``(len(items),)`` float64, CPU), ``reference``: the run's reference log-probs
+    of ``data`` (``None``: the policy's reference runs)."""
+    policy = build_trained_policy(config, run, device)
+    policy.lm.eval()
+    out = []
+    size = config.optim.batch_size
+    for start in range(0, len(items), size):
+        pairs = [data.pairs[i] for i in items[start : start + size]]
+        batch = batch_to(policy.collate(pairs, data.pad_token_id), device)
+        ref = reference.for_batch(batch) if reference is not None else None
+        if ref is None and likelihood.needs_reference:
+            ref = policy.reference_logps(batch)
+        stats = policy(batch).to_stats(ref)
+        out.append(likelihood.logits(stats).double().cpu())
+    del policy
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return torch.cat(out)
+
+
+def cross_fitted_logits(
+    config: TrainConfig,
+    likelihood: PreferenceLikelihood,
+    data: TrainingData,
+    reference: ReferenceLogps | None,
+    *,
+    total_steps: int,
+    device: torch.device,
+    resume: bool = False,
+) -> Tensor:
+    """``(I,)`` every item's score by the scorer of the other fold (module docstring).
+
+    Each fold's scorer is trained by a :class:`~repo.train.trainer.Trainer` of
+    :func:`fold_config` on :func:`fold_records` (with ``resume``, a scorer whose run
+    finished is not trained again and one cut short continues from its last
+    checkpoint; without, each starts afresh), then scores the other fold's items
+    (every process scores all of them: the same numbers everywhere).
+
+    :param likelihood: the run's loss family (whose induced logit scores the items).
+    :param reference: the run's reference log-probs of ``data`` (``None``: none, or
+        computed by the scorer's own reference).
+    :param total_steps: the run's optimizer steps (for a ``max_steps`` run's folds).
+    """
+    from repo.train.trainer import Trainer
+
+    fold = item_folds(len(data.pairs), config.run.seed)
+    units = data.labels.unit
+    logits = torch.full((len(data.pairs),), float("nan"), dtype=torch.float64)
+    for k in range(FOLDS):
+        share = float((fold[units] == k).double().mean())
+        sub = fold_config(config, k, total_steps, share)
+        run = RunDir(sub.output_dir)
+        if not (resume and run.has_final_policy()):
+            latest = run.latest_checkpoint() if resume else None
+            sub = sub.replace("run", resume=latest is not None, overwrite=True)
+            Trainer(sub, records=fold_records(data, fold, k)).train()
+        others = (fold != k).nonzero().reshape(-1).tolist()
+        logits[others] = _scores(sub, run, likelihood, data, others, reference, device)
+    return logits

@@ -1,0 +1,231 @@
+"""Cross-fitted E-step scores (``[em] cross_fit``): each item scored by a scorer trained on
+the other fold's labels, the annotator parameters fitted to those scores once, and every
+E-step reading them instead of the policy's logits."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from _helpers import write_jsonl
+from safetensors.torch import load_file
+
+from repo.data.loaders import load_preferences
+from repo.data.rule_pairs import rule_pairs
+from repo.data.simulate import simulate_labels
+from repo.experiments import Method, rule_config
+from repo.inference.enumeration import enumerate_posterior
+from repo.inference.online import OnlineEM
+from repo.noise import SymmetricFlip
+from repo.noise.layout import LabelData
+from repo.train import Trainer
+from repo.train.build import MIN_CROSS_FIT, estep_settings
+from repo.train.config import ConfigError
+from repo.train.cross_fit import fold_records, item_folds
+
+
+def _one_annotator(num: int, eta: float, seed: int):
+    """Labels of one annotator with reliability ``eta`` over truths drawn from
+    ``sigmoid(s)``; the true logits ``s`` (a calibrated scorer) and the truths."""
+    sim = simulate_labels(
+        num_items=num, num_annotators=1, shared_truth=False, eta_range=(eta, eta), seed=seed
+    )
+    data = LabelData.from_labels(sim.annotator, sim.label, num_annotators=1)
+    truth = torch.as_tensor(sim.truth, dtype=torch.float64)
+    return torch.as_tensor(sim.scores, dtype=torch.float64), truth, data
+
+
+@pytest.mark.parametrize("eta", [0.6, 0.8])
+def test_fit_on_cross_fitted_scores_recovers_eta_and_fixes_the_e_step(eta):
+    # scores of a calibrated scorer, given on 3x their scale: EM recovers eta and the
+    # scale that undoes the factor; every E-step then reads a c_i of its units' items,
+    # whatever logits it is handed, and no M-step moves eta or the scale
+    c, _, data = _one_annotator(20_000, eta, seed=21)
+    online = OnlineEM(SymmetricFlip(1), alpha=1.0, calibrate=True, num_items=20_000)
+    online.labels = data
+    assert online.fit_cross_fitted(3.0 * c, data) is not None
+    assert float(online.noise.eta.detach()[0]) == pytest.approx(eta, abs=0.02)
+    rms = float((3.0 * c).pow(2).mean().sqrt())  # the scores are kept in rms units
+    assert online.scale * 3.0 / rms == pytest.approx(1.0, rel=0.25)
+    assert not online.calibrate and online.posterior_on
+    batch = data.subset(torch.arange(100, 164))
+    e = online.e_step(torch.full((64,), 50.0, dtype=torch.float64), batch, step=0)
+    tempered = online.scale * online.cross_fit_logits[batch.unit]
+    posterior = enumerate_posterior(online.noise.e_step_model(), tempered, batch)
+    expected = online.noise.label_correct(tempered, batch, posterior.marginals)
+    torch.testing.assert_close(e.w, expected * batch.mask)
+    assert not e.exact and not e.held_back
+    state = (online.noise.eta.detach().clone(), online.scale)
+    online.m_step()
+    assert online.end_pass(5) is None
+    assert torch.equal(online.noise.eta.detach(), state[0]) and online.scale == state[1]
+    # the scores, the scale and the test's outcome survive a checkpoint
+    other = OnlineEM(SymmetricFlip(1), calibrate=True, num_items=20_000)
+    other.load_state_dict(online.state_dict())
+    assert torch.equal(other.cross_fit_logits, online.cross_fit_logits)
+    assert other.scale == online.scale and other.posterior_on and not other.calibrate
+
+
+def test_cross_fitted_scores_of_clean_or_uninformed_labels_leave_them_as_given():
+    c, truth, data = _one_annotator(4000, 0.75, seed=22)
+    clean = LabelData.from_labels(
+        torch.zeros(4000, dtype=torch.long), truth.float(), num_annotators=1
+    )
+    # clean labels: the noise test on the scores does not reject, w = 1
+    online = OnlineEM(SymmetricFlip(1), num_items=4000, noise_test=0.05, labels=clean)
+    online.fit_cross_fitted(c, clean)
+    assert online.noise_test_result is not None and not online.noise_test_result.rejected
+    e = online.e_step(c[:64], clean.subset(torch.arange(64)), step=0)
+    assert e.held_back and torch.equal(e.w, clean.subset(torch.arange(64)).mask.double())
+    # noisy labels: it rejects and the posterior reaches the policy
+    noisy = OnlineEM(SymmetricFlip(1), num_items=4000, noise_test=0.05, labels=data)
+    noisy.fit_cross_fitted(c, data)
+    assert noisy.noise_test_result.rejected and noisy.posterior_on
+    # scores that say nothing of the truths: no fit is taken, the labels stay as given
+    blind = OnlineEM(SymmetricFlip(1), num_items=4000)
+    noise = torch.randn(4000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert blind.fit_cross_fitted(noise, data) is None and not blind.posterior_on
+    restored = OnlineEM(SymmetricFlip(1), num_items=4000)
+    restored.load_state_dict(blind.state_dict())
+    assert not restored.posterior_on
+    with pytest.raises(ValueError, match="every item"):
+        OnlineEM(SymmetricFlip(1), num_items=4000).fit_cross_fitted(
+            torch.full((4000,), float("nan"), dtype=torch.float64), data
+        )
+
+
+def test_item_folds_split_the_items_in_halves_drawn_from_the_seed():
+    fold = item_folds(101, seed=3)
+    assert sorted(torch.bincount(fold).tolist()) == [50, 51]
+    assert torch.equal(fold, item_folds(101, seed=3))
+    assert not torch.equal(fold, item_folds(101, seed=4))
+
+
+def test_cross_fit_settings():
+    from repo.likelihoods import get_likelihood
+    from repo.noise import make_noise_model
+
+    ipo = get_likelihood("ipo")
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em={"cross_fit": True})
+    cfg = rule_config("unused", method, seed=0)
+    settings = estep_settings(cfg, ipo, SymmetricFlip(1), 8192, 4)
+    assert settings.cross_fit and settings.held_out == 0 and not settings.calibrate
+    assert not settings.out_of_sample and not settings.epoch_m_step
+    assert settings.noise_test == cfg.em.noise_test
+    off = cfg.replace("em", cross_fit=False)
+    assert not estep_settings(off, ipo, SymmetricFlip(1), 8192, 4).cross_fit
+    boltzmann = rule_config("unused", method, seed=0).replace("noise", model="boltzmann")
+    with pytest.raises(ConfigError, match=r"\[em\] cross_fit"):
+        estep_settings(boltzmann, ipo, make_noise_model("boltzmann", 1), 8192, 4)
+
+
+def _cross_fit_run(tmp_path, name: str, **run):
+    rows = rule_pairs(96, [0.7], seed=4, markers=4).rows
+    records = load_preferences(rows, annotator_column="annotator")
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em={"cross_fit": True})
+    cfg = rule_config(str(tmp_path / name), method, seed=1, optim={"epochs": 2})
+    return cfg.replace("run", posteriors=True, **run), records
+
+
+def test_a_cross_fitted_run_scores_each_item_by_the_scorer_that_never_saw_it(tmp_path, monkeypatch):
+    seen = []
+    e_step = OnlineEM.e_step
+
+    def spy(self, logits, data, step):
+        seen.append(self.cross_fit_logits is not None)
+        return e_step(self, logits, data, step)
+
+    monkeypatch.setattr(OnlineEM, "e_step", spy)
+    cfg, records = _cross_fit_run(tmp_path, "run")
+    trainer = Trainer(cfg, records=records)
+    trainer.train()
+    assert seen and all(seen)  # every E-step of the policy's run read the fixed scores
+    fold = item_folds(len(trainer.data.pairs), cfg.run.seed)
+    for k in range(2):
+        scorer = trainer.run_dir.cross_fit_fold(k)
+        report = json.loads((scorer / "data_report.json").read_text())
+        assert report["items"] == int((fold == k).sum())  # it trained on its fold alone
+        assert json.loads((scorer / "config.json").read_text())["config"]["em"]["enabled"] is False
+        # its final policy scores the other fold's items as the E-step read them
+        sub = cfg.replace("em", enabled=False).replace("run", output_dir=str(scorer))
+        from repo.train.build import build_trained_policy
+        from repo.train.evaluate import item_scores
+
+        policy = build_trained_policy(sub, trainer.run_dir.__class__(scorer))
+        scores = item_scores(policy, trainer.likelihood, trainer.data)[0]
+        other = fold != k
+        rms = trainer.em.cross_fit_logits[other] / scores[other]
+        torch.testing.assert_close(rms, torch.full_like(rms, float(rms[0])), rtol=1e-4, atol=0)
+    kept = {r.item for r in fold_records(trainer.data, fold, 0)}
+    assert kept == {trainer.data.item_ids[i] for i in (fold == 0).nonzero().reshape(-1).tolist()}
+    report = json.loads((tmp_path / "run" / "reliability.json").read_text())
+    assert report["e_step"]["cross_fit"] is True
+    assert report["eta_profile"]["from"] == "cross_fit_logits"
+    posteriors = [json.loads(line) for line in (tmp_path / "run" / "posteriors.jsonl").open()]
+    unit_logits = trainer.em.scale * trainer.em.cross_fit_logits[trainer.data.labels.unit]
+    torch.testing.assert_close(
+        torch.tensor([p["logit"] for p in posteriors], dtype=torch.float64),
+        unit_logits,
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_a_cross_fitted_run_resumes_without_training_its_scorers_again(tmp_path):
+    cfg, records = _cross_fit_run(tmp_path, "full", save_steps=4)
+    Trainer(cfg, records=records).train()
+    # killed after its scorers finished, before its own first checkpoint
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "cross-fit", part / "cross-fit")
+    shutil.copytree(tmp_path / "full" / "reference-cache", part / "reference-cache")
+    shutil.copy(tmp_path / "full" / "config.json", part / "config.json")
+    stamps = {p: p.stat().st_mtime_ns for p in (part / "cross-fit").rglob("*") if p.is_file()}
+    resumed = Trainer(cfg.replace("run", output_dir=str(part), resume=True), records=records)
+    resumed.train()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no scorer ran again
+    a = load_file(str(tmp_path / "full" / "noise.safetensors"))
+    b = load_file(str(part / "noise.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], equal_nan=True)
+    full = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    again = load_file(str(part / "model" / "model.safetensors"))
+    for key in full:
+        torch.testing.assert_close(full[key], again[key], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_run_with_cross_fit(tmp_path):
+    from repo.cli import main
+
+    write_jsonl(tmp_path / "data.jsonl", rule_pairs(48, [0.7], seed=6, markers=4).rows)
+    (tmp_path / "run.toml").write_text(
+        '[model]\nrecipe = "tiny-llama"\ndevice = "cpu"\n'
+        '[data]\ntrain = "data.jsonl"\n'
+        '[loss]\nfamily = "dpo"\n'
+        "[em]\ncross_fit = true\n"
+        '[optim]\nbatch_size = 8\nmax_steps = 4\n[run]\noutput_dir = "run"\nprogress = false\n'
+    )
+    assert main(["train", str(tmp_path / "run.toml")]) == 0
+    assert (tmp_path / "run" / "cross-fit" / "fold-1" / "adapter").is_dir()
+    metrics = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "cross-fit" / "fold-0" / "metrics.jsonl").open()
+    ]
+    assert metrics[-1]["step"] == 2  # max_steps scaled by the fold's half of the units
+
+
+def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
+    from repo.likelihoods import get_likelihood
+
+    ipo = get_likelihood("ipo")
+    auto = rule_config("unused", Method("RE-IPO", "ipo", True, {"beta": 0.1}), seed=0)
+    assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 4).cross_fit
+    assert estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT, 1).cross_fit
+    assert not estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT - 1, 4).cross_fit
+    assert not estep_settings(auto, ipo, SymmetricFlip(3), 8192, 4).cross_fit  # a pool
+    held = auto.replace("em", held_out=True)
+    assert not estep_settings(held, ipo, SymmetricFlip(1), 8192, 4).cross_fit
+    for name in ("calibrate", "out_of_sample", "epoch_m_step", "held_out"):
+        both = auto.replace("em", cross_fit=True, **{name: True})
+        with pytest.raises(ConfigError, match=name):
+            estep_settings(both, ipo, SymmetricFlip(1), 8192, 4)
