@@ -98,3 +98,38 @@ def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path, 
         assert report["held_out_units"] == 8 and report["units_per_epoch"] == 24
     printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1 and json.loads(printed[0])["step"] == config["total_steps"]
+
+
+def test_torchrun_trains_the_cross_fit_scorers_as_one_run_of_two_processes(tmp_path):
+    """``[em] cross_fit`` under torchrun: each fold's scorer is a run of both processes
+    (rank 0 writes its folder), both score every item alike, and the policy's run ends
+    with the same annotator parameters and weights on both."""
+    from safetensors.torch import load_file
+
+    rows = rule_pairs(32, [0.7], seed=3).rows
+    with open(tmp_path / "data.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "train.toml").write_text(
+        '[model]\nrecipe = "tiny-llama"\nmax_length = 64\n'
+        '[data]\ntrain = "data.jsonl"\nannotator_column = "annotator"\n'
+        "[loss]\nbeta = 1.0\n[em]\ncross_fit = true\n"
+        "[optim]\nbatch_size = 4\nlearning_rate = 0.01\nepochs = 1\n"
+        '[run]\noutput_dir = "run"\nprogress = false\n'
+    )
+    views = tmp_path / "views"
+    views.mkdir()
+    done = torchrun(
+        WORKER, views, "train", tmp_path / "train.toml", cwd=tmp_path, CUDA_VISIBLE_DEVICES=""
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((views / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["parameters"] == rank1["parameters"] and rank0["weights"] == rank1["weights"]
+    run = tmp_path / "run"
+    for k in (0, 1):
+        fold = run / "cross-fit" / f"fold-{k}"
+        assert json.loads((fold / "config.json").read_text())["processes"] == 2
+        assert (fold / "adapter").is_dir()
+    state = load_file(str(run / "noise.safetensors"))
+    assert state["cross_fit.logits"].shape == (32,) and state["cross_fit.logits"].isfinite().all()
+    reliability = json.loads((run / "reliability.json").read_text())
+    assert reliability["e_step"]["cross_fit"] is True
