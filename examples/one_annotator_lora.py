@@ -9,8 +9,9 @@ the realised share of correct labels, the profile-likelihood interval of eta fro
 ``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs,
 beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
 ``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead; ``--epochs N``
-makes N passes (one by default, ``re-po train``'s own default), where RE-IPO and RE-CPO
-hold a tenth of the pairs out by default (``[em] held_out = "auto"``).
+makes N passes (one by default, ``re-po train``'s own default). With one annotator and
+8,192 pairs the E-step reads cross-fitted scores by default (``[em] cross_fit =
+"auto"``, docs/math.md section 13; a row that did says ``"cross_fit": true``).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
@@ -174,6 +175,8 @@ def run_one(
             if epochs != 1:
                 row["epochs"] = epochs
                 row["held_out_items"] = report.get("held_out_items", 0)
+            if report.get("e_step", {}).get("cross_fit"):  # the E-step read the folds' scores
+                row["cross_fit"] = True
             row.update(
                 pairs=pairs,
                 flip_rate=rho,

@@ -220,7 +220,8 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     ipo = get_likelihood("ipo")
     auto = rule_config("unused", Method("RE-IPO", "ipo", True, {"beta": 0.1}), seed=0)
     assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 4).cross_fit
-    assert estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT, 1).cross_fit
+    assert estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT, 2).cross_fit
+    assert not estep_settings(auto, ipo, SymmetricFlip(1), 8192, 1).cross_fit  # one pass
     assert not estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT - 1, 4).cross_fit
     assert not estep_settings(auto, ipo, SymmetricFlip(3), 8192, 4).cross_fit  # a pool
     held = auto.replace("em", held_out=True)
