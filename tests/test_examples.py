@@ -95,10 +95,10 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
     for family, setting in example.DEFAULTS.items():
         step = {"variant": example.STEP.get(family, "default")}  # the step of its rows
         cfg = rule_config(str(tmp_path), Method("RE-X", family, True, step), seed=0)
-        # one annotator cross-fits by default; the page's settings read the policy
-        crossed = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
+        # one annotator cross-fits by default over several passes at 4,096 items or more;
+        # the page's settings read the policy (512 items: too few to cross-fit)
+        crossed = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), 8192, 4)
         assert crossed.cross_fit and not crossed.out_of_sample, family
-        cfg = cfg.replace("em", cross_fit=False)
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale

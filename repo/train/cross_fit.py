@@ -22,7 +22,7 @@ can move it.
 
 Each scorer is a run of its own under ``<output_dir>/cross-fit/fold-K/`` (checkpoints
 and final policy, resumed like any run), trained and scored before the policy's
-first step; the cost is one more run's compute over the data (each scorer makes the
+first step (:meth:`repo.train.trainer.Trainer.cross_fit`, from the pieces here); the cost is one more run's compute over the data (each scorer makes the
 run's passes over half the items), and the scorers' scores of every item are kept in
 the online EM's state (``cross_fit.logits``), so a resumed run does not score again.
 """
@@ -43,7 +43,7 @@ from repo.train.config import TrainConfig
 from repo.train.dataset import TrainingData
 from repo.train.run_dir import RunDir
 
-__all__ = ["FOLDS", "cross_fitted_logits", "fold_config", "fold_records", "item_folds"]
+__all__ = ["FOLDS", "fold_config", "fold_records", "fold_scores", "item_folds"]
 
 FOLDS = 2
 """Folds of the items: each scorer trains on half of them."""
@@ -83,7 +83,7 @@ def fold_config(config: TrainConfig, k: int, total_steps: int, share: float) -> 
 
 
 @torch.no_grad()
-def _scores(
+def fold_scores(
     config: TrainConfig,
     run: RunDir,
     likelihood: PreferenceLikelihood,
@@ -92,10 +92,11 @@ def _scores(
     reference: ReferenceLogps | None,
     device: torch.device,
 ) -> Tensor:
-    """The induced logits (``likelihood``'s) of ``items`` of ``data`` under the final
-    policy of ``run``
-    (``(len(items),)`` float64, CPU), ``reference``: the run's reference log-probs
-    of ``data`` (``None``: the policy's reference runs)."""
+    """``(len(items),)`` the induced logits (``likelihood``'s) of ``items`` of ``data``
+    under the final policy of the scorer's run ``run`` (``config``: its configuration,
+    :func:`fold_config`), float64 on the CPU. ``reference``: the run's reference
+    log-probs of ``data`` (``None``: the scorer's own reference runs). Every process
+    scores all of them (the same numbers everywhere); the scorer is freed after."""
     policy = build_trained_policy(config, run, device)
     policy.lm.eval()
     out = []
@@ -113,44 +114,3 @@ def _scores(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return torch.cat(out)
-
-
-def cross_fitted_logits(
-    config: TrainConfig,
-    likelihood: PreferenceLikelihood,
-    data: TrainingData,
-    reference: ReferenceLogps | None,
-    *,
-    total_steps: int,
-    device: torch.device,
-    resume: bool = False,
-) -> Tensor:
-    """``(I,)`` every item's score by the scorer of the other fold (module docstring).
-
-    Each fold's scorer is trained by a :class:`~repo.train.trainer.Trainer` of
-    :func:`fold_config` on :func:`fold_records` (with ``resume``, a scorer whose run
-    finished is not trained again and one cut short continues from its last
-    checkpoint; without, each starts afresh), then scores the other fold's items
-    (every process scores all of them: the same numbers everywhere).
-
-    :param likelihood: the run's loss family (whose induced logit scores the items).
-    :param reference: the run's reference log-probs of ``data`` (``None``: none, or
-        computed by the scorer's own reference).
-    :param total_steps: the run's optimizer steps (for a ``max_steps`` run's folds).
-    """
-    from repo.train.trainer import Trainer
-
-    fold = item_folds(len(data.pairs), config.run.seed)
-    units = data.labels.unit
-    logits = torch.full((len(data.pairs),), float("nan"), dtype=torch.float64)
-    for k in range(FOLDS):
-        share = float((fold[units] == k).double().mean())
-        sub = fold_config(config, k, total_steps, share)
-        run = RunDir(sub.output_dir)
-        if not (resume and run.has_final_policy()):
-            latest = run.latest_checkpoint() if resume else None
-            sub = sub.replace("run", resume=latest is not None, overwrite=True)
-            Trainer(sub, records=fold_records(data, fold, k)).train()
-        others = (fold != k).nonzero().reshape(-1).tolist()
-        logits[others] = _scores(sub, run, likelihood, data, others, reference, device)
-    return logits

@@ -74,7 +74,7 @@ from repo.train.checkpoint import (
     restore_training_state,
 )
 from repo.train.config import ConfigError, TrainConfig
-from repo.train.cross_fit import cross_fitted_logits
+from repo.train.cross_fit import FOLDS, fold_config, fold_records, fold_scores, item_folds
 from repo.train.dataset import TrainingData
 from repo.train.evaluate import evaluate_records, label_metrics
 from repo.train.metrics import MetricSums, ProgressBar, add_micro_metrics, parameter_summary
@@ -499,23 +499,32 @@ class Trainer:
 
     def cross_fit(self) -> None:
         """Fix the E-step on cross-fitted scores (``[em] cross_fit``): train the two
-        folds' scorers, score every item by the one that never saw it
-        (:func:`~repo.train.cross_fit.cross_fitted_logits`) and fit the annotator
+        folds' scorers (:func:`~repo.train.cross_fit.fold_config` on
+        :func:`~repo.train.cross_fit.fold_records`, each a run of its own), score every
+        item by the one that never saw it (:func:`~repo.train.cross_fit.fold_scores`) and fit the annotator
         parameters and the scale to those scores
         (:meth:`~repo.inference.online.OnlineEM.fit_cross_fitted`). The RNGs are then
         seeded anew, so a run resumed after its scorers finished trains as one that
         never stopped."""
-        logits = cross_fitted_logits(
-            self.config,
-            self.likelihood,
-            self.data,
-            self.reference,
-            total_steps=self.total_steps,
-            device=self.accelerator.device,
-            resume=self.config.run.resume,
-        )
-        self.em.fit_cross_fitted(logits, self.data.labels)
-        self.seed_everything(self.config.run.seed)
+        config, data = self.config, self.data
+        fold = item_folds(len(data.pairs), config.run.seed)
+        logits = torch.full((len(data.pairs),), float("nan"), dtype=torch.float64)
+        for k in range(FOLDS):
+            share = float((fold[data.labels.unit] == k).double().mean())
+            sub = fold_config(config, k, self.total_steps, share)
+            run = RunDir(sub.output_dir)
+            # resumed: a finished scorer is kept, one cut short continues; else afresh
+            if not (config.run.resume and run.has_final_policy()):
+                resume = config.run.resume and run.latest_checkpoint() is not None
+                sub = sub.replace("run", resume=resume, overwrite=True)
+                Trainer(sub, records=fold_records(data, fold, k)).train()
+            others = (fold != k).nonzero().reshape(-1).tolist()
+            device = self.accelerator.device
+            logits[others] = fold_scores(
+                sub, run, self.likelihood, data, others, self.reference, device
+            )
+        self.em.fit_cross_fitted(logits, data.labels)
+        self.seed_everything(config.run.seed)
 
     # -- checkpoints ------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
