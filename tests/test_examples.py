@@ -97,8 +97,10 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         cfg = rule_config(str(tmp_path), Method("RE-X", family, True, step), seed=0)
         # one annotator cross-fits by default over several passes at 4,096 items or more;
         # the page's settings read the policy (512 items: too few to cross-fit)
-        crossed = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), 8192, 4)
-        assert crossed.cross_fit and not crossed.out_of_sample, family
+        likelihood = get_likelihood(family)
+        crossed = estep_settings(cfg, likelihood, SymmetricFlip(1), 8192, 4)
+        assert crossed.cross_fit is likelihood.default_cross_fit, family  # CPO: not
+        assert crossed.cross_fit is (family != "cpo"), family
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale

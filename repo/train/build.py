@@ -527,15 +527,18 @@ noise test on their scores rejected in 4 of 20 runs, and RE-DPO fell to 0.54 and
 held-out accuracy in two of them (``docs/math.md`` section 13)."""
 
 
-def auto_cross_fit(noise: NoiseModel, num_items: int, passes: int) -> bool:
-    """``[em] cross_fit = "auto"``: cross-fitted E-step scores when ``noise`` has one
+def auto_cross_fit(
+    noise: NoiseModel, likelihood: PreferenceLikelihood, num_items: int, passes: int
+) -> bool:
+    """``[em] cross_fit = "auto"``: cross-fitted E-step scores when the loss family says
+    so (:attr:`~repo.likelihoods.base.PreferenceLikelihood.default_cross_fit`), ``noise`` has one
     annotator (with no disagreements between annotators to read, only the policy's
     scores tell a wrong label, and a policy that has trained on a label cannot;
     ``docs/math.md`` section 13) and a latent truth, the data have
     :data:`MIN_CROSS_FIT` items or more, and the run makes several passes (in one pass
     every E-step reads a label the policy has not trained on, and first visits give
     ``eta`` from scores of a policy trained on all the items, not half)."""
-    one = noise.num_annotators == 1 and noise.has_truth
+    one = noise.num_annotators == 1 and noise.has_truth and likelihood.default_cross_fit
     return one and num_items >= MIN_CROSS_FIT and passes > 1
 
 
@@ -598,7 +601,7 @@ def estep_settings(
     # what the E-step's reading of the policy's own logits needs, asked for by name
     chosen = [name for name in REPLACED_BY_CROSS_FIT if getattr(em, name) is True]
     if em.cross_fit == "auto":
-        cross_fit = auto_cross_fit(noise, num_items, passes) and not chosen
+        cross_fit = auto_cross_fit(noise, likelihood, num_items, passes) and not chosen
     else:
         cross_fit = bool(em.cross_fit)
     if cross_fit and em.enabled:  # the E-step reads fixed scores: nothing else to tune
