@@ -9,9 +9,9 @@ the realised share of correct labels, the profile-likelihood interval of eta fro
 ``reliability.json``, and the held-out accuracy from ``re-po eval`` on 500 clean pairs,
 beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
 ``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead; ``--epochs N``
-makes N passes (one by default, ``re-po train``'s own default). With one annotator and
-8,192 pairs the E-step reads cross-fitted scores by default (``[em] cross_fit =
-"auto"``, docs/math.md section 13; a row that did says ``"cross_fit": true``).
+makes N passes (one by default, ``re-po train``'s own default). Over several passes at
+8,192 pairs RE-DPO's and RE-IPO's E-step reads cross-fitted scores by default (``[em]
+cross_fit = "auto"``, docs/math.md section 13; a row that did says ``"cross_fit": true``).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more

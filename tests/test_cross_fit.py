@@ -224,6 +224,7 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     assert not estep_settings(auto, ipo, SymmetricFlip(1), 8192, 1).cross_fit  # one pass
     assert not estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT - 1, 4).cross_fit
     assert not estep_settings(auto, ipo, SymmetricFlip(3), 8192, 4).cross_fit  # a pool
+    assert get_likelihood("dpo").default_cross_fit and not get_likelihood("simpo").default_cross_fit
     cpo = get_likelihood("cpo")  # its slow learners leave eta on the ridge: held-out labels
     assert not cpo.default_cross_fit and get_likelihood("cpo", nll_weight=0.0).default_cross_fit
     settings = estep_settings(auto, cpo, SymmetricFlip(1), 8192, 4)

@@ -99,8 +99,8 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         # the page's settings read the policy (512 items: too few to cross-fit)
         likelihood = get_likelihood(family)
         crossed = estep_settings(cfg, likelihood, SymmetricFlip(1), 8192, 4)
-        assert crossed.cross_fit is likelihood.default_cross_fit, family  # CPO: not
-        assert crossed.cross_fit is (family != "cpo"), family
+        assert crossed.cross_fit is likelihood.default_cross_fit, family
+        assert crossed.cross_fit is (family in ("dpo", "ipo")), family
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale

@@ -402,7 +402,7 @@ class EMSection:
             "EM on those scores once (docs/math.md, section 13); the E-step fields above then "
             "do not apply but noise_test (one test on those scores); 'auto': with one "
             "annotator, a noise model with a latent truth, 4,096 items or more, more "
-            "than one epoch and a loss family other than CPO with its SFT term, unless "
+            "than one epoch and DPO or IPO (PreferenceLikelihood.default_cross_fit), unless "
             "calibrate, out_of_sample, epoch_m_step or held_out is set to true"
         ),
     )

@@ -21,10 +21,11 @@ the posterior :math:`w` each label gets is fixed before the policy trains, and n
 can move it.
 
 Each scorer is a run of its own under ``<output_dir>/cross-fit/fold-K/`` (checkpoints
-and final policy, resumed like any run), trained and scored before the policy's
-first step (:meth:`repo.train.trainer.Trainer.cross_fit`, from the pieces here); the cost is one more run's compute over the data (each scorer makes the
-run's passes over half the items), and the scorers' scores of every item are kept in
-the online EM's state (``cross_fit.logits``), so a resumed run does not score again.
+and final policy, resumed like any run), trained and scored before the policy's first
+step (:meth:`repo.train.trainer.Trainer.cross_fit`, from the pieces here). The cost is
+one more run's compute over the data (each scorer makes the run's passes over half
+the items); the scores of every item are kept in the online EM's state
+(``cross_fit.logits``), so a resumed run does not score again.
 """
 
 from __future__ import annotations

@@ -501,8 +501,8 @@ class Trainer:
         """Fix the E-step on cross-fitted scores (``[em] cross_fit``): train the two
         folds' scorers (:func:`~repo.train.cross_fit.fold_config` on
         :func:`~repo.train.cross_fit.fold_records`, each a run of its own), score every
-        item by the one that never saw it (:func:`~repo.train.cross_fit.fold_scores`) and fit the annotator
-        parameters and the scale to those scores
+        item by the one that never saw it (:func:`~repo.train.cross_fit.fold_scores`)
+        and fit the annotator parameters and the scale to those scores
         (:meth:`~repo.inference.online.OnlineEM.fit_cross_fitted`). The RNGs are then
         seeded anew, so a run resumed after its scorers finished trains as one that
         never stopped."""
