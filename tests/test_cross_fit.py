@@ -154,8 +154,10 @@ def test_a_cross_fitted_run_scores_each_item_by_the_scorer_that_never_saw_it(tmp
         policy = build_trained_policy(sub, trainer.run_dir.__class__(scorer))
         scores = item_scores(policy, trainer.likelihood, trainer.data)[0]
         other = fold != k
-        rms = trainer.em.cross_fit_logits[other] / scores[other]
-        torch.testing.assert_close(rms, torch.full_like(rms, float(rms[0])), rtol=1e-4, atol=0)
+        ratio = trainer.em.cross_fit_logits[other] / scores[other]  # 1 / their rms
+        torch.testing.assert_close(
+            ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-4, atol=0
+        )
     kept = {r.item for r in fold_records(trainer.data, fold, 0)}
     assert kept == {trainer.data.item_ids[i] for i in (fold == 0).nonzero().reshape(-1).tolist()}
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())

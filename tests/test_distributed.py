@@ -46,12 +46,10 @@ def test_auto_is_the_first_available_device(monkeypatch):
     assert select_device("auto").type == "cuda"
 
 
-@pytest.mark.parametrize("em", ["", "[em]\nheld_out = true\nheld_out_share = 0.25\n"])
-def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path, em):
-    """The documented command, ``torchrun --nproc_per_node 2 -m repo.cli train CONFIG``,
-    with the default ``device = "auto"`` and CUDA hidden (a CPU-only machine); also with
-    held-out labels, which the two processes score between them at the pass's end."""
-    rows = rule_pairs(32, [0.95, 0.8, 0.6], seed=3).rows
+def _train_on_two_processes(tmp_path: Path, rows: list[dict], em: str = ""):
+    """``data.jsonl`` of ``rows`` and a ``train.toml`` with the default device and
+    ``em`` (an ``[em]`` section, or nothing) appended, trained by ``torchrun`` on two
+    processes with CUDA hidden: the folder of the ranks' views and the finished process."""
     with open(tmp_path / "data.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in rows)
     (tmp_path / "train.toml").write_text(
@@ -66,6 +64,16 @@ def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path, 
     done = torchrun(
         WORKER, views, "train", tmp_path / "train.toml", cwd=tmp_path, CUDA_VISIBLE_DEVICES=""
     )
+    return views, done
+
+
+@pytest.mark.parametrize("em", ["", "[em]\nheld_out = true\nheld_out_share = 0.25\n"])
+def test_torchrun_on_cpu_with_device_auto_is_one_run_of_two_processes(tmp_path, em):
+    """The documented command, ``torchrun --nproc_per_node 2 -m repo.cli train CONFIG``,
+    with the default ``device = "auto"`` and CUDA hidden (a CPU-only machine); also with
+    held-out labels, which the two processes score between them at the pass's end."""
+    rows = rule_pairs(32, [0.95, 0.8, 0.6], seed=3).rows
+    views, done = _train_on_two_processes(tmp_path, rows, em)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already holds a run" not in done.stderr
 
@@ -107,20 +115,7 @@ def test_torchrun_trains_the_cross_fit_scorers_as_one_run_of_two_processes(tmp_p
     from safetensors.torch import load_file
 
     rows = rule_pairs(32, [0.7], seed=3).rows
-    with open(tmp_path / "data.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(row) + "\n" for row in rows)
-    (tmp_path / "train.toml").write_text(
-        '[model]\nrecipe = "tiny-llama"\nmax_length = 64\n'
-        '[data]\ntrain = "data.jsonl"\nannotator_column = "annotator"\n'
-        "[loss]\nbeta = 1.0\n[em]\ncross_fit = true\n"
-        "[optim]\nbatch_size = 4\nlearning_rate = 0.01\nepochs = 1\n"
-        '[run]\noutput_dir = "run"\nprogress = false\n'
-    )
-    views = tmp_path / "views"
-    views.mkdir()
-    done = torchrun(
-        WORKER, views, "train", tmp_path / "train.toml", cwd=tmp_path, CUDA_VISIBLE_DEVICES=""
-    )
+    views, done = _train_on_two_processes(tmp_path, rows, "[em]\ncross_fit = true\n")
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (json.loads((views / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["parameters"] == rank1["parameters"] and rank0["weights"] == rank1["weights"]

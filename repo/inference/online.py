@@ -429,10 +429,11 @@ class OnlineEM:
     def e_step(self, logits: Tensor, data: LabelData, step: int) -> EStep:
         """The posterior of one micro-batch at the current annotator parameters.
 
-        ``logits`` ``(U,)`` are the units' induced logits (any device; detached here).
-        The sufficient statistics are accumulated for :meth:`m_step` (not during
-        warm-up; with ``out_of_sample``, only those of the units whose item is visited
-        for the first time).
+        ``logits`` ``(U,)`` are the units' induced logits (any device; detached here);
+        once :meth:`fit_cross_fitted` has run, the E-step reads the units' cross-fitted
+        scores instead. The sufficient statistics are accumulated for :meth:`m_step` (not
+        during warm-up, nor after a held-out or cross-fitted fit; with ``out_of_sample``,
+        only those of the units whose item is visited for the first time).
         """
         logits = logits.detach().to("cpu", torch.float64)
         noise = self.noise
@@ -444,14 +445,13 @@ class OnlineEM:
                 w = noise.implied_eta(logits, data).expand_as(data.label)
                 q = _target_from_w(w, data)
                 return EStep(q, w * data.mask, torch.zeros_like(logits), exact=False)
-            if self.cross_fit_logits is not None:
-                return self._cross_fitted_e_step(data)
-            tempered = self.calibrated(logits)
+            crossed = self.cross_fit_logits is not None  # then it reads those scores
+            tempered = self.calibrated(self.cross_fit_logits[data.unit] if crossed else logits)
             posterior = enumerate_posterior(noise.e_step_model(), tempered, data)
             w = noise.label_correct(tempered, data, posterior.marginals) * data.mask
             q = noise.truth_posterior(tempered, posterior.marginals)
             learn = None
-            if self.held_out_scale is None:  # held-out scores fix them once fitted
+            if self.held_out_scale is None and not crossed:  # those fits fix them
                 learn = _learning_part(new, data, tempered, posterior, noise)
             if learn is not None and self.closed_form:
                 part, part_logits, part_posterior = learn
@@ -466,20 +466,6 @@ class OnlineEM:
             q = _target_from_w(w, data)
             return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
         return EStep(q, w, posterior.log_likelihood, exact=self.exact)
-
-    def _cross_fitted_e_step(self, data: LabelData) -> EStep:
-        """The E-step at the cross-fitted scores of the units' items, read at the scale
-        :meth:`fit_cross_fitted` learned; no statistics are kept (the annotator
-        parameters are fixed)."""
-        tempered = self.calibrated(self.cross_fit_logits[data.unit])
-        posterior = enumerate_posterior(self.noise.e_step_model(), tempered, data)
-        if not self.posterior_on:
-            w = data.mask.to(tempered.dtype)
-            q = _target_from_w(w, data)
-            return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
-        w = self.noise.label_correct(tempered, data, posterior.marginals) * data.mask
-        q = self.noise.truth_posterior(tempered, posterior.marginals)
-        return EStep(q, w, posterior.log_likelihood, exact=False)
 
     @property
     def posterior_on(self) -> bool:
@@ -526,8 +512,9 @@ class OnlineEM:
 
     @property
     def exact(self) -> bool:
-        """Whether the E-step reads the scorer's logits as they are (scale 1, not learned)."""
-        return self.scale == 1.0 and not self.calibrate
+        """Whether the E-step reads the scorer's logits as they are (scale 1, not learned;
+        not the cross-fitted scores of :meth:`fit_cross_fitted`, another scorer's)."""
+        return self.scale == 1.0 and not self.calibrate and self.cross_fit_logits is None
 
     def calibrated(self, logits: Tensor) -> Tensor:
         """The logits the E-step reads: ``a * logits`` (``a = 1 / T`` unless learned)."""

@@ -38,10 +38,11 @@ from torch import Tensor
 
 from repo.data.records import PreferenceData
 from repo.likelihoods import PreferenceLikelihood
-from repo.policy import ReferenceLogps, batch_to
+from repo.policy import ReferenceLogps
 from repo.train.build import build_reference_cache, build_trained_policy
 from repo.train.config import TrainConfig
 from repo.train.dataset import TrainingData
+from repo.train.evaluate import item_scores
 from repo.train.run_dir import RunDir
 
 __all__ = ["FOLDS", "fold_config", "fold_records", "fold_scores", "item_folds"]
@@ -83,7 +84,6 @@ def fold_config(config: TrainConfig, k: int, total_steps: int, share: float) -> 
     return new
 
 
-@torch.no_grad()
 def fold_scores(
     config: TrainConfig,
     run: RunDir,
@@ -95,23 +95,17 @@ def fold_scores(
 ) -> Tensor:
     """``(len(items),)`` the induced logits (``likelihood``'s) of ``items`` of ``data``
     under the final policy of the scorer's run ``run`` (``config``: its configuration,
-    :func:`fold_config`), float64 on the CPU. ``reference``: the run's reference
-    log-probs of ``data`` (``None``: the scorer's own reference runs). Every process
-    scores all of them (the same numbers everywhere); the scorer is freed after."""
+    :func:`fold_config`), float64 on the CPU (:func:`~repo.train.evaluate.item_scores`).
+    ``reference``: the run's reference log-probs of ``data`` (``None``: the scorer's own
+    reference runs). Every process scores all of them (the same numbers everywhere);
+    the scorer is freed after."""
     policy = build_trained_policy(config, run, device)
-    policy.lm.eval()
-    out = []
-    size = config.optim.batch_size
-    for start in range(0, len(items), size):
-        pairs = [data.pairs[i] for i in items[start : start + size]]
-        batch = batch_to(policy.collate(pairs, data.pad_token_id), device)
-        ref = reference.for_batch(batch) if reference is not None else None
-        if ref is None and likelihood.needs_reference:
-            ref = policy.reference_logps(batch)
-        stats = policy(batch).to_stats(ref)
-        out.append(likelihood.logits(stats).double().cpu())
+    batch = config.optim.batch_size
+    logits = item_scores(
+        policy, likelihood, data, batch_size=batch, reference=reference, items=items
+    )[0]
     del policy
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return torch.cat(out)
+    return logits

@@ -19,6 +19,7 @@ reference) is compared with the label :math:`o` (1: A preferred):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,19 +60,22 @@ def item_scores(
     *,
     batch_size: int = 16,
     reference: ReferenceLogps | None = None,
+    items: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Induced logit and rewards of A and B for every item: three ``(I,)`` float64 tensors.
+    """Induced logit and rewards of A and B for every item: three ``(I,)`` float64 tensors
+    (with ``items``, of those item positions alone, in their order).
 
     Reference log-probs (when the family needs them) come from ``reference``
-    (precomputed, e.g. by :class:`~repo.policy.ReferenceCache`) or else from the
-    policy's reference (the adapter disabled).
+    (precomputed for ``data``, e.g. by :class:`~repo.policy.ReferenceCache`) or else
+    from the policy's reference (the adapter disabled).
     """
+    pairs = data.pairs if items is None else [data.pairs[i] for i in items]
     was_training = policy.lm.training
     policy.lm.eval()
     logits, reward_a, reward_b = [], [], []
     try:
-        for start in range(0, len(data.pairs), batch_size):
-            chunk = data.pairs[start : start + batch_size]
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
             batch = batch_to(policy.collate(chunk, data.pad_token_id), policy.device)
             ref = None
             if likelihood.needs_reference:

@@ -509,6 +509,7 @@ class Trainer:
         config, data = self.config, self.data
         fold = item_folds(len(data.pairs), config.run.seed)
         logits = torch.full((len(data.pairs),), float("nan"), dtype=torch.float64)
+        device = self.accelerator.device
         for k in range(FOLDS):
             share = float((fold[data.labels.unit] == k).double().mean())
             sub = fold_config(config, k, self.total_steps, share)
@@ -519,7 +520,6 @@ class Trainer:
                 sub = sub.replace("run", resume=resume, overwrite=True)
                 Trainer(sub, records=fold_records(data, fold, k)).train()
             others = (fold != k).nonzero().reshape(-1).tolist()
-            device = self.accelerator.device
             logits[others] = fold_scores(
                 sub, run, self.likelihood, data, others, self.reference, device
             )
