@@ -245,6 +245,7 @@ def run_grid(
                     "epoch_m_step": result.estep.epoch_m_step if result.estep else None,
                     "held_out": result.estep.held_out if result.estep else None,
                     "cross_fit": result.estep.cross_fit if result.estep else None,
+                    "cross_fit_scorer": result.estep.cross_fit_scorer if result.estep else None,
                     "noise_evident": test.rejected if test else None,
                     "noise_test_items": test.items if test else None,
                     "noise_test_p": round(test.p_value, 6) if test else None,
@@ -543,14 +544,16 @@ def interval_cell(frame: pd.DataFrame, method: str, setting: str) -> str:
 
 def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     """The E-step settings ``method``'s runs resolved to in ``setting``: ``T=20 learned
-    oos``, ``cross-fit test 0.05`` (several, joined by ``/``, if runs differ)."""
+    oos``, ``cross-fit test 0.05``, ``cross-fit by dpo`` (scorers of another family;
+    several, joined by ``/``, if runs differ)."""
     rows = _runs(frame, method, setting)
     labels = []
     tests = rows.noise_test if "noise_test" in rows else [math.nan] * len(rows)
     refits = rows.epoch_m_step if "epoch_m_step" in rows else [False] * len(rows)
     held = rows.held_out if "held_out" in rows else [0.0] * len(rows)
     crossed = rows.cross_fit if "cross_fit" in rows else [False] * len(rows)
-    for t, calibrate, oos, level, refit, share, cross in zip(
+    scorers = rows.cross_fit_scorer if "cross_fit_scorer" in rows else [""] * len(rows)
+    for t, calibrate, oos, level, refit, share, cross, scorer, family in zip(
         rows.temperature,
         rows.calibrate,
         rows.out_of_sample,
@@ -558,12 +561,16 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
         refits,
         held,
         crossed,
+        scorers,
+        rows.family,
         strict=True,
     ):
         if pd.isna(t):
             continue
         if not pd.isna(cross) and bool(cross):  # the E-step reads the folds' scores
             parts = ["cross-fit"]
+            if isinstance(scorer, str) and scorer and scorer != family:
+                parts.append(f"by {scorer}")
         else:
             parts = [f"T={float(t):g}"] + (["learned"] if calibrate else [])
             parts += ["oos"] if oos else []

@@ -10,8 +10,10 @@ the realised share of correct labels, the profile-likelihood interval of eta fro
 beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
 ``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead; ``--epochs N``
 makes N passes (one by default, ``re-po train``'s own default). Over several passes at
-8,192 pairs RE-DPO's and RE-IPO's E-step reads cross-fitted scores by default (``[em]
-cross_fit = "auto"``, docs/math.md section 13; a row that did says ``"cross_fit": true``).
+8,192 pairs RE-DPO's, RE-IPO's and RE-CPO's E-step reads cross-fitted scores by default (``[em]
+cross_fit = "auto"``, docs/math.md section 13; a row that did says ``"cross_fit": true``,
+and names its scorers' loss, ``"cross_fit_scorer"``, where it is not the family's: DPO
+for CPO).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
@@ -175,8 +177,11 @@ def run_one(
             if epochs != 1:
                 row["epochs"] = epochs
                 row["held_out_items"] = report.get("held_out_items", 0)
-            if report.get("e_step", {}).get("cross_fit"):  # the E-step read the folds' scores
+            e_step = report.get("e_step") or {}
+            if e_step.get("cross_fit"):  # the E-step read the folds' scores
                 row["cross_fit"] = True
+                if e_step.get("cross_fit_scorer", family) != family:  # scorers of another loss
+                    row["cross_fit_scorer"] = e_step["cross_fit_scorer"]
             row.update(
                 pairs=pairs,
                 flip_rate=rho,

@@ -19,9 +19,17 @@ from repo.inference.online import OnlineEM
 from repo.noise import SymmetricFlip
 from repo.noise.layout import LabelData
 from repo.train import Trainer
-from repo.train.build import MIN_CROSS_FIT, estep_settings
-from repo.train.config import ConfigError
-from repo.train.cross_fit import fold_records, item_folds
+from repo.train.build import (
+    MIN_CROSS_FIT,
+    build_likelihood,
+    build_trained_policy,
+    estep_settings,
+    model_recipe,
+)
+from repo.train.config import ConfigError, LossSection
+from repo.train.cross_fit import fold_config, fold_records, item_folds
+from repo.train.evaluate import item_scores
+from repo.train.run_dir import RunDir
 
 
 def _one_annotator(num: int, eta: float, seed: int):
@@ -148,10 +156,7 @@ def test_a_cross_fitted_run_scores_each_item_by_the_scorer_that_never_saw_it(tmp
         assert json.loads((scorer / "config.json").read_text())["config"]["em"]["enabled"] is False
         # its final policy scores the other fold's items as the E-step read them
         sub = cfg.replace("em", enabled=False).replace("run", output_dir=str(scorer))
-        from repo.train.build import build_trained_policy
-        from repo.train.evaluate import item_scores
-
-        policy = build_trained_policy(sub, trainer.run_dir.__class__(scorer))
+        policy = build_trained_policy(sub, RunDir(scorer))
         scores = item_scores(policy, trainer.likelihood, trainer.data)[0]
         other = fold != k
         ratio = trainer.em.cross_fit_logits[other] / scores[other]  # 1 / their rms
@@ -171,6 +176,36 @@ def test_a_cross_fitted_run_scores_each_item_by_the_scorer_that_never_saw_it(tmp
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+def test_scorers_of_another_family_train_by_its_loss_at_its_defaults(tmp_path):
+    # a CPO run (no reference, its SFT term set) cross-fitted by DPO's scorers
+    rows = rule_pairs(96, [0.7], seed=4, markers=4).rows
+    records = load_preferences(rows, annotator_column="annotator")
+    method = Method("RE-CPO", "cpo", True, {"nll_weight": 0.5}, em={"cross_fit": True})
+    cfg = rule_config(str(tmp_path / "run"), method, seed=1, optim={"epochs": 2})
+    sub = fold_config(cfg, 0, 24, 0.5, "dpo")
+    assert sub.loss == LossSection(family="dpo")  # [loss] afresh: no CPO option carried
+    assert fold_config(cfg, 0, 24, 0.5, "cpo").loss == cfg.loss
+    trainer = Trainer(cfg, records=records)
+    trainer.train()
+    assert trainer.estep.cross_fit_scorer == "dpo" and trainer.reference is None
+    fold = item_folds(len(trainer.data.pairs), cfg.run.seed)
+    dpo = build_likelihood(sub, model_recipe(sub))
+    for k in range(2):
+        scorer = trainer.run_dir.cross_fit_fold(k)
+        written = json.loads((scorer / "config.json").read_text())["config"]["loss"]
+        assert written["family"] == "dpo" and written["nll_weight"] == -1.0
+        sub = fold_config(cfg, k, 24, 0.5, "dpo")
+        policy = build_trained_policy(sub, RunDir(scorer))
+        scores = item_scores(policy, dpo, trainer.data)[0]  # DPO's logit, its reference
+        other = fold != k
+        ratio = trainer.em.cross_fit_logits[other] / scores[other]  # 1 / their rms
+        torch.testing.assert_close(
+            ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-4, atol=0
+        )
+    report = json.loads((tmp_path / "run" / "reliability.json").read_text())
+    assert report["e_step"]["cross_fit_scorer"] == "dpo"
 
 
 def test_a_cross_fitted_run_resumes_without_training_its_scorers_again(tmp_path):
@@ -227,10 +262,18 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     assert not estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT - 1, 4).cross_fit
     assert not estep_settings(auto, ipo, SymmetricFlip(3), 8192, 4).cross_fit  # a pool
     assert get_likelihood("dpo").default_cross_fit and not get_likelihood("simpo").default_cross_fit
-    cpo = get_likelihood("cpo")  # its slow learners leave eta on the ridge: held-out labels
-    assert not cpo.default_cross_fit and get_likelihood("cpo", nll_weight=0.0).default_cross_fit
+    cpo = get_likelihood("cpo")  # its SFT term clones flipped responses: DPO's scorers
+    assert cpo.default_cross_fit and cpo.cross_fit_scorer == "dpo"
+    assert get_likelihood("cpo", nll_weight=0.0).cross_fit_scorer == "cpo"
+    assert get_likelihood("ipo").cross_fit_scorer == "ipo"
     settings = estep_settings(auto, cpo, SymmetricFlip(1), 8192, 4)
-    assert not settings.cross_fit and settings.held_out == 0.1
+    assert settings.cross_fit and settings.held_out == 0 and settings.cross_fit_scorer == "dpo"
+    assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "ipo"
+    chosen = auto.replace("em", cross_fit_scorer="SimPO")
+    assert estep_settings(chosen, cpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "simpo"
+    assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 1).cross_fit_scorer == ""
+    with pytest.raises(ConfigError, match=r"\[em\] cross_fit_scorer: unknown loss family 'dpx'"):
+        auto.replace("em", cross_fit_scorer="dpx")
     held = auto.replace("em", held_out=True)
     assert not estep_settings(held, ipo, SymmetricFlip(1), 8192, 4).cross_fit
     for name in ("calibrate", "out_of_sample", "epoch_m_step", "held_out"):

@@ -100,16 +100,19 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         likelihood = get_likelihood(family)
         crossed = estep_settings(cfg, likelihood, SymmetricFlip(1), 8192, 4)
         assert crossed.cross_fit is likelihood.default_cross_fit, family
-        assert crossed.cross_fit is (family in ("dpo", "ipo")), family
+        assert crossed.cross_fit is (family in ("dpo", "ipo", "cpo")), family
+        assert crossed.cross_fit_scorer == (
+            "" if family == "simpo" else "dpo" if family == "cpo" else family
+        )
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale
         # 512 pairs: too few to hold any out (MIN_HELD_OUT)
-        wanted_one = (wanted["temperature"], wanted["calibrate"], one, 0.05, False, 0.0, False)
+        wanted_one = (wanted["temperature"], wanted["calibrate"], one, 0.05, False, 0.0, False, "")
         assert chosen == wanted_one, family
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
         # several annotators: the refit after each epoch
-        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0, False)
+        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0, False, "")
         assert example.default_for(family, "single") == setting + (example.OOS if one else "")
         assert example.default_for(family, "pool") == setting
     shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)

@@ -173,8 +173,17 @@ class PreferenceLikelihood:
         on half the items learn enough of the task for their scores to identify
         ``eta``. By default yes (DPO and IPO; with LoRA at 8,192 pairs, flip rate 0.4:
         RE-IPO +0.062 ± 0.029 over IPO, ``eta`` within 0.017, where reading the policy
-        lost 0.113); SimPO and CPO say no."""
+        lost 0.113); SimPO says no."""
         return True
+
+    @property
+    def cross_fit_scorer(self) -> str:
+        r"""The loss family the cross-fitted scorers train with (``[em] cross_fit``,
+        ``docs/math.md`` section 13); ``[em] cross_fit_scorer`` overrides it. A scorer
+        only ranks the pairs of the other fold, read at a Platt scale fitted to its
+        scores, so it needs the task learned from noisy labels, not the run's own loss.
+        By default the family itself."""
+        return self.name
 
     # ------------------------------------------------------------------ induced model
     def logits(self, stats: PairLogps) -> Tensor:

@@ -140,14 +140,18 @@ class CPOLikelihood(PreferenceLikelihood):
         return not self.likelihood_style
 
     @property
-    def default_cross_fit(self) -> bool:
-        r"""Not while the SFT term is on: CPO's policy learns the task slowly (about 60%
-        of pairs right at flip rate 0.4 after four epochs over 8,192 pairs), and scorers
-        trained on half the items leave ``eta`` on the one-annotator ridge (0.897 and
-        0.525 against a realised 0.60 at two seeds; 0.082 off at 0.2, where its
-        held-out labels, scored by a policy trained on nine tenths of the items, are
-        within 0.012). With ``nll_weight = 0`` it is DPO's."""
-        return self.likelihood_style
+    def cross_fit_scorer(self) -> str:
+        r"""DPO while the SFT term is on. Trained on noisy labels, the SFT term clones
+        the flipped labels' responses as well: CPO's own policy is right on about 60% of
+        pairs at flip rate 0.4 after four epochs over 8,192 pairs (DPO's on 94%), and
+        scorers trained by CPO on half the items leave ``eta`` on the one-annotator
+        ridge (0.897 and 0.525 against a realised 0.60 at two seeds; 0.082 off at 0.2).
+        Without its SFT term (``nll_weight = 0``) the scorers' ``eta`` was 0.027 off at
+        one of those seeds and RE-CPO right on 0.81 of held-out pairs. DPO's scorers put
+        ``eta`` within 0.004 ± 0.002 over ten seeds, and RE-CPO 0.347 ± 0.016 above CPO
+        (``docs/math.md`` section 13). With ``nll_weight = 0`` CPO is likelihood-style
+        and scores by itself."""
+        return self.name if self.likelihood_style else "dpo"
 
     def _sft_logps(self, stats: PairLogps) -> tuple[Tensor, Tensor]:
         """The log-probabilities the NLL term reads (summed, or per-token means)."""

@@ -495,7 +495,8 @@ class EStepSettings(NamedTuple):
     level of the noise test that switches the posterior on (0: none), whether the
     annotator parameters are refitted on each pass's logits at its end, and the share
     of items held out of training for their refit (``[em] held_out``; 0: none), and
-    whether the E-step reads cross-fitted scores (``[em] cross_fit``)."""
+    whether the E-step reads cross-fitted scores (``[em] cross_fit``) and the loss
+    family their scorers train with (``""`` when it does not)."""
 
     temperature: float
     calibrate: bool
@@ -504,6 +505,7 @@ class EStepSettings(NamedTuple):
     epoch_m_step: bool = False
     held_out: float = 0.0
     cross_fit: bool = False
+    cross_fit_scorer: str = ""
 
 
 MIN_HELD_OUT = 625
@@ -575,7 +577,9 @@ def estep_settings(
     ``held_out_share``, 0 when off or EM is. With ``[em] cross_fit`` (its default
     :func:`auto_cross_fit`) the E-step reads fixed cross-fitted scores at a scale fitted
     to them, so none of these applies: no learned scale, no out-of-sample statistics,
-    no refit and nothing held out; the noise test is taken once, on those scores. A
+    no refit and nothing held out; the noise test is taken once, on those scores; the
+    scorers train by ``[em] cross_fit_scorer``, by default the family's
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`. A
     noise model without a latent
     truth has no E-step to tune: its defaults are 1, false and false, no noise test and
     no refit."""
@@ -611,7 +615,8 @@ def estep_settings(
                 f"{', '.join(chosen)} cannot apply (set it 'auto' or false, or cross_fit "
                 "false)"
             )
-        return EStepSettings(temperature, False, False, em.noise_test, False, 0.0, True)
+        scorer = em.cross_fit_scorer.strip().lower() or likelihood.cross_fit_scorer
+        return EStepSettings(temperature, False, False, em.noise_test, False, 0.0, True, scorer)
     if em.out_of_sample == "auto":
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
     else:

@@ -402,8 +402,18 @@ class EMSection:
             "EM on those scores once (docs/math.md, section 13); the E-step fields above then "
             "do not apply but noise_test (one test on those scores); 'auto': with one "
             "annotator, a noise model with a latent truth, 4,096 items or more, more "
-            "than one epoch and DPO or IPO (PreferenceLikelihood.default_cross_fit), unless "
-            "calibrate, out_of_sample, epoch_m_step or held_out is set to true"
+            "than one epoch and a family whose PreferenceLikelihood.default_cross_fit says so "
+            "(not SimPO), unless calibrate, out_of_sample, epoch_m_step or held_out is set "
+            "to true"
+        ),
+    )
+    cross_fit_scorer: str = field(
+        default="",
+        metadata=_doc(
+            "with cross_fit: the loss family the scorers train with, at its own defaults "
+            "(a [loss] family name); '': the run's family's choice "
+            "(PreferenceLikelihood.cross_fit_scorer: its own loss, DPO for CPO with its "
+            "SFT term)"
         ),
     )
     noise_lr: float = field(
@@ -602,6 +612,12 @@ class TrainConfig:
                 f"{', '.join(NOISE_MODELS)}"
             )
         _family_options(self.loss)
+        scorer = self.em.cross_fit_scorer.strip().lower()
+        if scorer and scorer not in available_likelihoods():
+            raise ConfigError(
+                f"[em] cross_fit_scorer: unknown loss family {self.em.cross_fit_scorer!r}; "
+                f"known: {', '.join(available_likelihoods())}"
+            )
         checks = [
             ("em", "alpha", 0 < self.em.alpha <= 1, "in (0, 1]"),
             ("em", "temperature", self.em.temperature >= 0, ">= 0 (0: the family's default)"),

@@ -5,15 +5,16 @@ policy's logits then finds the label plausible; with a policy step that follows 
 posterior it can also train the policy on its own beliefs (``docs/math.md`` sections 5
 and 8). Cross-fitting breaks the loop. The items are split at random (from ``[run]
 seed``) into two folds :math:`F_0, F_1`; a scorer is trained on each fold's labels by
-the plain loss (the run's configuration with ``[em] enabled = false``: same model,
-recipe, LoRA or full fine-tuning, passes), and each item is scored by the scorer of
-the *other* fold:
+a plain loss (the run's configuration with ``[em] enabled = false``: same model,
+recipe, LoRA or full fine-tuning, passes; the loss the family's own, or the family
+:attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer` names: DPO for
+CPO with its SFT term), and each item is scored by the scorer of the *other* fold:
 
 .. math::
 
     c_i = s_{1 - k}(i), \qquad i \in F_k,
 
-the family's induced logit under a policy that never saw item :math:`i`. The
+the scorer's induced logit under a policy that never saw item :math:`i`. The
 annotator parameters and a Platt scale :math:`a` are fitted to the labels by EM on
 :math:`c` (:meth:`~repo.inference.online.OnlineEM.fit_cross_fitted`), and the E-step of
 every optimizer step of the run reads :math:`a\,c_i` instead of the policy's logit:
@@ -30,6 +31,7 @@ the items); the scores of every item are kept in the online EM's state
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 
@@ -40,7 +42,7 @@ from repo.data.records import PreferenceData
 from repo.likelihoods import PreferenceLikelihood
 from repo.policy import ReferenceLogps
 from repo.train.build import build_reference_cache, build_trained_policy
-from repo.train.config import TrainConfig
+from repo.train.config import LossSection, TrainConfig
 from repo.train.dataset import TrainingData
 from repo.train.evaluate import item_scores
 from repo.train.run_dir import RunDir
@@ -67,16 +69,22 @@ def fold_records(data: TrainingData, fold: Tensor, k: int) -> PreferenceData:
     return PreferenceData([r for r in data.records if r.item in keep])
 
 
-def fold_config(config: TrainConfig, k: int, total_steps: int, share: float) -> TrainConfig:
+def fold_config(
+    config: TrainConfig, k: int, total_steps: int, share: float, scorer: str = ""
+) -> TrainConfig:
     """The configuration of fold ``k``'s scorer: the run's, with EM off (the plain loss),
     no evaluation or trackers, its own run directory (:meth:`RunDir.cross_fit_fold`)
     and the run's reference cache; as many passes over its items as the run makes over
     all of them (``[optim] max_steps``, when set, scaled by the fold's ``share`` of the
-    units: ``total_steps`` the run's)."""
+    units: ``total_steps`` the run's). ``scorer``: the loss family it trains with, at
+    that family's defaults (``[loss]`` afresh), when it is not the run's (``""``: the
+    run's ``[loss]``)."""
     out = RunDir(config.output_dir).cross_fit_fold(k)
     cache = build_reference_cache(config).directory
     new = config.replace("run", output_dir=str(out), report_to=(), eval_steps=0)
     new = new.replace("em", enabled=False)
+    if scorer and scorer != config.loss.family.strip().lower():
+        new = new.replace("loss", **dataclasses.asdict(LossSection(family=scorer)))
     new = new.replace("data", eval="")
     new = new.replace("model", reference_cache_dir=str(cache))
     if config.optim.max_steps:
@@ -93,12 +101,13 @@ def fold_scores(
     reference: ReferenceLogps | None,
     device: torch.device,
 ) -> Tensor:
-    """``(len(items),)`` the induced logits (``likelihood``'s) of ``items`` of ``data``
-    under the final policy of the scorer's run ``run`` (``config``: its configuration,
-    :func:`fold_config`), float64 on the CPU (:func:`~repo.train.evaluate.item_scores`).
-    ``reference``: the run's reference log-probs of ``data`` (``None``: the scorer's own
-    reference runs). Every process scores all of them (the same numbers everywhere);
-    the scorer is freed after."""
+    """``(len(items),)`` the induced logits (``likelihood``'s: the scorer's loss family)
+    of ``items`` of ``data`` under the final policy of the scorer's run ``run``
+    (``config``: its configuration, :func:`fold_config`), float64 on the CPU
+    (:func:`~repo.train.evaluate.item_scores`). ``reference``: the run's reference
+    log-probs of ``data`` (``None``: the scorer's own reference runs, as for a scorer
+    that needs one in a run that has none). Every process scores all of them (the same
+    numbers everywhere); the scorer is freed after."""
     policy = build_trained_policy(config, run, device)
     batch = config.optim.batch_size
     logits = item_scores(

@@ -56,6 +56,7 @@ from repo.inference.online import single_thread
 from repo.policy import Policy, ReferenceLogps, ResponseLogps, batch_to
 from repo.train.build import (
     build_held_out,
+    build_likelihood,
     build_online_em,
     build_optimizer,
     build_reference,
@@ -63,6 +64,7 @@ from repo.train.build import (
     build_schedule,
     build_scheduler,
     estep_settings,
+    model_recipe,
     run_steps,
     seed_everything,
 )
@@ -501,7 +503,8 @@ class Trainer:
         """Fix the E-step on cross-fitted scores (``[em] cross_fit``): train the two
         folds' scorers (:func:`~repo.train.cross_fit.fold_config` on
         :func:`~repo.train.cross_fit.fold_records`, each a run of its own), score every
-        item by the one that never saw it (:func:`~repo.train.cross_fit.fold_scores`)
+        item by the one that never saw it (:func:`~repo.train.cross_fit.fold_scores`;
+        the scorers' loss family ``[em] cross_fit_scorer`` or the family's choice)
         and fit the annotator parameters and the scale to those scores
         (:meth:`~repo.inference.online.OnlineEM.fit_cross_fitted`). The RNGs are then
         seeded anew, so a run resumed after its scorers finished trains as one that
@@ -512,7 +515,9 @@ class Trainer:
         device = self.accelerator.device
         for k in range(FOLDS):
             share = float((fold[data.labels.unit] == k).double().mean())
-            sub = fold_config(config, k, self.total_steps, share)
+            sub = fold_config(config, k, self.total_steps, share, self.estep.cross_fit_scorer)
+            own = sub.loss == config.loss  # else the scorers' family, at its defaults
+            scorer = self.likelihood if own else build_likelihood(sub, model_recipe(sub))
             run = RunDir(sub.output_dir)
             # resumed: a finished scorer is kept, one cut short continues; else afresh
             if not (config.run.resume and run.has_final_policy()):
@@ -520,9 +525,7 @@ class Trainer:
                 sub = sub.replace("run", resume=resume, overwrite=True)
                 Trainer(sub, records=fold_records(data, fold, k)).train()
             others = (fold != k).nonzero().reshape(-1).tolist()
-            logits[others] = fold_scores(
-                sub, run, self.likelihood, data, others, self.reference, device
-            )
+            logits[others] = fold_scores(sub, run, scorer, data, others, self.reference, device)
         self.em.fit_cross_fitted(logits, data.labels)
         self.seed_everything(config.run.seed)
 
