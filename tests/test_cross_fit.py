@@ -3,6 +3,7 @@ the other fold's labels, the annotator parameters fitted to those scores once, a
 E-step reading them instead of the policy's logits."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -15,7 +16,7 @@ from repo.data.rule_pairs import rule_pairs
 from repo.data.simulate import simulate_labels
 from repo.experiments import Method, rule_config
 from repo.inference.enumeration import enumerate_posterior
-from repo.inference.online import OnlineEM
+from repo.inference.online import OnlineEM, sign_agreement
 from repo.noise import SymmetricFlip
 from repo.noise.layout import LabelData
 from repo.train import Trainer
@@ -96,10 +97,27 @@ def test_cross_fitted_scores_of_clean_or_uninformed_labels_leave_them_as_given()
     restored = OnlineEM(SymmetricFlip(1), num_items=4000)
     restored.load_state_dict(blind.state_dict())
     assert not restored.posterior_on
+    # scores against most labels (learned nothing of them): read as the labels worse than
+    # chance the fit would turn them round; it is not taken and eta stays where it was
+    assert sign_agreement(c, data) > 0.5 and sign_agreement(-c, data) < 0.5
+    against = OnlineEM(SymmetricFlip(1), num_items=4000, noise_test=0.05, labels=data)
+    start = against.noise.eta.detach().clone()
+    assert against.fit_cross_fitted(-c, data) is None and not against.posterior_on
+    assert torch.equal(against.noise.eta.detach(), start)
     with pytest.raises(ValueError, match="every item"):
         OnlineEM(SymmetricFlip(1), num_items=4000).fit_cross_fitted(
             torch.full((4000,), float("nan"), dtype=torch.float64), data
         )
+
+
+def test_sign_agreement_counts_the_labels_the_scores_favour():
+    data = LabelData.from_labels(
+        torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 0.0, 1.0, 1.0]), num_annotators=2
+    )
+    assert data.unit.numel() == 4  # one unit a label (shared truth off)
+    logits = torch.tensor([2.0, 1.0, -1.0, 0.0], dtype=torch.float64)
+    assert sign_agreement(logits, data) == pytest.approx(1 / 3)  # a score of 0 not counted
+    assert math.isnan(sign_agreement(torch.zeros(4, dtype=torch.float64), data))
 
 
 def test_item_folds_split_the_items_in_halves_drawn_from_the_seed():

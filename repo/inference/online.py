@@ -146,6 +146,7 @@ __all__ = [
     "fit_minibatch_em",
     "frozen",
     "look_points",
+    "sign_agreement",
     "single_thread",
 ]
 
@@ -237,6 +238,24 @@ def look_points(
         points.append(n)
         n += spacing
     return [*points, *ends]
+
+
+def sign_agreement(logits: Tensor, data: LabelData) -> float:
+    r"""The share of the labels that prefer the response their item's score favours,
+
+    .. math::
+
+        \frac{1}{n} \sum_{(i, j)} \mathbf{1}\left[\operatorname{sign}(s_i) = 2 o_{ij} - 1\right],
+
+    over the ``n`` labels of ``data`` whose item has a score other than 0 or NaN
+    (``logits``: ``(I,)`` per item); NaN when there are none."""
+    s = logits[data.unit].unsqueeze(-1).expand_as(data.label)
+    counted = data.mask & ~torch.isnan(s) & (s != 0)
+    n = int(counted.sum())
+    if n == 0:
+        return float("nan")
+    agree = (s > 0) == (data.label > 0.5)
+    return float((agree & counted).sum()) / n
 
 
 def _copy_state(noise: NoiseModel) -> dict[str, Tensor]:
@@ -628,20 +647,29 @@ class OnlineEM:
         With ``noise_test`` the posterior reaches the policy only when the likelihood-ratio
         test of "no label is wrong" on these scores rejects at that level (one look); where
         the scores carry no information about the truths (the fit is not taken) it never
-        does, and RE-X trains as X on the labels as given. The scores are kept
-        (:attr:`cross_fit_logits`) in units of their root mean square, the scale's too.
-        ``docs/math.md`` section 13."""
+        does, and RE-X trains as X on the labels as given. So too where the scores agree
+        with at most half of the labels (:func:`sign_agreement`): a scorer trained on
+        these annotators' labels learns what most of its labels say, so scores learned
+        from them that agree with fewer than half of the other fold's labels learned
+        nothing that carries over, and the fit would read the labels as worse than
+        chance (one annotator at 64 rule pairs: ``eta`` 0.35 and the policy trained
+        against its labels). The scores are kept (:attr:`cross_fit_logits`) in units of
+        their root mean square, the scale's too. ``docs/math.md`` section 13."""
         logits = logits.detach().to("cpu", torch.float64)
         if torch.isnan(logits[data.unit]).any():
             raise ValueError("fit_cross_fitted needs a score for every item with a label")
         # in units of their root mean square, so that the scale's bounds do not bind
         rms = float(logits[data.unit].pow(2).mean().sqrt())
         logits = logits / rms if rms > 0 else logits
+        before = _copy_state(self.noise)
         result = self.refit(
             logits, data, learn_scale=True, tol=tol, max_iter=max_iter, keep_scale=True
         )
         self.cross_fit_logits = logits.clone()
         self.calibrate = False  # the scale is the fit's, fixed with the annotator parameters
+        if result is not None and sign_agreement(logits, data) <= 0.5:
+            self.noise.load_state_dict(before)  # scores learned nothing of the labels
+            result = None
         if result is None:
             self.noise_evident = False
             return None
