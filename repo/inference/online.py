@@ -661,15 +661,13 @@ class OnlineEM:
         # in units of their root mean square, so that the scale's bounds do not bind
         rms = float(logits[data.unit].pow(2).mean().sqrt())
         logits = logits / rms if rms > 0 else logits
-        before = _copy_state(self.noise)
-        result = self.refit(
-            logits, data, learn_scale=True, tol=tol, max_iter=max_iter, keep_scale=True
-        )
+        result = None
+        if sign_agreement(logits, data) > 0.5:  # else they learned nothing of the labels
+            result = self.refit(
+                logits, data, learn_scale=True, tol=tol, max_iter=max_iter, keep_scale=True
+            )
         self.cross_fit_logits = logits.clone()
         self.calibrate = False  # the scale is the fit's, fixed with the annotator parameters
-        if result is not None and sign_agreement(logits, data) <= 0.5:
-            self.noise.load_state_dict(before)  # scores learned nothing of the labels
-            result = None
         if result is None:
             self.noise_evident = False
             return None
