@@ -588,11 +588,13 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
 
 def switched_on(frame: pd.DataFrame, method: str, setting: str) -> str:
     """In how many of ``method``'s runs in ``setting`` the noise test switched the
-    posterior on (``k/n``; empty for runs without the test)."""
+    posterior on (``k/n``; empty for runs without the test). A run whose test was never
+    taken (cross-fitted scores that carry nothing of the truths) counts as off."""
     rows = _runs(frame, method, setting)
     if "noise_evident" not in rows or rows.noise_evident.isna().all():
         return ""
-    return f"{int(rows.noise_evident.astype(bool).sum())}/{len(rows)}"
+    on = rows.noise_evident.map(lambda x: not pd.isna(x) and str(x) == "True")
+    return f"{int(on.sum())}/{len(rows)}"
 
 
 def _runs(frame: pd.DataFrame, method: str, setting: str) -> pd.DataFrame:

@@ -49,9 +49,11 @@ import noise_sweep as sweep  # noqa: E402
 MARKERS = 4
 
 
-POSTERIOR = {"noise_test": 0.0}
+POSTERIOR = {"noise_test": 0.0, "cross_fit": False}
 """The E-step reaches the policy from the first step: this experiment compares two
-estimators of eta, each with the policy it trains (not the noise test before them)."""
+estimators of eta, each with the policy it trains (not the noise test before them),
+both reading the policy's own scores (over several passes at 4,096 items or more one
+annotator's default reads cross-fitted scores instead, ``docs/math.md`` section 13)."""
 
 
 def methods(family: str = "dpo") -> tuple[Method, ...]:

@@ -10,10 +10,11 @@ the realised share of correct labels, the profile-likelihood interval of eta fro
 beside that of DPO trained the same way (``[em] enabled = false``) on the same pairs.
 ``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead; ``--epochs N``
 makes N passes (one by default, ``re-po train``'s own default). Over several passes at
-8,192 pairs RE-DPO's, RE-IPO's and RE-CPO's E-step reads cross-fitted scores by default (``[em]
-cross_fit = "auto"``, docs/math.md section 13; a row that did says ``"cross_fit": true``,
-and names its scorers' loss, ``"cross_fit_scorer"``, where it is not the family's: DPO
-for CPO).
+4,096 pairs or more RE-DPO's, RE-IPO's and RE-CPO's E-step reads cross-fitted scores by
+default (``[em] cross_fit = "auto"``, docs/math.md section 13; a row that did says
+``"cross_fit": true``, and names its scorers' loss, ``"cross_fit_scorer"``, where it is
+not the family's: DPO for CPO); ``--cross-fit true`` or ``false`` asks for one or the
+other (a row of its own, ``"cross_fit_option"``).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
@@ -25,6 +26,8 @@ for CPO).
         --trace 128 --out docs/experiments      # with each run's trajectory
     python examples/one_annotator_lora.py --family ipo --epochs 4 --flip-rates 0.4 \
         --variant weighted --out docs/experiments   # RE-IPO's "weighted" policy step
+    python examples/one_annotator_lora.py --pairs 1024 --epochs 4 --flip-rates 0.2 0.4 \
+        --cross-fit true --out /tmp/x               # [em] cross_fit asked for
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
@@ -55,6 +58,7 @@ family = "{family}"
 variant = "{variant}"
 [em]
 enabled = {em}
+cross_fit = {cross_fit}
 [optim]
 learning_rate = 2e-3
 epochs = {epochs}
@@ -65,9 +69,9 @@ eval_steps = {every}
 seed = {seed}
 """
 """The run's config: the defaults, the loss family (and RE-X's policy step, ``[loss]
-variant``), LoRA's learning rate, the passes, and ``[em] enabled`` (RE-X) or not (X,
-the paired baseline). With ``--trace`` the
-held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
+variant``), LoRA's learning rate, the passes, ``[em] enabled`` (RE-X) or not (X,
+the paired baseline), and ``[em] cross_fit`` (``"auto"`` unless ``--cross-fit`` says).
+With ``--trace`` the held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
 
@@ -96,10 +100,12 @@ def _train_and_eval(
     epochs: int = 1,
     trace: int = 0,
     variant: str = "default",
+    cross_fit: str = "auto",
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
-    steps during training; ``variant`` is ``[loss] variant`` (:data:`CONFIG`)."""
+    steps during training; ``variant`` is ``[loss] variant``, ``cross_fit`` ``[em]
+    cross_fit`` (``"auto"``, ``"true"`` or ``"false"``; :data:`CONFIG`)."""
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
     text = CONFIG.format(
@@ -111,6 +117,7 @@ def _train_and_eval(
         epochs=epochs,
         eval="held.jsonl" if trace else "",
         every=trace,
+        cross_fit='"auto"' if cross_fit == "auto" else cross_fit,
     )
     config.write_text(text)
     cli = [sys.executable, "-m", "repo.cli"]
@@ -151,13 +158,15 @@ def run_one(
     epochs: int = 1,
     trace: int = 0,
     variant: str = "default",
+    cross_fit: str = "auto",
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
     only what it lacks is run. ``trace > 0`` runs both and records their trajectories
     (:func:`trace_of`, every ``trace`` steps) as ``trace`` and ``plain_trace``.
     ``variant``: RE-X's ``[loss] variant`` (X's run is the same whatever it is), kept
-    in the row when not ``"default"``."""
+    in the row when not ``"default"``; ``cross_fit``: RE-X's ``[em] cross_fit``, kept
+    as ``cross_fit_option`` when not ``"auto"``."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
     row = dict(row or {})
@@ -166,7 +175,9 @@ def run_one(
         _write(folder / "train.jsonl", data.rows)
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row or (trace and "trace" not in row):
-            run, accuracy = _train_and_eval(folder, True, seed, family, epochs, trace, variant)
+            run, accuracy = _train_and_eval(
+                folder, True, seed, family, epochs, trace, variant, cross_fit
+            )
             if trace:
                 row["trace"] = trace_of(run)
             report = json.loads((run / "reliability.json").read_text())
@@ -174,6 +185,8 @@ def run_one(
                 row["family"] = family
             if variant != "default":
                 row["variant"] = variant
+            if cross_fit != "auto":
+                row["cross_fit_option"] = cross_fit
             if epochs != 1:
                 row["epochs"] = epochs
                 row["held_out_items"] = report.get("held_out_items", 0)
@@ -200,10 +213,12 @@ def run_one(
 
 def _key(row: dict) -> tuple:
     """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
-    row names none), pairs, passes (one where a row names none), flip rate, seed."""
+    row names none), ``[em] cross_fit`` asked for (``"auto"`` where a row names none),
+    pairs, passes (one where a row names none), flip rate, seed."""
     return (
         row.get("family", "dpo"),
         row.get("variant", "default"),
+        row.get("cross_fit_option", "auto"),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -227,6 +242,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "family's default are rows of their own",
     )
     parser.add_argument(
+        "--cross-fit",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="RE-X's [em] cross_fit; rows of a value other than 'auto' are rows of their own",
+    )
+    parser.add_argument(
         "--trace",
         type=int,
         default=0,
@@ -241,12 +262,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     for rho in args.flip_rates:
         for seed in args.seeds:
-            old = done.get((args.family, args.variant, args.pairs, args.epochs, rho, seed))
+            key = (args.family, args.variant, args.cross_fit, args.pairs, args.epochs, rho, seed)
+            old = done.get(key)
             complete = old is not None and "eta" in old and "plain_accuracy" in old
             if complete and (not args.trace or "trace" in old):
                 continue
             new = run_one(
-                args.pairs, rho, seed, old, args.family, args.epochs, args.trace, args.variant
+                args.pairs,
+                rho,
+                seed,
+                old,
+                family=args.family,
+                epochs=args.epochs,
+                trace=args.trace,
+                variant=args.variant,
+                cross_fit=args.cross_fit,
             )
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

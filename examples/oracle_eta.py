@@ -3,8 +3,9 @@
 A diagnostic beside ``noise_sweep.py`` (same task, data, seeds and training): for each
 seed it trains X, RE-X with ``[em]`` at its defaults, and RE-X with every annotator's
 ``eta`` held at its *realised* share of correct labels from the first step (the
-posterior on from the first step: ``[em] noise_test = 0``, no refit after a pass, and
-the annotator M-step replaced by nothing), twice: ``oracle`` with the E-step's logit
+posterior on from the first step: ``[em] noise_test = 0``, no refit after a pass, the
+annotator M-step replaced by nothing, and the E-step reading the policy, ``[em]
+cross_fit = false``), twice: ``oracle`` with the E-step's logit
 scale learned as the family's default has it, ``oracle, scale 1`` with the scale held
 at 1 (``[em] calibrate = false``). If the oracles do not beat X, no estimator of
 ``eta`` can, and a cell's shortfall lies in what reweighting does to the policy step,
@@ -58,9 +59,10 @@ def run(
     held_out = _records(rule_pairs(HELD_OUT, [1.0], seed=10_000 + seed, markers=MARKERS).rows)
     known = {m.name: m for m in methods(flip_rate)}
     oracles = {
-        f"RE-{family} em.noise_test=0 em.epoch_m_step=false em.held_out=false": "oracle",
         f"RE-{family} em.noise_test=0 em.epoch_m_step=false em.held_out=false "
-        "em.calibrate=false": "oracle, scale 1",
+        "em.cross_fit=false": "oracle",
+        f"RE-{family} em.noise_test=0 em.epoch_m_step=false em.held_out=false "
+        "em.cross_fit=false em.calibrate=false": "oracle, scale 1",
     }
     rows = []
     for name in (family, f"RE-{family}", *oracles):

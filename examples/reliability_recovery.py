@@ -16,10 +16,11 @@ reliability of every annotator (at the end of training, ``eta_0 = 0.9``,
 policy's held-out accuracy against clean labels says which rule it learned (with
 the log loss and expected calibration error of ``sigmoid(s)``, 15 bins). RE-DPO runs
 with ``[em]`` at its defaults, as a user gets it: with one annotator ``eta`` learns
-from first visits and is refit after every epoch (``out_of_sample = "auto"``), with
-two by the paper's online update and a refit on each epoch's scores at its end
-(``epoch_m_step = "auto"``). ``--methods RE-DPO "RE-DPO online"`` runs beside it
-the online update with one annotator too (``out_of_sample = false``).
+from first visits and is refit after every epoch (``out_of_sample = "auto"``; 512 pairs
+are too few for cross-fitted scores, ``cross_fit = "auto"``, which the ``cross_fit``
+column records), with two by the paper's online update and a refit on each epoch's
+scores at its end (``epoch_m_step = "auto"``). ``--methods RE-DPO "RE-DPO online"``
+runs beside it the online update with one annotator too (``out_of_sample = false``).
 
 Above rho = 0.5 with one annotator the likelihood's symmetry (scores -> -scores,
 eta -> 1 - eta) has nothing to break it but ``eta_0 > 0.5``: the question is
@@ -57,10 +58,14 @@ RE_DPO = Method("RE-DPO", "dpo", True, {"beta": 0.3})
 """The noise sweep's RE-DPO (beta 0.3; eta_0 = 0.9, alpha = 0.1) with ``[em]`` at its
 defaults: out-of-sample annotator statistics with one annotator, the paper's online
 update and a refit after each epoch with two (``out_of_sample`` and ``epoch_m_step``
-``"auto"``)."""
-RE_DPO_ONLINE = Method("RE-DPO online", "dpo", True, {"beta": 0.3}, em={"out_of_sample": False})
-"""RE-DPO with the paper's online update of eta also for one annotator
-(``[em] out_of_sample = false``, the default before ``"auto"``)."""
+``"auto"``; with 4,096 pairs or more and one annotator over several passes, cross-fitted
+E-step scores instead, ``cross_fit = "auto"``, docs/math.md section 13)."""
+RE_DPO_ONLINE = Method(
+    "RE-DPO online", "dpo", True, {"beta": 0.3}, em={"out_of_sample": False, "cross_fit": False}
+)
+"""RE-DPO with the paper's online update of eta, reading the policy, also for one
+annotator (``[em] out_of_sample = false``, the default before ``"auto"``, and
+``cross_fit = false``, so that it stays so at any size)."""
 METHODS = {m.name: m for m in (RE_DPO, RE_DPO_ONLINE)}
 RELIABLE_FLIP = 0.1
 MARKERS = 4
@@ -122,6 +127,7 @@ def recover(
                 "epochs": int(grid.optim.get("epochs", EPOCHS)),
                 "out_of_sample": result.estep.out_of_sample,
                 "epoch_m_step": result.estep.epoch_m_step,
+                "cross_fit": result.estep.cross_fit,
                 "noise_evident": result.noise_test.rejected if result.noise_test else None,
                 "setting": setting,
                 "flip_rate": rho,

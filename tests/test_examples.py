@@ -177,6 +177,11 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     # another policy step of RE-X ([loss] variant) is a row of its own too
     step = example.main([*args, "--family", "ipo", "--variant", "weighted"])
     assert step[:3] == more and step[3]["variant"] == "weighted" and 0.5 <= step[3]["eta"] <= 1
+    # RE-X's [em] cross_fit asked for is a row of its own too, and the run says it did
+    crossed = example.main([*args, "--family", "ipo", "--epochs", "2", "--cross-fit", "true"])
+    (new,) = [r for r in crossed if r.get("cross_fit_option") == "true"]
+    assert [r for r in crossed if r is not new] == step
+    assert new["cross_fit"] is True and new["epochs"] == 2 and 0.5 <= new["eta"] <= 1
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):

@@ -40,6 +40,24 @@ def test_t_interval_and_pool():
         annotator_pool(0.6)  # the noisiest annotator would flip 120% of labels
 
 
+def test_noise_sweep_counts_a_test_never_taken_as_off():
+    """A run whose cross-fitted fit was not taken has no noise test (``noise_evident``
+    empty in the CSV): its posterior never reached the policy, so ``on`` counts it as
+    off, not as the truthy NaN it is read as."""
+    sweep = load_example("noise_sweep")
+    frame = pd.DataFrame(
+        {
+            "noise": ["single"] * 3,
+            "flip_rate": [0.4] * 3,
+            "method": ["RE-DPO"] * 3,
+            "noise_evident": [True, np.nan, False],
+        }
+    )
+    assert sweep.switched_on(frame, "RE-DPO", "K=1 0.4") == "1/3"
+    frame["noise_evident"] = np.nan  # runs without the test
+    assert sweep.switched_on(frame, "RE-DPO", "K=1 0.4") == ""
+
+
 def test_noise_sweep_grid_table_and_figure(tmp_path):
     """Clean rule pairs, one seed: DPO and Hölder-DPO learn the rule, rDPO told rho = 0
     is DPO, and RE-DPO raises eta from its start 0.9 towards 1; the tables and the
