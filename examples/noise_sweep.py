@@ -593,8 +593,7 @@ def switched_on(frame: pd.DataFrame, method: str, setting: str) -> str:
     rows = _runs(frame, method, setting)
     if "noise_evident" not in rows or rows.noise_evident.isna().all():
         return ""
-    on = rows.noise_evident.map(lambda x: not pd.isna(x) and str(x) == "True")
-    return f"{int(on.sum())}/{len(rows)}"
+    return f"{int(rows.noise_evident.eq(True).sum())}/{len(rows)}"
 
 
 def _runs(frame: pd.DataFrame, method: str, setting: str) -> pd.DataFrame:

@@ -262,8 +262,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     for rho in args.flip_rates:
         for seed in args.seeds:
-            key = (args.family, args.variant, args.cross_fit, args.pairs, args.epochs, rho, seed)
-            old = done.get(key)
+            place = {
+                "family": args.family,
+                "variant": args.variant,
+                "cross_fit_option": args.cross_fit,
+                "pairs": args.pairs,
+                "epochs": args.epochs,
+                "flip_rate": rho,
+                "seed": seed,
+            }
+            old = done.get(_key(place))
             complete = old is not None and "eta" in old and "plain_accuracy" in old
             if complete and (not args.trace or "trace" in old):
                 continue
