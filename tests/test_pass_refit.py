@@ -128,3 +128,53 @@ def test_the_next_pass_starts_its_own_scores_and_a_checkpoint_keeps_them():
 def test_the_refit_needs_the_items():
     with pytest.raises(ValueError, match="pass_refit needs the number of items"):
         OnlineEM(SymmetricFlip(2), pass_refit=True)
+
+
+def test_one_annotator_s_only_pass_ends_with_a_refit_from_min_pass_refit_items():
+    from repo.experiments import Method, rule_config
+    from repo.likelihoods import get_likelihood
+    from repo.noise import HierarchicalFlip
+    from repo.train.build import MIN_PASS_REFIT, build_online_em, estep_settings
+
+    ipo = get_likelihood("ipo")
+    auto = rule_config("unused", Method("RE-IPO", "ipo", True, {"beta": 0.1}), seed=0)
+    one = SymmetricFlip(1)
+    settings = estep_settings(auto, ipo, one, MIN_PASS_REFIT, 1)
+    assert settings.epoch_m_step and settings.calibrate and not settings.out_of_sample
+    online = build_online_em(auto, one, ipo, num_items=MIN_PASS_REFIT, settings=settings)
+    assert online.pass_refit
+    assert not estep_settings(auto, ipo, one, MIN_PASS_REFIT - 1, 1).epoch_m_step  # too few
+    # several passes: the E-steps of the later ones read a fit, and in-sample scores
+    # (cross-fitted from MIN_CROSS_FIT items; below it the online update's, as before)
+    assert not estep_settings(auto, ipo, one, MIN_PASS_REFIT, 2).epoch_m_step
+    # DPO and SimPO refit on first visits already; CPO's own scores are not its scorers'
+    for family in ("dpo", "simpo", "cpo"):
+        assert not estep_settings(auto, get_likelihood(family), one, 8192, 1).epoch_m_step
+    dull = auto.replace("em", calibrate=False)  # a refit at a fixed scale: no Platt fit
+    assert not estep_settings(dull, ipo, one, 8192, 1).epoch_m_step
+    off = auto.replace("em", epoch_m_step=False)
+    assert not estep_settings(off, ipo, one, 8192, 1).epoch_m_step
+    assert estep_settings(auto, ipo, HierarchicalFlip(1), 8192, 1).epoch_m_step
+
+
+def test_one_annotator_s_refit_on_one_pass_recovers_eta_the_online_update_misses():
+    # one annotator of realised reliability ~0.6, under-confident scores (a policy
+    # learning): the online update is a moving average over the last batches, the
+    # refit reads every item's score once
+    sim = simulate_labels(
+        num_items=8192, num_annotators=1, shared_truth=False, eta_range=(0.6, 0.6), seed=4
+    )
+    data = LabelData.from_labels(
+        torch.as_tensor(sim.annotator), torch.as_tensor(sim.label), num_annotators=1
+    )
+    scores = torch.as_tensor(sim.scores, dtype=torch.float64) / 4.0
+    realised = float((torch.as_tensor(sim.label) == torch.as_tensor(sim.truth)).double().mean())
+    online = OnlineEM(
+        SymmetricFlip(1), num_items=8192, labels=data, pass_refit=True, calibrate=True
+    )
+    steps = _one_pass(online, scores, data, batch=16)
+    moving = float(online.noise.eta.detach())
+    assert online.end_pass(steps) is not None
+    refit = float(online.noise.eta.detach())
+    assert abs(refit - realised) < 0.015, (refit, realised)
+    assert abs(refit - realised) < abs(moving - realised), (refit, moving, realised)

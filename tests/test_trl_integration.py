@@ -552,6 +552,26 @@ def test_the_default_policy_step_is_the_familys(rt, tmp_path, kind, fields, fami
     assert trainer.policy_step == given
 
 
+def test_one_annotators_only_epoch_ends_with_the_refit_as_in_re_po_train(rt, tmp_path, monkeypatch):
+    """``em_epoch_m_step="auto"`` resolves against the data's size and the epochs, as
+    ``[em] epoch_m_step`` does (:func:`repo.train.build.auto_pass_refit`): RE-IPO with one
+    annotator ends its only epoch with the refit; over two epochs, or as DPO (which
+    refits on first visits), it does not."""
+    import repo.train.build as build
+
+    monkeypatch.setattr(build, "MIN_PASS_REFIT", 8)  # the tiny data: 8 items
+    one = [{**r, "annotator": "a"} for r in per_label_rows(8)]
+    ipo = _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=1)
+    assert ipo.e_step_settings()["epoch_m_step"] is True and ipo.online_em.pass_refit
+    twice = _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=2)
+    assert twice.e_step_settings()["epoch_m_step"] is False
+    dpo = _train(rt, tmp_path, one, num_train_epochs=1).e_step_settings()
+    assert dpo["out_of_sample"] is True and dpo["epoch_m_step"] is False
+    monkeypatch.setattr(build, "MIN_PASS_REFIT", 9)
+    few = _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=1)
+    assert few.e_step_settings()["epoch_m_step"] is False
+
+
 def test_unsupported_loss_type_is_named(rt, tmp_path):
     model, tokenizer = tiny()
     with pytest.raises(ValueError, match="'aot'"):

@@ -117,6 +117,7 @@ from repo.likelihoods import (
 from repo.noise import NOISE_MODELS, LabelData, NoiseModel
 from repo.policy import PairTokenizer
 from repo.train.build import (
+    EStepSettings,
     build_noise,
     build_online_em,
     check_policy_variant,
@@ -551,6 +552,7 @@ class _REPOTrainerMixin:
 
     likelihood: PreferenceLikelihood
     noise: NoiseModel
+    estep: EStepSettings  # the E-step's fields, "auto" resolved for the data and epochs
     policy_step: str  # "nll", "mixture" or "weighted": ``policy_step`` resolved against the loss
     repo_data: TrainingData | None = None
     _repo_args: REPOArguments
@@ -596,6 +598,10 @@ class _REPOTrainerMixin:
             self.noise, self.policy_step, f"{type(self._repo_args).__name__}.policy_step"
         )
         labels = self.repo_data.labels
+        passes = self._passes(labels.num_units)
+        # "auto" resolved for this data and run length, as re-po train resolves it (the
+        # arguments rule out held-out labels and cross-fitting, which TRL's loop lacks)
+        self.estep = estep_settings(config, self.likelihood, self.noise, labels.num_units, passes)
         self.online_em = build_online_em(
             config,
             self.noise,
@@ -603,7 +609,8 @@ class _REPOTrainerMixin:
             self.repo_data.label_counts(),
             num_items=labels.num_units,
             labels=replace(labels, unit=torch.arange(labels.num_units)),  # keyed as the E-step's
-            passes=self._passes(labels.num_units),
+            passes=passes,
+            settings=self.estep,
         )
         self._posterior_w = torch.full(labels.label.shape, float("nan"), dtype=torch.float64)
         self._posterior_step = torch.full((labels.num_units,), -1, dtype=torch.long)
@@ -790,10 +797,9 @@ class _REPOTrainerMixin:
     def e_step_settings(self) -> dict[str, Any]:
         """The E-step settings the RE-PO fields resolved to
         (:func:`~repo.train.build.estep_settings`: ``"auto"`` made concrete for this
-        trainer's loss and annotators), as ``reliability.json`` of ``re-po train`` has
-        them."""
-        config = self._repo_args.repo_config()
-        return estep_settings(config, self.likelihood, self.noise)._asdict()
+        trainer's loss, annotators, training units and epochs), as ``reliability.json``
+        of ``re-po train`` has them."""
+        return self.estep._asdict()
 
     def load_repo_state(self, folder: str | os.PathLike) -> None:
         """Restore the RE-PO state written by :meth:`save_repo_state`.

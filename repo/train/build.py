@@ -72,6 +72,7 @@ from repo.train.summaries import scored_fit
 __all__ = [
     "RunParts",
     "auto_cross_fit",
+    "auto_pass_refit",
     "build_likelihood",
     "build_noise",
     "build_online_em",
@@ -79,6 +80,7 @@ __all__ = [
     "estep_settings",
     "MIN_CROSS_FIT",
     "MIN_HELD_OUT",
+    "MIN_PASS_REFIT",
     "build_held_out",
     "build_optimizer",
     "build_pair_tokenizer",
@@ -548,6 +550,49 @@ def auto_cross_fit(
     return one and num_items >= MIN_CROSS_FIT and passes > 1
 
 
+MIN_PASS_REFIT = 4096
+r"""The fewest items one annotator's run of one pass is refitted on at its end by
+default (:func:`auto_pass_refit`). The refit reads every item's score once, so its
+error shrinks with the items where the online estimate's does not (a moving average
+over the last few dozen batches): RE-IPO's ``eta`` after one pass at flip rate 0.2
+was 0.004 and 0.002 off refitted at 4,096 and 8,192 pairs against 0.015 and 0.022
+online, fully fine-tuned, and 0.004 and 0.003 against 0.046 and 0.037 with LoRA. On
+fewer items the policy the first visits see is a weak scorer, whose confident errors
+one annotator's likelihood reads as flipped labels (as a cross-fitted scorer's,
+:data:`MIN_CROSS_FIT`): with LoRA at 2,048 pairs the refit was 0.053 and 0.064 off
+at 0.2 and 0.4 against 0.063 and 0.030 online, at 1,024 0.052 against 0.030, and fully
+fine-tuned at 512 pairs 0.069 against 0.020 (below 4,096 the full fine-tune gained
+from it, 0.005 against 0.022 at 2,048 pairs; the threshold holds for the weaker
+learner; ``docs/experiments/noise-sweep.md``, "One pass: a refit ends it")."""
+
+
+def auto_pass_refit(
+    noise: NoiseModel,
+    likelihood: PreferenceLikelihood,
+    num_items: int,
+    passes: int,
+    calibrate: bool,
+) -> bool:
+    """One annotator's ``[em] epoch_m_step = "auto"``: a refit ending the run's only
+    pass. In one pass every E-step reads a label the policy has not trained on, so the
+    scores the pass read are out of sample, as cross-fitted scores are, and EM on them
+    with their Platt scale learned (:meth:`~repo.inference.online.OnlineEM.fit_pass`)
+    is the fit cross-fitting would make with the policy as its scorer; it comes after
+    the last policy step, so it sets the ``eta`` the run reports and nothing the policy
+    trained with. The default when ``noise`` has one annotator and a latent truth, the
+    run makes one pass over :data:`MIN_PASS_REFIT` items or more, the E-step learns its
+    scale (``calibrate``: the refit is then a Platt fit), and the family's own scores
+    are those its cross-fitted scorers would give
+    (:attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`: not CPO,
+    whose logit carries its SFT term's log-probabilities; the refit put RE-CPO's
+    ``eta`` 0.114 off at 8,192 pairs, flip rate 0.2, where the online update was
+    0.022). ``out_of_sample``'s refit on first visits, learning its own scale, takes
+    this one's place where it is on (DPO, SimPO)."""
+    one = noise.num_annotators == 1 and noise.has_truth
+    own = likelihood.cross_fit_scorer == likelihood.name
+    return one and own and calibrate and passes == 1 and num_items >= MIN_PASS_REFIT
+
+
 def estep_settings(
     config: TrainConfig,
     likelihood: PreferenceLikelihood,
@@ -570,7 +615,8 @@ def estep_settings(
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_out_of_sample` says so.
     ``[em] noise_test`` is taken as given. ``[em] epoch_m_step``'s default: the refit on
     each pass's logits when ``noise`` has several annotators (whose disagreements the
-    refit reads with every label at once) and the annotator parameters do not learn
+    refit reads with every label at once), or one in a run of one pass that
+    :func:`auto_pass_refit` says so for, and the annotator parameters do not learn
     from first visits (whose own refit takes its place). ``[em] held_out``'s default:
     with one annotator when the family's
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_held_out` says so,
@@ -634,7 +680,8 @@ def estep_settings(
     else:
         calibrate = bool(em.calibrate)
     if em.epoch_m_step == "auto":
-        epoch_m_step = noise.num_annotators > 1 and not out_of_sample
+        one_pass = auto_pass_refit(noise, likelihood, num_items, passes, calibrate)
+        epoch_m_step = (noise.num_annotators > 1 or one_pass) and not out_of_sample
     else:
         epoch_m_step = bool(em.epoch_m_step)
     if em.held_out == "auto":

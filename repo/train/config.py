@@ -365,7 +365,9 @@ class EMSection:
             "after every epoch: EM of the annotator parameters to convergence (no EMA) on the "
             "logits the epoch's E-steps read, at the E-step's scale (learned jointly with "
             "calibrate; no extra forward pass; docs/math.md, section 11); 'auto': with "
-            "several annotators (out_of_sample's refit on first visits takes its place)"
+            "several annotators, or one in a run of one pass over 4,096 items or more whose "
+            "E-step learns its scale and whose family's scores its cross-fitted scorers "
+            "would give (IPO, not CPO); out_of_sample's refit on first visits takes its place"
         ),
     )
     held_out: Literal["auto", True, False] = field(
