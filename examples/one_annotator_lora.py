@@ -14,7 +14,11 @@ makes N passes (one by default, ``re-po train``'s own default). Over several pas
 default (``[em] cross_fit = "auto"``, docs/math.md section 13; a row that did says
 ``"cross_fit": true``, and names its scorers' loss, ``"cross_fit_scorer"``, where it is
 not the family's: DPO for CPO); ``--cross-fit true`` or ``false`` asks for one or the
-other (a row of its own, ``"cross_fit_option"``).
+other (a row of its own, ``"cross_fit_option"``). In one pass over 4,096 pairs or more
+RE-IPO's annotator parameters are refitted on the pass's scores at its end by default
+(``[em] epoch_m_step = "auto"``, :func:`repo.train.build.auto_pass_refit`; a row whose run
+did says ``"epoch_m_step": true``); ``--epoch-m-step true`` or ``false`` asks for it or
+not (``"epoch_m_step_option"``).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
@@ -28,6 +32,8 @@ other (a row of its own, ``"cross_fit_option"``).
         --variant weighted --out docs/experiments   # RE-IPO's "weighted" policy step
     python examples/one_annotator_lora.py --pairs 1024 --epochs 4 --flip-rates 0.2 0.4 \
         --cross-fit true --out /tmp/x               # [em] cross_fit asked for
+    python examples/one_annotator_lora.py --family ipo --pairs 4096 --flip-rates 0.2 0.4 \
+        --epoch-m-step false --out /tmp/x           # no refit ending the one pass
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
@@ -59,6 +65,7 @@ variant = "{variant}"
 [em]
 enabled = {em}
 cross_fit = {cross_fit}
+epoch_m_step = {epoch_m_step}
 [optim]
 learning_rate = 2e-3
 epochs = {epochs}
@@ -70,7 +77,8 @@ seed = {seed}
 """
 """The run's config: the defaults, the loss family (and RE-X's policy step, ``[loss]
 variant``), LoRA's learning rate, the passes, ``[em] enabled`` (RE-X) or not (X,
-the paired baseline), and ``[em] cross_fit`` (``"auto"`` unless ``--cross-fit`` says).
+the paired baseline), and ``[em] cross_fit`` and ``epoch_m_step`` (``"auto"`` unless
+``--cross-fit`` and ``--epoch-m-step`` say).
 With ``--trace`` the held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
@@ -101,11 +109,13 @@ def _train_and_eval(
     trace: int = 0,
     variant: str = "default",
     cross_fit: str = "auto",
+    epoch_m_step: str = "auto",
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
-    steps during training; ``variant`` is ``[loss] variant``, ``cross_fit`` ``[em]
-    cross_fit`` (``"auto"``, ``"true"`` or ``"false"``; :data:`CONFIG`)."""
+    steps during training; ``variant`` is ``[loss] variant``, ``cross_fit`` and
+    ``epoch_m_step`` those fields of ``[em]`` (``"auto"``, ``"true"`` or ``"false"``;
+    :data:`CONFIG`)."""
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
     text = CONFIG.format(
@@ -118,6 +128,7 @@ def _train_and_eval(
         eval="held.jsonl" if trace else "",
         every=trace,
         cross_fit='"auto"' if cross_fit == "auto" else cross_fit,
+        epoch_m_step='"auto"' if epoch_m_step == "auto" else epoch_m_step,
     )
     config.write_text(text)
     cli = [sys.executable, "-m", "repo.cli"]
@@ -159,14 +170,16 @@ def run_one(
     trace: int = 0,
     variant: str = "default",
     cross_fit: str = "auto",
+    epoch_m_step: str = "auto",
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
     only what it lacks is run. ``trace > 0`` runs both and records their trajectories
     (:func:`trace_of`, every ``trace`` steps) as ``trace`` and ``plain_trace``.
     ``variant``: RE-X's ``[loss] variant`` (X's run is the same whatever it is), kept
-    in the row when not ``"default"``; ``cross_fit``: RE-X's ``[em] cross_fit``, kept
-    as ``cross_fit_option`` when not ``"auto"``."""
+    in the row when not ``"default"``; ``cross_fit`` and ``epoch_m_step``: RE-X's ``[em]``
+    fields, kept as ``cross_fit_option`` and ``epoch_m_step_option`` when not
+    ``"auto"``."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
     row = dict(row or {})
@@ -176,7 +189,7 @@ def run_one(
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row or (trace and "trace" not in row):
             run, accuracy = _train_and_eval(
-                folder, True, seed, family, epochs, trace, variant, cross_fit
+                folder, True, seed, family, epochs, trace, variant, cross_fit, epoch_m_step
             )
             if trace:
                 row["trace"] = trace_of(run)
@@ -187,6 +200,8 @@ def run_one(
                 row["variant"] = variant
             if cross_fit != "auto":
                 row["cross_fit_option"] = cross_fit
+            if epoch_m_step != "auto":
+                row["epoch_m_step_option"] = epoch_m_step
             if epochs != 1:
                 row["epochs"] = epochs
                 row["held_out_items"] = report.get("held_out_items", 0)
@@ -195,6 +210,8 @@ def run_one(
                 row["cross_fit"] = True
                 if e_step.get("cross_fit_scorer", family) != family:  # scorers of another loss
                     row["cross_fit_scorer"] = e_step["cross_fit_scorer"]
+            if e_step.get("epoch_m_step"):  # the annotator refit ended each pass
+                row["epoch_m_step"] = True
             row.update(
                 pairs=pairs,
                 flip_rate=rho,
@@ -213,12 +230,13 @@ def run_one(
 
 def _key(row: dict) -> tuple:
     """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
-    row names none), ``[em] cross_fit`` asked for (``"auto"`` where a row names none),
-    pairs, passes (one where a row names none), flip rate, seed."""
+    row names none), ``[em] cross_fit`` and ``epoch_m_step`` asked for (``"auto"`` where
+    a row names none), pairs, passes (one where a row names none), flip rate, seed."""
     return (
         row.get("family", "dpo"),
         row.get("variant", "default"),
         row.get("cross_fit_option", "auto"),
+        row.get("epoch_m_step_option", "auto"),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -248,6 +266,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="RE-X's [em] cross_fit; rows of a value other than 'auto' are rows of their own",
     )
     parser.add_argument(
+        "--epoch-m-step",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="RE-X's [em] epoch_m_step; rows of a value other than 'auto' are rows of their own",
+    )
+    parser.add_argument(
         "--trace",
         type=int,
         default=0,
@@ -266,6 +290,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "family": args.family,
                 "variant": args.variant,
                 "cross_fit_option": args.cross_fit,
+                "epoch_m_step_option": args.epoch_m_step,
                 "pairs": args.pairs,
                 "epochs": args.epochs,
                 "flip_rate": rho,
@@ -285,6 +310,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 trace=args.trace,
                 variant=args.variant,
                 cross_fit=args.cross_fit,
+                epoch_m_step=args.epoch_m_step,
             )
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

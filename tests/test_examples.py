@@ -182,6 +182,12 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     (new,) = [r for r in crossed if r.get("cross_fit_option") == "true"]
     assert [r for r in crossed if r is not new] == step
     assert new["cross_fit"] is True and new["epochs"] == 2 and 0.5 <= new["eta"] <= 1
+    # and so is [em] epoch_m_step asked for: one pass of 32 pairs ends with the refit
+    refit = example.main([*args, "--family", "ipo", "--epoch-m-step", "true"])
+    (one,) = [r for r in refit if r.get("epoch_m_step_option") == "true"]
+    assert [r for r in refit if r is not one] == crossed
+    assert one["epoch_m_step"] is True and "epochs" not in one and 0.5 <= one["eta"] <= 1
+    assert "epoch_m_step" not in rows[1]  # 32 pairs: "auto" ends the pass with none
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):
