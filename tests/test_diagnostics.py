@@ -311,3 +311,10 @@ def test_predictive_checks_of_one_annotator_named_all(tmp_path):
     pd.testing.assert_frame_equal(one, pooled)  # one annotator: its labels are all labels
     figure = plots.plot_predictive(checks)
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["all", "all"]
+    # the report counts annotators with extreme p-values, not the pooled rows too
+    from repo.diagnostics.report import extreme_annotators
+
+    everywhere = checks.assign(p_value=0.01)
+    assert len(extreme_annotators(everywhere)) == 2  # one annotator, two statistics
+    assert "pooled" not in extreme_annotators(everywhere)
+    assert extreme_annotators(checks.assign(p_value=0.5)).empty

@@ -313,6 +313,15 @@ def _flagged(warnings: list[FitWarning], num_annotators: int) -> set[str]:
     }
 
 
+def extreme_annotators(checks: pd.DataFrame) -> pd.DataFrame:
+    """The annotators' rows of :func:`~repo.diagnostics.summary.predictive_checks` whose
+    posterior predictive p-value is below 0.05 or above 0.95, without the ``pooled``
+    column. The pooled rows (every label at once, the report's table above the count)
+    are not annotators: with one annotator they repeat its own rows."""
+    per = checks[~checks.pooled].drop(columns="pooled")
+    return per[(per.p_value < 0.05) | (per.p_value > 0.95)]
+
+
 def _paged(out: Path, stem: str, count: int) -> list[Path]:  # trace.png, trace-2.png, ...
     return [out / (f"{stem}.png" if i == 0 else f"{stem}-{i + 1}.png") for i in range(count)]
 
@@ -472,7 +481,7 @@ def _draws_sections(
         figures.append(("PSIS-LOO Pareto k", path.name))
     checks = predictive_checks(idata, num_draws=ppc_draws)
     shown = checks.drop(columns="pooled")
-    extreme = shown[(shown.p_value < 0.05) | (shown.p_value > 0.95)]
+    extreme = extreme_annotators(checks)
     lines += [
         "### Posterior predictive checks",
         "",
