@@ -614,6 +614,10 @@ def test_epoch_m_step_refits_on_the_scores_the_pass_read(tmp_path, monkeypatch):
     trainer.train()
     assert calls == [4, 8]  # after each epoch
     assert len(forwards) == 1  # no scoring pass but the final posteriors'
+    # the last step's row logs the eta the refit left, not the online update's before it
+    last = trainer.metrics_log.read()[-1]
+    eta = trainer.noise.eta.detach().double()
+    assert last["step"] == 8 and last["eta/mean"] == pytest.approx(float(eta.mean()))
     # the second pass's logits, each item's as its E-step read it
     c = torch.full((32,), float("nan"), dtype=torch.float64)
     for unit, logits in read[len(read) // 2 :]:

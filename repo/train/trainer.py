@@ -426,7 +426,10 @@ class Trainer:
                     held_out = None
                     if self.held_out is not None and not self.em.in_warmup(self.step):
                         held_out = self.held_out_logits(self.schedule.epoch_of(self.step - 1)[0])
-                    self.em.end_pass(self.step, self.reduce, held_out)
+                    if self.em.end_pass(self.step, self.reduce, held_out) is not None:
+                        # the step's row logs the parameters the refit left, as the
+                        # run's fit (reliability.json) has them
+                        metrics.update(parameter_summary(self.noise.annotator_parameters()))
                 last = self.step == self.total_steps
                 if self.eval_data is not None and (
                     last or (eval_steps and self.step % eval_steps == 0)
