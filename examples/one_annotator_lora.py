@@ -77,11 +77,16 @@ seed = {seed}
 """
 """The run's config: the defaults, the loss family (and RE-X's policy step, ``[loss]
 variant``), LoRA's learning rate, the passes, ``[em] enabled`` (RE-X) or not (X,
-the paired baseline), and ``[em] cross_fit`` and ``epoch_m_step`` (``"auto"`` unless
+the paired baseline), and the ``[em]`` fields of :data:`ASKED` (``"auto"`` unless
 ``--cross-fit`` and ``--epoch-m-step`` say).
 With ``--trace`` the held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
+
+ASKED = ("cross_fit", "epoch_m_step")
+"""RE-X's ``[em]`` fields a run may ask for (``"auto"``, ``"true"`` or ``"false"``, from
+``--cross-fit`` and ``--epoch-m-step``); a value other than ``"auto"`` is kept in the row
+as ``<field>_option`` and makes a row of its own (:func:`_key`)."""
 
 TRACED = (
     "noise/evident",
@@ -108,14 +113,13 @@ def _train_and_eval(
     epochs: int = 1,
     trace: int = 0,
     variant: str = "default",
-    cross_fit: str = "auto",
-    epoch_m_step: str = "auto",
+    asked: dict[str, str] | None = None,
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
-    steps during training; ``variant`` is ``[loss] variant``, ``cross_fit`` and
-    ``epoch_m_step`` those fields of ``[em]`` (``"auto"``, ``"true"`` or ``"false"``;
-    :data:`CONFIG`)."""
+    steps during training; ``variant`` is ``[loss] variant``, ``asked`` the ``[em]``
+    fields of :data:`ASKED` given a value (the others ``"auto"``; :data:`CONFIG`)."""
+    asked = {name: "auto" for name in ASKED} | (asked or {})
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
     text = CONFIG.format(
@@ -127,8 +131,7 @@ def _train_and_eval(
         epochs=epochs,
         eval="held.jsonl" if trace else "",
         every=trace,
-        cross_fit='"auto"' if cross_fit == "auto" else cross_fit,
-        epoch_m_step='"auto"' if epoch_m_step == "auto" else epoch_m_step,
+        **{name: '"auto"' if value == "auto" else value for name, value in asked.items()},
     )
     config.write_text(text)
     cli = [sys.executable, "-m", "repo.cli"]
@@ -169,17 +172,15 @@ def run_one(
     epochs: int = 1,
     trace: int = 0,
     variant: str = "default",
-    cross_fit: str = "auto",
-    epoch_m_step: str = "auto",
+    asked: dict[str, str] | None = None,
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
     only what it lacks is run. ``trace > 0`` runs both and records their trajectories
     (:func:`trace_of`, every ``trace`` steps) as ``trace`` and ``plain_trace``.
     ``variant``: RE-X's ``[loss] variant`` (X's run is the same whatever it is), kept
-    in the row when not ``"default"``; ``cross_fit`` and ``epoch_m_step``: RE-X's ``[em]``
-    fields, kept as ``cross_fit_option`` and ``epoch_m_step_option`` when not
-    ``"auto"``."""
+    in the row when not ``"default"``; ``asked``: RE-X's ``[em]`` fields of :data:`ASKED`
+    given a value, each kept as ``<field>_option`` when not ``"auto"``."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
     row = dict(row or {})
@@ -189,7 +190,7 @@ def run_one(
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row or (trace and "trace" not in row):
             run, accuracy = _train_and_eval(
-                folder, True, seed, family, epochs, trace, variant, cross_fit, epoch_m_step
+                folder, True, seed, family, epochs, trace, variant, asked
             )
             if trace:
                 row["trace"] = trace_of(run)
@@ -198,10 +199,9 @@ def run_one(
                 row["family"] = family
             if variant != "default":
                 row["variant"] = variant
-            if cross_fit != "auto":
-                row["cross_fit_option"] = cross_fit
-            if epoch_m_step != "auto":
-                row["epoch_m_step_option"] = epoch_m_step
+            for name, value in (asked or {}).items():
+                if value != "auto":
+                    row[f"{name}_option"] = value
             if epochs != 1:
                 row["epochs"] = epochs
                 row["held_out_items"] = report.get("held_out_items", 0)
@@ -230,13 +230,12 @@ def run_one(
 
 def _key(row: dict) -> tuple:
     """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
-    row names none), ``[em] cross_fit`` and ``epoch_m_step`` asked for (``"auto"`` where
-    a row names none), pairs, passes (one where a row names none), flip rate, seed."""
+    row names none), the ``[em]`` fields of :data:`ASKED` asked for (``"auto"`` where a
+    row names none), pairs, passes (one where a row names none), flip rate, seed."""
     return (
         row.get("family", "dpo"),
         row.get("variant", "default"),
-        row.get("cross_fit_option", "auto"),
-        row.get("epoch_m_step_option", "auto"),
+        *(row.get(f"{name}_option", "auto") for name in ASKED),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -259,18 +258,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="RE-X's policy step ([loss] variant); rows of a step other than the "
         "family's default are rows of their own",
     )
-    parser.add_argument(
-        "--cross-fit",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="RE-X's [em] cross_fit; rows of a value other than 'auto' are rows of their own",
-    )
-    parser.add_argument(
-        "--epoch-m-step",
-        default="auto",
-        choices=["auto", "true", "false"],
-        help="RE-X's [em] epoch_m_step; rows of a value other than 'auto' are rows of their own",
-    )
+    for name in ASKED:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default="auto",
+            choices=["auto", "true", "false"],
+            help=f"RE-X's [em] {name}; rows of a value other than 'auto' are rows of their own",
+        )
     parser.add_argument(
         "--trace",
         type=int,
@@ -284,13 +278,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {_key(r): r for r in rows}
     args.out.mkdir(parents=True, exist_ok=True)
+    asked = {name: getattr(args, name) for name in ASKED}
     for rho in args.flip_rates:
         for seed in args.seeds:
             place = {
                 "family": args.family,
                 "variant": args.variant,
-                "cross_fit_option": args.cross_fit,
-                "epoch_m_step_option": args.epoch_m_step,
+                **{f"{name}_option": value for name, value in asked.items()},
                 "pairs": args.pairs,
                 "epochs": args.epochs,
                 "flip_rate": rho,
@@ -309,8 +303,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 epochs=args.epochs,
                 trace=args.trace,
                 variant=args.variant,
-                cross_fit=args.cross_fit,
-                epoch_m_step=args.epoch_m_step,
+                asked=asked,
             )
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
