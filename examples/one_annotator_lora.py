@@ -11,7 +11,8 @@ beside that of DPO trained the same way (``[em] enabled = false``) on the same p
 ``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead; ``--epochs N``
 makes N passes (one by default, ``re-po train``'s own default). Over several passes at
 4,096 pairs or more RE-DPO's, RE-IPO's and RE-CPO's E-step reads cross-fitted scores by
-default (``[em] cross_fit = "auto"``, docs/math.md section 13; a row that did says
+default, and RE-CPO's in one pass too (``[em] cross_fit = "auto"``, docs/math.md section
+13, :func:`repo.train.build.auto_cross_fit`; a row that did says
 ``"cross_fit": true``, and names its scorers' loss, ``"cross_fit_scorer"``, where it is
 not the family's: DPO for CPO); ``--cross-fit true`` or ``false`` asks for one or the
 other (a row of its own, ``"cross_fit_option"``). In one pass over 4,096 pairs or more

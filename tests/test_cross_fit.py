@@ -226,6 +226,29 @@ def test_scorers_of_another_family_train_by_its_loss_at_its_defaults(tmp_path):
     assert report["e_step"]["cross_fit_scorer"] == "dpo"
 
 
+def test_one_pass_of_cpo_cross_fits_by_default_with_dpos_scorers(tmp_path, monkeypatch):
+    # one pass, [em] at its defaults: CPO's own first-visit scores carry its SFT term, so
+    # "auto" cross-fits by DPO's scorers (each making the run's one pass over its fold);
+    # the data size threshold lowered so that a small run reaches it
+    monkeypatch.setattr("repo.train.build.MIN_CROSS_FIT", 64)
+    rows = rule_pairs(96, [0.7], seed=4, markers=4).rows
+    records = load_preferences(rows, annotator_column="annotator")
+    one = {"epochs": 1}
+    cfg = rule_config(str(tmp_path / "run"), Method("RE-CPO", "cpo", True, {}), seed=1, optim=one)
+    assert cfg.em.cross_fit == "auto"
+    trainer = Trainer(cfg, records=records)
+    trainer.train()
+    assert trainer.estep.cross_fit and trainer.estep.cross_fit_scorer == "dpo"
+    for k in range(2):
+        metrics = trainer.run_dir.cross_fit_fold(k) / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in metrics.open()]
+        assert steps[-1] == math.ceil(48 / cfg.optim.batch_size)  # one pass over its half
+    report = json.loads((tmp_path / "run" / "reliability.json").read_text())
+    assert report["e_step"]["cross_fit"] and report["e_step"]["cross_fit_scorer"] == "dpo"
+    ipo = rule_config(str(tmp_path / "ipo"), Method("RE-IPO", "ipo", True, {}), seed=1, optim=one)
+    assert not Trainer(ipo, records=records).estep.cross_fit  # its own scores rank pairs
+
+
 def test_a_cross_fitted_run_resumes_without_training_its_scorers_again(tmp_path):
     cfg, records = _cross_fit_run(tmp_path, "full", save_steps=4)
     Trainer(cfg, records=records).train()
@@ -290,6 +313,19 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     chosen = auto.replace("em", cross_fit_scorer="SimPO")
     assert estep_settings(chosen, cpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "simpo"
     assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 1).cross_fit_scorer == ""
+    # one pass: cross-fitted only by scorers of another loss than the run's (CPO's, DPO)
+    cpo_run = rule_config("unused", Method("RE-CPO", "cpo", True, {}), seed=0)
+    one_pass = estep_settings(cpo_run, cpo, SymmetricFlip(1), 8192, 1)
+    assert one_pass.cross_fit and one_pass.cross_fit_scorer == "dpo"
+    assert not estep_settings(cpo_run, cpo, SymmetricFlip(1), MIN_CROSS_FIT - 1, 1).cross_fit
+    assert not estep_settings(cpo_run, cpo, SymmetricFlip(3), 8192, 1).cross_fit  # a pool
+    likelihood_style = get_likelihood("cpo", nll_weight=0.0)  # its own scores rank pairs
+    assert not estep_settings(cpo_run, likelihood_style, SymmetricFlip(1), 8192, 1).cross_fit
+    by_dpo = auto.replace("em", cross_fit_scorer="dpo")  # asked for another loss's scorers
+    assert estep_settings(by_dpo, ipo, SymmetricFlip(1), 8192, 1).cross_fit
+    assert not estep_settings(
+        auto.replace("em", cross_fit_scorer="ipo"), ipo, SymmetricFlip(1), 8192, 1
+    ).cross_fit
     with pytest.raises(ConfigError, match=r"\[em\] cross_fit_scorer: unknown loss family 'dpx'"):
         auto.replace("em", cross_fit_scorer="dpx")
     held = auto.replace("em", held_out=True)

@@ -149,8 +149,10 @@ class CPOLikelihood(PreferenceLikelihood):
         Without its SFT term (``nll_weight = 0``) the scorers' ``eta`` was 0.027 off at
         one of those seeds and RE-CPO right on 0.81 of held-out pairs. DPO's scorers put
         ``eta`` within 0.004 ± 0.002 over ten seeds, and RE-CPO 0.347 ± 0.016 above CPO
-        (``docs/math.md`` section 13). With ``nll_weight = 0`` CPO is likelihood-style
-        and scores by itself."""
+        (``docs/math.md`` section 13). Its own scores rank the pairs no better in one
+        pass, so a single pass is cross-fitted by DPO's scorers too
+        (:func:`~repo.train.build.auto_cross_fit`). With ``nll_weight = 0`` CPO is
+        likelihood-style and scores by itself."""
         return self.name if self.likelihood_style else "dpo"
 
     def _sft_logps(self, stats: PairLogps) -> tuple[Tensor, Tensor]:

@@ -536,18 +536,35 @@ was 0.014 below; at 128 clean pairs the noise test on their scores rejected in 4
 
 
 def auto_cross_fit(
-    noise: NoiseModel, likelihood: PreferenceLikelihood, num_items: int, passes: int
+    noise: NoiseModel,
+    likelihood: PreferenceLikelihood,
+    num_items: int,
+    passes: int,
+    scorer: str = "",
 ) -> bool:
     """``[em] cross_fit = "auto"``: cross-fitted E-step scores when the loss family says
     so (:attr:`~repo.likelihoods.base.PreferenceLikelihood.default_cross_fit`), ``noise`` has one
     annotator (with no disagreements between annotators to read, only the policy's
     scores tell a wrong label, and a policy that has trained on a label cannot;
     ``docs/math.md`` section 13) and a latent truth, the data have
-    :data:`MIN_CROSS_FIT` items or more, and the run makes several passes (in one pass
+    :data:`MIN_CROSS_FIT` items or more, and either the run makes several passes or
+    the scorers train by another loss than the run's (``scorer``, ``[em]
+    cross_fit_scorer``; ``""``: the family's
+    :attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`). In one pass
     every E-step reads a label the policy has not trained on, and first visits give
-    ``eta`` from scores of a policy trained on all the items, not half)."""
+    ``eta`` from scores of a policy trained on all the items, not half; but those are
+    the run's own loss's scores, and where the family's scorers are another loss's its
+    own do not rank the pairs: CPO's SFT term clones the preferred response of every
+    label, flipped ones included. At 8,192 pairs, one pass, ten seeds of the full
+    fine-tune, RE-CPO's E-step reading the policy was 0.006 ± 0.022 below CPO at flip
+    rate 0.4 and cross-fitted by DPO's scorers 0.304 ± 0.037 above it, ``eta`` 0.005
+    off on average (0.001 and +0.221 at 0.2; 4,096 pairs alike); with LoRA, whose CPO
+    adapter learns nothing of the rule in one pass, the policy's scores left ``eta`` at
+    0.47-0.51 against a realised 0.60-0.80 and DPO's scorers put it within 0.016
+    (``docs/experiments/noise-sweep.md``, "One pass, CPO: DPO's scorers")."""
     one = noise.num_annotators == 1 and noise.has_truth and likelihood.default_cross_fit
-    return one and num_items >= MIN_CROSS_FIT and passes > 1
+    other = (scorer or likelihood.cross_fit_scorer) != likelihood.name
+    return one and num_items >= MIN_CROSS_FIT and (passes > 1 or other)
 
 
 MIN_PASS_REFIT = 4096
@@ -654,8 +671,9 @@ def estep_settings(
     temperature = em.temperature or likelihood.default_temperature
     # what the E-step's reading of the policy's own logits needs, asked for by name
     chosen = [name for name in REPLACED_BY_CROSS_FIT if getattr(em, name) is True]
+    scorer = em.cross_fit_scorer.strip().lower() or likelihood.cross_fit_scorer
     if em.cross_fit == "auto":
-        cross_fit = auto_cross_fit(noise, likelihood, num_items, passes) and not chosen
+        cross_fit = auto_cross_fit(noise, likelihood, num_items, passes, scorer) and not chosen
     else:
         cross_fit = bool(em.cross_fit)
     if cross_fit and em.enabled:  # the E-step reads fixed scores: nothing else to tune
@@ -665,7 +683,6 @@ def estep_settings(
                 f"{', '.join(chosen)} cannot apply (set it 'auto' or false, or cross_fit "
                 "false)"
             )
-        scorer = em.cross_fit_scorer.strip().lower() or likelihood.cross_fit_scorer
         return EStepSettings(temperature, False, False, em.noise_test, False, 0.0, True, scorer)
     if em.out_of_sample == "auto":
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample

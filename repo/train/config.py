@@ -403,10 +403,10 @@ class EMSection:
             "scorer of the other fold, the annotator parameters and a Platt scale fitted by "
             "EM on those scores once (docs/math.md, section 13); the E-step fields above then "
             "do not apply but noise_test (one test on those scores); 'auto': with one "
-            "annotator, a noise model with a latent truth, 4,096 items or more, more "
-            "than one epoch and a family whose PreferenceLikelihood.default_cross_fit says so "
-            "(not SimPO), unless calibrate, out_of_sample, epoch_m_step or held_out is set "
-            "to true"
+            "annotator, a noise model with a latent truth, 4,096 items or more, a family "
+            "whose PreferenceLikelihood.default_cross_fit says so (not SimPO), and more than "
+            "one epoch or scorers of another loss than the run's (CPO's, by DPO), unless "
+            "calibrate, out_of_sample, epoch_m_step or held_out is set to true"
         ),
     )
     cross_fit_scorer: str = field(
