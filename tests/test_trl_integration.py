@@ -16,6 +16,7 @@ import importlib
 import json
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -570,6 +571,26 @@ def test_one_annotators_only_epoch_ends_with_the_refit_as_in_re_po_train(rt, tmp
     monkeypatch.setattr(build, "MIN_PASS_REFIT", 9)
     few = _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=1)
     assert few.e_step_settings()["epoch_m_step"] is False
+
+
+def test_a_run_re_po_train_would_cross_fit_says_so(rt, tmp_path, monkeypatch):
+    """TRL's loop trains one policy, so it has no cross-fitted scores: where ``re-po
+    train``'s ``[em] cross_fit = "auto"`` would take them (one annotator, enough items,
+    several epochs), the trainer warns and reads the policy."""
+    import repo.train.build as build
+
+    monkeypatch.setattr(build, "MIN_CROSS_FIT", 8)  # the tiny data: 8 items
+    one = [{**r, "annotator": "a"} for r in per_label_rows(8)]
+    with pytest.warns(UserWarning, match="cross-fitted scores") as caught:
+        twice = _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=2)
+    said = [str(w.message) for w in caught if "cross-fitted scores" in str(w.message)]
+    assert len(said) == 1 and "8 items, over 2 pass(es)" in said[0]
+    assert twice.e_step_settings()["cross_fit"] is False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cross-fitted scores")
+        _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=1)  # its own scores
+        monkeypatch.setattr(build, "MIN_CROSS_FIT", 9)
+        _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=2)  # too few items
 
 
 def test_unsupported_loss_type_is_named(rt, tmp_path):

@@ -118,6 +118,7 @@ from repo.noise import NOISE_MODELS, LabelData, NoiseModel
 from repo.policy import PairTokenizer
 from repo.train.build import (
     EStepSettings,
+    auto_cross_fit,
     build_noise,
     build_online_em,
     check_policy_variant,
@@ -602,6 +603,16 @@ class _REPOTrainerMixin:
         # "auto" resolved for this data and run length, as re-po train resolves it (the
         # arguments rule out held-out labels and cross-fitting, which TRL's loop lacks)
         self.estep = estep_settings(config, self.likelihood, self.noise, labels.num_units, passes)
+        if auto_cross_fit(self.noise, self.likelihood, labels.num_units, passes):
+            warnings.warn(
+                f"{type(self).__name__}: one annotator and {labels.num_units} items, over "
+                f"{passes} pass(es): re-po train's E-step would read cross-fitted scores here "
+                "([em] cross_fit = 'auto', docs/math.md section 13), which TRL's loop, "
+                "training one policy, cannot give; this E-step reads the policy's own "
+                "logits, from which one annotator's eta can drift or stay unidentified "
+                "(docs/training.md); re-po train cross-fits",
+                stacklevel=2,
+            )
         self.online_em = build_online_em(
             config,
             self.noise,
