@@ -246,6 +246,7 @@ def run_grid(
                     "held_out": result.estep.held_out if result.estep else None,
                     "cross_fit": result.estep.cross_fit if result.estep else None,
                     "cross_fit_scorer": result.estep.cross_fit_scorer if result.estep else None,
+                    "policy_calibrate": result.estep.policy_calibrate if result.estep else None,
                     "noise_evident": test.rejected if test else None,
                     "noise_test_items": test.items if test else None,
                     "noise_test_p": round(test.p_value, 6) if test else None,
@@ -546,7 +547,8 @@ def interval_cell(frame: pd.DataFrame, method: str, setting: str) -> str:
 
 def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     """The E-step settings ``method``'s runs resolved to in ``setting``: ``T=20 learned
-    oos``, ``cross-fit test 0.05``, ``cross-fit by dpo`` (scorers of another family;
+    oos``, ``T=1 learned (policy s/T)`` (the policy step's posterior at ``s / T``),
+    ``cross-fit test 0.05``, ``cross-fit by dpo`` (scorers of another family;
     several, joined by ``/``, if runs differ)."""
     rows = _runs(frame, method, setting)
     labels = []
@@ -555,7 +557,8 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     held = rows.held_out if "held_out" in rows else [0.0] * len(rows)
     crossed = rows.cross_fit if "cross_fit" in rows else [False] * len(rows)
     scorers = rows.cross_fit_scorer if "cross_fit_scorer" in rows else [""] * len(rows)
-    for t, calibrate, oos, level, refit, share, cross, scorer, family in zip(
+    policy = rows.policy_calibrate if "policy_calibrate" in rows else [True] * len(rows)
+    for t, calibrate, oos, level, refit, share, cross, scorer, family, whole in zip(
         rows.temperature,
         rows.calibrate,
         rows.out_of_sample,
@@ -565,6 +568,7 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
         crossed,
         scorers,
         rows.family,
+        policy,
         strict=True,
     ):
         if pd.isna(t):
@@ -575,6 +579,8 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
                 parts.append(f"by {scorer}")
         else:
             parts = [f"T={float(t):g}"] + (["learned"] if calibrate else [])
+            if calibrate and not pd.isna(whole) and not bool(whole):
+                parts.append("(policy s/T)")  # [em] policy_calibrate false
             parts += ["oos"] if oos else []
         if not pd.isna(level) and level > 0:
             parts.append(f"test {float(level):g}")

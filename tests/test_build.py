@@ -187,6 +187,39 @@ def test_simpo_learns_no_scale_where_its_step_is_exact(tmp_path, annotators, sec
 
 
 @pytest.mark.parametrize(
+    ("family", "annotators", "passes", "em", "policy_calibrate"),
+    [
+        ("simpo", 3, 1, {}, False),  # one pass of a pool: the policy reads s / T
+        ("simpo", 3, 4, {}, True),  # several: the later passes read a trained policy
+        ("simpo", 1, 1, {}, True),  # no scale learned (first visits): nothing to split
+        ("simpo", 3, 1, {"policy_calibrate": True}, True),  # as given
+        ("simpo", 3, 4, {"policy_calibrate": False}, False),
+        ("dpo", 3, 1, {"calibrate": True}, False),  # a log-odds logit, the "nll" step
+        ("ipo", 3, 1, {}, True),  # the mixture step
+        ("cpo", 3, 1, {}, True),  # "nll", but its logit carries the SFT term's log-probs
+    ],
+)
+def test_one_pass_of_the_nll_step_hands_the_policy_its_posterior_at_s_over_t(
+    tmp_path, family, annotators, passes, em, policy_calibrate
+):
+    from repo.likelihoods import get_likelihood
+    from repo.train.build import build_online_em, estep_settings
+
+    cfg = config(tmp_path, loss={"family": family}, em={"cross_fit": False, **em})
+    likelihood, model = get_likelihood(family), build_noise_model(cfg, annotators)
+    settings = estep_settings(cfg, likelihood, model, 64, passes)
+    assert settings.policy_calibrate is policy_calibrate
+    online = build_online_em(cfg, model, likelihood, num_items=64, settings=settings)
+    assert online.policy_at_temperature is (settings.calibrate and not policy_calibrate)
+
+
+def test_policy_calibrate_takes_true_false_or_auto(tmp_path):
+    assert config(tmp_path).em.policy_calibrate == "auto"
+    with pytest.raises(ConfigError, match=r"\[em\] policy_calibrate must be one of 'auto'"):
+        config(tmp_path, em={"policy_calibrate": "yes"})
+
+
+@pytest.mark.parametrize(
     ("family", "annotators", "noise", "given", "expected"),
     [
         ("dpo", 1, "symmetric", "auto", True),  # one annotator: only unseen labels tell

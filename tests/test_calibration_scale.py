@@ -94,6 +94,41 @@ def test_online_calibration_reaches_the_full_data_fit():
     assert float(online.noise.eta[0]) == pytest.approx(float(full.noise.eta[0]), abs=0.02)
 
 
+def test_the_policy_can_read_s_over_t_while_the_annotators_read_the_learned_scale():
+    # policy_calibrate=False: w and q are the exact posterior at s / T (a closed form
+    # through enumeration), while the annotator statistics and the scale's Newton step
+    # are those of a * s: eta and a move exactly as with policy_calibrate=True
+    from repo.inference.enumeration import enumerate_posterior
+
+    sim = simulate_labels(
+        num_items=400, num_annotators=3, shared_truth=False, eta_range=(0.6, 0.95), seed=7
+    )
+    data = LabelData.from_labels(sim.annotator, sim.label, num_annotators=3)
+    c = torch.as_tensor(sim.scores, dtype=torch.float64)
+    both = OnlineEM(SymmetricFlip(3), alpha=0.5, calibrate=True)
+    split = OnlineEM(SymmetricFlip(3), alpha=0.5, calibrate=True, policy_calibrate=False)
+    assert split.policy_at_temperature and not both.policy_at_temperature
+    for em in (both, split):
+        em.scale = 3.0  # a learned scale far from 1 / T = 1
+    for step, start in enumerate(range(0, 400, 100)):
+        batch = data.subset(torch.arange(start, start + 100))
+        logits = c[batch.unit]
+        shared = both.e_step(logits, batch, step)
+        own = split.e_step(logits, batch, step)
+        posterior = enumerate_posterior(split.noise.e_step_model(), logits, batch)
+        w = split.noise.label_correct(logits, batch, posterior.marginals) * batch.mask
+        torch.testing.assert_close(own.w, w)
+        torch.testing.assert_close(own.q, split.noise.truth_posterior(logits, posterior.marginals))
+        assert own.exact and not shared.exact  # s / T at T = 1: the marginal likelihood's step
+        assert not torch.allclose(own.w, shared.w)
+        both.m_step()
+        split.m_step()
+        assert split.scale == both.scale
+        torch.testing.assert_close(split.noise.eta.detach(), both.noise.eta.detach())
+    hot = OnlineEM(SymmetricFlip(3), calibrate=True, policy_calibrate=False, temperature=4.0)
+    assert not hot.e_step(c[:8], data.subset(torch.arange(8)), 0).exact  # s / 4 is not s
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_online_calibration_undoes_over_confident_scores_in_one_pass(seed):
     # Scores 20 times over-confident (IPO's induced logit is 2h / beta = 20 h at

@@ -109,10 +109,14 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale
         # 512 pairs: too few to hold any out (MIN_HELD_OUT)
         wanted_one = (wanted["temperature"], wanted["calibrate"], one, 0.05, False, 0.0, False, "")
-        assert chosen == wanted_one, family
+        assert chosen[:-1] == wanted_one and chosen.policy_calibrate, family
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
         # several annotators: the refit after each epoch
-        assert pool == (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0, False, "")
+        wanted_pool = (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0, False, "")
+        assert pool[:-1] == wanted_pool, family
+        # the policy's posterior at s / T needs the "nll" step on a log-odds logit with a
+        # learned scale (SimPO's default now); the page's SimPO rows ran the mixture
+        assert pool.policy_calibrate, family
         assert example.default_for(family, "single") == setting + (example.OOS if one else "")
         assert example.default_for(family, "pool") == setting
     shutil.copy(EXAMPLES.parent / "docs/experiments/estep-defaults.csv", tmp_path)

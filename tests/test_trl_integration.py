@@ -635,6 +635,14 @@ def test_one_annotator_refits_eta_on_first_visits_after_each_epoch(
     assert info.get("first_visit_scale") == (None if scale is None else pytest.approx(scale))
 
 
+def test_em_policy_calibrate_takes_true_false_or_auto(rt, tmp_path):
+    assert dpo_config(rt, tmp_path).repo_config().em.policy_calibrate == "auto"
+    given = dpo_config(rt, tmp_path, em_policy_calibrate="false").repo_config()
+    assert given.em.policy_calibrate is False
+    with pytest.raises(ValueError, match="em_policy_calibrate must be 'auto', 'true' or"):
+        dpo_config(rt, tmp_path, em_policy_calibrate="yes")
+
+
 def test_em_out_of_sample_takes_true_false_or_auto(rt, tmp_path):
     assert dpo_config(rt, tmp_path).em_out_of_sample == "auto"
     assert dpo_config(rt, tmp_path, em_out_of_sample="true").repo_config().em.out_of_sample

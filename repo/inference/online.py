@@ -311,6 +311,10 @@ class OnlineEM:
     :param warmup_steps: optimizer steps with ``w`` fixed at the implied reliability.
     :param noise_lr: Adam step size of gradient M-steps.
     :param calibrate: learn the E-step's logit scale ``a`` (starting at ``1 / T``).
+    :param policy_calibrate: with ``calibrate``, the posterior handed to the policy step
+        reads ``a * s`` too; ``False``: it reads ``s / T`` (the annotator statistics,
+        the noise test and the refits still read ``a * s``), so that a scale learned on
+        a still-learning policy's scores does not hand the policy its own beliefs.
     :param out_of_sample: learn the annotator parameters from first visits only
         (module docstring); needs ``num_items``.
     :param num_items: items in the data (the scorer's keys, ``LabelData.unit``); when
@@ -343,6 +347,7 @@ class OnlineEM:
         warmup_steps: int = 0,
         noise_lr: float = 0.05,
         calibrate: bool = False,
+        policy_calibrate: bool = True,
         out_of_sample: bool = False,
         num_items: int | None = None,
         noise_test: float = 0.0,
@@ -377,6 +382,7 @@ class OnlineEM:
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.calibrate = bool(calibrate)
+        self.policy_calibrate = bool(policy_calibrate)
         self.scale = 1.0 / self.temperature
         self.warmup_steps = int(warmup_steps)
         self.label_counts = None if label_counts is None else label_counts.to(torch.float64)
@@ -477,6 +483,11 @@ class OnlineEM:
                 self._add(noise.sufficient_statistics(part, part_posterior.marginals, part_logits))
             if self.calibrate:  # the scale follows the policy's logits on every visit
                 self._add_calibration(logits, q)
+            if self.policy_at_temperature and not crossed:  # the policy's posterior: s / T
+                at_t = logits / self.temperature
+                policy_posterior = enumerate_posterior(noise.e_step_model(), at_t, data)
+                w = noise.label_correct(at_t, data, policy_posterior.marginals) * data.mask
+                q = noise.truth_posterior(at_t, policy_posterior.marginals)
         if learn is not None and not self.closed_form:
             self._accumulate_gradient(learn[1], learn[0])
         self._units += data.num_units if new is None else int(new.sum())
@@ -484,7 +495,15 @@ class OnlineEM:
             w = data.mask.to(w.dtype)
             q = _target_from_w(w, data)
             return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
-        return EStep(q, w, posterior.log_likelihood, exact=self.exact)
+        exact = self.exact or (self.policy_at_temperature and self.temperature == 1.0)
+        return EStep(q, w, posterior.log_likelihood, exact=exact and not crossed)
+
+    @property
+    def policy_at_temperature(self) -> bool:
+        """Whether the policy step's posterior reads ``s / T`` while the annotator
+        statistics read the learned ``a * s`` (``calibrate`` without
+        ``policy_calibrate``)."""
+        return self.calibrate and not self.policy_calibrate
 
     @property
     def posterior_on(self) -> bool:

@@ -238,6 +238,15 @@ class REPOArguments:
             "losses that are not likelihood-style: every loss type but DPO's sigmoid)"
         },
     )
+    em_policy_calibrate: str = field(
+        default="auto",
+        metadata={
+            "help": "with em_calibrate: the policy step's posterior reads the learned scale "
+            "too; 'false': it reads s / temperature while the annotator parameters read the "
+            "learned scale; 'true', 'false' or 'auto' (false with the 'nll' step on DPO's or "
+            "SimPO's logit in one epoch)"
+        },
+    )
     em_out_of_sample: str = field(
         default="auto",
         metadata={
@@ -283,6 +292,11 @@ class REPOArguments:
             ("em_alpha", 0 < self.em_alpha <= 1, "in (0, 1]"),
             ("em_temperature", self.em_temperature >= 0, ">= 0 (0: the loss's default)"),
             ("em_calibrate", self.em_calibrate in AUTO_BOOL, "'auto', 'true' or 'false'"),
+            (
+                "em_policy_calibrate",
+                self.em_policy_calibrate in AUTO_BOOL,
+                "'auto', 'true' or 'false'",
+            ),
             ("em_out_of_sample", self.em_out_of_sample in AUTO_BOOL, "'auto', 'true' or 'false'"),
             ("em_epoch_m_step", self.em_epoch_m_step in AUTO_BOOL, "'auto', 'true' or 'false'"),
             ("em_warmup_steps", self.em_warmup_steps >= 0, ">= 0"),
@@ -319,6 +333,7 @@ class REPOArguments:
                 temperature=self.em_temperature,
                 warmup_steps=self.em_warmup_steps,
                 calibrate=AUTO_BOOL[self.em_calibrate],
+                policy_calibrate=AUTO_BOOL[self.em_policy_calibrate],
                 out_of_sample=AUTO_BOOL[self.em_out_of_sample],
                 epoch_m_step=AUTO_BOOL[self.em_epoch_m_step],
                 held_out=False,  # TRL's loop trains on every row it is given

@@ -73,6 +73,7 @@ __all__ = [
     "RunParts",
     "auto_cross_fit",
     "auto_pass_refit",
+    "auto_policy_at_temperature",
     "build_likelihood",
     "build_noise",
     "build_online_em",
@@ -498,7 +499,9 @@ class EStepSettings(NamedTuple):
     annotator parameters are refitted on each pass's logits at its end, and the share
     of items held out of training for their refit (``[em] held_out``; 0: none), and
     whether the E-step reads cross-fitted scores (``[em] cross_fit``) and the loss
-    family their scorers train with (``""`` when it does not)."""
+    family their scorers train with (``""`` when it does not), and whether the policy
+    step's posterior reads the learned scale too (``[em] policy_calibrate``; else
+    :math:`s / T`)."""
 
     temperature: float
     calibrate: bool
@@ -508,6 +511,7 @@ class EStepSettings(NamedTuple):
     held_out: float = 0.0
     cross_fit: bool = False
     cross_fit_scorer: str = ""
+    policy_calibrate: bool = True
 
 
 MIN_HELD_OUT = 625
@@ -610,6 +614,32 @@ def auto_pass_refit(
     return one and own and calibrate and passes == 1 and num_items >= MIN_PASS_REFIT
 
 
+def auto_policy_at_temperature(
+    config: TrainConfig, likelihood: PreferenceLikelihood, passes: int
+) -> bool:
+    r"""``[em] policy_calibrate = "auto"``'s false: the policy step's posterior reads
+    :math:`s / T` while the annotator parameters read the learned :math:`a s`, when the
+    step is ``"nll"`` on a family whose logit is a log-odds up to a scale
+    (:attr:`~repo.likelihoods.base.PreferenceLikelihood.default_out_of_sample`: DPO,
+    SimPO; at SimPO's :math:`T = 1` the step is then the gradient of the marginal
+    likelihood of its own model) and the run makes one pass. In one pass every label's
+    posterior is read once, at its first visit, by a policy still learning the task,
+    and the scale learned on those small early scores reads them as confident (5.4
+    after two steps at 512 pairs): the step then trains the policy on its own beliefs
+    (``docs/math.md`` section 5). RE-SimPO with a pool of four annotators at flip rate
+    0.2, 512 pairs, one pass: -0.014 ± 0.013 below SimPO with the learned scale,
+    +0.003 ± 0.006 reading :math:`s` (seeds 10 to 19), and -0.008 ± 0.008 against
+    +0.002 ± 0.005 on fresh seeds 20 to 29, ``eta`` the same (it reads :math:`a s`);
+    holding the E-step's whole scale at 1 instead (``calibrate = false``) was level too
+    but put ``eta`` 0.126 off against 0.040. Over four epochs the later passes read a
+    trained policy, and the learned scale keeps more of the gain (+0.021 ± 0.012
+    against +0.010 ± 0.013 at 0.2, ``eta`` 0.004 against 0.019 off;
+    ``docs/experiments/noise-sweep.md``, "The policy's posterior at s / T in one
+    pass")."""
+    nll = policy_variant(config, likelihood) == "nll"
+    return nll and likelihood.default_out_of_sample and passes == 1
+
+
 def estep_settings(
     config: TrainConfig,
     likelihood: PreferenceLikelihood,
@@ -630,7 +660,10 @@ def estep_settings(
     alone do not identify its reliability: only the policy's scores of labels it has
     not trained on do, docs/math.md section 9) and the family's
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_out_of_sample` says so.
-    ``[em] noise_test`` is taken as given. ``[em] epoch_m_step``'s default: the refit on
+    ``[em] noise_test`` is taken as given. ``[em] policy_calibrate``'s default: the
+    policy step's posterior reads the learned scale too, but where
+    :func:`auto_policy_at_temperature` says it reads :math:`s / T` (a learned scale, the
+    ``"nll"`` step on a log-odds logit, one pass). ``[em] epoch_m_step``'s default: the refit on
     each pass's logits when ``noise`` has several annotators (whose disagreements the
     refit reads with every label at once), or one in a run of one pass that
     :func:`auto_pass_refit` says so for, and the annotator parameters do not learn
@@ -696,6 +729,11 @@ def estep_settings(
         calibrate = likelihood.default_calibrate and not fixed
     else:
         calibrate = bool(em.calibrate)
+    if em.policy_calibrate == "auto":
+        at_temperature = auto_policy_at_temperature(config, likelihood, passes)
+        policy_calibrate = not (calibrate and at_temperature)
+    else:
+        policy_calibrate = bool(em.policy_calibrate)
     if em.epoch_m_step == "auto":
         one_pass = auto_pass_refit(noise, likelihood, num_items, passes, calibrate)
         epoch_m_step = (noise.num_annotators > 1 or one_pass) and not out_of_sample
@@ -707,7 +745,15 @@ def estep_settings(
     else:
         held_out = bool(em.held_out)
     share = em.held_out_share if held_out and em.enabled else 0.0
-    return EStepSettings(temperature, calibrate, out_of_sample, em.noise_test, epoch_m_step, share)
+    return EStepSettings(
+        temperature,
+        calibrate,
+        out_of_sample,
+        em.noise_test,
+        epoch_m_step,
+        share,
+        policy_calibrate=policy_calibrate,
+    )
 
 
 def build_online_em(
@@ -754,6 +800,7 @@ def build_online_em(
         warmup_steps=em.warmup_steps,
         noise_lr=em.noise_lr,
         calibrate=settings.calibrate,
+        policy_calibrate=settings.policy_calibrate,
         out_of_sample=settings.out_of_sample and em.enabled,
         num_items=num_items,
         noise_test=test,

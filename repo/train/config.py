@@ -341,6 +341,17 @@ class EMSection:
             "E-step is then exact, docs/math.md, section 5)"
         ),
     )
+    policy_calibrate: Literal["auto", True, False] = field(
+        default="auto",
+        metadata=_doc(
+            "with calibrate: the policy step's posterior reads the learned scale too; "
+            "false: it reads s / temperature while the annotator parameters read a * s "
+            "(docs/math.md, section 5); 'auto': false with the 'nll' step on a family "
+            "whose logit is a log-odds (PreferenceLikelihood.default_out_of_sample: DPO, "
+            "SimPO) in a run of one pass, where the scale learned on a still-learning "
+            "policy's first scores would hand the policy its own beliefs; else true"
+        ),
+    )
     out_of_sample: Literal["auto", True, False] = field(
         default="auto",
         metadata=_doc(
