@@ -1079,6 +1079,8 @@ class RECPOTrainer(_REPOTrainerMixin, CPOTrainer):
             default_out_of_sample=simpo,
             rewards_fn=lambda s: (args.beta * s.policy_a, args.beta * s.policy_b),
             name=f"trl-cpo:{args.loss_type}",
+            # the SFT term clones every label's response: DPO's scorers, as CPOLikelihood's
+            cross_fit_scorer="dpo" if args.cpo_alpha else "",
         )
         train_dataset = Dataset.from_dict(
             cpo_rows(self._training_units(train_dataset, tokenizer, "train"))

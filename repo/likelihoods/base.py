@@ -293,6 +293,8 @@ class InducedLikelihood(PreferenceLikelihood):
         implicit log-ratios :math:`r = \log\pi_\theta - \log\pi_{\mathrm{ref}}` when
         reference log-probs are present, else the summed policy log-probs.
     :param name: a name for records.
+    :param cross_fit_scorer: the loss family cross-fitted scorers would train with
+        (:attr:`PreferenceLikelihood.cross_fit_scorer`); ``""``: the loss itself.
     """
 
     def __init__(
@@ -307,6 +309,7 @@ class InducedLikelihood(PreferenceLikelihood):
         default_held_out: bool = False,
         rewards_fn: Callable[[PairLogps], tuple[Tensor, Tensor]] | None = None,
         name: str = "induced",
+        cross_fit_scorer: str = "",
     ) -> None:
         if not callable(fn):
             raise ValueError(f"InducedLikelihood: fn must be callable, got {fn!r}")
@@ -325,10 +328,15 @@ class InducedLikelihood(PreferenceLikelihood):
         self._default_held_out = bool(default_held_out)
         self.rewards_fn = rewards_fn
         self.name = name
+        self._cross_fit_scorer = cross_fit_scorer
 
     @property
     def likelihood_style(self) -> bool:
         return self._likelihood_style
+
+    @property
+    def cross_fit_scorer(self) -> str:
+        return self._cross_fit_scorer or self.name
 
     @property
     def default_out_of_sample(self) -> bool:
