@@ -562,7 +562,8 @@ def auto_cross_fit(
     label, flipped ones included. At 8,192 pairs, one pass, ten seeds of the full
     fine-tune, RE-CPO's E-step reading the policy was 0.006 ± 0.022 below CPO at flip
     rate 0.4 and cross-fitted by DPO's scorers 0.304 ± 0.037 above it, ``eta`` 0.005
-    off on average (0.001 and +0.221 at 0.2; 4,096 pairs alike); with LoRA, whose CPO
+    off on average (at 0.2 +0.221 ± 0.023, ``eta`` 0.001 off; 4,096 pairs alike); with
+    LoRA, whose CPO
     adapter learns nothing of the rule in one pass, the policy's scores left ``eta`` at
     0.47-0.51 against a realised 0.60-0.80 and DPO's scorers put it within 0.016
     (``docs/experiments/noise-sweep.md``, "One pass, CPO: DPO's scorers")."""
@@ -628,8 +629,8 @@ def auto_policy_at_temperature(
     after two steps at 512 pairs): the step then trains the policy on its own beliefs
     (``docs/math.md`` section 5). RE-SimPO with a pool of four annotators at flip rate
     0.2, 512 pairs, one pass: -0.014 ± 0.013 below SimPO with the learned scale,
-    +0.003 ± 0.006 reading :math:`s` (seeds 10 to 19), and -0.008 ± 0.008 against
-    +0.002 ± 0.005 on fresh seeds 20 to 29, ``eta`` the same (it reads :math:`a s`);
+    +0.003 ± 0.007 reading :math:`s` (seeds 10 to 19), and -0.008 ± 0.008 against
+    +0.001 ± 0.006 on fresh seeds 20 to 29, ``eta`` the same (it reads :math:`a s`);
     holding the E-step's whole scale at 1 instead (``calibrate = false``) was level too
     but put ``eta`` 0.126 off against 0.040. Over four epochs the later passes read a
     trained policy, and the learned scale keeps more of the gain (+0.021 ± 0.012
