@@ -98,6 +98,15 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     assert re_dpo.cross_fit == False  # noqa: E712 (a numpy bool)
     assert frame.set_index("method").out_of_sample.isna()["DPO"]
     assert sweep.estep_label(frame, "RE-DPO", "clean") == "T=1 oos test 0.05"
+    assert bool(re_dpo.policy_calibrate)  # no learned scale: nothing to split
+    # a run whose policy step read its posterior at s / T under a learned scale says so
+    split = frame.copy()
+    split.loc[split.method == "RE-DPO", ["calibrate", "out_of_sample", "policy_calibrate"]] = [
+        True,
+        False,
+        False,
+    ]
+    assert sweep.estep_label(split, "RE-DPO", "clean") == "T=1 learned (policy s/T) test 0.05"
     # clean labels: the noise test kept the posterior off, so RE-DPO trained as DPO
     assert re_dpo.noise_test == 0.05 and not re_dpo.noise_evident
     assert acc["RE-DPO"] == acc["DPO"]
