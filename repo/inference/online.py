@@ -483,7 +483,8 @@ class OnlineEM:
                 self._add(noise.sufficient_statistics(part, part_posterior.marginals, part_logits))
             if self.calibrate:  # the scale follows the policy's logits on every visit
                 self._add_calibration(logits, q)
-            if self.policy_at_temperature and not crossed:  # the policy's posterior: s / T
+            if self.policy_at_temperature and not crossed and self.posterior_on:
+                # the policy's posterior, s / T (none while it is held back)
                 at_t = logits / self.temperature
                 policy_posterior = enumerate_posterior(noise.e_step_model(), at_t, data)
                 w = noise.label_correct(at_t, data, policy_posterior.marginals) * data.mask
