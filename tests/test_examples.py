@@ -231,6 +231,20 @@ def test_oracle_eta_holds_the_realised_reliabilities():
     assert all(0 <= row["accuracy"] <= 1 for row in rows)
 
 
+def test_ridge_refit_ends_at_the_maximum_where_em_stalls(tmp_path):
+    """examples/ridge_refit.py: on the ridge of test_one_annotator's seed 7 the stalled
+    fit is at 0.74 and the refit at the realised share; a fit is never lower."""
+    example = _load("ridge_refit")
+    row = example.run_one(4000, 0.6, 2.0, 7)
+    assert row["eta_stalled"] > 0.7 and row["objective_gain"] > 1.0
+    assert row["eta_refit"] == pytest.approx(row["realised"], abs=0.01)
+    args = ["--sizes", "300", "--reliabilities", "0.8", "--spreads", "4", "--seeds", "2"]
+    frame = example.main([*args, "--out", str(tmp_path)])
+    assert len(pd.read_csv(tmp_path / "ridge-refit.csv")) == len(frame) == 2
+    assert (frame.objective_gain >= -1e-9).all()
+    assert "MAE refit" in (tmp_path / "ridge-refit-table.md").read_text()
+
+
 def test_first_visit_scores_reads_each_items_first_visit(tmp_path, capsys):
     """examples/first_visit_scores.py: every item is first visited in the first pass,
     block by block, and the summary's shares are those of the block table."""

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from scipy.optimize import minimize_scalar
+from torch import Tensor
 
 from repo.data.simulate import simulate_labels
 from repo.inference.em import fit_em, set_value
-from repo.inference.online import OnlineEM
+from repo.inference.online import OnlineEM, _copy_state
 from repo.inference.profile import eta_profile
 from repo.noise import SymmetricFlip
 from repo.noise.layout import LabelData
@@ -260,11 +261,68 @@ def test_fit_out_of_sample_does_not_stall_where_the_online_update_left_eta():
     assert online.out_of_sample_scale == pytest.approx(20.0, rel=0.15)
 
 
+def _ridge(seed: int, n: int = 4000) -> tuple[Tensor, LabelData, float]:
+    """One annotator, 40% of labels flipped, over truths drawn from ``sigmoid(c)``
+    with ``c ~ N(0, 2^2)``: a calibrated scorer weak enough that the likelihood of
+    ``(eta, a)`` is a long flat ridge. Returns the logits, the labels, the realised
+    share of correct labels."""
+    g = torch.Generator().manual_seed(seed)
+    c = 2 * torch.randn(n, generator=g, dtype=torch.float64)
+    truth = torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(c)
+    correct = torch.rand(n, generator=g, dtype=torch.float64) < 0.6
+    label = torch.where(correct, truth, ~truth).double()
+    data = LabelData.from_labels(torch.zeros(n, dtype=torch.long), label, num_annotators=1)
+    return c, data, float(correct.double().mean())
+
+
+def test_a_refit_reaches_the_profile_maximum_where_em_stalls_on_the_ridge():
+    # From the model's start (eta_init = 0.9) at every scale of REFIT_SCALES, EM stops
+    # by tolerance at eta 0.74, where the ridge is flat; the profile likelihood's
+    # maximum is at 0.60, the realised share of correct labels, and EM started there
+    # stays. The refit keeps the higher of the two.
+    import repo.inference.online as online_module
+
+    c, data, realised = _ridge(seed=7)
+    stalled = SymmetricFlip(1)
+    starts = [_copy_state(stalled)]
+    fits = ((s, CalibratedLogits(c, a)) for s in starts for a in online_module.REFIT_SCALES)
+    before, _ = online_module._best_fit(stalled, fits, data, 1e-6, 500)
+    assert float(stalled.eta.detach()[0]) > 0.7  # the stall this guards against
+
+    noise = SymmetricFlip(1)
+    result, scorer = online_module.fit_calibrated(noise, c, data, starts)
+    profile = eta_profile(c, data.label[:, 0], grid=201, scales=121)
+    assert result.objective > before.objective + 1.0
+    assert result.objective == pytest.approx(float(profile.log_likelihood.max()), abs=1e-2)
+    eta = float(noise.eta.detach()[0])
+    assert eta == pytest.approx(profile.estimate, abs=0.01)
+    assert eta == pytest.approx(realised, abs=0.01)
+    assert float(scorer.scale.detach()) == pytest.approx(1.0, rel=0.1)  # calibrated
+
+
+def test_a_refit_that_converged_is_kept_to_the_digit():
+    # A strong scorer: EM from the model's start reaches the maximum, the profile's
+    # start finds it again, and the fit of the other starts is kept unchanged.
+    import repo.inference.online as online_module
+
+    c, data = _one_annotator(3_000, 0.8, seed=2)
+    alone = SymmetricFlip(1)
+    starts = [_copy_state(alone)]
+    fits = ((s, CalibratedLogits(c, a)) for s in starts for a in online_module.REFIT_SCALES)
+    before, before_scorer = online_module._best_fit(alone, fits, data, 1e-6, 500)
+    noise = SymmetricFlip(1)
+    result, scorer = online_module.fit_calibrated(noise, c, data, starts)
+    assert result.objective == before.objective
+    assert torch.equal(noise.eta.detach(), alone.eta.detach())
+    assert torch.equal(scorer.scale.detach(), before_scorer.scale.detach())
+
+
 def test_fit_out_of_sample_starts_once_where_the_online_update_is_still_at_the_start(
     monkeypatch,
 ):
     # the online update has not moved eta from eta_init: the two starts are one, so the
-    # refit runs EM once per scale of REFIT_SCALES (and once more for the null fit)
+    # refit runs EM once per scale of REFIT_SCALES, once from the profile's maximum and
+    # once more for the null fit
     import repo.inference.online as online_module
 
     c, data = _one_annotator(2_000, 0.8, seed=3)
@@ -278,13 +336,13 @@ def test_fit_out_of_sample_starts_once_where_the_online_update_is_still_at_the_s
     online = OnlineEM(SymmetricFlip(1), out_of_sample=True, num_items=2_000)
     online.e_step(c, data, step=0)  # keeps the first visits; no M-step: eta is eta_init
     online.fit_out_of_sample(data)
-    assert len(calls) == len(online_module.REFIT_SCALES) + 1
+    assert len(calls) == len(online_module.REFIT_SCALES) + 2
     assert isinstance(calls[-1], FixedLogits)  # the null fit of _scores_inform
     online.e_step(c, data, step=1)
     online.noise.load_state_dict(SymmetricFlip(1, eta_init=0.6).state_dict())
     calls.clear()
     online.fit_out_of_sample(data)  # two distinct starts now
-    assert len(calls) == 2 * len(online_module.REFIT_SCALES) + 1
+    assert len(calls) == 2 * len(online_module.REFIT_SCALES) + 2
 
 
 def test_with_a_learned_scale_first_visits_fit_eta_and_every_visit_fits_the_scale():

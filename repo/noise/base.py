@@ -70,6 +70,7 @@ from pyro.nn import PyroModule, PyroParam, PyroSample
 from torch import Tensor
 
 from repo.inference.enumeration import EnumPosterior, marginal_log_likelihood
+from repo.inference.profile import EtaProfile
 from repo.noise.layout import LabelData
 
 EPS = 1e-6
@@ -382,6 +383,21 @@ class NoiseModel(PyroModule):
         return self.model
 
     # -- EM hooks -------------------------------------------------------------
+    def eta_profile(
+        self, logits: Tensor, data: LabelData, *, grid: int = 201, scales: int = 121
+    ) -> EtaProfile | None:
+        """The profile likelihood of the reported reliability at fixed per-item
+        ``logits`` (``(I,)``, read at ``data.unit``; NaN: not scored) read through a
+        Platt scale (:func:`~repo.inference.profile.eta_profile`), where the model and
+        the data are the case it describes; ``None`` (this default) elsewhere.
+
+        A model that returns one has its reported reliability as a parameter named
+        ``eta``: the refits start EM at the profile's maximum too
+        (:func:`~repo.inference.online.fit_calibrated`), and a run's summary reports
+        its interval. ``grid`` and ``scales`` are the profile's grid sizes.
+        """
+        return None
+
     def sufficient_statistics(
         self, data: LabelData, marginals: dict[str, Tensor], logits: Tensor
     ) -> dict[str, Tensor] | None:

@@ -20,6 +20,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from repo.inference.profile import EtaProfile, eta_profile
 from repo.noise.base import NoiseModel, Sizes, beta_map
 from repo.noise.channel import AnnotatorLabels
 from repo.noise.layout import LabelData
@@ -47,6 +48,20 @@ class SymmetricFlip(NoiseModel):
         with pyro.plate("items", data.num_units, dim=-1):
             z = pyro.sample("z", dist.Bernoulli(logits=logits), infer={"enumerate": "parallel"})
             pyro.sample("o", AnnotatorLabels(channel, z, data), obs=data.label)
+
+    def eta_profile(
+        self, logits: Tensor, data: LabelData, *, grid: int = 201, scales: int = 121
+    ) -> EtaProfile | None:
+        """With one annotator and one label per truth unit (the case of
+        :mod:`repo.inference.profile`), the profile likelihood of ``eta`` at the scored
+        units' logits; else ``None``."""
+        if self.num_annotators != 1 or data.shared_truth or data.num_slots != 1:
+            return None
+        unit_logits = logits[data.unit]
+        seen = ~torch.isnan(unit_logits)
+        if not bool(seen.any()):
+            return None
+        return eta_profile(unit_logits[seen], data.label[seen, 0], grid=grid, scales=scales)
 
     def sufficient_statistics(self, data, marginals, logits):
         q1 = self.label_posterior(data, marginals)

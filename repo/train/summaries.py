@@ -40,9 +40,8 @@ from repo.inference.bayes import infer
 from repo.inference.em import EM
 from repo.inference.enumeration import EnumPosterior
 from repo.inference.noise_test import NoiseTest
-from repo.inference.profile import eta_profile
 from repo.likelihoods import PreferenceLikelihood
-from repo.noise import LabelData, NoiseModel, SymmetricFlip
+from repo.noise import LabelData, NoiseModel
 from repo.policy import ModelRecipe
 from repo.scorers import FixedLogits
 from repo.train.config import TrainConfig
@@ -124,18 +123,13 @@ def one_annotator_profile(
 ) -> dict[str, Any] | None:
     """The profile likelihood of ``eta`` (:func:`~repo.inference.profile.eta_profile`)
     at per-item out-of-sample logits (NaN: not scored), the items' first-visit logits
-    or the held-out items' (``source`` names them in the result), when the run has one
-    annotator, per-label truth and the symmetric flip (the only case it describes);
-    else ``None``."""
-    one = noise.num_annotators == 1 and not labels.shared_truth and labels.num_slots == 1
-    if first_visit is None or not one or not isinstance(noise, SymmetricFlip):
+    or the held-out items' (``source`` names them in the result), where the noise model
+    describes it (:meth:`~repo.noise.base.NoiseModel.eta_profile`: the symmetric flip
+    with one annotator and per-label truth); else ``None``."""
+    if first_visit is None:
         return None
-    logits = first_visit[labels.unit]
-    seen = ~torch.isnan(logits)
-    if not bool(seen.any()):
-        return None
-    profile = eta_profile(logits[seen], labels.label[seen, 0], grid=201, scales=121)
-    return {"from": source, **profile.to_dict()}
+    profile = noise.eta_profile(first_visit, labels)
+    return None if profile is None else {"from": source, **profile.to_dict()}
 
 
 def reliability(
