@@ -21,6 +21,7 @@ from repo.noise import SymmetricFlip
 from repo.noise.layout import LabelData
 from repo.train import Trainer
 from repo.train.build import (
+    CROSS_FIT_NOISE_TEST,
     MIN_CROSS_FIT,
     build_likelihood,
     build_trained_policy,
@@ -73,6 +74,28 @@ def test_fit_on_cross_fitted_scores_recovers_eta_and_fixes_the_e_step(eta):
     other.load_state_dict(online.state_dict())
     assert torch.equal(other.cross_fit_logits, online.cross_fit_logits)
     assert other.scale == online.scale and other.posterior_on and not other.calibrate
+
+
+@pytest.mark.parametrize(("seed", "found"), [(0, False), (3, True), (5, True)])
+def test_at_level_one_half_the_posterior_is_on_wherever_the_fit_finds_noise(seed, found):
+    """``auto``'s level on cross-fitted scores (``CROSS_FIT_NOISE_TEST``): with one
+    annotator the statistic is half a chi-square with one degree of freedom under "no
+    label is wrong", so the test rejects at 1/2 exactly where it is above 0: where the
+    maximum-likelihood fit puts some label noise (400 labels, 3% flipped: at seed 0 the
+    fit puts none, at seeds 3 and 5 some, p 0.11 and 0.21, which 0.05 does not reject)."""
+    c, _, data = _one_annotator(400, 0.97, seed=seed)
+    half = OnlineEM(SymmetricFlip(1), num_items=400, noise_test=CROSS_FIT_NOISE_TEST, labels=data)
+    half.fit_cross_fitted(c, data)
+    test = half.noise_test_result
+    assert (test.statistic > 0) is found and half.posterior_on is found
+    # P(Lambda >= x) = P(chi2_1 > x) / 2 for x > 0, and 1 at x = 0 (the mass at 0 too)
+    tail = 0.5 * math.erfc(math.sqrt(test.statistic / 2)) if found else 1.0
+    assert test.p_value == pytest.approx(tail)
+    assert (float(half.noise.eta.detach()[0]) < 1 - 1e-4) is found  # the fit's eta below 1
+    strict = OnlineEM(SymmetricFlip(1), num_items=400, noise_test=0.05, labels=data)
+    strict.fit_cross_fitted(c, data)
+    assert not strict.posterior_on  # neither is evidence at 0.05
+    assert strict.noise_test_result.statistic == pytest.approx(test.statistic)
 
 
 def test_cross_fitted_scores_of_clean_or_uninformed_labels_leave_them_as_given():
@@ -137,7 +160,14 @@ def test_cross_fit_settings():
     settings = estep_settings(cfg, ipo, SymmetricFlip(1), 8192, 4)
     assert settings.cross_fit and settings.held_out == 0 and not settings.calibrate
     assert not settings.out_of_sample and not settings.epoch_m_step
-    assert settings.noise_test == cfg.em.noise_test
+    # "auto": on cross-fitted scores of 4,096 items or more, any noise the fit finds
+    # (level 0.5, statistic above 0), 0.05 elsewhere; a level given is taken as given
+    assert cfg.em.noise_test == "auto" and settings.noise_test == 0.5
+    assert estep_settings(cfg, ipo, SymmetricFlip(1), 2048, 4).noise_test == 0.05
+    given = cfg.replace("em", noise_test=0.01)
+    assert estep_settings(given, ipo, SymmetricFlip(1), 8192, 4).noise_test == 0.01
+    reading = cfg.replace("em", cross_fit=False)
+    assert estep_settings(reading, ipo, SymmetricFlip(1), 8192, 4).noise_test == 0.05
     off = cfg.replace("em", cross_fit=False)
     assert not estep_settings(off, ipo, SymmetricFlip(1), 8192, 4).cross_fit
     boltzmann = rule_config("unused", method, seed=0).replace("noise", model="boltzmann")

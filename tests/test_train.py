@@ -88,6 +88,8 @@ def records(n: int = 64, eta=(0.95, 0.8, 0.6), seed: int = 3):
         ({"noise": {"model": "three-coin"}}, "[noise] model: unknown noise model 'three-coin'"),
         ({"loss": {"gamma": 0.3}}, "[loss] gamma does not apply to family 'dpo'"),
         ({"em": {"alpha": 0.0}}, "[em] alpha must be in (0, 1]"),
+        ({"em": {"noise_test": "off"}}, "[em] noise_test must be float | 'auto', got str 'off'"),
+        ({"em": {"noise_test": 1.5}}, "[em] noise_test must be in [0, 1) (0: no test) or 'auto'"),
         ({"model": {"prompt_overflow": "drop"}}, "[model] prompt_overflow must be one of"),
         ({"model": {"recipe": ""}}, "[model] recipe is required"),
     ],
@@ -96,6 +98,12 @@ def test_config_errors_name_section_and_field(tmp_path, sections, message):
     with pytest.raises(ConfigError) as info:
         config(tmp_path, **sections)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "read"), [("auto", "auto"), (0, 0.0), (0.01, 0.01)])
+def test_a_field_of_a_number_or_auto_reads_either(tmp_path, value, read):
+    got = config(tmp_path, em={"noise_test": value}).em.noise_test
+    assert got == read and type(got) is type(read)
 
 
 def test_lora_last_layers_beyond_the_model_is_a_config_error(tmp_path):

@@ -72,6 +72,7 @@ from repo.train.summaries import scored_fit
 __all__ = [
     "RunParts",
     "auto_cross_fit",
+    "auto_noise_test",
     "auto_pass_refit",
     "auto_policy_at_temperature",
     "build_likelihood",
@@ -82,6 +83,8 @@ __all__ = [
     "MIN_CROSS_FIT",
     "MIN_HELD_OUT",
     "MIN_PASS_REFIT",
+    "NOISE_TEST",
+    "CROSS_FIT_NOISE_TEST",
     "build_held_out",
     "build_optimizer",
     "build_pair_tokenizer",
@@ -572,6 +575,45 @@ def auto_cross_fit(
     return one and num_items >= MIN_CROSS_FIT and (passes > 1 or other)
 
 
+NOISE_TEST = 0.05
+"""The noise test's level where ``[em] noise_test = "auto"`` reads the policy's logits
+(:func:`auto_noise_test`; ``docs/math.md`` section 10)."""
+
+CROSS_FIT_NOISE_TEST = 0.5
+r"""The noise test's level where ``[em] noise_test = "auto"`` reads cross-fitted scores
+(:func:`auto_noise_test`): with one annotator, where the likelihood-ratio statistic
+:math:`\Lambda` is above 0 at all (half a chi-square with one degree of freedom, above
+0 with probability 1/2 under "no label is wrong"), i.e. where the maximum-likelihood fit
+finds any noise."""
+
+
+def auto_noise_test(cross_fit: bool, num_items: int) -> float:
+    r"""``[em] noise_test = "auto"``: :data:`NOISE_TEST`, but :data:`CROSS_FIT_NOISE_TEST`
+    where the E-step reads cross-fitted scores of :data:`MIN_CROSS_FIT` items or more:
+    there the posterior reaches the policy wherever the fit finds any noise.
+
+    The test at 0.05 holds the posterior back from a policy that reads its own logits
+    (``docs/math.md`` section 10): one still learning scores labels it has not learned
+    as unlikely, right or wrong, and its ``w < 1`` would hold back exactly those.
+    Cross-fitted scores are fixed before the policy's first step, by scorers that made
+    the run's passes over the other fold, and the posterior they give is the one at
+    the maximum-likelihood :math:`(\hat\eta, \hat a)` on every label at once (section
+    13). Where the scores do not identify :math:`\eta` (its profile interval reaching
+    1) the test at 0.05 cannot reject, yet that posterior still tells the flipped labels
+    from the others: LoRA RE-DPO, four passes over 8,192 pairs at flip rate 0.4, gained
+    +0.074, +0.004, +0.150 and +0.122 over DPO at the four seeds of fourteen whose test
+    had not rejected (p 0.18, 0.08, 0.20 and 0.30; RE-DPO had trained as DPO there),
+    with :math:`\hat\eta` 0.02 to 0.12 above the realised share
+    (``docs/experiments/one-annotator.md``, "Scorers too weak to tell eta"). Where the
+    fit finds no noise (:math:`\Lambda = 0`, the maximum at :math:`\eta = 1`) RE-X
+    trains as X: every clean cross-fitted run measured at 8,192 pairs but one, full
+    fine-tune and LoRA. Not testing at all would switch on there too, with :math:`w = 1`,
+    which leaves DPO and IPO as they are but not CPO, whose posterior step drops its SFT
+    term. Below :data:`MIN_CROSS_FIT` items a scorer is confidently wrong on enough pairs
+    for clean labels to look noisy, and the test keeps :data:`NOISE_TEST`."""
+    return CROSS_FIT_NOISE_TEST if cross_fit and num_items >= MIN_CROSS_FIT else NOISE_TEST
+
+
 MIN_PASS_REFIT = 4096
 r"""The fewest items one annotator's run of one pass is refitted on at its end by
 default (:func:`auto_pass_refit`). The refit reads every item's score once, so its
@@ -661,8 +703,8 @@ def estep_settings(
     alone do not identify its reliability: only the policy's scores of labels it has
     not trained on do, docs/math.md section 9) and the family's
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.default_out_of_sample` says so.
-    ``[em] noise_test`` is taken as given. ``[em] policy_calibrate``'s default: the
-    policy step's posterior reads the learned scale too, but where
+    ``[em] noise_test``'s default: :func:`auto_noise_test`. ``[em] policy_calibrate``'s
+    default: the policy step's posterior reads the learned scale too, but where
     :func:`auto_policy_at_temperature` says it reads :math:`s / T` (a learned scale, the
     ``"nll"`` step on a log-odds logit, one pass). ``[em] epoch_m_step``'s default: the refit on
     each pass's logits when ``noise`` has several annotators (whose disagreements the
@@ -678,8 +720,8 @@ def estep_settings(
     ``held_out_share``, 0 when off or EM is. With ``[em] cross_fit`` (its default
     :func:`auto_cross_fit`) the E-step reads fixed cross-fitted scores at a scale fitted
     to them, so none of these applies: no learned scale, no out-of-sample statistics,
-    no refit and nothing held out; the noise test is taken once, on those scores; the
-    scorers train by ``[em] cross_fit_scorer``, by default the family's
+    no refit and nothing held out; the noise test, where there is one, is taken once, on
+    those scores; the scorers train by ``[em] cross_fit_scorer``, by default the family's
     :attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`. A
     noise model without a latent
     truth has no E-step to tune: its defaults are 1, false and false, no noise test and
@@ -717,7 +759,8 @@ def estep_settings(
                 f"{', '.join(chosen)} cannot apply (set it 'auto' or false, or cross_fit "
                 "false)"
             )
-        return EStepSettings(temperature, False, False, em.noise_test, False, 0.0, True, scorer)
+        test = auto_noise_test(True, num_items) if em.noise_test == "auto" else em.noise_test
+        return EStepSettings(temperature, False, False, test, False, 0.0, True, scorer)
     if em.out_of_sample == "auto":
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
     else:
@@ -750,7 +793,7 @@ def estep_settings(
         temperature,
         calibrate,
         out_of_sample,
-        em.noise_test,
+        auto_noise_test(False, num_items) if em.noise_test == "auto" else em.noise_test,
         epoch_m_step,
         share,
         policy_calibrate=policy_calibrate,

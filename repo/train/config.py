@@ -361,13 +361,17 @@ class EMSection:
             "annotator and a loss whose logit is a log-odds up to a scale (DPO, SimPO)"
         ),
     )
-    noise_test: float = field(
-        default=0.05,
+    noise_test: float | Literal["auto"] = field(
+        default="auto",
         metadata=_doc(
             "level of the likelihood-ratio test of 'no label is wrong' on the scores of each "
             "pass (first visits in the first): until it rejects, w = 1 (RE-X trains as X) "
             "while eta is learned "
-            "(docs/math.md, section 10); 0: the posterior from the first step (the paper's)"
+            "(docs/math.md, section 10); 0: the posterior from the first step (the paper's); "
+            "'auto': 0.05 where the E-step reads the policy, 0.5 where it reads cross-fitted "
+            "scores of 4,096 items or more (their posterior, fixed at the maximum "
+            "likelihood, reaches the policy wherever that fit finds any noise; "
+            "docs/math.md, section 13)"
         ),
     )
     epoch_m_step: Literal["auto", True, False] = field(
@@ -413,7 +417,8 @@ class EMSection:
             "<output_dir>/cross-fit/), and let every E-step read each item's score by the "
             "scorer of the other fold, the annotator parameters and a Platt scale fitted by "
             "EM on those scores once (docs/math.md, section 13); the E-step fields above then "
-            "do not apply but noise_test (one test on those scores); 'auto': with one "
+            "do not apply but noise_test (one test on those scores; 'auto' at 0.5 from 4,096 "
+            "items); 'auto': with one "
             "annotator, a noise model with a latent truth, 4,096 items or more, a family "
             "whose PreferenceLikelihood.default_cross_fit says so (not SimPO), and more than "
             "one epoch or scorers of another loss than the run's (CPO's, by DPO), unless "
@@ -635,7 +640,12 @@ class TrainConfig:
             ("em", "alpha", 0 < self.em.alpha <= 1, "in (0, 1]"),
             ("em", "temperature", self.em.temperature >= 0, ">= 0 (0: the family's default)"),
             ("em", "warmup_steps", self.em.warmup_steps >= 0, ">= 0"),
-            ("em", "noise_test", 0 <= self.em.noise_test < 1, "in [0, 1) (0: no test)"),
+            (
+                "em",
+                "noise_test",
+                self.em.noise_test == "auto" or 0 <= self.em.noise_test < 1,
+                "in [0, 1) (0: no test) or 'auto'",
+            ),
             ("em", "held_out_share", 0 < self.em.held_out_share < 0.5, "in (0, 0.5)"),
             ("em", "noise_lr", self.em.noise_lr > 0, "> 0"),
             ("noise", "eta_init", 0 < self.noise.eta_init < 1, "in (0, 1)"),
@@ -742,6 +752,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_toml(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -777,8 +789,13 @@ def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"{where} must be a list, got {_describe(value)}")
         item = typing.get_args(tp)[0]
         return tuple(_coerce(section, f"{name}[{i}]", item, v) for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
+    if origin in (typing.Union, types.UnionType):  # the first type the value is
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(section, name, member, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {_describe(value)}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {_describe(value)}")
