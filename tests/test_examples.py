@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -212,6 +213,28 @@ def test_one_annotator_lora_traces_both_runs(tmp_path):
     assert steps == row["trace"][-1]["step"]
     # rows without a trace are run again with --trace, rows with one are kept
     assert example.main([*args, "--trace", "2"]) == [row]
+
+
+def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_path, capsys):
+    example = _load("scorer_strength")
+    rows = [{"clean": True}, {"clean": False}, {"clean": True}, {"clean": False}]
+    labels = torch.tensor([1.0, 1.0, 0.0, 0.0])  # A better where a clean label says so
+    assert example.truths(rows, labels).tolist() == [1.0, 0.0, 0.0, 1.0]
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["--pairs", "64", "--epochs", "1", "--seeds", "1", "--runs", str(runs)]
+    frame = example.main([*args, "--out", str(out)])
+    (row,) = frame.to_dict("records")
+    assert 0 <= row["scorer_accuracy"] <= 1 and 0 <= row["top_accuracy"] <= 1
+    assert row["spread"] > 0
+    assert len(row["fold_accuracy"]) == 2 and all(0 <= a <= 1 for a in row["fold_accuracy"])
+    assert 0 < row["eta"] < 1 and 0.5 <= row["eta_true"] <= 1
+    assert (runs / "s1" / "run" / "cross-fit" / "fold-1").is_dir()  # kept
+    assert pd.read_csv(out / "scorer-strength.csv").seed.tolist() == [1]
+    assert "| seed | scorer_accuracy | top_accuracy | spread |" in capsys.readouterr().out
+    # a finished run found there is measured again, not trained again
+    stamp = (runs / "s1" / "run" / "reliability.json").stat().st_mtime_ns
+    again = example.main([*args, "--out", str(out)]).to_dict("records")
+    assert again == [row] and (runs / "s1" / "run" / "reliability.json").stat().st_mtime_ns == stamp
 
 
 def test_oracle_eta_holds_the_realised_reliabilities():
