@@ -24,7 +24,7 @@ seed, the scorers that ``re-po train`` trained, against the truths the rule task
     python examples/scorer_strength.py --seeds 1 2 3 4 5 6 7 8 9 10 11 12 13 14 \
         --runs /tmp/lora-runs --out docs/experiments
     python examples/ridge_refit.py --sizes 8192 --reliabilities 0.6 \
-        --spreads 1.25 1.5 1.75 2.0 2.25 2.5 --out /tmp/ridge   # what each spread allows
+        --spreads 1.25 1.5 1.75 2.25 --seeds 20 --out /tmp/ridge   # what each spread allows
 
 ``--runs`` keeps each seed's folder (``s<seed>/``: the pairs, ``run/`` and its scorers
 under ``run/cross-fit/``) and reuses a finished run found there; without it the runs go
@@ -63,19 +63,20 @@ def truths(rows: list[dict], labels: torch.Tensor) -> torch.Tensor:
 
 def measure(folder: Path, run: Path, rows: list[dict]) -> dict:
     """The scorers' strength in a finished cross-fitted run (module docstring)."""
-    state = load_file(str(RunDir(run).noise_file))
+    run_dir = RunDir(run)
+    state = load_file(str(run_dir.noise_file))
     c = state["cross_fit.logits"].to(torch.float64)  # by item, in units of their rms
-    posteriors = RunDir(run).read_posteriors()
+    posteriors = run_dir.read_posteriors()
     if [p["row"] for p in posteriors] != list(range(len(rows))):
         raise ValueError(f"{run}: expected one label a pair, in the order of the pairs")
     labels = torch.tensor([float(p["label"]) for p in posteriors], dtype=torch.float64)
     truth = truths(rows, labels)
     scale = calibration_scale(c, truth, bounds=(1e-3, 1e3))
-    report = json.loads((run / "reliability.json").read_text())
+    report = run_dir.read_reliability()
     folds = []
     for k in range(FOLDS):
         scores = subprocess.run(
-            [sys.executable, "-m", "repo.cli", "eval", str(RunDir(run).cross_fit_fold(k)),
+            [sys.executable, "-m", "repo.cli", "eval", str(run_dir.cross_fit_fold(k)),
              "--data", "held.jsonl"],
             cwd=folder, check=True, capture_output=True, text=True,
         )  # fmt: skip

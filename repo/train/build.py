@@ -752,14 +752,15 @@ def estep_settings(
         cross_fit = auto_cross_fit(noise, likelihood, num_items, passes, scorer) and not chosen
     else:
         cross_fit = bool(em.cross_fit)
-    if cross_fit and em.enabled:  # the E-step reads fixed scores: nothing else to tune
+    crossed = cross_fit and em.enabled
+    test = auto_noise_test(crossed, num_items) if em.noise_test == "auto" else em.noise_test
+    if crossed:  # the E-step reads fixed scores: nothing else to tune
         if chosen:
             raise ConfigError(
                 f"[em] cross_fit: the E-step reads the folds' fixed scores, so "
                 f"{', '.join(chosen)} cannot apply (set it 'auto' or false, or cross_fit "
                 "false)"
             )
-        test = auto_noise_test(True, num_items) if em.noise_test == "auto" else em.noise_test
         return EStepSettings(temperature, False, False, test, False, 0.0, True, scorer)
     if em.out_of_sample == "auto":
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
@@ -793,7 +794,7 @@ def estep_settings(
         temperature,
         calibrate,
         out_of_sample,
-        auto_noise_test(False, num_items) if em.noise_test == "auto" else em.noise_test,
+        test,
         epoch_m_step,
         share,
         policy_calibrate=policy_calibrate,
