@@ -19,7 +19,9 @@ other (a row of its own, ``"cross_fit_option"``). In one pass over 4,096 pairs o
 RE-IPO's annotator parameters are refitted on the pass's scores at its end by default
 (``[em] epoch_m_step = "auto"``, :func:`repo.train.build.auto_pass_refit`; a row whose run
 did says ``"epoch_m_step": true``); ``--epoch-m-step true`` or ``false`` asks for it or
-not (``"epoch_m_step_option"``).
+not (``"epoch_m_step_option"``). A row whose run took the noise test records its last
+look's p-value and outcome (``"noise_test_p"``; ``"noise_evident"``: whether the
+posterior reached the policy, else RE-X trained as X on the labels as given).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
@@ -213,6 +215,10 @@ def run_one(
                     row["cross_fit_scorer"] = e_step["cross_fit_scorer"]
             if e_step.get("epoch_m_step"):  # the annotator refit ended each pass
                 row["epoch_m_step"] = True
+            test = report.get("noise_test")  # its last look: whether the posterior was on
+            if test is not None:
+                row["noise_test_p"] = round(test["p_value"], 4)
+                row["noise_evident"] = test["rejected"]
             row.update(
                 pairs=pairs,
                 flip_rate=rho,
