@@ -144,6 +144,8 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     assert 0 <= row["plain_accuracy"] <= 1  # DPO on the same pairs, [em] enabled = false
     low, high = row["profile_interval"]
     assert 0.5 <= low <= high <= 1.0
+    # the noise test's last look ("auto": 0.05 where the E-step reads the policy)
+    assert row["noise_evident"] == (row["noise_test_p"] < 0.05)
     path = tmp_path / "one-annotator-lora.json"
     assert json.loads(path.read_text()) == [row]
     # a second call keeps the row, does not repeat its run, and adds the new one
