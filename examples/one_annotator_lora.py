@@ -11,15 +11,16 @@ beside that of DPO trained the same way (``[em] enabled = false``) on the same p
 ``--family ipo`` (or ``simpo``, ``cpo``) runs RE-X against X instead; ``--epochs N``
 makes N passes (one by default, ``re-po train``'s own default). Over several passes at
 4,096 pairs or more RE-DPO's, RE-IPO's and RE-CPO's E-step reads cross-fitted scores by
-default, and RE-CPO's in one pass too (``[em] cross_fit = "auto"``, docs/math.md section
-13, :func:`repo.train.build.auto_cross_fit`; a row that did says
+default, and RE-CPO's and RE-IPO's in one pass too (``[em] cross_fit = "auto"``,
+docs/math.md section 13, :func:`repo.train.build.auto_cross_fit`; a row that did says
 ``"cross_fit": true``, and names its scorers' loss, ``"cross_fit_scorer"``, where it is
 not the family's: DPO for CPO); ``--cross-fit true`` or ``false`` asks for one or the
-other (a row of its own, ``"cross_fit_option"``). In one pass over 4,096 pairs or more
-RE-IPO's annotator parameters are refitted on the pass's scores at its end by default
-(``[em] epoch_m_step = "auto"``, :func:`repo.train.build.auto_pass_refit`; a row whose run
-did says ``"epoch_m_step": true``); ``--epoch-m-step true`` or ``false`` asks for it or
-not (``"epoch_m_step_option"``). A row whose run took the noise test records its last
+other (a row of its own, ``"cross_fit_option"``). Where one pass of RE-IPO over 4,096
+pairs or more reads the policy (``--cross-fit false``), its annotator parameters are
+refitted on the pass's scores at its end by default (``[em] epoch_m_step = "auto"``,
+:func:`repo.train.build.auto_pass_refit`; a row whose run did says ``"epoch_m_step":
+true``); ``--epoch-m-step true`` or ``false`` asks for it or not
+(``"epoch_m_step_option"``). A row whose run took the noise test records its last
 look's p-value and outcome (``"noise_test_p"``; ``"noise_evident"``: whether the
 posterior reached the policy, else RE-X trained as X on the labels as given).
 

@@ -274,8 +274,8 @@ def test_one_pass_of_cpo_cross_fits_by_default_with_dpos_scorers(tmp_path, monke
         assert steps[-1] == math.ceil(48 / cfg.optim.batch_size)  # one pass over its half
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())
     assert report["e_step"]["cross_fit"] and report["e_step"]["cross_fit_scorer"] == "dpo"
-    ipo = rule_config(str(tmp_path / "ipo"), Method("RE-IPO", "ipo", True, {}), seed=1, optim=one)
-    assert not Trainer(ipo, records=records).estep.cross_fit  # its own scores rank pairs
+    dpo = rule_config(str(tmp_path / "dpo"), Method("RE-DPO", "dpo", True, {}), seed=1, optim=one)
+    assert not Trainer(dpo, records=records).estep.cross_fit  # its own scores rank pairs
 
 
 def test_a_cross_fitted_run_resumes_without_training_its_scorers_again(tmp_path):
@@ -328,7 +328,16 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     auto = rule_config("unused", Method("RE-IPO", "ipo", True, {"beta": 0.1}), seed=0)
     assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 4).cross_fit
     assert estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT, 2).cross_fit
-    assert not estep_settings(auto, ipo, SymmetricFlip(1), 8192, 1).cross_fit  # one pass
+    # one pass: IPO's mixture step would train an adapter on its own beliefs; the "nll"
+    # step reads the policy's first visits (DPO's default)
+    assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 1).cross_fit
+    nll = auto.replace("loss", variant="nll")
+    assert not estep_settings(nll, ipo, SymmetricFlip(1), 8192, 1).cross_fit
+    dpo_run = rule_config("unused", Method("RE-DPO", "dpo", True, {}), seed=0)
+    assert not estep_settings(dpo_run, get_likelihood("dpo"), SymmetricFlip(1), 8192, 1).cross_fit
+    mixture = dpo_run.replace("loss", variant="mixture")
+    assert estep_settings(mixture, get_likelihood("dpo"), SymmetricFlip(1), 8192, 1).cross_fit
+    assert not estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT - 1, 1).cross_fit
     assert not estep_settings(auto, ipo, SymmetricFlip(1), MIN_CROSS_FIT - 1, 4).cross_fit
     assert not estep_settings(auto, ipo, SymmetricFlip(3), 8192, 4).cross_fit  # a pool
     assert get_likelihood("dpo").default_cross_fit and not get_likelihood("simpo").default_cross_fit
@@ -341,7 +350,7 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "ipo"
     chosen = auto.replace("em", cross_fit_scorer="SimPO")
     assert estep_settings(chosen, cpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "simpo"
-    assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 1).cross_fit_scorer == ""
+    assert estep_settings(nll, ipo, SymmetricFlip(1), 8192, 1).cross_fit_scorer == ""
     # one pass: cross-fitted only by scorers of another loss than the run's (CPO's, DPO)
     cpo_run = rule_config("unused", Method("RE-CPO", "cpo", True, {}), seed=0)
     one_pass = estep_settings(cpo_run, cpo, SymmetricFlip(1), 8192, 1)
@@ -350,10 +359,10 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     assert not estep_settings(cpo_run, cpo, SymmetricFlip(3), 8192, 1).cross_fit  # a pool
     likelihood_style = get_likelihood("cpo", nll_weight=0.0)  # its own scores rank pairs
     assert not estep_settings(cpo_run, likelihood_style, SymmetricFlip(1), 8192, 1).cross_fit
-    by_dpo = auto.replace("em", cross_fit_scorer="dpo")  # asked for another loss's scorers
+    by_dpo = nll.replace("em", cross_fit_scorer="dpo")  # asked for another loss's scorers
     assert estep_settings(by_dpo, ipo, SymmetricFlip(1), 8192, 1).cross_fit
     assert not estep_settings(
-        auto.replace("em", cross_fit_scorer="ipo"), ipo, SymmetricFlip(1), 8192, 1
+        nll.replace("em", cross_fit_scorer="ipo"), ipo, SymmetricFlip(1), 8192, 1
     ).cross_fit
     with pytest.raises(ConfigError, match=r"\[em\] cross_fit_scorer: unknown loss family 'dpx'"):
         auto.replace("em", cross_fit_scorer="dpx")

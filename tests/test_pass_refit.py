@@ -137,8 +137,13 @@ def test_one_annotator_s_only_pass_ends_with_a_refit_from_min_pass_refit_items()
     from repo.train.build import MIN_PASS_REFIT, build_online_em, estep_settings
 
     ipo = get_likelihood("ipo")
-    auto = rule_config("unused", Method("RE-IPO", "ipo", True, {"beta": 0.1}), seed=0)
+    crossed = rule_config("unused", Method("RE-IPO", "ipo", True, {"beta": 0.1}), seed=0)
     one = SymmetricFlip(1)
+    # by default one pass of RE-IPO reads cross-fitted scores (its mixture step), and
+    # nothing is refitted; reading the policy (cross_fit = false) its pass ends refitted
+    assert estep_settings(crossed, ipo, one, MIN_PASS_REFIT, 1).cross_fit
+    assert not estep_settings(crossed, ipo, one, MIN_PASS_REFIT, 1).epoch_m_step
+    auto = crossed.replace("em", cross_fit=False)
     settings = estep_settings(auto, ipo, one, MIN_PASS_REFIT, 1)
     assert settings.epoch_m_step and settings.calibrate and not settings.out_of_sample
     online = build_online_em(auto, one, ipo, num_items=MIN_PASS_REFIT, settings=settings)

@@ -576,8 +576,8 @@ def test_one_annotators_only_epoch_ends_with_the_refit_as_in_re_po_train(rt, tmp
 def test_a_run_re_po_train_would_cross_fit_says_so(rt, tmp_path, monkeypatch):
     """TRL's loop trains one policy, so it has no cross-fitted scores: where ``re-po
     train``'s ``[em] cross_fit = "auto"`` would take them (one annotator, enough items,
-    several epochs, or one of CPO with its SFT term), the trainer warns and reads the
-    policy."""
+    several epochs, or one of CPO with its SFT term or of IPO's mixture step), the
+    trainer warns and reads the policy."""
     import repo.train.build as build
 
     monkeypatch.setattr(build, "MIN_CROSS_FIT", 8)  # the tiny data: 8 items
@@ -592,9 +592,11 @@ def test_a_run_re_po_train_would_cross_fit_says_so(rt, tmp_path, monkeypatch):
         cpo = _train(rt, tmp_path, one, "cpo", num_train_epochs=1)
     assert cpo.likelihood.cross_fit_scorer == "dpo"  # its SFT term, as CPOLikelihood's
     assert cpo.e_step_settings()["epoch_m_step"] is False  # no refit of its own scores
+    with pytest.warns(UserWarning, match=r"8 items, over 1 pass\(es\)"):  # IPO's mixture
+        _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*cross-fitted scores")
-        _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=1)  # its own scores
+        _train(rt, tmp_path, one, num_train_epochs=1)  # DPO reads its own first visits
         monkeypatch.setattr(build, "MIN_CROSS_FIT", 9)
         _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=2)  # too few items
 

@@ -618,9 +618,10 @@ class _REPOTrainerMixin:
         # "auto" resolved for this data and run length, as re-po train resolves it (the
         # arguments rule out held-out labels and cross-fitting, which TRL's loop lacks)
         self.estep = estep_settings(config, self.likelihood, self.noise, labels.num_units, passes)
-        if auto_cross_fit(self.noise, self.likelihood, labels.num_units, passes):
+        items = labels.num_units
+        if auto_cross_fit(self.noise, self.likelihood, items, passes, variant=self.policy_step):
             warnings.warn(
-                f"{type(self).__name__}: one annotator and {labels.num_units} items, over "
+                f"{type(self).__name__}: one annotator and {items} items, over "
                 f"{passes} pass(es): re-po train's E-step would read cross-fitted scores here "
                 "([em] cross_fit = 'auto', docs/math.md section 13), which TRL's loop, "
                 "training one policy, cannot give; this E-step reads the policy's own "

@@ -169,7 +169,8 @@ class PreferenceLikelihood:
     def default_cross_fit(self) -> bool:
         r"""Whether one annotator's E-step reads cross-fitted scores by default (``[em]
         cross_fit = "auto"``, over several passes at :data:`~repo.train.build.MIN_CROSS_FIT`
-        items or more, or one where :attr:`cross_fit_scorer` is another loss;
+        items or more, or one where :attr:`cross_fit_scorer` is another loss or the
+        policy step is the mixture;
         ``docs/math.md`` section 13): when scorers trained by the loss
         on half the items learn enough of the task for their scores to identify
         ``eta``. By default yes (DPO and IPO; with LoRA at 8,192 pairs, flip rate 0.4:

@@ -421,8 +421,9 @@ class EMSection:
             "items); 'auto': with one "
             "annotator, a noise model with a latent truth, 4,096 items or more, a family "
             "whose PreferenceLikelihood.default_cross_fit says so (not SimPO), and more than "
-            "one epoch or scorers of another loss than the run's (CPO's, by DPO), unless "
-            "calibrate, out_of_sample, epoch_m_step or held_out is set to true"
+            "one epoch, scorers of another loss than the run's (CPO's, by DPO) or the "
+            "mixture policy step (IPO's), unless calibrate, out_of_sample, epoch_m_step or "
+            "held_out is set to true"
         ),
     )
     cross_fit_scorer: str = field(
