@@ -762,8 +762,8 @@ def estep_settings(
     # what the E-step's reading of the policy's own logits needs, asked for by name
     chosen = [name for name in REPLACED_BY_CROSS_FIT if getattr(em, name) is True]
     scorer = em.cross_fit_scorer.strip().lower() or likelihood.cross_fit_scorer
+    variant = policy_variant(config, likelihood)
     if em.cross_fit == "auto":
-        variant = policy_variant(config, likelihood)
         cross_fit = auto_cross_fit(noise, likelihood, num_items, passes, scorer, variant)
         cross_fit = cross_fit and not chosen
     else:
@@ -786,7 +786,7 @@ def estep_settings(
         # the "nll" step with first-visit annotator statistics: the refit on first visits
         # learns a scale of its own, and a learned E-step scale above 1 would make the
         # step train the policy on its own beliefs (docs/math.md, section 5)
-        fixed = out_of_sample and policy_variant(config, likelihood) == "nll"
+        fixed = out_of_sample and variant == "nll"
         calibrate = likelihood.default_calibrate and not fixed
     else:
         calibrate = bool(em.calibrate)
