@@ -496,8 +496,7 @@ class OnlineEM:
             w = data.mask.to(w.dtype)
             q = _target_from_w(w, data)
             return EStep(q, w, posterior.log_likelihood, exact=False, held_back=True)
-        exact = self.exact or (self.policy_at_temperature and self.temperature == 1.0)
-        return EStep(q, w, posterior.log_likelihood, exact=exact and not crossed)
+        return EStep(q, w, posterior.log_likelihood, exact=self.exact)
 
     @property
     def policy_at_temperature(self) -> bool:
@@ -551,9 +550,15 @@ class OnlineEM:
 
     @property
     def exact(self) -> bool:
-        """Whether the E-step reads the scorer's logits as they are (scale 1, not learned;
-        not the cross-fitted scores of :meth:`fit_cross_fitted`, another scorer's)."""
-        return self.scale == 1.0 and not self.calibrate and self.cross_fit_logits is None
+        """Whether the policy step's posterior is the exact posterior of the policy's own
+        logits at the current annotator parameters, so that the step may be taken as the
+        gradient of the marginal likelihood (:attr:`EStep.exact`): the E-step reads the
+        logits as they are (scale 1, not learned), or the step's posterior reads
+        ``s / T`` at ``T = 1`` (:attr:`policy_at_temperature`); never the cross-fitted
+        scores of :meth:`fit_cross_fitted`, another scorer's."""
+        as_they_are = self.scale == 1.0 and not self.calibrate
+        at_one = self.policy_at_temperature and self.temperature == 1.0
+        return (as_they_are or at_one) and self.cross_fit_logits is None
 
     def calibrated(self, logits: Tensor) -> Tensor:
         """The logits the E-step reads: ``a * logits`` (``a = 1 / T`` unless learned)."""
