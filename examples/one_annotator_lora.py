@@ -14,15 +14,17 @@ makes N passes (one by default, ``re-po train``'s own default). Over several pas
 default, and RE-CPO's and RE-IPO's in one pass too (``[em] cross_fit = "auto"``,
 docs/math.md section 13, :func:`repo.train.build.auto_cross_fit`; a row that did says
 ``"cross_fit": true``, and names its scorers' loss, ``"cross_fit_scorer"``, where it is
-not the family's: DPO for CPO); ``--cross-fit true`` or ``false`` asks for one or the
-other (a row of its own, ``"cross_fit_option"``). Where one pass of RE-IPO over 4,096
-pairs or more reads the policy (``--cross-fit false``), its annotator parameters are
-refitted on the pass's scores at its end by default (``[em] epoch_m_step = "auto"``,
+not the family's: DPO for CPO, and how far the scores tell the truths,
+``"scorer_accuracy"`` and ``"scorer_agreement"``, :func:`scorer_strength`);
+``--cross-fit true`` or ``false`` asks for one or the other (a row of its own,
+``"cross_fit_option"``). Where one pass of RE-IPO over 4,096 pairs or more reads the
+policy (``--cross-fit false``), its annotator parameters are refitted on the pass's
+scores at its end by default (``[em] epoch_m_step = "auto"``,
 :func:`repo.train.build.auto_pass_refit`; a row whose run did says ``"epoch_m_step":
 true``); ``--epoch-m-step true`` or ``false`` asks for it or not
-(``"epoch_m_step_option"``). A row whose run took the noise test records its last
-look's p-value and outcome (``"noise_test_p"``; ``"noise_evident"``: whether the
-posterior reached the policy, else RE-X trained as X on the labels as given).
+(``"epoch_m_step_option"``). A row whose run took the noise test records its last look's
+p-value and outcome (``"noise_test_p"``; ``"noise_evident"``: whether the posterior
+reached the policy, else RE-X trained as X on the labels as given).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
     python examples/one_annotator_lora.py --flip-rates 0.2 --out docs/experiments   # 3 more
@@ -38,6 +40,8 @@ posterior reached the policy, else RE-X trained as X on the labels as given).
         --cross-fit true --out /tmp/x               # [em] cross_fit asked for
     python examples/one_annotator_lora.py --family ipo --pairs 4096 --flip-rates 0.2 0.4 \
         --epoch-m-step false --out /tmp/x           # no refit ending the one pass
+    python examples/one_annotator_lora.py --markers 8 --epochs 4 --flip-rates 0.4 \
+        --seeds 101 102 103 --out /tmp/x            # another rule task: 8 marker words
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
@@ -55,7 +59,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from repo.data.rule_pairs import rule_pairs
+import torch
+from safetensors.torch import load_file
+
+from repo.data.rule_pairs import RulePairs, rule_pairs
+from repo.train.run_dir import RunDir
 
 CONFIG = """[model]
 recipe = "tiny-llama"
@@ -177,6 +185,7 @@ def run_one(
     trace: int = 0,
     variant: str = "default",
     asked: dict[str, str] | None = None,
+    markers: int = 4,
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
@@ -184,9 +193,11 @@ def run_one(
     (:func:`trace_of`, every ``trace`` steps) as ``trace`` and ``plain_trace``.
     ``variant``: RE-X's ``[loss] variant`` (X's run is the same whatever it is), kept
     in the row when not ``"default"``; ``asked``: RE-X's ``[em]`` fields of :data:`ASKED`
-    given a value, each kept as ``<field>_option`` when not ``"auto"``."""
-    data = rule_pairs(pairs, [1 - rho], seed=seed, markers=4)
-    held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=4)
+    given a value, each kept as ``<field>_option`` when not ``"auto"``; ``markers``: the
+    rule task's marker words a side (:func:`~repo.data.rule_pairs.rule_pairs`), kept in
+    the row when not 4."""
+    data = rule_pairs(pairs, [1 - rho], seed=seed, markers=markers)
+    held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=markers)
     row = dict(row or {})
     with tempfile.TemporaryDirectory(prefix="re-po-lora-") as tmp:
         folder = Path(tmp)
@@ -203,6 +214,8 @@ def run_one(
                 row["family"] = family
             if variant != "default":
                 row["variant"] = variant
+            if markers != 4:
+                row["markers"] = markers
             for name, value in (asked or {}).items():
                 if value != "auto":
                     row[f"{name}_option"] = value
@@ -212,6 +225,7 @@ def run_one(
             e_step = report.get("e_step") or {}
             if e_step.get("cross_fit"):  # the E-step read the folds' scores
                 row["cross_fit"] = True
+                row.update(scorer_strength(run, data))
                 if e_step.get("cross_fit_scorer", family) != family:  # scorers of another loss
                     row["cross_fit_scorer"] = e_step["cross_fit_scorer"]
             if e_step.get("epoch_m_step"):  # the annotator refit ended each pass
@@ -236,14 +250,37 @@ def run_one(
     return row
 
 
+def scorer_strength(run: Path, data: RulePairs) -> dict:
+    """How far the cross-fitted scores of a finished run ``run`` (on ``data``'s pairs,
+    one label each) tell the truths: ``scorer_accuracy``, the share of the pairs whose
+    score's sign is the true preference, and ``scorer_agreement``, the share whose
+    score's sign is the label (what a fit can see: under the symmetric flip it is
+    ``(1 - eta) + (2 eta - 1) * scorer_accuracy``)."""
+    run_dir = RunDir(run)
+    c = load_file(str(run_dir.noise_file))["cross_fit.logits"].to(torch.float64)  # by item
+    posteriors = run_dir.read_posteriors()  # a label a pair, in the pairs' order
+    if [p["row"] for p in posteriors] != list(range(len(data.rows))) or len(c) != len(data.rows):
+        raise ValueError(f"{run}: expected one label a pair, in the order of the pairs")
+    label = torch.tensor([float(p["label"]) for p in posteriors], dtype=torch.float64)
+    clean = torch.tensor([bool(r["clean"]) for r in data.rows])
+    truth = (clean == (label == 1)).to(torch.float64)  # 1: A is truly better
+    said = (c > 0).to(torch.float64)
+    return {
+        "scorer_accuracy": round(float((said == truth).double().mean()), 4),
+        "scorer_agreement": round(float((said == label).double().mean()), 4),
+    }
+
+
 def _key(row: dict) -> tuple:
     """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
     row names none), the ``[em]`` fields of :data:`ASKED` asked for (``"auto"`` where a
-    row names none), pairs, passes (one where a row names none), flip rate, seed."""
+    row names none), marker words (4 where a row names none), pairs, passes (one where a
+    row names none), flip rate, seed."""
     return (
         row.get("family", "dpo"),
         row.get("variant", "default"),
         *(row.get(f"{name}_option", "auto") for name in ASKED),
+        row.get("markers", 4),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -255,6 +292,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pairs", type=int, default=8192)
+    parser.add_argument(
+        "--markers",
+        type=int,
+        default=4,
+        help="marker words a side of the rule task (rows of another count than 4 are rows "
+        "of their own)",
+    )
     parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--family", default="dpo", choices=["dpo", "ipo", "simpo", "cpo"])
@@ -293,6 +337,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "family": args.family,
                 "variant": args.variant,
                 **{f"{name}_option": value for name, value in asked.items()},
+                "markers": args.markers,
                 "pairs": args.pairs,
                 "epochs": args.epochs,
                 "flip_rate": rho,
@@ -312,6 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 trace=args.trace,
                 variant=args.variant,
                 asked=asked,
+                markers=args.markers,
             )
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -189,12 +189,19 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     (new,) = [r for r in crossed if r.get("cross_fit_option") == "true"]
     assert [r for r in crossed if r is not new] == step
     assert new["cross_fit"] is True and new["epochs"] == 2 and 0.5 <= new["eta"] <= 1
+    # with the scorers' strength against the truths the task knows, and against the labels
+    assert 0 <= new["scorer_accuracy"] <= 1 and 0 <= new["scorer_agreement"] <= 1
+    assert "scorer_accuracy" not in rows[1]  # one pass of 32 pairs reads the policy
     # and so is [em] epoch_m_step asked for: one pass of 32 pairs ends with the refit
     refit = example.main([*args, "--family", "ipo", "--epoch-m-step", "true"])
     (one,) = [r for r in refit if r.get("epoch_m_step_option") == "true"]
     assert [r for r in refit if r is not one] == crossed
     assert one["epoch_m_step"] is True and "epochs" not in one and 0.5 <= one["eta"] <= 1
     assert "epoch_m_step" not in rows[1]  # 32 pairs: "auto" ends the pass with none
+    # another rule task (marker words a side) is a row of its own, and says so
+    other = example.main([*args, "--family", "ipo", "--markers", "2"])
+    (two,) = [r for r in other if r.get("markers") == 2]
+    assert [r for r in other if r is not two] == refit and 0.5 <= two["eta"] <= 1
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):
