@@ -160,10 +160,13 @@ def test_cross_fit_settings():
     settings = estep_settings(cfg, ipo, SymmetricFlip(1), 8192, 4)
     assert settings.cross_fit and settings.held_out == 0 and not settings.calibrate
     assert not settings.out_of_sample and not settings.epoch_m_step
-    # "auto": on cross-fitted scores of 4,096 items or more, any noise the fit finds
-    # (level 0.5, statistic above 0), 0.05 elsewhere; a level given is taken as given
+    # "auto": on cross-fitted scores of 4,096 items or more over several passes, any noise
+    # the fit finds (level 0.5, statistic above 0), 0.05 elsewhere; a level given is taken
+    # as given
     assert cfg.em.noise_test == "auto" and settings.noise_test == 0.5
     assert estep_settings(cfg, ipo, SymmetricFlip(1), 2048, 4).noise_test == 0.05
+    # in one pass the plain loss does not memorise the flipped labels: 0.05 there too
+    assert estep_settings(cfg, ipo, SymmetricFlip(1), 8192, 1).noise_test == 0.05
     given = cfg.replace("em", noise_test=0.01)
     assert estep_settings(given, ipo, SymmetricFlip(1), 8192, 4).noise_test == 0.01
     off = cfg.replace("em", cross_fit=False)

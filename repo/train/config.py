@@ -369,9 +369,9 @@ class EMSection:
             "while eta is learned "
             "(docs/math.md, section 10); 0: the posterior from the first step (the paper's); "
             "'auto': 0.05 where the E-step reads the policy, 0.5 where it reads cross-fitted "
-            "scores of 4,096 items or more (their posterior, fixed at the maximum "
-            "likelihood, reaches the policy wherever that fit finds any noise; "
-            "docs/math.md, section 13)"
+            "scores of 4,096 items or more in a run of several epochs (their posterior, "
+            "fixed at the maximum likelihood, reaches the policy wherever that fit finds "
+            "any noise; docs/math.md, section 13)"
         ),
     )
     epoch_m_step: Literal["auto", True, False] = field(
@@ -418,7 +418,7 @@ class EMSection:
             "scorer of the other fold, the annotator parameters and a Platt scale fitted by "
             "EM on those scores once (docs/math.md, section 13); the E-step fields above then "
             "do not apply but noise_test (one test on those scores; 'auto' at 0.5 from 4,096 "
-            "items); 'auto': with one "
+            "items over several epochs); 'auto': with one "
             "annotator, a noise model with a latent truth, 4,096 items or more, a family "
             "whose PreferenceLikelihood.default_cross_fit says so (not SimPO), and more than "
             "one epoch, scorers of another loss than the run's (CPO's, by DPO) or the "
