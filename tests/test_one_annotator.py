@@ -370,3 +370,43 @@ def test_with_a_learned_scale_first_visits_fit_eta_and_every_visit_fits_the_scal
     online.fit_out_of_sample(data)
     assert float(online.noise.eta.detach()[0]) == pytest.approx(eta, abs=2e-3)
     assert online.out_of_sample_scale == pytest.approx(first_scale, rel=1e-2)
+
+
+def test_the_profile_grid_takes_back_the_threads_single_thread_holds(monkeypatch):
+    # looks and refits run under single_thread(); the profile's grid over every label
+    # runs on the threads torch had outside it (all_threads), and the block restores one
+    import repo.inference.online as online_module
+    from repo.inference.online import all_threads, single_thread
+
+    c, data = _one_annotator(2_000, 0.7, seed=4)
+    outside = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        profile = SymmetricFlip.eta_profile
+
+        def counting(self, *args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return profile(self, *args, **kwargs)
+
+        monkeypatch.setattr(SymmetricFlip, "eta_profile", counting)
+        with single_thread():
+            assert torch.get_num_threads() == 1
+            with all_threads():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+            inside, _ = online_module.fit_calibrated(
+                SymmetricFlip(1), c, data, [_copy_state(SymmetricFlip(1))]
+            )
+            assert torch.get_num_threads() == 1
+        assert seen == [2] and torch.get_num_threads() == 2
+        with all_threads():  # outside single_thread: as it is
+            assert torch.get_num_threads() == 2
+        # the same fit as with one thread throughout
+        torch.set_num_threads(1)
+        alone, _ = online_module.fit_calibrated(
+            SymmetricFlip(1), c, data, [_copy_state(SymmetricFlip(1))]
+        )
+        assert inside.objective == pytest.approx(alone.objective, rel=1e-12)
+    finally:
+        torch.set_num_threads(outside)

@@ -141,6 +141,7 @@ __all__ = [
     "SCALE_STEP",
     "EStep",
     "OnlineEM",
+    "all_threads",
     "fit_calibrated",
     "fit_from_starts",
     "fit_minibatch_em",
@@ -156,6 +157,10 @@ SCALE_STEP = 4.0
 """Most the E-step's learned logit scale changes in one optimizer step (a factor)."""
 
 
+_THREADS_OUTSIDE: list[int] = []
+"""The intra-op threads torch had outside each :func:`single_thread` block now open."""
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Run small-tensor work on one CPU thread.
@@ -163,13 +168,33 @@ def single_thread() -> Iterator[None]:
     The E-step handles a few hundred numbers; torch's intra-op thread pool costs more
     than it saves there (on a busy machine, milliseconds per operation while threads
     wait for a core), so the noise-model work runs single-threaded and the
-    setting is restored afterwards.
+    setting is restored afterwards. Work inside that is large enough to gain from the
+    pool takes it back with :func:`all_threads`.
     """
     threads = torch.get_num_threads()
-    if threads == 1:
+    _THREADS_OUTSIDE.append(threads)
+    try:
+        if threads != 1:
+            torch.set_num_threads(1)
+        yield
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+        _THREADS_OUTSIDE.pop()
+
+
+@contextlib.contextmanager
+def all_threads() -> Iterator[None]:
+    """Inside :func:`single_thread`, the intra-op threads torch had outside it (else as
+    it is): for the few operations over every label at once, such as the profile
+    likelihood's grid of ``eta`` and scales (:meth:`~repo.noise.NoiseModel.eta_profile`,
+    tens of millions of values), which one thread takes seconds over."""
+    threads = torch.get_num_threads()
+    outside = _THREADS_OUTSIDE[-1] if _THREADS_OUTSIDE else threads
+    if outside == threads:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(outside)
     try:
         yield
     finally:
@@ -1139,7 +1164,8 @@ def fit_calibrated(
         for start, scale in itertools.product(starts, REFIT_SCALES)
     )
     best, scorer = _best_fit(noise, fits, data, tol, max_iter)
-    profile = noise.eta_profile(logits, data)
+    with all_threads():
+        profile = noise.eta_profile(logits, data)
     if profile is None:
         return best, scorer
     fitted = _copy_state(noise)
