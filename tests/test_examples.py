@@ -240,10 +240,22 @@ def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_pat
     assert (runs / "s1" / "run" / "cross-fit" / "fold-1").is_dir()  # kept
     assert pd.read_csv(out / "scorer-strength.csv").seed.tolist() == [1]
     assert "| seed | scorer_accuracy | top_accuracy | spread |" in capsys.readouterr().out
+    # the calibration table: each tenth by |c|, the scores' sign against truths and labels
+    c = torch.linspace(-2, 2, 40, dtype=torch.float64)
+    truth = (c > 0).to(torch.float64)  # every sign right
+    labels = 1 - truth  # every label against it
+    tenths = example.calibration(c, truth, labels, 1.0, 0.8)
+    assert [t["tenth"] for t in tenths] == list(range(1, 11))
+    assert all(t["right"] == 1.0 and t["agree"] == 0.0 for t in tenths)
+    for t in tenths:  # the fit's agreement: (1 - eta) + (2 eta - 1) sigma(a |c|)
+        assert t["fit_agree"] == pytest.approx(0.2 + 0.6 * t["platt"], abs=1e-3)
+    assert tenths[0]["abs_c_low"] <= tenths[0]["abs_c_high"] <= tenths[-1]["abs_c_low"]
     # a finished run found there is measured again, not trained again
     stamp = (runs / "s1" / "run" / "reliability.json").stat().st_mtime_ns
-    again = example.main([*args, "--out", str(out)]).to_dict("records")
+    again = example.main([*args, "--out", str(out), "--calibration"]).to_dict("records")
     assert again == [row] and (runs / "s1" / "run" / "reliability.json").stat().st_mtime_ns == stamp
+    table = pd.read_csv(out / "scorer-calibration.csv")
+    assert table.seed.tolist() == [1] * 10 and table.tenth.tolist() == list(range(1, 11))
 
 
 def test_oracle_eta_holds_the_realised_reliabilities():
