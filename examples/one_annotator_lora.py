@@ -23,7 +23,8 @@ scores at its end by default (``[em] epoch_m_step = "auto"``,
 :func:`repo.train.build.auto_pass_refit`; a row whose run did says ``"epoch_m_step":
 true``); ``--epoch-m-step true`` or ``false`` asks for it or not
 (``"epoch_m_step_option"``). A row whose run took the noise test records its last look's
-p-value and outcome (``"noise_test_p"``; ``"noise_evident"``: whether the posterior
+p-value, level and outcome (``"noise_test_p"``; ``"noise_test_level"``: the level of
+that look, the test's divided by the number of looks; ``"noise_evident"``: whether the posterior
 reached the policy, else RE-X trained as X on the labels as given).
 
     python examples/one_annotator_lora.py --out docs/experiments        # 6 pairs of runs
@@ -233,6 +234,7 @@ def run_one(
             test = report.get("noise_test")  # its last look: whether the posterior was on
             if test is not None:
                 row["noise_test_p"] = round(test["p_value"], 4)
+                row["noise_test_level"] = round(test["level"], 6)  # the look's: Bonferroni
                 row["noise_evident"] = test["rejected"]
             row.update(
                 pairs=pairs,

@@ -145,7 +145,8 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     low, high = row["profile_interval"]
     assert 0.5 <= low <= high <= 1.0
     # the noise test's last look ("auto": 0.05 where the E-step reads the policy)
-    assert row["noise_evident"] == (row["noise_test_p"] < 0.05)
+    assert row["noise_evident"] == (row["noise_test_p"] < row["noise_test_level"])
+    assert row["noise_test_level"] == 0.05  # 32 pairs: one look, at the pass's end
     path = tmp_path / "one-annotator-lora.json"
     assert json.loads(path.read_text()) == [row]
     # a second call keeps the row, does not repeat its run, and adds the new one
