@@ -252,24 +252,36 @@ def run_one(
     return row
 
 
+def truths(rows: list[dict], labels: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` 1.0 where response A is truly better: the label where it is clean."""
+    clean = torch.tensor([bool(r["clean"]) for r in rows])
+    return (clean == (labels == 1)).to(torch.float64)
+
+
+def cross_fitted_scores(run: Path, rows: list[dict]) -> tuple[torch.Tensor, ...]:
+    """``(c, labels, truths)`` of a finished cross-fitted run ``run`` on the pairs
+    ``rows`` (one label each): each pair's cross-fitted score (in units of their rms),
+    its label (1: A preferred) and :func:`truths`, ``(n,)`` each in the pairs' order."""
+    run_dir = RunDir(run)
+    c = load_file(str(run_dir.noise_file))["cross_fit.logits"].to(torch.float64)  # by item
+    posteriors = run_dir.read_posteriors()  # a label a pair, in the pairs' order
+    if [p["row"] for p in posteriors] != list(range(len(rows))) or len(c) != len(rows):
+        raise ValueError(f"{run}: expected one label a pair, in the order of the pairs")
+    labels = torch.tensor([float(p["label"]) for p in posteriors], dtype=torch.float64)
+    return c, labels, truths(rows, labels)
+
+
 def scorer_strength(run: Path, data: RulePairs) -> dict:
     """How far the cross-fitted scores of a finished run ``run`` (on ``data``'s pairs,
     one label each) tell the truths: ``scorer_accuracy``, the share of the pairs whose
     score's sign is the true preference, and ``scorer_agreement``, the share whose
     score's sign is the label (what a fit can see: under the symmetric flip it is
     ``(1 - eta) + (2 eta - 1) * scorer_accuracy``)."""
-    run_dir = RunDir(run)
-    c = load_file(str(run_dir.noise_file))["cross_fit.logits"].to(torch.float64)  # by item
-    posteriors = run_dir.read_posteriors()  # a label a pair, in the pairs' order
-    if [p["row"] for p in posteriors] != list(range(len(data.rows))) or len(c) != len(data.rows):
-        raise ValueError(f"{run}: expected one label a pair, in the order of the pairs")
-    label = torch.tensor([float(p["label"]) for p in posteriors], dtype=torch.float64)
-    clean = torch.tensor([bool(r["clean"]) for r in data.rows])
-    truth = (clean == (label == 1)).to(torch.float64)  # 1: A is truly better
+    c, labels, truth = cross_fitted_scores(run, data.rows)
     said = (c > 0).to(torch.float64)
     return {
         "scorer_accuracy": round(float((said == truth).double().mean()), 4),
-        "scorer_agreement": round(float((said == label).double().mean()), 4),
+        "scorer_agreement": round(float((said == labels).double().mean()), 4),
     }
 
 

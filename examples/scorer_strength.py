@@ -55,22 +55,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_annotator_lora as lora  # noqa: E402
+from one_annotator_lora import cross_fitted_scores, truths  # noqa: E402, F401 (truths: re-exported)
 
 from repo.data.rule_pairs import rule_pairs  # noqa: E402
 from repo.diagnostics.report import markdown_table  # noqa: E402
 from repo.scorers import calibration_scale  # noqa: E402
 from repo.train.cross_fit import FOLDS  # noqa: E402
 from repo.train.run_dir import RunDir  # noqa: E402
-
-
-def truths(rows: list[dict], labels: torch.Tensor) -> torch.Tensor:
-    """``(n,)`` 1.0 where response A is truly better: the label where it is clean."""
-    clean = torch.tensor([bool(r["clean"]) for r in rows])
-    return (clean == (labels == 1)).to(torch.float64)
 
 
 def calibration(
@@ -104,13 +98,7 @@ def measure(folder: Path, run: Path, rows: list[dict]) -> dict:
     """The scorers' strength in a finished cross-fitted run (module docstring), with its
     :func:`calibration` table (``"calibration"``)."""
     run_dir = RunDir(run)
-    state = load_file(str(run_dir.noise_file))
-    c = state["cross_fit.logits"].to(torch.float64)  # by item, in units of their rms
-    posteriors = run_dir.read_posteriors()
-    if [p["row"] for p in posteriors] != list(range(len(rows))):
-        raise ValueError(f"{run}: expected one label a pair, in the order of the pairs")
-    labels = torch.tensor([float(p["label"]) for p in posteriors], dtype=torch.float64)
-    truth = truths(rows, labels)
+    c, labels, truth = cross_fitted_scores(run, rows)  # c in units of their rms
     scale = calibration_scale(c, truth, bounds=(1e-3, 1e3))
     report = run_dir.read_reliability()
     folds = []
