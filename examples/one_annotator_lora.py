@@ -43,6 +43,8 @@ reached the policy, else RE-X trained as X on the labels as given).
         --epoch-m-step false --out /tmp/x           # no refit ending the one pass
     python examples/one_annotator_lora.py --markers 8 --epochs 4 --flip-rates 0.4 \
         --seeds 101 102 103 --out /tmp/x            # another rule task: 8 marker words
+    python examples/one_annotator_lora.py --family ipo --folds 4 --flip-rates 0.4 \
+        --out /tmp/x                                # scorers on 3/4 of the pairs each
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
@@ -78,6 +80,7 @@ variant = "{variant}"
 [em]
 enabled = {em}
 cross_fit = {cross_fit}
+cross_fit_folds = {folds}
 epoch_m_step = {epoch_m_step}
 [optim]
 learning_rate = 2e-3
@@ -90,8 +93,9 @@ seed = {seed}
 """
 """The run's config: the defaults, the loss family (and RE-X's policy step, ``[loss]
 variant``), LoRA's learning rate, the passes, ``[em] enabled`` (RE-X) or not (X,
-the paired baseline), and the ``[em]`` fields of :data:`ASKED` (``"auto"`` unless
-``--cross-fit`` and ``--epoch-m-step`` say).
+the paired baseline), the ``[em]`` fields of :data:`ASKED` (``"auto"`` unless
+``--cross-fit`` and ``--epoch-m-step`` say) and the cross-fitted scorers' folds (``--folds``,
+2 by default).
 With ``--trace`` the held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
@@ -127,11 +131,13 @@ def _train_and_eval(
     trace: int = 0,
     variant: str = "default",
     asked: dict[str, str] | None = None,
+    folds: int = 2,
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
     steps during training; ``variant`` is ``[loss] variant``, ``asked`` the ``[em]``
-    fields of :data:`ASKED` given a value (the others ``"auto"``; :data:`CONFIG`)."""
+    fields of :data:`ASKED` given a value (the others ``"auto"``), ``folds`` ``[em]
+    cross_fit_folds`` (:data:`CONFIG`)."""
     asked = {name: "auto" for name in ASKED} | (asked or {})
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
@@ -144,6 +150,7 @@ def _train_and_eval(
         epochs=epochs,
         eval="held.jsonl" if trace else "",
         every=trace,
+        folds=folds,
         **{name: '"auto"' if value == "auto" else value for name, value in asked.items()},
     )
     config.write_text(text)
@@ -187,6 +194,7 @@ def run_one(
     variant: str = "default",
     asked: dict[str, str] | None = None,
     markers: int = 4,
+    folds: int = 2,
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
@@ -196,7 +204,8 @@ def run_one(
     in the row when not ``"default"``; ``asked``: RE-X's ``[em]`` fields of :data:`ASKED`
     given a value, each kept as ``<field>_option`` when not ``"auto"``; ``markers``: the
     rule task's marker words a side (:func:`~repo.data.rule_pairs.rule_pairs`), kept in
-    the row when not 4."""
+    the row when not 4; ``folds``: RE-X's ``[em] cross_fit_folds``, kept in the row
+    (``"cross_fit_folds"``) when not 2."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=markers)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=markers)
     row = dict(row or {})
@@ -206,7 +215,7 @@ def run_one(
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row or (trace and "trace" not in row):
             run, accuracy = _train_and_eval(
-                folder, True, seed, family, epochs, trace, variant, asked
+                folder, True, seed, family, epochs, trace, variant, asked, folds
             )
             if trace:
                 row["trace"] = trace_of(run)
@@ -217,6 +226,8 @@ def run_one(
                 row["variant"] = variant
             if markers != 4:
                 row["markers"] = markers
+            if folds != 2:
+                row["cross_fit_folds"] = folds
             for name, value in (asked or {}).items():
                 if value != "auto":
                     row[f"{name}_option"] = value
@@ -288,13 +299,15 @@ def scorer_strength(run: Path, data: RulePairs) -> dict:
 def _key(row: dict) -> tuple:
     """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
     row names none), the ``[em]`` fields of :data:`ASKED` asked for (``"auto"`` where a
-    row names none), marker words (4 where a row names none), pairs, passes (one where a
-    row names none), flip rate, seed."""
+    row names none), marker words (4 where a row names none), the cross-fitted scorers'
+    folds (2 where a row names none), pairs, passes (one where a row names none), flip
+    rate, seed."""
     return (
         row.get("family", "dpo"),
         row.get("variant", "default"),
         *(row.get(f"{name}_option", "auto") for name in ASKED),
         row.get("markers", 4),
+        row.get("cross_fit_folds", 2),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -312,6 +325,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=4,
         help="marker words a side of the rule task (rows of another count than 4 are rows "
         "of their own)",
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=2,
+        help="RE-X's [em] cross_fit_folds (rows of another count than 2 are rows of their own)",
     )
     parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -352,6 +371,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "variant": args.variant,
                 **{f"{name}_option": value for name, value in asked.items()},
                 "markers": args.markers,
+                "cross_fit_folds": args.folds,
                 "pairs": args.pairs,
                 "epochs": args.epochs,
                 "flip_rate": rho,
@@ -372,6 +392,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 variant=args.variant,
                 asked=asked,
                 markers=args.markers,
+                folds=args.folds,
             )
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

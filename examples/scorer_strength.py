@@ -63,7 +63,6 @@ from one_annotator_lora import cross_fitted_scores, truths  # noqa: E402, F401 (
 from repo.data.rule_pairs import rule_pairs  # noqa: E402
 from repo.diagnostics.report import markdown_table  # noqa: E402
 from repo.scorers import calibration_scale  # noqa: E402
-from repo.train.cross_fit import FOLDS  # noqa: E402
 from repo.train.run_dir import RunDir  # noqa: E402
 
 
@@ -102,9 +101,9 @@ def measure(folder: Path, run: Path, rows: list[dict]) -> dict:
     scale = calibration_scale(c, truth, bounds=(1e-3, 1e3))
     report = run_dir.read_reliability()
     folds = []
-    for k in range(FOLDS):
+    for k in range(report["e_step"]["cross_fit_folds"]):
         scores = subprocess.run(
-            [sys.executable, "-m", "repo.cli", "eval", str(run_dir.cross_fit_fold(k)),
+            [sys.executable, "-m", "repo.cli", "eval", str(run_dir.cross_fit_scorer(k)),
              "--data", "held.jsonl"],
             cwd=folder, check=True, capture_output=True, text=True,
         )  # fmt: skip

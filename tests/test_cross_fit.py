@@ -29,7 +29,7 @@ from repo.train.build import (
     model_recipe,
 )
 from repo.train.config import ConfigError, LossSection
-from repo.train.cross_fit import fold_config, fold_records, item_folds
+from repo.train.cross_fit import fold_config, item_folds, scorer_records
 from repo.train.evaluate import item_scores
 from repo.train.run_dir import RunDir
 
@@ -143,11 +143,12 @@ def test_sign_agreement_counts_the_labels_the_scores_favour():
     assert math.isnan(sign_agreement(torch.zeros(4, dtype=torch.float64), data))
 
 
-def test_item_folds_split_the_items_in_halves_drawn_from_the_seed():
-    fold = item_folds(101, seed=3)
+def test_item_folds_split_the_items_in_folds_drawn_from_the_seed():
+    fold = item_folds(101, seed=3, folds=2)
     assert sorted(torch.bincount(fold).tolist()) == [50, 51]
-    assert torch.equal(fold, item_folds(101, seed=3))
-    assert not torch.equal(fold, item_folds(101, seed=4))
+    assert torch.equal(fold, item_folds(101, seed=3, folds=2))
+    assert not torch.equal(fold, item_folds(101, seed=4, folds=2))
+    assert sorted(torch.bincount(item_folds(101, seed=3, folds=4)).tolist()) == [25, 25, 25, 26]
 
 
 def test_cross_fit_settings():
@@ -172,20 +173,30 @@ def test_cross_fit_settings():
     off = cfg.replace("em", cross_fit=False)
     reading = estep_settings(off, ipo, SymmetricFlip(1), 8192, 4)
     assert not reading.cross_fit and reading.noise_test == 0.05
+    # the folds: two by default, as many as asked for; fewer than two refused by name
+    assert settings.cross_fit_folds == 2 and reading.cross_fit_folds == 0
+    four = estep_settings(cfg.replace("em", cross_fit_folds=4), ipo, SymmetricFlip(1), 8192, 4)
+    assert four.cross_fit_folds == 4
+    with pytest.raises(ConfigError, match=r"\[em\] cross_fit_folds"):
+        cfg.replace("em", cross_fit_folds=1).validate()
     boltzmann = rule_config("unused", method, seed=0).replace("noise", model="boltzmann")
     with pytest.raises(ConfigError, match=r"\[em\] cross_fit"):
         estep_settings(boltzmann, ipo, make_noise_model("boltzmann", 1), 8192, 4)
 
 
-def _cross_fit_run(tmp_path, name: str, **run):
+def _cross_fit_run(tmp_path, name: str, folds: int = 2, **run):
     rows = rule_pairs(96, [0.7], seed=4, markers=4).rows
     records = load_preferences(rows, annotator_column="annotator")
-    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em={"cross_fit": True})
+    em = {"cross_fit": True, "cross_fit_folds": folds}
+    method = Method("RE-IPO", "ipo", True, {"beta": 0.1}, em=em)
     cfg = rule_config(str(tmp_path / name), method, seed=1, optim={"epochs": 2})
     return cfg.replace("run", posteriors=True, **run), records
 
 
-def test_a_cross_fitted_run_scores_each_item_by_the_scorer_that_never_saw_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("folds", [2, 3])
+def test_a_cross_fitted_run_scores_each_item_by_the_scorer_that_never_saw_it(
+    tmp_path, monkeypatch, folds
+):
     seen = []
     e_step = OnlineEM.e_step
 
@@ -194,27 +205,29 @@ def test_a_cross_fitted_run_scores_each_item_by_the_scorer_that_never_saw_it(tmp
         return e_step(self, logits, data, step)
 
     monkeypatch.setattr(OnlineEM, "e_step", spy)
-    cfg, records = _cross_fit_run(tmp_path, "run")
+    cfg, records = _cross_fit_run(tmp_path, "run", folds)
     trainer = Trainer(cfg, records=records)
     trainer.train()
     assert seen and all(seen)  # every E-step of the policy's run read the fixed scores
-    fold = item_folds(len(trainer.data.pairs), cfg.run.seed)
-    for k in range(2):
-        scorer = trainer.run_dir.cross_fit_fold(k)
+    assert trainer.estep.cross_fit_folds == folds
+    fold = item_folds(len(trainer.data.pairs), cfg.run.seed, folds)
+    assert sorted(torch.bincount(fold).tolist()) == [96 // folds] * folds
+    for k in range(folds):
+        scorer = trainer.run_dir.cross_fit_scorer(k)
         report = json.loads((scorer / "data_report.json").read_text())
-        assert report["items"] == int((fold == k).sum())  # it trained on its fold alone
+        assert report["items"] == int((fold != k).sum())  # it trained on the other folds
         assert json.loads((scorer / "config.json").read_text())["config"]["em"]["enabled"] is False
-        # its final policy scores the other fold's items as the E-step read them
+        # its final policy scores its fold's items as the E-step read them
         sub = cfg.replace("em", enabled=False).replace("run", output_dir=str(scorer))
         policy = build_trained_policy(sub, RunDir(scorer))
         scores = item_scores(policy, trainer.likelihood, trainer.data)[0]
-        other = fold != k
-        ratio = trainer.em.cross_fit_logits[other] / scores[other]  # 1 / their rms
+        own = fold == k
+        ratio = trainer.em.cross_fit_logits[own] / scores[own]  # 1 / their rms
         torch.testing.assert_close(
             ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-4, atol=0
         )
-    kept = {r.item for r in fold_records(trainer.data, fold, 0)}
-    assert kept == {trainer.data.item_ids[i] for i in (fold == 0).nonzero().reshape(-1).tolist()}
+    kept = {r.item for r in scorer_records(trainer.data, fold, 0)}
+    assert kept == {trainer.data.item_ids[i] for i in (fold != 0).nonzero().reshape(-1).tolist()}
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())
     assert report["e_step"]["cross_fit"] is True
     assert report["eta_profile"]["from"] == "cross_fit_logits"
@@ -240,17 +253,17 @@ def test_scorers_of_another_family_train_by_its_loss_at_its_defaults(tmp_path):
     trainer = Trainer(cfg, records=records)
     trainer.train()
     assert trainer.estep.cross_fit_scorer == "dpo" and trainer.reference is None
-    fold = item_folds(len(trainer.data.pairs), cfg.run.seed)
+    fold = item_folds(len(trainer.data.pairs), cfg.run.seed, 2)
     dpo = build_likelihood(sub, model_recipe(sub))
     for k in range(2):
-        scorer = trainer.run_dir.cross_fit_fold(k)
+        scorer = trainer.run_dir.cross_fit_scorer(k)
         written = json.loads((scorer / "config.json").read_text())["config"]["loss"]
         assert written["family"] == "dpo" and written["nll_weight"] == -1.0
         sub = fold_config(cfg, k, 24, 0.5, "dpo")
         policy = build_trained_policy(sub, RunDir(scorer))
         scores = item_scores(policy, dpo, trainer.data)[0]  # DPO's logit, its reference
-        other = fold != k
-        ratio = trainer.em.cross_fit_logits[other] / scores[other]  # 1 / their rms
+        own = fold == k
+        ratio = trainer.em.cross_fit_logits[own] / scores[own]  # 1 / their rms
         torch.testing.assert_close(
             ratio, torch.full_like(ratio, float(ratio[0])), rtol=1e-4, atol=0
         )
@@ -272,7 +285,7 @@ def test_one_pass_of_cpo_cross_fits_by_default_with_dpos_scorers(tmp_path, monke
     trainer.train()
     assert trainer.estep.cross_fit and trainer.estep.cross_fit_scorer == "dpo"
     for k in range(2):
-        metrics = trainer.run_dir.cross_fit_fold(k) / "metrics.jsonl"
+        metrics = trainer.run_dir.cross_fit_scorer(k) / "metrics.jsonl"
         steps = [json.loads(line)["step"] for line in metrics.open()]
         assert steps[-1] == math.ceil(48 / cfg.optim.batch_size)  # one pass over its half
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())
@@ -316,10 +329,10 @@ def test_cli_run_with_cross_fit(tmp_path):
         '[optim]\nbatch_size = 8\nmax_steps = 4\n[run]\noutput_dir = "run"\nprogress = false\n'
     )
     assert main(["train", str(tmp_path / "run.toml")]) == 0
-    assert (tmp_path / "run" / "cross-fit" / "fold-1" / "adapter").is_dir()
+    assert (tmp_path / "run" / "cross-fit" / "scorer-1" / "adapter").is_dir()
     metrics = [
         json.loads(line)
-        for line in (tmp_path / "run" / "cross-fit" / "fold-0" / "metrics.jsonl").open()
+        for line in (tmp_path / "run" / "cross-fit" / "scorer-0" / "metrics.jsonl").open()
     ]
     assert metrics[-1]["step"] == 2  # max_steps scaled by the fold's half of the units
 

@@ -121,7 +121,7 @@ def test_torchrun_trains_the_cross_fit_scorers_as_one_run_of_two_processes(tmp_p
     assert rank0["parameters"] == rank1["parameters"] and rank0["weights"] == rank1["weights"]
     run = tmp_path / "run"
     for k in (0, 1):
-        fold = run / "cross-fit" / f"fold-{k}"
+        fold = run / "cross-fit" / f"scorer-{k}"
         assert json.loads((fold / "config.json").read_text())["processes"] == 2
         assert (fold / "adapter").is_dir()
     state = load_file(str(run / "noise.safetensors"))

@@ -203,6 +203,12 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     other = example.main([*args, "--family", "ipo", "--markers", "2"])
     (two,) = [r for r in other if r.get("markers") == 2]
     assert [r for r in other if r is not two] == refit and 0.5 <= two["eta"] <= 1
+    # and so are the cross-fitted scorers' folds, which the run's E-step reports
+    three = [*args, "--family", "ipo", "--epochs", "2", "--cross-fit", "true", "--folds", "3"]
+    folds = example.main(three)
+    (cut,) = [r for r in folds if r.get("cross_fit_folds") == 3]
+    assert [r for r in folds if r is not cut] == other
+    assert cut["cross_fit"] is True and 0 <= cut["scorer_accuracy"] <= 1
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):
@@ -238,7 +244,7 @@ def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_pat
     assert row["spread"] > 0
     assert len(row["fold_accuracy"]) == 2 and all(0 <= a <= 1 for a in row["fold_accuracy"])
     assert 0 < row["eta"] < 1 and 0.5 <= row["eta_true"] <= 1
-    assert (runs / "s1" / "run" / "cross-fit" / "fold-1").is_dir()  # kept
+    assert (runs / "s1" / "run" / "cross-fit" / "scorer-1").is_dir()  # kept
     assert pd.read_csv(out / "scorer-strength.csv").seed.tolist() == [1]
     assert "| seed | scorer_accuracy | top_accuracy | spread |" in capsys.readouterr().out
     # the calibration table: each tenth by |c|, the scores' sign against truths and labels

@@ -700,7 +700,7 @@ class OnlineEM:
         does, and RE-X trains as X on the labels as given. So too where the scores agree
         with at most half of the labels (:func:`sign_agreement`): a scorer trained on
         these annotators' labels learns what most of its labels say, so scores learned
-        from them that agree with fewer than half of the other fold's labels learned
+        from them that agree with fewer than half of the labels they never saw learned
         nothing that carries over, and the fit would read the labels as worse than
         chance (one annotator at 64 rule pairs: ``eta`` 0.35 and the policy trained
         against its labels). The scores are kept (:attr:`cross_fit_logits`) in units of

@@ -182,7 +182,7 @@ class PreferenceLikelihood:
     def cross_fit_scorer(self) -> str:
         r"""The loss family the cross-fitted scorers train with (``[em] cross_fit``,
         ``docs/math.md`` section 13); ``[em] cross_fit_scorer`` overrides it. A scorer
-        only ranks the pairs of the other fold, read at a Platt scale fitted to its
+        only ranks the pairs of its fold, which it never saw, read at a Platt scale fitted to its
         scores, so it needs the task learned from noisy labels, not the run's own loss.
         By default the family itself."""
         return self.name

@@ -504,7 +504,8 @@ class EStepSettings(NamedTuple):
     whether the E-step reads cross-fitted scores (``[em] cross_fit``) and the loss
     family their scorers train with (``""`` when it does not), and whether the policy
     step's posterior reads the learned scale too (``[em] policy_calibrate``; else
-    :math:`s / T`)."""
+    :math:`s / T`), and the folds the cross-fitted items are split in (``[em]
+    cross_fit_folds``; 0 when the E-step does not read them)."""
 
     temperature: float
     calibrate: bool
@@ -515,6 +516,7 @@ class EStepSettings(NamedTuple):
     cross_fit: bool = False
     cross_fit_scorer: str = ""
     policy_calibrate: bool = True
+    cross_fit_folds: int = 0
 
 
 MIN_HELD_OUT = 625
@@ -611,7 +613,7 @@ def auto_noise_test(cross_fit: bool, num_items: int, passes: int) -> float:
     (``docs/math.md`` section 10): one still learning scores labels it has not learned
     as unlikely, right or wrong, and its ``w < 1`` would hold back exactly those.
     Cross-fitted scores are fixed before the policy's first step, by scorers that made
-    the run's passes over the other fold, and the posterior they give is the one at
+    the run's passes over the other folds, and the posterior they give is the one at
     the maximum-likelihood :math:`(\hat\eta, \hat a)` on every label at once (section
     13). Where the scores do not identify :math:`\eta` (its profile interval reaching
     1) the test at 0.05 cannot reject, yet that posterior still tells the flipped labels
@@ -794,7 +796,10 @@ def estep_settings(
                 f"{', '.join(chosen)} cannot apply (set it 'auto' or false, or cross_fit "
                 "false)"
             )
-        return EStepSettings(temperature, False, False, test, False, 0.0, True, scorer)
+        return EStepSettings(
+            temperature, False, False, test, False, 0.0, True, scorer,
+            cross_fit_folds=em.cross_fit_folds,
+        )  # fmt: skip
     if em.out_of_sample == "auto":
         out_of_sample = noise.num_annotators == 1 and likelihood.default_out_of_sample
     else:

@@ -412,13 +412,13 @@ class EMSection:
     cross_fit: Literal["auto", True, False] = field(
         default="auto",
         metadata=_doc(
-            "before training, split the items in two folds, train a scorer on each fold's "
-            "labels by the plain loss (the run's model and passes, under "
-            "<output_dir>/cross-fit/), and let every E-step read each item's score by the "
-            "scorer of the other fold, the annotator parameters and a Platt scale fitted by "
-            "EM on those scores once (docs/math.md, section 13); the E-step fields above then "
-            "do not apply but noise_test (one test on those scores; 'auto' at 0.5 from 4,096 "
-            "items over several epochs); 'auto': with one "
+            "before training, split the items in cross_fit_folds folds, train a scorer for "
+            "each fold on the others' labels by the plain loss (the run's model and passes, "
+            "under <output_dir>/cross-fit/), and let every E-step read each item's score by "
+            "its fold's scorer, which never saw it, the annotator parameters and a Platt "
+            "scale fitted by EM on those scores once (docs/math.md, section 13); the E-step "
+            "fields above then do not apply but noise_test (one test on those scores; "
+            "'auto' at 0.5 from 4,096 items over several epochs); 'auto': with one "
             "annotator, a noise model with a latent truth, 4,096 items or more, a family "
             "whose PreferenceLikelihood.default_cross_fit says so (not SimPO), and more than "
             "one epoch, scorers of another loss than the run's (CPO's, by DPO) or the "
@@ -433,6 +433,15 @@ class EMSection:
             "(a [loss] family name); '': the run's family's choice "
             "(PreferenceLikelihood.cross_fit_scorer: its own loss, DPO for CPO with its "
             "SFT term)"
+        ),
+    )
+    cross_fit_folds: int = field(
+        default=2,
+        metadata=_doc(
+            "with cross_fit: the folds the items are split in (>= 2); the scorer of each "
+            "fold trains on the items of the others and scores that fold's, so each trains "
+            "on a share 1 - 1/folds of the items and the scorers cost folds - 1 runs' "
+            "compute (docs/math.md, section 13)"
         ),
     )
     noise_lr: float = field(
@@ -648,6 +657,7 @@ class TrainConfig:
                 "in [0, 1) (0: no test) or 'auto'",
             ),
             ("em", "held_out_share", 0 < self.em.held_out_share < 0.5, "in (0, 0.5)"),
+            ("em", "cross_fit_folds", self.em.cross_fit_folds >= 2, ">= 2"),
             ("em", "noise_lr", self.em.noise_lr > 0, "> 0"),
             ("noise", "eta_init", 0 < self.noise.eta_init < 1, "in (0, 1)"),
             ("optim", "learning_rate", self.optim.learning_rate > 0, "> 0"),

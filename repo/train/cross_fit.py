@@ -4,15 +4,17 @@ A policy that trains on a label fits it, flipped or not, and an E-step that read
 policy's logits then finds the label plausible; with a policy step that follows the
 posterior it can also train the policy on its own beliefs (``docs/math.md`` sections 5
 and 8). Cross-fitting breaks the loop. The items are split at random (from ``[run]
-seed``) into two folds :math:`F_0, F_1`; a scorer is trained on each fold's labels by
-a plain loss (the run's configuration with ``[em] enabled = false``: same model,
-recipe, LoRA or full fine-tuning, passes; the loss the family's own, or the family
+seed``) into :math:`K` folds :math:`F_0, \dots, F_{K-1}` (``[em] cross_fit_folds``, 2
+by default); the scorer :math:`s_k` of fold :math:`k` is trained on the labels of the
+items outside it by a plain loss (the run's configuration with ``[em] enabled =
+false``: same model, recipe, LoRA or full fine-tuning, passes; the loss the family's
+own, or the family
 :attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer` names: DPO for
-CPO with its SFT term), and each item is scored by the scorer of the *other* fold:
+CPO with its SFT term), and each item is scored by its fold's scorer:
 
 .. math::
 
-    c_i = s_{1 - k}(i), \qquad i \in F_k,
+    c_i = s_k(i), \qquad i \in F_k,
 
 the scorer's induced logit under a policy that never saw item :math:`i`. The
 annotator parameters and a Platt scale :math:`a` are fitted to the labels by EM on
@@ -21,12 +23,14 @@ every optimizer step of the run reads :math:`a\,c_i` instead of the policy's log
 the posterior :math:`w` each label gets is fixed before the policy trains, and no step
 can move it.
 
-Each scorer is a run of its own under ``<output_dir>/cross-fit/fold-K/`` (checkpoints
-and final policy, resumed like any run), trained and scored before the policy's first
-step (:meth:`repo.train.trainer.Trainer.cross_fit`, from the pieces here). The cost is
-one more run's compute over the data (each scorer makes the run's passes over half
-the items); the scores of every item are kept in the online EM's state
-(``cross_fit.logits``), so a resumed run does not score again.
+Each scorer is a run of its own under ``<output_dir>/cross-fit/scorer-K/``
+(checkpoints and final policy, resumed like any run), trained and scored before the
+policy's first step (:meth:`repo.train.trainer.Trainer.cross_fit`, from the pieces
+here). The cost is :math:`K - 1` more runs' compute over the data (each scorer makes
+the run's passes over a share :math:`1 - 1/K` of the items); more folds give scorers
+trained on more of the labels, nearer the policy the run trains. The scores of every
+item are kept in the online EM's state (``cross_fit.logits``), so a resumed run does
+not score again.
 """
 
 from __future__ import annotations
@@ -47,25 +51,23 @@ from repo.train.dataset import TrainingData
 from repo.train.evaluate import item_scores
 from repo.train.run_dir import RunDir
 
-__all__ = ["FOLDS", "fold_config", "fold_records", "fold_scores", "item_folds"]
-
-FOLDS = 2
-"""Folds of the items: each scorer trains on half of them."""
+__all__ = ["fold_config", "fold_scores", "item_folds", "scorer_records"]
 
 
-def item_folds(num_items: int, seed: int, folds: int = FOLDS) -> Tensor:
+def item_folds(num_items: int, seed: int, folds: int) -> Tensor:
     """``(I,)`` the fold of every item: a random permutation drawn from ``seed`` alone,
-    dealt round the folds (their sizes differ by at most one)."""
+    dealt round the ``folds`` folds (their sizes differ by at most one)."""
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
     fold = torch.empty(num_items, dtype=torch.long)
     fold[order] = torch.arange(num_items) % folds
     return fold
 
 
-def fold_records(data: TrainingData, fold: Tensor, k: int) -> PreferenceData:
-    """The records of the items of fold ``k`` (``fold``: :func:`item_folds` over
-    ``data``'s items), in their order in ``data.records``."""
-    keep = {data.item_ids[i] for i in (fold == k).nonzero().reshape(-1).tolist()}
+def scorer_records(data: TrainingData, fold: Tensor, k: int) -> PreferenceData:
+    """The records fold ``k``'s scorer trains on: those of the items outside fold ``k``
+    (``fold``: :func:`item_folds` over ``data``'s items), in their order in
+    ``data.records``."""
+    keep = {data.item_ids[i] for i in (fold != k).nonzero().reshape(-1).tolist()}
     return PreferenceData([r for r in data.records if r.item in keep])
 
 
@@ -73,13 +75,13 @@ def fold_config(
     config: TrainConfig, k: int, total_steps: int, share: float, scorer: str = ""
 ) -> TrainConfig:
     """The configuration of fold ``k``'s scorer: the run's, with EM off (the plain loss),
-    no evaluation or trackers, its own run directory (:meth:`RunDir.cross_fit_fold`)
+    no evaluation or trackers, its own run directory (:meth:`RunDir.cross_fit_scorer`)
     and the run's reference cache; as many passes over its items as the run makes over
-    all of them (``[optim] max_steps``, when set, scaled by the fold's ``share`` of the
-    units: ``total_steps`` the run's). ``scorer``: the loss family it trains with, at
+    all of them (``[optim] max_steps``, when set, scaled by the ``share`` of the units
+    it trains on: ``total_steps`` the run's). ``scorer``: the loss family it trains with, at
     that family's defaults (``[loss]`` afresh), when it is not the run's (``""``: the
     run's ``[loss]``)."""
-    out = RunDir(config.output_dir).cross_fit_fold(k)
+    out = RunDir(config.output_dir).cross_fit_scorer(k)
     cache = build_reference_cache(config).directory
     new = config.replace("run", output_dir=str(out), report_to=(), eval_steps=0)
     new = new.replace("em", enabled=False)

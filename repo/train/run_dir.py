@@ -18,7 +18,7 @@ A run directory (``[run] output_dir``) holds::
     posteriors.jsonl     per label at the end: w (label correct), q (A truly better),
                          logit (the item's induced logit), flipped (w < 1/2)
     reference-cache/     reference log-probs (unless [model] reference_cache_dir is set)
-    cross-fit/fold-K/    [em] cross_fit: the run of the scorer trained on fold K's items
+    cross-fit/scorer-K/  [em] cross_fit: the run of fold K's scorer (trained on the others)
     trackers/            [run] report_to: the trackers' logs (TensorBoard: trackers/<name>/)
     export-<mode>.jsonl  what ``re-po export`` writes by default
 
@@ -128,10 +128,11 @@ class RunDir:
         """The default folder of the reference log-prob cache."""
         return self.path / "reference-cache"
 
-    def cross_fit_fold(self, fold: int) -> Path:
-        """The run directory of the scorer trained on fold ``fold``'s items
-        (``[em] cross_fit``): a run of its own, with its checkpoints and final policy."""
-        return self.path / "cross-fit" / f"fold-{fold}"
+    def cross_fit_scorer(self, fold: int) -> Path:
+        """The run directory of fold ``fold``'s scorer (``[em] cross_fit``), trained on
+        the items of the other folds: a run of its own, with its checkpoints and final
+        policy."""
+        return self.path / "cross-fit" / f"scorer-{fold}"
 
     def export_file(self, mode: str) -> Path:
         """Where ``re-po export --mode MODE`` writes by default."""

@@ -76,7 +76,7 @@ from repo.train.checkpoint import (
     restore_training_state,
 )
 from repo.train.config import ConfigError, TrainConfig
-from repo.train.cross_fit import FOLDS, fold_config, fold_records, fold_scores, item_folds
+from repo.train.cross_fit import fold_config, fold_scores, item_folds, scorer_records
 from repo.train.dataset import TrainingData
 from repo.train.evaluate import evaluate_records, label_metrics
 from repo.train.metrics import MetricSums, ProgressBar, add_micro_metrics, parameter_summary
@@ -503,21 +503,24 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def cross_fit(self) -> None:
-        """Fix the E-step on cross-fitted scores (``[em] cross_fit``): train the two
-        folds' scorers (:func:`~repo.train.cross_fit.fold_config` on
-        :func:`~repo.train.cross_fit.fold_records`, each a run of its own), score every
-        item by the one that never saw it (:func:`~repo.train.cross_fit.fold_scores`;
-        the scorers' loss family ``[em] cross_fit_scorer`` or the family's choice)
-        and fit the annotator parameters and the scale to those scores
+        """Fix the E-step on cross-fitted scores (``[em] cross_fit``): split the items in
+        ``[em] cross_fit_folds`` folds, train each fold's scorer on the others
+        (:func:`~repo.train.cross_fit.fold_config` on
+        :func:`~repo.train.cross_fit.scorer_records`, each a run of its own), score each
+        fold's items by its scorer, which never saw them
+        (:func:`~repo.train.cross_fit.fold_scores`; the scorers' loss family ``[em]
+        cross_fit_scorer`` or the family's choice) and fit the annotator parameters and
+        the scale to those scores
         (:meth:`~repo.inference.online.OnlineEM.fit_cross_fitted`). The RNGs are then
         seeded anew, so a run resumed after its scorers finished trains as one that
         never stopped."""
         config, data = self.config, self.data
-        fold = item_folds(len(data.pairs), config.run.seed)
+        folds = self.estep.cross_fit_folds
+        fold = item_folds(len(data.pairs), config.run.seed, folds)
         logits = torch.full((len(data.pairs),), float("nan"), dtype=torch.float64)
         device = self.accelerator.device
-        for k in range(FOLDS):
-            share = float((fold[data.labels.unit] == k).double().mean())
+        for k in range(folds):
+            share = float((fold[data.labels.unit] != k).double().mean())
             sub = fold_config(config, k, self.total_steps, share, self.estep.cross_fit_scorer)
             own = sub.loss == config.loss  # else the scorers' family, at its defaults
             scorer = self.likelihood if own else build_likelihood(sub, model_recipe(sub))
@@ -526,9 +529,9 @@ class Trainer:
             if not (config.run.resume and run.has_final_policy()):
                 resume = config.run.resume and run.latest_checkpoint() is not None
                 sub = sub.replace("run", resume=resume, overwrite=True)
-                Trainer(sub, records=fold_records(data, fold, k)).train()
-            others = (fold != k).nonzero().reshape(-1).tolist()
-            logits[others] = fold_scores(sub, run, scorer, data, others, self.reference, device)
+                Trainer(sub, records=scorer_records(data, fold, k)).train()
+            items = (fold == k).nonzero().reshape(-1).tolist()
+            logits[items] = fold_scores(sub, run, scorer, data, items, self.reference, device)
         self.em.fit_cross_fitted(logits, data.labels)
         self.seed_everything(config.run.seed)
 
