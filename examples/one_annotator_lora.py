@@ -13,8 +13,9 @@ makes N passes (one by default, ``re-po train``'s own default). Over several pas
 4,096 pairs or more RE-DPO's, RE-IPO's and RE-CPO's E-step reads cross-fitted scores by
 default, and RE-CPO's and RE-IPO's in one pass too (``[em] cross_fit = "auto"``,
 docs/math.md section 13, :func:`repo.train.build.auto_cross_fit`; a row that did says
-``"cross_fit": true``, and names its scorers' loss, ``"cross_fit_scorer"``, where it is
-not the family's: DPO for CPO, and how far the scores tell the truths,
+``"cross_fit": true`` and its folds, ``"cross_fit_folds"`` (``--folds`` asks for a
+count: ``"cross_fit_folds_option"``), and names its scorers' loss, ``"cross_fit_scorer"``,
+where it is not the family's: DPO for CPO, and how far the scores tell the truths,
 ``"scorer_accuracy"`` and ``"scorer_agreement"``, :func:`scorer_strength`);
 ``--cross-fit true`` or ``false`` asks for one or the other (a row of its own,
 ``"cross_fit_option"``). Where one pass of RE-IPO over 4,096 pairs or more reads the
@@ -43,8 +44,8 @@ reached the policy, else RE-X trained as X on the labels as given).
         --epoch-m-step false --out /tmp/x           # no refit ending the one pass
     python examples/one_annotator_lora.py --markers 8 --epochs 4 --flip-rates 0.4 \
         --seeds 101 102 103 --out /tmp/x            # another rule task: 8 marker words
-    python examples/one_annotator_lora.py --family ipo --folds 4 --flip-rates 0.4 \
-        --out /tmp/x                                # scorers on 3/4 of the pairs each
+    python examples/one_annotator_lora.py --family ipo --folds 2 --flip-rates 0.4 \
+        --out /tmp/x                                # scorers on half the pairs each
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
@@ -95,7 +96,7 @@ seed = {seed}
 variant``), LoRA's learning rate, the passes, ``[em] enabled`` (RE-X) or not (X,
 the paired baseline), the ``[em]`` fields of :data:`ASKED` (``"auto"`` unless
 ``--cross-fit`` and ``--epoch-m-step`` say) and the cross-fitted scorers' folds (``--folds``,
-2 by default).
+``"auto"`` by default).
 With ``--trace`` the held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
@@ -131,7 +132,7 @@ def _train_and_eval(
     trace: int = 0,
     variant: str = "default",
     asked: dict[str, str] | None = None,
-    folds: int = 2,
+    folds: str = "auto",
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
@@ -150,7 +151,7 @@ def _train_and_eval(
         epochs=epochs,
         eval="held.jsonl" if trace else "",
         every=trace,
-        folds=folds,
+        folds='"auto"' if folds == "auto" else folds,
         **{name: '"auto"' if value == "auto" else value for name, value in asked.items()},
     )
     config.write_text(text)
@@ -194,7 +195,7 @@ def run_one(
     variant: str = "default",
     asked: dict[str, str] | None = None,
     markers: int = 4,
-    folds: int = 2,
+    folds: str = "auto",
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
@@ -205,7 +206,8 @@ def run_one(
     given a value, each kept as ``<field>_option`` when not ``"auto"``; ``markers``: the
     rule task's marker words a side (:func:`~repo.data.rule_pairs.rule_pairs`), kept in
     the row when not 4; ``folds``: RE-X's ``[em] cross_fit_folds``, kept in the row
-    (``"cross_fit_folds"``) when not 2."""
+    (``"cross_fit_folds_option"``) when not ``"auto"``; a cross-fitted run's row records
+    the folds it split the items in (``"cross_fit_folds"``)."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=markers)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=markers)
     row = dict(row or {})
@@ -226,8 +228,8 @@ def run_one(
                 row["variant"] = variant
             if markers != 4:
                 row["markers"] = markers
-            if folds != 2:
-                row["cross_fit_folds"] = folds
+            if folds != "auto":
+                row["cross_fit_folds_option"] = folds
             for name, value in (asked or {}).items():
                 if value != "auto":
                     row[f"{name}_option"] = value
@@ -237,6 +239,7 @@ def run_one(
             e_step = report.get("e_step") or {}
             if e_step.get("cross_fit"):  # the E-step read the folds' scores
                 row["cross_fit"] = True
+                row["cross_fit_folds"] = e_step["cross_fit_folds"]
                 row.update(scorer_strength(run, data))
                 if e_step.get("cross_fit_scorer", family) != family:  # scorers of another loss
                     row["cross_fit_scorer"] = e_step["cross_fit_scorer"]
@@ -300,14 +303,14 @@ def _key(row: dict) -> tuple:
     """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
     row names none), the ``[em]`` fields of :data:`ASKED` asked for (``"auto"`` where a
     row names none), marker words (4 where a row names none), the cross-fitted scorers'
-    folds (2 where a row names none), pairs, passes (one where a row names none), flip
-    rate, seed."""
+    folds asked for (``"auto"`` where a row names none), pairs, passes (one where a row
+    names none), flip rate, seed."""
     return (
         row.get("family", "dpo"),
         row.get("variant", "default"),
         *(row.get(f"{name}_option", "auto") for name in ASKED),
         row.get("markers", 4),
-        row.get("cross_fit_folds", 2),
+        row.get("cross_fit_folds_option", "auto"),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -328,9 +331,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument(
         "--folds",
-        type=int,
-        default=2,
-        help="RE-X's [em] cross_fit_folds (rows of another count than 2 are rows of their own)",
+        default="auto",
+        help="RE-X's [em] cross_fit_folds, a count or 'auto' (rows of a count asked for are "
+        "rows of their own)",
     )
     parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "variant": args.variant,
                 **{f"{name}_option": value for name, value in asked.items()},
                 "markers": args.markers,
-                "cross_fit_folds": args.folds,
+                "cross_fit_folds_option": args.folds,
                 "pairs": args.pairs,
                 "epochs": args.epochs,
                 "flip_rate": rho,

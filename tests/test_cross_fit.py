@@ -173,8 +173,11 @@ def test_cross_fit_settings():
     off = cfg.replace("em", cross_fit=False)
     reading = estep_settings(off, ipo, SymmetricFlip(1), 8192, 4)
     assert not reading.cross_fit and reading.noise_test == 0.05
-    # the folds: two by default, as many as asked for; fewer than two refused by name
+    # the folds: "auto" 2 over several passes, 4 in one; as many as asked for; fewer than
+    # two refused by name
+    assert cfg.em.cross_fit_folds == "auto"
     assert settings.cross_fit_folds == 2 and reading.cross_fit_folds == 0
+    assert estep_settings(cfg, ipo, SymmetricFlip(1), 8192, 1).cross_fit_folds == 4
     four = estep_settings(cfg.replace("em", cross_fit_folds=4), ipo, SymmetricFlip(1), 8192, 4)
     assert four.cross_fit_folds == 4
     with pytest.raises(ConfigError, match=r"\[em\] cross_fit_folds"):
@@ -284,10 +287,12 @@ def test_one_pass_of_cpo_cross_fits_by_default_with_dpos_scorers(tmp_path, monke
     trainer = Trainer(cfg, records=records)
     trainer.train()
     assert trainer.estep.cross_fit and trainer.estep.cross_fit_scorer == "dpo"
-    for k in range(2):
+    assert trainer.estep.cross_fit_folds == 4  # "auto" in one pass
+    for k in range(4):
         metrics = trainer.run_dir.cross_fit_scorer(k) / "metrics.jsonl"
         steps = [json.loads(line)["step"] for line in metrics.open()]
-        assert steps[-1] == math.ceil(48 / cfg.optim.batch_size)  # one pass over its half
+        # one pass over the other three folds' items
+        assert steps[-1] == 72 // cfg.optim.batch_size
     report = json.loads((tmp_path / "run" / "reliability.json").read_text())
     assert report["e_step"]["cross_fit"] and report["e_step"]["cross_fit_scorer"] == "dpo"
     dpo = rule_config(str(tmp_path / "dpo"), Method("RE-DPO", "dpo", True, {}), seed=1, optim=one)
@@ -329,12 +334,15 @@ def test_cli_run_with_cross_fit(tmp_path):
         '[optim]\nbatch_size = 8\nmax_steps = 4\n[run]\noutput_dir = "run"\nprogress = false\n'
     )
     assert main(["train", str(tmp_path / "run.toml")]) == 0
-    assert (tmp_path / "run" / "cross-fit" / "scorer-1" / "adapter").is_dir()
+    # max_steps 4 is under one pass: four folds ("auto"), each scorer's max_steps scaled
+    # by the three quarters of the units it trains on
+    for k in range(4):
+        assert (tmp_path / "run" / "cross-fit" / f"scorer-{k}" / "adapter").is_dir()
     metrics = [
         json.loads(line)
         for line in (tmp_path / "run" / "cross-fit" / "scorer-0" / "metrics.jsonl").open()
     ]
-    assert metrics[-1]["step"] == 2  # max_steps scaled by the fold's half of the units
+    assert metrics[-1]["step"] == 3
 
 
 def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():

@@ -206,9 +206,11 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     # and so are the cross-fitted scorers' folds, which the run's E-step reports
     three = [*args, "--family", "ipo", "--epochs", "2", "--cross-fit", "true", "--folds", "3"]
     folds = example.main(three)
-    (cut,) = [r for r in folds if r.get("cross_fit_folds") == 3]
+    (cut,) = [r for r in folds if r.get("cross_fit_folds_option") == "3"]
     assert [r for r in folds if r is not cut] == other
-    assert cut["cross_fit"] is True and 0 <= cut["scorer_accuracy"] <= 1
+    assert cut["cross_fit"] is True and cut["cross_fit_folds"] == 3  # as the run reports
+    assert new["cross_fit_folds"] == 2  # "auto" over several passes
+    assert 0 <= cut["scorer_accuracy"] <= 1
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):

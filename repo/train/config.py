@@ -435,13 +435,14 @@ class EMSection:
             "SFT term)"
         ),
     )
-    cross_fit_folds: int = field(
-        default=2,
+    cross_fit_folds: int | Literal["auto"] = field(
+        default="auto",
         metadata=_doc(
             "with cross_fit: the folds the items are split in (>= 2); the scorer of each "
             "fold trains on the items of the others and scores that fold's, so each trains "
             "on a share 1 - 1/folds of the items and the scorers cost folds - 1 runs' "
-            "compute (docs/math.md, section 13)"
+            "compute (docs/math.md, section 13); 'auto': 4 in a run of one epoch, where "
+            "scorers on half the items are much weaker than the policy, 2 over several"
         ),
     )
     noise_lr: float = field(
@@ -657,7 +658,12 @@ class TrainConfig:
                 "in [0, 1) (0: no test) or 'auto'",
             ),
             ("em", "held_out_share", 0 < self.em.held_out_share < 0.5, "in (0, 0.5)"),
-            ("em", "cross_fit_folds", self.em.cross_fit_folds >= 2, ">= 2"),
+            (
+                "em",
+                "cross_fit_folds",
+                self.em.cross_fit_folds == "auto" or self.em.cross_fit_folds >= 2,
+                ">= 2 or 'auto'",
+            ),
             ("em", "noise_lr", self.em.noise_lr > 0, "> 0"),
             ("noise", "eta_init", 0 < self.noise.eta_init < 1, "in (0, 1)"),
             ("optim", "learning_rate", self.optim.learning_rate > 0, "> 0"),
