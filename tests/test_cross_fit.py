@@ -182,6 +182,8 @@ def test_cross_fit_settings():
     assert four.cross_fit_folds == 4
     with pytest.raises(ConfigError, match=r"\[em\] cross_fit_folds"):
         cfg.replace("em", cross_fit_folds=1).validate()
+    with pytest.raises(ConfigError, match=r"\[em\] cross_fit_folds: 9 folds of 8 items"):
+        estep_settings(cfg.replace("em", cross_fit_folds=9), ipo, SymmetricFlip(1), 8, 4)
     boltzmann = rule_config("unused", method, seed=0).replace("noise", model="boltzmann")
     with pytest.raises(ConfigError, match=r"\[em\] cross_fit"):
         estep_settings(boltzmann, ipo, make_noise_model("boltzmann", 1), 8192, 4)

@@ -830,6 +830,11 @@ def estep_settings(
             )
         folds = em.cross_fit_folds
         folds = auto_cross_fit_folds(passes) if folds == "auto" else folds
+        if folds > num_items:
+            raise ConfigError(
+                f"[em] cross_fit_folds: {folds} folds of {num_items} items would leave a "
+                "fold without items to score"
+            )
         return EStepSettings(
             temperature, False, False, test, False, 0.0, True, scorer, cross_fit_folds=folds
         )  # fmt: skip

@@ -4,11 +4,11 @@ A policy that trains on a label fits it, flipped or not, and an E-step that read
 policy's logits then finds the label plausible; with a policy step that follows the
 posterior it can also train the policy on its own beliefs (``docs/math.md`` sections 5
 and 8). Cross-fitting breaks the loop. The items are split at random (from ``[run]
-seed``) into :math:`K` folds :math:`F_0, \dots, F_{K-1}` (``[em] cross_fit_folds``, 2
-by default); the scorer :math:`s_k` of fold :math:`k` is trained on the labels of the
-items outside it by a plain loss (the run's configuration with ``[em] enabled =
-false``: same model, recipe, LoRA or full fine-tuning, passes; the loss the family's
-own, or the family
+seed``) into :math:`K` folds :math:`F_0, \dots, F_{K-1}` (``[em] cross_fit_folds``; by
+default four in a run of one pass, two over several); the scorer :math:`s_k` of fold
+:math:`k` is trained on the labels of the items outside it by a plain loss (the run's
+configuration with ``[em] enabled = false``: same model, recipe, LoRA or full
+fine-tuning, passes; the loss the family's own, or the family
 :attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer` names: DPO for
 CPO with its SFT term), and each item is scored by its fold's scorer:
 
