@@ -246,6 +246,7 @@ def run_grid(
                     "held_out": result.estep.held_out if result.estep else None,
                     "cross_fit": result.estep.cross_fit if result.estep else None,
                     "cross_fit_scorer": result.estep.cross_fit_scorer if result.estep else None,
+                    "cross_fit_folds": result.estep.cross_fit_folds if result.estep else None,
                     "policy_calibrate": result.estep.policy_calibrate if result.estep else None,
                     "noise_evident": test.rejected if test else None,
                     "noise_test_items": test.items if test else None,
@@ -548,7 +549,8 @@ def interval_cell(frame: pd.DataFrame, method: str, setting: str) -> str:
 def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     """The E-step settings ``method``'s runs resolved to in ``setting``: ``T=20 learned
     oos``, ``T=1 learned (policy s/T)`` (the policy step's posterior at ``s / T``),
-    ``cross-fit test 0.05``, ``cross-fit by dpo`` (scorers of another family;
+    ``cross-fit test 0.05``, ``cross-fit 4 folds`` (``[em] cross_fit_folds`` other than
+    2), ``cross-fit by dpo`` (scorers of another family;
     several, joined by ``/``, if runs differ)."""
     rows = _runs(frame, method, setting)
     labels = []
@@ -558,7 +560,8 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
     crossed = rows.cross_fit if "cross_fit" in rows else [False] * len(rows)
     scorers = rows.cross_fit_scorer if "cross_fit_scorer" in rows else [""] * len(rows)
     policy = rows.policy_calibrate if "policy_calibrate" in rows else [True] * len(rows)
-    for t, calibrate, oos, level, refit, share, cross, scorer, family, whole in zip(
+    folds = rows.cross_fit_folds if "cross_fit_folds" in rows else [2] * len(rows)
+    for t, calibrate, oos, level, refit, share, cross, scorer, family, whole, k in zip(
         rows.temperature,
         rows.calibrate,
         rows.out_of_sample,
@@ -569,12 +572,15 @@ def estep_label(frame: pd.DataFrame, method: str, setting: str) -> str:
         scorers,
         rows.family,
         policy,
+        folds,
         strict=True,
     ):
         if pd.isna(t):
             continue
         if not pd.isna(cross) and bool(cross):  # the E-step reads the folds' scores
             parts = ["cross-fit"]
+            if not pd.isna(k) and int(k) != 2:  # [em] cross_fit_folds
+                parts.append(f"{int(k)} folds")
             if isinstance(scorer, str) and scorer and scorer != family:
                 parts.append(f"by {scorer}")
         else:

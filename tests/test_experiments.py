@@ -107,6 +107,15 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
         False,
     ]
     assert sweep.estep_label(split, "RE-DPO", "clean") == "T=1 learned (policy s/T) test 0.05"
+    # a cross-fitted run names its folds where they are not two (rows without the column:
+    # two, as every cross-fitted run made before it)
+    assert re_dpo.cross_fit_folds == 0  # the E-step read the policy
+    crossed = frame.copy()
+    crossed.loc[crossed.method == "RE-DPO", ["cross_fit", "cross_fit_folds"]] = [True, 4]
+    assert sweep.estep_label(crossed, "RE-DPO", "clean") == "cross-fit 4 folds test 0.05"
+    assert sweep.estep_label(crossed.drop(columns="cross_fit_folds"), "RE-DPO", "clean") == (
+        "cross-fit test 0.05"
+    )
     # clean labels: the noise test kept the posterior off, so RE-DPO trained as DPO
     assert re_dpo.noise_test == 0.05 and not re_dpo.noise_evident
     assert acc["RE-DPO"] == acc["DPO"]
