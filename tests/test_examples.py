@@ -110,11 +110,12 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         one = family in ("dpo", "simpo")  # one annotator: a log-odds up to a scale
         # 512 pairs: too few to hold any out (MIN_HELD_OUT)
         wanted_one = (wanted["temperature"], wanted["calibrate"], one, 0.05, False, 0.0, False, "")
-        assert chosen[:-1] == wanted_one and chosen.policy_calibrate, family
+        assert chosen[:8] == wanted_one and chosen.policy_calibrate, family
+        assert chosen.cross_fit_folds == 0  # not cross-fitted: no folds
         pool = estep_settings(cfg, get_likelihood(family), SymmetricFlip(4))
         # several annotators: the refit after each epoch
         wanted_pool = (wanted["temperature"], wanted["calibrate"], False, 0.05, True, 0, False, "")
-        assert pool[:-1] == wanted_pool, family
+        assert pool[:8] == wanted_pool, family
         # the policy's posterior at s / T needs the "nll" step on a log-odds logit with a
         # learned scale (SimPO's default now); the page's SimPO rows ran the mixture
         assert pool.policy_calibrate, family
@@ -244,7 +245,8 @@ def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_pat
     (row,) = frame.to_dict("records")
     assert 0 <= row["scorer_accuracy"] <= 1 and 0 <= row["top_accuracy"] <= 1
     assert row["spread"] > 0
-    assert len(row["fold_accuracy"]) == 2 and all(0 <= a <= 1 for a in row["fold_accuracy"])
+    # one pass: four folds ("auto"), a scorer each
+    assert len(row["fold_accuracy"]) == 4 and all(0 <= a <= 1 for a in row["fold_accuracy"])
     assert 0 < row["eta"] < 1 and 0.5 <= row["eta_true"] <= 1
     assert (runs / "s1" / "run" / "cross-fit" / "scorer-1").is_dir()  # kept
     assert pd.read_csv(out / "scorer-strength.csv").seed.tolist() == [1]

@@ -830,7 +830,7 @@ def estep_settings(
             )
         folds = em.cross_fit_folds
         folds = auto_cross_fit_folds(passes) if folds == "auto" else folds
-        if folds > num_items:
+        if 0 < num_items < folds:  # 0: not known yet (the fields' check at build time)
             raise ConfigError(
                 f"[em] cross_fit_folds: {folds} folds of {num_items} items would leave a "
                 "fold without items to score"
