@@ -13,8 +13,8 @@ makes N passes (one by default, ``re-po train``'s own default). Over several pas
 4,096 pairs or more RE-DPO's, RE-IPO's and RE-CPO's E-step reads cross-fitted scores by
 default, and RE-CPO's and RE-IPO's in one pass too (``[em] cross_fit = "auto"``,
 docs/math.md section 13, :func:`repo.train.build.auto_cross_fit`; a row that did says
-``"cross_fit": true`` and its folds, ``"cross_fit_folds"`` (``--folds`` asks for a
-count: ``"cross_fit_folds_option"``), and names its scorers' loss, ``"cross_fit_scorer"``,
+``"cross_fit": true`` and its folds, ``"cross_fit_folds"`` (``--cross-fit-folds`` asks
+for a count: ``"cross_fit_folds_option"``), and names its scorers' loss, ``"cross_fit_scorer"``,
 where it is not the family's: DPO for CPO, and how far the scores tell the truths,
 ``"scorer_accuracy"`` and ``"scorer_agreement"``, :func:`scorer_strength`);
 ``--cross-fit true`` or ``false`` asks for one or the other (a row of its own,
@@ -44,8 +44,8 @@ reached the policy, else RE-X trained as X on the labels as given).
         --epoch-m-step false --out /tmp/x           # no refit ending the one pass
     python examples/one_annotator_lora.py --markers 8 --epochs 4 --flip-rates 0.4 \
         --seeds 101 102 103 --out /tmp/x            # another rule task: 8 marker words
-    python examples/one_annotator_lora.py --family ipo --folds 2 --flip-rates 0.4 \
-        --out /tmp/x                                # scorers on half the pairs each
+    python examples/one_annotator_lora.py --family ipo --cross-fit-folds 2 \
+        --flip-rates 0.4 --out /tmp/x               # scorers on half the pairs each
 
 Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate and seed;
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
@@ -81,7 +81,7 @@ variant = "{variant}"
 [em]
 enabled = {em}
 cross_fit = {cross_fit}
-cross_fit_folds = {folds}
+cross_fit_folds = {cross_fit_folds}
 epoch_m_step = {epoch_m_step}
 [optim]
 learning_rate = 2e-3
@@ -94,17 +94,21 @@ seed = {seed}
 """
 """The run's config: the defaults, the loss family (and RE-X's policy step, ``[loss]
 variant``), LoRA's learning rate, the passes, ``[em] enabled`` (RE-X) or not (X,
-the paired baseline), the ``[em]`` fields of :data:`ASKED` (``"auto"`` unless
-``--cross-fit`` and ``--epoch-m-step`` say) and the cross-fitted scorers' folds (``--folds``,
-``"auto"`` by default).
+the paired baseline), and the ``[em]`` fields of :data:`ASKED` (``"auto"`` unless
+``--cross-fit``, ``--epoch-m-step`` and ``--cross-fit-folds`` say).
 With ``--trace`` the held-out pairs are also scored every ``every`` optimizer steps (``eval`` and
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
 
-ASKED = ("cross_fit", "epoch_m_step")
-"""RE-X's ``[em]`` fields a run may ask for (``"auto"``, ``"true"`` or ``"false"``, from
-``--cross-fit`` and ``--epoch-m-step``); a value other than ``"auto"`` is kept in the row
-as ``<field>_option`` and makes a row of its own (:func:`_key`)."""
+ASKED = {
+    "cross_fit": ("auto", "true", "false"),
+    "epoch_m_step": ("auto", "true", "false"),
+    "cross_fit_folds": None,
+}
+"""RE-X's ``[em]`` fields a run may ask for, each with the values its option takes
+(``--cross-fit``, ``--epoch-m-step``: ``"auto"``, ``"true"`` or ``"false"``;
+``--cross-fit-folds``, ``None``: ``"auto"`` or a count); a value other than ``"auto"``
+is kept in the row as ``<field>_option`` and makes a row of its own (:func:`_key`)."""
 
 TRACED = (
     "noise/evident",
@@ -132,13 +136,11 @@ def _train_and_eval(
     trace: int = 0,
     variant: str = "default",
     asked: dict[str, str] | None = None,
-    folds: str = "auto",
 ) -> tuple[Path, float]:
     """``re-po train`` then ``re-po eval`` on the held-out pairs: the run's folder and its
     held-out accuracy. ``trace > 0`` also scores the held-out pairs every ``trace``
     steps during training; ``variant`` is ``[loss] variant``, ``asked`` the ``[em]``
-    fields of :data:`ASKED` given a value (the others ``"auto"``), ``folds`` ``[em]
-    cross_fit_folds`` (:data:`CONFIG`)."""
+    fields of :data:`ASKED` given a value (the others ``"auto"``; :data:`CONFIG`)."""
     asked = {name: "auto" for name in ASKED} | (asked or {})
     output = "run" if em else "run-plain"
     config = folder / f"{output}.toml"
@@ -151,7 +153,6 @@ def _train_and_eval(
         epochs=epochs,
         eval="held.jsonl" if trace else "",
         every=trace,
-        folds='"auto"' if folds == "auto" else folds,
         **{name: '"auto"' if value == "auto" else value for name, value in asked.items()},
     )
     config.write_text(text)
@@ -195,7 +196,6 @@ def run_one(
     variant: str = "default",
     asked: dict[str, str] | None = None,
     markers: int = 4,
-    folds: str = "auto",
 ) -> dict:
     """RE-X (``[em] enabled = true``) and X on the same pairs, each by ``re-po train``
     then ``re-po eval``, in a temporary folder; one row. Given ``row`` (an earlier run's),
@@ -205,9 +205,8 @@ def run_one(
     in the row when not ``"default"``; ``asked``: RE-X's ``[em]`` fields of :data:`ASKED`
     given a value, each kept as ``<field>_option`` when not ``"auto"``; ``markers``: the
     rule task's marker words a side (:func:`~repo.data.rule_pairs.rule_pairs`), kept in
-    the row when not 4; ``folds``: RE-X's ``[em] cross_fit_folds``, kept in the row
-    (``"cross_fit_folds_option"``) when not ``"auto"``; a cross-fitted run's row records
-    the folds it split the items in (``"cross_fit_folds"``)."""
+    the row when not 4. A cross-fitted run's row records the folds it split the items
+    in (``"cross_fit_folds"``)."""
     data = rule_pairs(pairs, [1 - rho], seed=seed, markers=markers)
     held = rule_pairs(500, [1.0], seed=10_000 + seed, markers=markers)
     row = dict(row or {})
@@ -217,7 +216,7 @@ def run_one(
         _write(folder / "held.jsonl", held.rows)
         if "eta" not in row or (trace and "trace" not in row):
             run, accuracy = _train_and_eval(
-                folder, True, seed, family, epochs, trace, variant, asked, folds
+                folder, True, seed, family, epochs, trace, variant, asked
             )
             if trace:
                 row["trace"] = trace_of(run)
@@ -228,8 +227,6 @@ def run_one(
                 row["variant"] = variant
             if markers != 4:
                 row["markers"] = markers
-            if folds != "auto":
-                row["cross_fit_folds_option"] = folds
             for name, value in (asked or {}).items():
                 if value != "auto":
                     row[f"{name}_option"] = value
@@ -302,15 +299,13 @@ def scorer_strength(run: Path, data: RulePairs) -> dict:
 def _key(row: dict) -> tuple:
     """A row's place: family (DPO's rows name none), policy step (``"default"`` where a
     row names none), the ``[em]`` fields of :data:`ASKED` asked for (``"auto"`` where a
-    row names none), marker words (4 where a row names none), the cross-fitted scorers'
-    folds asked for (``"auto"`` where a row names none), pairs, passes (one where a row
-    names none), flip rate, seed."""
+    row names none), marker words (4 where a row names none), pairs, passes (one where a
+    row names none), flip rate, seed."""
     return (
         row.get("family", "dpo"),
         row.get("variant", "default"),
         *(row.get(f"{name}_option", "auto") for name in ASKED),
         row.get("markers", 4),
-        row.get("cross_fit_folds_option", "auto"),
         row["pairs"],
         row.get("epochs", 1),
         row["flip_rate"],
@@ -329,12 +324,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="marker words a side of the rule task (rows of another count than 4 are rows "
         "of their own)",
     )
-    parser.add_argument(
-        "--folds",
-        default="auto",
-        help="RE-X's [em] cross_fit_folds, a count or 'auto' (rows of a count asked for are "
-        "rows of their own)",
-    )
     parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.3, 0.4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--family", default="dpo", choices=["dpo", "ipo", "simpo", "cpo"])
@@ -346,11 +335,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="RE-X's policy step ([loss] variant); rows of a step other than the "
         "family's default are rows of their own",
     )
-    for name in ASKED:
+    for name, choices in ASKED.items():
         parser.add_argument(
             "--" + name.replace("_", "-"),
             default="auto",
-            choices=["auto", "true", "false"],
+            choices=choices,
             help=f"RE-X's [em] {name}; rows of a value other than 'auto' are rows of their own",
         )
     parser.add_argument(
@@ -374,7 +363,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "variant": args.variant,
                 **{f"{name}_option": value for name, value in asked.items()},
                 "markers": args.markers,
-                "cross_fit_folds_option": args.folds,
                 "pairs": args.pairs,
                 "epochs": args.epochs,
                 "flip_rate": rho,
@@ -395,7 +383,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 variant=args.variant,
                 asked=asked,
                 markers=args.markers,
-                folds=args.folds,
             )
             rows = [r for r in rows if r is not old] + [new]
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -58,7 +58,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_annotator_lora as lora  # noqa: E402
-from one_annotator_lora import cross_fitted_scores, truths  # noqa: E402, F401 (truths: re-exported)
 
 from repo.data.rule_pairs import rule_pairs  # noqa: E402
 from repo.diagnostics.report import markdown_table  # noqa: E402
@@ -97,7 +96,7 @@ def measure(folder: Path, run: Path, rows: list[dict]) -> dict:
     """The scorers' strength in a finished cross-fitted run (module docstring), with its
     :func:`calibration` table (``"calibration"``)."""
     run_dir = RunDir(run)
-    c, labels, truth = cross_fitted_scores(run, rows)  # c in units of their rms
+    c, labels, truth = lora.cross_fitted_scores(run, rows)  # c in units of their rms
     scale = calibration_scale(c, truth, bounds=(1e-3, 1e3))
     report = run_dir.read_reliability()
     folds = []

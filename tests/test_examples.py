@@ -205,8 +205,8 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     (two,) = [r for r in other if r.get("markers") == 2]
     assert [r for r in other if r is not two] == refit and 0.5 <= two["eta"] <= 1
     # and so are the cross-fitted scorers' folds, which the run's E-step reports
-    three = [*args, "--family", "ipo", "--epochs", "2", "--cross-fit", "true", "--folds", "3"]
-    folds = example.main(three)
+    crossed_two = [*args, "--family", "ipo", "--epochs", "2", "--cross-fit", "true"]
+    folds = example.main([*crossed_two, "--cross-fit-folds", "3"])
     (cut,) = [r for r in folds if r.get("cross_fit_folds_option") == "3"]
     assert [r for r in folds if r is not cut] == other
     assert cut["cross_fit"] is True and cut["cross_fit_folds"] == 3  # as the run reports
@@ -238,7 +238,9 @@ def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_pat
     example = _load("scorer_strength")
     rows = [{"clean": True}, {"clean": False}, {"clean": True}, {"clean": False}]
     labels = torch.tensor([1.0, 1.0, 0.0, 0.0])  # A better where a clean label says so
-    assert example.truths(rows, labels).tolist() == [1.0, 0.0, 0.0, 1.0]
+    # the rows' truths, as the measure reads them (one_annotator_lora's)
+    truths = _load("one_annotator_lora").truths
+    assert truths(rows, labels).tolist() == [1.0, 0.0, 0.0, 1.0]
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--pairs", "64", "--epochs", "1", "--seeds", "1", "--runs", str(runs)]
     frame = example.main([*args, "--out", str(out)])
