@@ -51,7 +51,10 @@ Writes ``one-annotator-lora.json`` (a row per family, pairs, epochs, flip rate a
 a row without ``family`` is DPO's, one without ``epochs`` one pass's): the rows
 already there are kept and their runs not repeated (a row without DPO's accuracy,
 ``plain_accuracy``, gets that run alone; with ``--trace``, a row without trajectories
-gets both runs again); the last line printed is the file's JSON.
+gets both runs again). X's run does not depend on RE-X's policy step or ``[em]``
+fields, so a new row takes X's figures from a row of the same family, task, pairs,
+passes, flip rate and seed that has them, and runs RE-X alone. The last line printed
+is the file's JSON.
 """
 
 from __future__ import annotations
@@ -100,15 +103,25 @@ With ``--trace`` the held-out pairs are also scored every ``every`` optimizer st
 ``eval_steps``: ``eval/accuracy`` in ``metrics.jsonl``); without, both keep their
 defaults (``""`` and 0: no evaluation during training)."""
 
+
+def folds_option(text: str) -> str:
+    """``--cross-fit-folds``'s value as given: ``"auto"`` or a count of at least 2
+    (what ``[em] cross_fit_folds`` takes); anything else is refused when parsed."""
+    if text != "auto" and not (text.isdigit() and int(text) >= 2):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count of at least 2, got {text!r}")
+    return text if text == "auto" else str(int(text))
+
+
 ASKED = {
     "cross_fit": ("auto", "true", "false"),
     "epoch_m_step": ("auto", "true", "false"),
-    "cross_fit_folds": None,
+    "cross_fit_folds": folds_option,
 }
 """RE-X's ``[em]`` fields a run may ask for, each with the values its option takes
 (``--cross-fit``, ``--epoch-m-step``: ``"auto"``, ``"true"`` or ``"false"``;
-``--cross-fit-folds``, ``None``: ``"auto"`` or a count); a value other than ``"auto"``
-is kept in the row as ``<field>_option`` and makes a row of its own (:func:`_key`)."""
+``--cross-fit-folds``: what :func:`folds_option` passes, ``"auto"`` or a count); a value
+other than ``"auto"`` is kept in the row as ``<field>_option`` and makes a row of its
+own (:func:`_key`)."""
 
 TRACED = (
     "noise/evident",
@@ -313,6 +326,19 @@ def _key(row: dict) -> tuple:
     )
 
 
+def _task_key(row: dict) -> tuple:
+    """What X's run (``[em] enabled = false``) depends on: the row's place (:func:`_key`)
+    less RE-X's policy step and ``[em]`` fields, which X's run does not read."""
+    return (
+        row.get("family", "dpo"),
+        row.get("markers", 4),
+        row["pairs"],
+        row.get("epochs", 1),
+        row["flip_rate"],
+        row["seed"],
+    )
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -335,11 +361,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="RE-X's policy step ([loss] variant); rows of a step other than the "
         "family's default are rows of their own",
     )
-    for name, choices in ASKED.items():
+    for name, values in ASKED.items():
         parser.add_argument(
             "--" + name.replace("_", "-"),
             default="auto",
-            choices=choices,
+            **({"type": values} if callable(values) else {"choices": values}),
             help=f"RE-X's [em] {name}; rows of a value other than 'auto' are rows of their own",
         )
     parser.add_argument(
@@ -354,6 +380,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     path = args.out / "one-annotator-lora.json"
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {_key(r): r for r in rows}
+    plain = {_task_key(r): r for r in rows if "plain_accuracy" in r}
     args.out.mkdir(parents=True, exist_ok=True)
     asked = {name: getattr(args, name) for name in ASKED}
     for rho in args.flip_rates:
@@ -372,11 +399,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             complete = old is not None and "eta" in old and "plain_accuracy" in old
             if complete and (not args.trace or "trace" in old):
                 continue
+            start = dict(old or {})
+            twin = plain.get(_task_key(place))  # X's run, made for a row of another step
+            if "plain_accuracy" not in start and twin is not None:
+                start.update({k: twin[k] for k in ("plain_accuracy", "plain_trace") if k in twin})
             new = run_one(
                 args.pairs,
                 rho,
                 seed,
-                old,
+                start,
                 family=args.family,
                 epochs=args.epochs,
                 trace=args.trace,
@@ -385,6 +416,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 markers=args.markers,
             )
             rows = [r for r in rows if r is not old] + [new]
+            plain.setdefault(_task_key(new), new)
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             rows.sort(key=_key)
             path.write_text(json.dumps(rows, indent=1) + "\n")

@@ -18,11 +18,15 @@ def _offline(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op torch thread. The suite's tensors are small, and on a shared
-    2-core machine a second thread contending with other processes makes small
-    operations an order of magnitude slower (measured: an EM fit of 6,000 labels
-    took 1.8 s on one thread and 25.8 s on two under load)."""
+def one_thread(monkeypatch):
+    """One intra-op torch thread, here and in every process a test starts (``re-po``
+    commands run by the examples inherit ``OMP_NUM_THREADS``). The suite's tensors are
+    small, and on a shared 2-core machine a second thread contending with other
+    processes makes small operations an order of magnitude slower (measured: an EM fit
+    of 6,000 labels took 1.8 s on one thread and 25.8 s on two under load;
+    ``test_one_annotator_lora_runs_re_po_train_and_eval``, whose commands are
+    subprocesses, 168 s with two threads each and 93 s with one, beside another job)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

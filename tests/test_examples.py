@@ -169,8 +169,16 @@ def test_one_annotator_lora_runs_re_po_train_and_eval(tmp_path):
     assert redone == {**rows[0], "plain_accuracy": 0.25}
 
 
-def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
+def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path, monkeypatch):
     example = _load("one_annotator_lora")
+    made = []  # whether each run made was RE-X's (True) or X's (False)
+    train_and_eval = example._train_and_eval
+
+    def counted(folder, em, *args, **kwargs):
+        made.append(em)
+        return train_and_eval(folder, em, *args, **kwargs)
+
+    monkeypatch.setattr(example, "_train_and_eval", counted)
     dpo = {"pairs": 32, "flip_rate": 0.3, "seed": 1, "eta": 0.9, "plain_accuracy": 0.5}
     (tmp_path / "one-annotator-lora.json").write_text(json.dumps([dpo]))  # a DPO row
     args = ["--pairs", "32", "--seeds", "1", "--flip-rates", "0.3", "--out", str(tmp_path)]
@@ -184,8 +192,11 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     assert more[:2] == rows and more[2]["epochs"] == 2 and more[2]["family"] == "ipo"
     assert more[2]["held_out_items"] == 0  # 32 pairs: "auto" holds out none (< 625)
     # another policy step of RE-X ([loss] variant) is a row of its own too
+    made.clear()
     step = example.main([*args, "--family", "ipo", "--variant", "weighted"])
     assert step[:3] == more and step[3]["variant"] == "weighted" and 0.5 <= step[3]["eta"] <= 1
+    # X's run is the one-pass IPO row's: RE-X runs alone
+    assert made == [True] and step[3]["plain_accuracy"] == rows[1]["plain_accuracy"]
     # RE-X's [em] cross_fit asked for is a row of its own too, and the run says it did
     crossed = example.main([*args, "--family", "ipo", "--epochs", "2", "--cross-fit", "true"])
     (new,) = [r for r in crossed if r.get("cross_fit_option") == "true"]
@@ -200,8 +211,11 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     assert [r for r in refit if r is not one] == crossed
     assert one["epoch_m_step"] is True and "epochs" not in one and 0.5 <= one["eta"] <= 1
     assert "epoch_m_step" not in rows[1]  # 32 pairs: "auto" ends the pass with none
-    # another rule task (marker words a side) is a row of its own, and says so
+    # another rule task (marker words a side) is a row of its own, and says so; X's run
+    # on it is its own
+    made.clear()
     other = example.main([*args, "--family", "ipo", "--markers", "2"])
+    assert made == [True, False]
     (two,) = [r for r in other if r.get("markers") == 2]
     assert [r for r in other if r is not two] == refit and 0.5 <= two["eta"] <= 1
     # and so are the cross-fitted scorers' folds, which the run's E-step reports
@@ -212,6 +226,9 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path):
     assert cut["cross_fit"] is True and cut["cross_fit_folds"] == 3  # as the run reports
     assert new["cross_fit_folds"] == 2  # "auto" over several passes
     assert 0 <= cut["scorer_accuracy"] <= 1
+    for bad in ("1", "two"):  # what [em] cross_fit_folds refuses is refused as parsed
+        with pytest.raises(SystemExit):
+            example.main([*crossed_two, "--cross-fit-folds", bad])
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):
@@ -242,13 +259,13 @@ def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_pat
     truths = _load("one_annotator_lora").truths
     assert truths(rows, labels).tolist() == [1.0, 0.0, 0.0, 1.0]
     runs, out = tmp_path / "runs", tmp_path / "out"
-    args = ["--pairs", "64", "--epochs", "1", "--seeds", "1", "--runs", str(runs)]
+    args = ["--pairs", "64", "--epochs", "2", "--seeds", "1", "--runs", str(runs)]
     frame = example.main([*args, "--out", str(out)])
     (row,) = frame.to_dict("records")
     assert 0 <= row["scorer_accuracy"] <= 1 and 0 <= row["top_accuracy"] <= 1
     assert row["spread"] > 0
-    # one pass: four folds ("auto"), a scorer each
-    assert len(row["fold_accuracy"]) == 4 and all(0 <= a <= 1 for a in row["fold_accuracy"])
+    # two passes: two folds ("auto"; four in one pass), a scorer each
+    assert len(row["fold_accuracy"]) == 2 and all(0 <= a <= 1 for a in row["fold_accuracy"])
     assert 0 < row["eta"] < 1 and 0.5 <= row["eta_true"] <= 1
     assert (runs / "s1" / "run" / "cross-fit" / "scorer-1").is_dir()  # kept
     assert pd.read_csv(out / "scorer-strength.csv").seed.tolist() == [1]
