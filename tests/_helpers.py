@@ -3,6 +3,7 @@ the two-process ``torchrun`` launch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -58,3 +59,16 @@ def torchrun(
     return subprocess.run(
         command, cwd=cwd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout
     )
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` (its helpers import from that folder)."""
+    benchmarks = str(ROOT / "benchmarks")
+    sys.path.insert(0, benchmarks)
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(benchmarks)
+    return module

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from _helpers import write_jsonl
+from _helpers import load_benchmark, write_jsonl
 from safetensors.torch import load_file
 
 from repo.data.loaders import load_preferences
@@ -398,3 +398,21 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
         both = auto.replace("em", cross_fit=True, **{name: True})
         with pytest.raises(ConfigError, match=name):
             estep_settings(both, ipo, SymmetricFlip(1), 8192, 4)
+
+
+def test_the_cost_benchmark_times_each_method_beside_ipo_in_the_same_rounds(tmp_path, capsys):
+    """benchmarks/cross_fit_cost.py --quick: every method a whole run on the same pairs,
+    its CPU time divided by IPO's of the same round, recorded where ``--out`` says."""
+    cost = load_benchmark("cross_fit_cost")
+    out = tmp_path / "cross_fit_cost-quick.json"
+    result = cost.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(result))
+    assert (result["pairs"], result["rounds"], result["quick"]) == (128, 1, True)
+    methods = {m["method"]: m for m in result["methods"]}
+    assert list(methods) == list(cost.METHODS) == list(cost.EXPECTED)
+    assert methods["IPO"]["ratio"] == 1.0 and methods["IPO"]["ratio_wall"] == 1.0
+    for m in methods.values():
+        assert m["cpu_s"] > 0 and m["wall_s"] > 0 and m["ratio"] > 0
+        assert m["ratio"] == pytest.approx(m["cpu_s"] / methods["IPO"]["cpu_s"], rel=0.02)

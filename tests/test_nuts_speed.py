@@ -3,20 +3,17 @@ benchmarks/nuts_speed.py (Pyro's NUTS beside NumPyro's on one model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
+from _helpers import load_benchmark
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 
-import repo
 from repo.data.simulate import simulate_labels
 from repo.inference.bayes import bayesian_copy
 from repo.inference.em import fit_em
@@ -26,7 +23,6 @@ from repo.noise import LabelData, make_noise_model
 from repo.noise.base import Sizes
 from repo.scorers import FixedLogits
 
-BENCHMARKS = Path(repo.__file__).resolve().parents[1] / "benchmarks"
 F64 = torch.float64
 
 
@@ -68,18 +64,6 @@ def test_batched_potential_equals_pyros(name, jit):
                 flat = torch.cat([expected_grad[n].reshape(-1) for n in potential.names])
                 assert torch.allclose(energy[chain], expected, rtol=1e-10, atol=1e-9), shift
                 assert torch.allclose(grad[chain], flat, rtol=1e-8, atol=1e-8), shift
-
-
-def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` (its helpers import from that folder)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
 
 
 def test_nuts_speed_quick(tmp_path, capsys):
