@@ -18,7 +18,8 @@ for a count: ``"cross_fit_folds_option"``), and names its scorers' loss, ``"cros
 where it is not the family's: DPO for CPO, and how far the scores tell the truths,
 ``"scorer_accuracy"`` and ``"scorer_agreement"``, :func:`scorer_strength`);
 ``--cross-fit true`` or ``false`` asks for one or the other (a row of its own,
-``"cross_fit_option"``). Where one pass of RE-IPO over 4,096 pairs or more reads the
+``"cross_fit_option"``), ``--cross-fit-scorer`` the scorers' loss
+(``"cross_fit_scorer_option"``). Where one pass of RE-IPO over 4,096 pairs or more reads the
 policy (``--cross-fit false``), its annotator parameters are refitted on the pass's
 scores at its end by default (``[em] epoch_m_step = "auto"``,
 :func:`repo.train.build.auto_pass_refit`; a row whose run did says ``"epoch_m_step":
@@ -60,6 +61,7 @@ is the file's JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -70,6 +72,7 @@ import torch
 from safetensors.torch import load_file
 
 from repo.data.rule_pairs import RulePairs, rule_pairs
+from repo.train.config import EMSection
 from repo.train.run_dir import RunDir
 
 CONFIG = """[model]
@@ -85,6 +88,7 @@ variant = "{variant}"
 enabled = {em}
 cross_fit = {cross_fit}
 cross_fit_folds = {cross_fit_folds}
+cross_fit_scorer = {cross_fit_scorer}
 epoch_m_step = {epoch_m_step}
 [optim]
 learning_rate = 2e-3
@@ -116,12 +120,27 @@ ASKED = {
     "cross_fit": ("auto", "true", "false"),
     "epoch_m_step": ("auto", "true", "false"),
     "cross_fit_folds": folds_option,
+    "cross_fit_scorer": ("auto", "dpo", "ipo", "simpo", "cpo"),
 }
 """RE-X's ``[em]`` fields a run may ask for, each with the values its option takes
 (``--cross-fit``, ``--epoch-m-step``: ``"auto"``, ``"true"`` or ``"false"``;
-``--cross-fit-folds``: what :func:`folds_option` passes, ``"auto"`` or a count); a value
-other than ``"auto"`` is kept in the row as ``<field>_option`` and makes a row of its
-own (:func:`_key`)."""
+``--cross-fit-folds``: what :func:`folds_option` passes, ``"auto"`` or a count;
+``--cross-fit-scorer``: ``"auto"`` or the loss family the scorers train with); ``"auto"``
+leaves the field at its default (:func:`toml_value`), and another value is kept in the
+row as ``<field>_option`` and makes a row of its own (:func:`_key`)."""
+
+
+def toml_value(name: str, value: str) -> str:
+    """``[em] name``'s value as TOML: ``"auto"`` is the field's default
+    (:class:`~repo.train.config.EMSection`), a boolean or a count is written bare, a
+    name quoted."""
+    if value == "auto":
+        return json.dumps(EM_DEFAULTS[name])
+    return value if value in ("true", "false") or value.isdigit() else json.dumps(value)
+
+
+EM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EMSection)}
+"""``[em]``'s fields and their defaults."""
 
 TRACED = (
     "noise/evident",
@@ -166,7 +185,7 @@ def _train_and_eval(
         epochs=epochs,
         eval="held.jsonl" if trace else "",
         every=trace,
-        **{name: '"auto"' if value == "auto" else value for name, value in asked.items()},
+        **{name: toml_value(name, value) for name, value in asked.items()},
     )
     config.write_text(text)
     cli = [sys.executable, "-m", "repo.cli"]

@@ -3,12 +3,15 @@
 import argparse
 import importlib.util
 import json
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from repo.train.config import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -229,6 +232,23 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path, monke
     for bad in ("1", "two"):  # what [em] cross_fit_folds refuses is refused as parsed
         with pytest.raises(SystemExit):
             example.main([*crossed_two, "--cross-fit-folds", bad])
+
+
+def test_one_annotator_lora_writes_the_fields_asked_for_as_re_po_reads_them():
+    """Each [em] field of ASKED, at "auto" and at a value asked for, in the run's TOML
+    as the configuration reads it: "auto" is the field's default."""
+    example = _load("one_annotator_lora")
+    asked = {"cross_fit": "true", "cross_fit_folds": "3", "cross_fit_scorer": "ipo"}
+    for values in ({}, asked):
+        fields = {name: "auto" for name in example.ASKED} | values
+        text = example.CONFIG.format(
+            em="true", output="run", seed=1, family="dpo", variant="default", epochs=1,
+            eval="", every=0, **{n: example.toml_value(n, v) for n, v in fields.items()},
+        )  # fmt: skip
+        em = TrainConfig.from_dict(tomllib.loads(text)).em
+        for name, value in fields.items():
+            wanted = example.EM_DEFAULTS[name] if value == "auto" else values[name]
+            assert str(getattr(em, name)).lower() == str(wanted), (name, value)
 
 
 def test_one_annotator_lora_traces_both_runs(tmp_path):
