@@ -673,8 +673,14 @@ def auto_cross_fit_folds(passes: int) -> int:
     and `eta` comes from 0.080 to 0.019 off). Over several passes the plain loss
     memorises the flipped labels, which the posterior of even weak scorers undoes
     (four-pass RE-DPO with two folds gained +0.092 ± 0.073 over five seeds with 6 marker
-    words), and four folds would triple the scorers' compute of a run that already makes
-    several passes; two are kept there, not measured against four."""
+    words), and four folds triple the scorers' compute of a run that already makes
+    several passes. There DPO's scorers learn the flips too: with 8 marker words, four
+    passes, four folds left RE-DPO's ``eta`` 0.182 off on average (two folds: 0.031) and
+    RE-DPO +0.014 ± 0.055 over DPO (+0.055 ± 0.099), so two are kept. (IPO's scorers,
+    which regress each margin to a finite target, did better with four: RE-IPO +0.076 ±
+    0.045 over IPO, ``eta`` 0.012 off, against -0.005 ± 0.015 and 0.018,
+    ``docs/experiments/one-annotator.md``, "Four folds over several passes"; not the
+    default on one task, with LoRA only.)"""
     return ONE_PASS_FOLDS if passes <= 1 else 2
 
 
