@@ -333,16 +333,9 @@ def _key(row: dict) -> tuple:
     row names none), the ``[em]`` fields of :data:`ASKED` asked for (``"auto"`` where a
     row names none), marker words (4 where a row names none), pairs, passes (one where a
     row names none), flip rate, seed."""
-    return (
-        row.get("family", "dpo"),
-        row.get("variant", "default"),
-        *(row.get(f"{name}_option", "auto") for name in ASKED),
-        row.get("markers", 4),
-        row["pairs"],
-        row.get("epochs", 1),
-        row["flip_rate"],
-        row["seed"],
-    )
+    family, *task = _task_key(row)
+    asked = (row.get(f"{name}_option", "auto") for name in ASKED)
+    return (family, row.get("variant", "default"), *asked, *task)
 
 
 def _task_key(row: dict) -> tuple:
