@@ -15,8 +15,9 @@ default, and RE-CPO's and RE-IPO's in one pass too (``[em] cross_fit = "auto"``,
 docs/math.md section 13, :func:`repo.train.build.auto_cross_fit`; a row that did says
 ``"cross_fit": true`` and its folds, ``"cross_fit_folds"`` (``--cross-fit-folds`` asks
 for a count: ``"cross_fit_folds_option"``), and names its scorers' loss, ``"cross_fit_scorer"``,
-where it is not the family's: DPO for CPO, and how far the scores tell the truths,
-``"scorer_accuracy"`` and ``"scorer_agreement"``, :func:`scorer_strength`);
+where it is not the family's: DPO for CPO, IPO for DPO over several passes, and how
+far the scores tell the truths, ``"scorer_accuracy"`` and ``"scorer_agreement"``,
+:func:`scorer_strength`);
 ``--cross-fit true`` or ``false`` asks for one or the other (a row of its own,
 ``"cross_fit_option"``), ``--cross-fit-scorer`` the scorers' loss
 (``"cross_fit_scorer_option"``). Where one pass of RE-IPO over 4,096 pairs or more reads the

@@ -368,9 +368,16 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     assert not estep_settings(auto, ipo, SymmetricFlip(3), 8192, 4).cross_fit  # a pool
     assert get_likelihood("dpo").default_cross_fit and not get_likelihood("simpo").default_cross_fit
     cpo = get_likelihood("cpo")  # its SFT term clones flipped responses: DPO's scorers
-    assert cpo.default_cross_fit and cpo.cross_fit_scorer == "dpo"
-    assert get_likelihood("cpo", nll_weight=0.0).cross_fit_scorer == "cpo"
-    assert get_likelihood("ipo").cross_fit_scorer == "ipo"
+    assert cpo.default_cross_fit and cpo.cross_fit_scorer() == cpo.cross_fit_scorer(4) == "dpo"
+    assert get_likelihood("cpo", nll_weight=0.0).cross_fit_scorer(4) == "cpo"
+    assert get_likelihood("ipo").cross_fit_scorer(1) == get_likelihood("ipo").cross_fit_scorer(4)
+    # DPO's scorers: its own loss in one pass, IPO's over several (margins to a target)
+    dpo = get_likelihood("dpo")
+    assert (dpo.cross_fit_scorer(1), dpo.cross_fit_scorer(2)) == ("dpo", "ipo")
+    assert estep_settings(dpo_run, dpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "ipo"
+    assert estep_settings(dpo_run, dpo, SymmetricFlip(1), 8192, 4).cross_fit_folds == 2
+    own = dpo_run.replace("em", cross_fit_scorer="dpo")
+    assert estep_settings(own, dpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "dpo"
     settings = estep_settings(auto, cpo, SymmetricFlip(1), 8192, 4)
     assert settings.cross_fit and settings.held_out == 0 and settings.cross_fit_scorer == "dpo"
     assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "ipo"

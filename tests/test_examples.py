@@ -105,8 +105,8 @@ def test_estep_defaults_experiment_runs_the_shipped_defaults(tmp_path):
         crossed = estep_settings(cfg, likelihood, SymmetricFlip(1), 8192, 4)
         assert crossed.cross_fit is likelihood.default_cross_fit, family
         assert crossed.cross_fit is (family in ("dpo", "ipo", "cpo")), family
-        assert crossed.cross_fit_scorer == (
-            "" if family == "simpo" else "dpo" if family == "cpo" else family
+        assert crossed.cross_fit_scorer == {"simpo": "", "cpo": "dpo", "dpo": "ipo"}.get(
+            family, family
         )
         chosen = estep_settings(cfg, get_likelihood(family), SymmetricFlip(1), num_items=512)
         wanted = example.SETTINGS[setting]

@@ -590,7 +590,7 @@ def test_a_run_re_po_train_would_cross_fit_says_so(rt, tmp_path, monkeypatch):
     monkeypatch.setattr(build, "MIN_PASS_REFIT", 8)
     with pytest.warns(UserWarning, match=r"8 items, over 1 pass\(es\)"):  # CPO: DPO's scorers
         cpo = _train(rt, tmp_path, one, "cpo", num_train_epochs=1)
-    assert cpo.likelihood.cross_fit_scorer == "dpo"  # its SFT term, as CPOLikelihood's
+    assert cpo.likelihood.cross_fit_scorer() == "dpo"  # its SFT term, as CPOLikelihood's
     assert cpo.e_step_settings()["epoch_m_step"] is False  # no refit of its own scores
     with pytest.warns(UserWarning, match=r"8 items, over 1 pass\(es\)"):  # IPO's mixture
         _train(rt, tmp_path, one, loss_type=["ipo"], num_train_epochs=1)

@@ -169,7 +169,7 @@ class PreferenceLikelihood:
     def default_cross_fit(self) -> bool:
         r"""Whether one annotator's E-step reads cross-fitted scores by default (``[em]
         cross_fit = "auto"``, over several passes at :data:`~repo.train.build.MIN_CROSS_FIT`
-        items or more, or one where :attr:`cross_fit_scorer` is another loss or the
+        items or more, or one where :meth:`cross_fit_scorer` is another loss or the
         policy step is the mixture;
         ``docs/math.md`` section 13): when scorers trained by the loss
         on half the items learn enough of the task for their scores to identify
@@ -178,13 +178,13 @@ class PreferenceLikelihood:
         lost 0.113); SimPO says no."""
         return True
 
-    @property
-    def cross_fit_scorer(self) -> str:
-        r"""The loss family the cross-fitted scorers train with (``[em] cross_fit``,
-        ``docs/math.md`` section 13); ``[em] cross_fit_scorer`` overrides it. A scorer
-        only ranks the pairs of its fold, which it never saw, read at a Platt scale fitted to its
-        scores, so it needs the task learned from noisy labels, not the run's own loss.
-        By default the family itself."""
+    def cross_fit_scorer(self, passes: int = 1) -> str:
+        r"""The loss family the cross-fitted scorers of a run of ``passes`` passes train
+        with (``[em] cross_fit``, ``docs/math.md`` section 13); ``[em]
+        cross_fit_scorer`` overrides it. A scorer only ranks the pairs of its fold,
+        which it never saw, read at a Platt scale fitted to its scores, so it needs the
+        task learned from noisy labels, not the run's own loss. By default the family
+        itself."""
         return self.name
 
     # ------------------------------------------------------------------ induced model
@@ -295,7 +295,8 @@ class InducedLikelihood(PreferenceLikelihood):
         reference log-probs are present, else the summed policy log-probs.
     :param name: a name for records.
     :param cross_fit_scorer: the loss family cross-fitted scorers would train with
-        (:attr:`PreferenceLikelihood.cross_fit_scorer`); ``""``: the loss itself.
+        (:meth:`PreferenceLikelihood.cross_fit_scorer`, in any number of passes);
+        ``""``: the loss itself.
     """
 
     def __init__(
@@ -335,8 +336,7 @@ class InducedLikelihood(PreferenceLikelihood):
     def likelihood_style(self) -> bool:
         return self._likelihood_style
 
-    @property
-    def cross_fit_scorer(self) -> str:
+    def cross_fit_scorer(self, passes: int = 1) -> str:
         return self._cross_fit_scorer or self.name
 
     @property

@@ -139,8 +139,7 @@ class CPOLikelihood(PreferenceLikelihood):
         likelihood-style and, as for DPO, only :math:`(2\eta - 1) a` is identified."""
         return not self.likelihood_style
 
-    @property
-    def cross_fit_scorer(self) -> str:
+    def cross_fit_scorer(self, passes: int = 1) -> str:
         r"""DPO while the SFT term is on. Trained on noisy labels, the SFT term clones
         the flipped labels' responses as well: CPO's own policy is right on about 60% of
         pairs at flip rate 0.4 after four epochs over 8,192 pairs (DPO's on 94%), and

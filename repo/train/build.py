@@ -562,7 +562,7 @@ def auto_cross_fit(
     :data:`MIN_CROSS_FIT` items or more, and the run makes several passes, or the
     scorers train by another loss than the run's (``scorer``, ``[em]
     cross_fit_scorer``; ``""``: the family's
-    :attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`), or the
+    :meth:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`), or the
     policy step is the mixture (``variant``, ``[loss] variant``; ``""``: the family's
     default, IPO's). In one pass every E-step reads a label the policy has not trained
     on, and first visits give ``eta`` from scores of a policy trained on all the items,
@@ -588,7 +588,7 @@ def auto_cross_fit(
     stays (cross-fitted in one pass with LoRA it learned less of the rule: 0.06 to
     0.16 below DPO at three seeds)."""
     one = noise.num_annotators == 1 and noise.has_truth and likelihood.default_cross_fit
-    other = (scorer or likelihood.cross_fit_scorer) != likelihood.name
+    other = (scorer or likelihood.cross_fit_scorer(passes)) != likelihood.name
     mixture = (variant or likelihood.default_variant) == "mixture"
     return one and num_items >= MIN_CROSS_FIT and (passes > 1 or other or mixture)
 
@@ -680,7 +680,9 @@ def auto_cross_fit_folds(passes: int) -> int:
     which regress each margin to a finite target, did better with four: RE-IPO +0.076 ±
     0.045 over IPO, ``eta`` 0.012 off, against -0.005 ± 0.015 and 0.018,
     ``docs/experiments/one-annotator.md``, "Four folds over several passes"; not the
-    default on one task, with LoRA only.)"""
+    default on one task, with LoRA only.) RE-DPO's scorers over several passes are
+    IPO's now (:meth:`~repo.likelihoods.dpo.DPOLikelihood.cross_fit_scorer`), chosen
+    and checked at two folds; four folds of IPO's scorers for RE-DPO are not measured."""
     return ONE_PASS_FOLDS if passes <= 1 else 2
 
 
@@ -717,13 +719,13 @@ def auto_pass_refit(
     run makes one pass over :data:`MIN_PASS_REFIT` items or more, the E-step learns its
     scale (``calibrate``: the refit is then a Platt fit), and the family's own scores
     are those its cross-fitted scorers would give
-    (:attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`: not CPO,
+    (:meth:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`: not CPO,
     whose logit carries its SFT term's log-probabilities; the refit put RE-CPO's
     ``eta`` 0.114 off at 8,192 pairs, flip rate 0.2, where the online update was
     0.022). ``out_of_sample``'s refit on first visits, learning its own scale, takes
     this one's place where it is on (DPO, SimPO)."""
     one = noise.num_annotators == 1 and noise.has_truth
-    own = likelihood.cross_fit_scorer == likelihood.name
+    own = likelihood.cross_fit_scorer(passes) == likelihood.name
     return one and own and calibrate and passes == 1 and num_items >= MIN_PASS_REFIT
 
 
@@ -792,7 +794,7 @@ def estep_settings(
     to them, so none of these applies: no learned scale, no out-of-sample statistics,
     no refit and nothing held out; the noise test, where there is one, is taken once, on
     those scores; the scorers train by ``[em] cross_fit_scorer``, by default the family's
-    :attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`. A
+    :meth:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer`. A
     noise model without a latent
     truth has no E-step to tune: its defaults are 1, false and false, no noise test and
     no refit."""
@@ -817,7 +819,7 @@ def estep_settings(
     temperature = em.temperature or likelihood.default_temperature
     # what the E-step's reading of the policy's own logits needs, asked for by name
     chosen = [name for name in REPLACED_BY_CROSS_FIT if getattr(em, name) is True]
-    scorer = em.cross_fit_scorer.strip().lower() or likelihood.cross_fit_scorer
+    scorer = em.cross_fit_scorer.strip().lower() or likelihood.cross_fit_scorer(passes)
     variant = policy_variant(config, likelihood)
     if em.cross_fit == "auto":
         cross_fit = auto_cross_fit(noise, likelihood, num_items, passes, scorer, variant)

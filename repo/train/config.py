@@ -432,7 +432,7 @@ class EMSection:
             "with cross_fit: the loss family the scorers train with, at its own defaults "
             "(a [loss] family name); '': the run's family's choice "
             "(PreferenceLikelihood.cross_fit_scorer: its own loss, DPO for CPO with its "
-            "SFT term)"
+            "SFT term, IPO for DPO over several passes)"
         ),
     )
     cross_fit_folds: int | Literal["auto"] = field(

@@ -9,8 +9,9 @@ default four in a run of one pass, two over several); the scorer :math:`s_k` of 
 :math:`k` is trained on the labels of the items outside it by a plain loss (the run's
 configuration with ``[em] enabled = false``: same model, recipe, LoRA or full
 fine-tuning, passes; the loss the family's own, or the family
-:attr:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer` names: DPO for
-CPO with its SFT term), and each item is scored by its fold's scorer:
+:meth:`~repo.likelihoods.base.PreferenceLikelihood.cross_fit_scorer` names: DPO for
+CPO with its SFT term, IPO for DPO over several passes), and each item is scored by its
+fold's scorer:
 
 .. math::
 
