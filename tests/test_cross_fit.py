@@ -301,6 +301,28 @@ def test_one_pass_of_cpo_cross_fits_by_default_with_dpos_scorers(tmp_path, monke
     assert not Trainer(dpo, records=records).estep.cross_fit  # its own scores rank pairs
 
 
+def test_several_passes_of_dpo_cross_fit_by_default_with_ipos_scorers(tmp_path, monkeypatch):
+    # several passes, [em] at its defaults: DPO's scorers would learn the flipped labels
+    # of their own folds, so "auto" trains them by IPO (DPOLikelihood.cross_fit_scorer)
+    monkeypatch.setattr("repo.train.build.MIN_CROSS_FIT", 64)
+    rows = rule_pairs(96, [0.7], seed=4, markers=4).rows
+    records = load_preferences(rows, annotator_column="annotator")
+    cfg = rule_config(
+        str(tmp_path / "run"), Method("RE-DPO", "dpo", True, {}), seed=1, optim={"epochs": 2}
+    )
+    assert cfg.em.cross_fit == "auto" and cfg.em.cross_fit_scorer == ""
+    trainer = Trainer(cfg, records=records)
+    trainer.train()
+    assert trainer.estep.cross_fit and trainer.estep.cross_fit_scorer == "ipo"
+    assert trainer.estep.cross_fit_folds == 2  # "auto" over several passes
+    for k in range(2):
+        written = json.loads((trainer.run_dir.cross_fit_scorer(k) / "config.json").read_text())
+        assert written["config"]["loss"]["family"] == "ipo"
+        assert written["config"]["em"]["enabled"] is False
+    report = json.loads((tmp_path / "run" / "reliability.json").read_text())
+    assert report["e_step"]["cross_fit_scorer"] == "ipo"
+
+
 def test_a_cross_fitted_run_resumes_without_training_its_scorers_again(tmp_path):
     cfg, records = _cross_fit_run(tmp_path, "full", save_steps=4)
     Trainer(cfg, records=records).train()
