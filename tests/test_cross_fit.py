@@ -396,8 +396,8 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     # DPO's scorers: its own loss in one pass, IPO's over several (margins to a target)
     dpo = get_likelihood("dpo")
     assert (dpo.cross_fit_scorer(1), dpo.cross_fit_scorer(2)) == ("dpo", "ipo")
-    assert estep_settings(dpo_run, dpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "ipo"
-    assert estep_settings(dpo_run, dpo, SymmetricFlip(1), 8192, 4).cross_fit_folds == 2
+    several = estep_settings(dpo_run, dpo, SymmetricFlip(1), 8192, 4)
+    assert several.cross_fit_scorer == "ipo" and several.cross_fit_folds == 2
     own = dpo_run.replace("em", cross_fit_scorer="dpo")
     assert estep_settings(own, dpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "dpo"
     settings = estep_settings(auto, cpo, SymmetricFlip(1), 8192, 4)
