@@ -11,7 +11,8 @@ rate), Hölder-DPO (a redescending loss that ignores contradicted pairs), and IP
 SimPO, CPO - each of DPO, IPO, SimPO and CPO also with RE-PO (EM over the
 annotators' reliabilities) with ``[em] enabled = true`` and every other E-step field
 at its default, as a user gets it (the settings each run resolved to are columns of
-the CSV). Two kinds of noise:
+the CSV; a cross-fitted run's ``scorer_accuracy`` is the share of its training pairs
+whose cross-fitted score's sign is the true preference). Two kinds of noise:
 
 * ``single``: one annotator (K = 1) flips every label with probability rho;
 * ``pool``: four annotators flip with probabilities 0, rho/2, 3 rho/2, 2 rho
@@ -58,7 +59,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from repo.data.rule_pairs import rule_pairs
+from repo.data.loaders import load_preferences
+from repo.data.rule_pairs import rule_pairs, true_preferences
 from repo.experiments import (
     Method,
     annotator_pool,
@@ -156,15 +158,21 @@ SECOND_TIER = ("cDPO", "rDPO")
 
 
 def _append_row(csv_path: Path, row: dict) -> None:
-    """Append ``row`` to ``csv_path`` in the file's own column order (a column the file
-    lacks, as in a CSV from before the column was added, is left out), or start the
-    file with ``row``'s columns."""
+    """Append ``row`` to ``csv_path`` in the file's own column order, or start the file
+    with ``row``'s columns. A column the file lacks (a CSV from before the column was
+    added) is added after its own, blank in its earlier rows; the file is rewritten
+    then."""
     frame = pd.DataFrame([row])
     if csv_path.exists() and csv_path.stat().st_size > 0:
-        frame = frame.reindex(columns=pd.read_csv(csv_path, nrows=0).columns)
-        frame.to_csv(csv_path, mode="a", header=False, index=False)
-    else:
-        frame.to_csv(csv_path, index=False)
+        columns = list(pd.read_csv(csv_path, nrows=0).columns)
+        if set(frame.columns) <= set(columns):
+            frame = frame.reindex(columns=columns)
+            frame.to_csv(csv_path, mode="a", header=False, index=False)
+            return
+        old = pd.read_csv(csv_path, dtype=str, keep_default_na=False)  # rows as written
+        columns += [c for c in frame.columns if c not in columns]
+        frame = pd.concat([old, frame], ignore_index=True).reindex(columns=columns)
+    frame.to_csv(csv_path, index=False)
 
 
 def run_order(grid: Grid) -> list[tuple[tuple[str, float], list[str]]]:
@@ -215,13 +223,15 @@ def run_grid(
             data = rule_pairs(
                 grid.num_pairs, annotator_etas(noise, rho), seed=seed, markers=MARKERS
             )
+            records = load_preferences(data.rows, annotator_column="annotator")
+            truth = true_preferences(data.rows, [r.label for r in records])
             for name in names:
                 method = by_name[name]
                 done += 1
                 if (noise, float(rho), seed, method.name) in done_before:
                     continue
                 result = train_and_score(
-                    data.rows,
+                    records,
                     held_outs[seed],
                     method,
                     seed=seed,
@@ -230,6 +240,7 @@ def run_grid(
                 )
                 eta_hat = [result.eta[f"a{k}"] for k in range(len(data.eta))] if result.eta else []
                 test = result.noise_test
+                crossed = result.cross_fit_logits
                 row = {
                     "noise": noise,
                     "flip_rate": rho,
@@ -248,6 +259,7 @@ def run_grid(
                     "cross_fit_scorer": result.estep.cross_fit_scorer if result.estep else None,
                     "cross_fit_folds": result.estep.cross_fit_folds if result.estep else None,
                     "policy_calibrate": result.estep.policy_calibrate if result.estep else None,
+                    "scorer_accuracy": None if crossed is None else scorer_accuracy(crossed, truth),
                     "noise_evident": test.rejected if test else None,
                     "noise_test_items": test.items if test else None,
                     "noise_test_p": round(test.p_value, 6) if test else None,
@@ -277,6 +289,15 @@ def run_grid(
                     flush=True,
                 )
     return pd.DataFrame(rows)
+
+
+def scorer_accuracy(logits: torch.Tensor, truth: np.ndarray) -> float:
+    """The share of the items whose cross-fitted score's sign is the true preference
+    (``truth``: 1.0 where response A is truly better, by item)."""
+    if len(logits) != len(truth):
+        raise ValueError(f"{len(logits)} scores against {len(truth)} items")
+    said = (logits > 0).numpy()
+    return round(float(np.mean(said == (truth == 1.0))), 4)
 
 
 def complete(frame: pd.DataFrame, min_seeds: int) -> pd.DataFrame:

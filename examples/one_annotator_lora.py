@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from repo.data.rule_pairs import RulePairs, rule_pairs
+from repo.data.rule_pairs import RulePairs, rule_pairs, true_preferences
 from repo.train.config import EMSection
 from repo.train.run_dir import RunDir
 
@@ -296,23 +296,18 @@ def run_one(
     return row
 
 
-def truths(rows: list[dict], labels: torch.Tensor) -> torch.Tensor:
-    """``(n,)`` 1.0 where response A is truly better: the label where it is clean."""
-    clean = torch.tensor([bool(r["clean"]) for r in rows])
-    return (clean == (labels == 1)).to(torch.float64)
-
-
 def cross_fitted_scores(run: Path, rows: list[dict]) -> tuple[torch.Tensor, ...]:
     """``(c, labels, truths)`` of a finished cross-fitted run ``run`` on the pairs
     ``rows`` (one label each): each pair's cross-fitted score (in units of their rms),
-    its label (1: A preferred) and :func:`truths`, ``(n,)`` each in the pairs' order."""
+    its label (1: A preferred) and whether A is truly the better
+    (:func:`~repo.data.rule_pairs.true_preferences`), ``(n,)`` each in the pairs' order."""
     run_dir = RunDir(run)
     c = load_file(str(run_dir.noise_file))["cross_fit.logits"].to(torch.float64)  # by item
     posteriors = run_dir.read_posteriors()  # a label a pair, in the pairs' order
     if [p["row"] for p in posteriors] != list(range(len(rows))) or len(c) != len(rows):
         raise ValueError(f"{run}: expected one label a pair, in the order of the pairs")
     labels = torch.tensor([float(p["label"]) for p in posteriors], dtype=torch.float64)
-    return c, labels, truths(rows, labels)
+    return c, labels, torch.from_numpy(true_preferences(rows, labels.tolist()))
 
 
 def scorer_strength(run: Path, data: RulePairs) -> dict:

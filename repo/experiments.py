@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import stats
 
 from repo.data.loaders import load_preferences
@@ -134,6 +135,10 @@ class RunResult:
         visits' (``reliability.json``'s ``eta_profile``,
         :func:`repo.inference.profile.eta_profile`): how far those scores identify
         ``eta`` at all; ``None`` where the run computed none.
+    :param cross_fit_logits: ``(items,)`` the cross-fitted scores the E-step read, by
+        item in the training records' order, in units of their rms
+        (:meth:`repo.inference.online.OnlineEM.fit_cross_fitted`); ``None`` where the
+        run was not cross-fitted.
     """
 
     accuracy: float
@@ -146,6 +151,7 @@ class RunResult:
     estep: EStepSettings | None = None
     noise_test: NoiseTest | None = None
     eta_interval: tuple[float, float] | None = None
+    cross_fit_logits: torch.Tensor | None = None
 
 
 def annotator_pool(flip_rate: float, shape: Sequence[float] = POOL_SHAPE) -> list[float]:
@@ -253,6 +259,7 @@ def train_and_score(
         noise_test = trainer.em.noise_test_result if method.robust else None
         profile = trainer.run_dir.read_reliability().get("eta_profile")
         eta_interval = tuple(profile["interval"]) if profile else None
+        crossed = trainer.em.cross_fit_logits if method.robust else None
     return RunResult(
         accuracy=float(scores["accuracy"]),
         log_loss=float(scores["log_loss"]),
@@ -264,6 +271,7 @@ def train_and_score(
         estep=estep,
         noise_test=noise_test,
         eta_interval=eta_interval,
+        cross_fit_logits=None if crossed is None else crossed.detach().cpu().clone(),
     )
 
 

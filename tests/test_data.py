@@ -16,6 +16,7 @@ from repo.data.hh_rlhf import load_hh_rlhf, parse_hh_dialogue, split_hh_pair
 from repo.data.loaders import load_preferences, split_shared_prompt
 from repo.data.pandalm import PANDALM_ANNOTATORS, pandalm_label_table, read_pandalm
 from repo.data.records import PreferenceData, PreferenceRecord, comparison_id, response_key
+from repo.data.rule_pairs import GOOD_WORDS, rule_pairs, true_preferences
 
 SHARED = Path("/work/shared/data")
 HH_SPLITS = sorted((SHARED / "hh-rlhf-test").glob("*/test.jsonl.gz"))
@@ -455,3 +456,17 @@ def test_item_id_reused_for_another_comparison():
                                            rejected=rows[0]["chosen"])]  # fmt: skip
     both = load_preferences(same, item_column="pair", annotator_column="rater")
     assert both.items == ["a"] and sorted(r.label for r in both) == [0, 1]
+
+
+def test_true_preferences_of_loaded_rule_pairs_follow_the_rule():
+    # rule pairs at flip rate 0.4, loaded as a user loads them (A/B in hash order): A is
+    # truly the better response exactly where A carries a good marker word
+    data = rule_pairs(200, [0.6], seed=3)
+    records = load_preferences(data.rows, annotator_column="annotator")
+    truth = true_preferences(data.rows, [r.label for r in records])
+    good = set(GOOD_WORDS)
+    marked = [float(bool(good & set(r.response_a.split()))) for r in records]
+    assert truth.tolist() == marked
+    assert 0.3 < truth.mean() < 0.7  # both orders occur
+    with pytest.raises(ValueError, match="3 rows against 2 labels"):
+        true_preferences(data.rows[:3], [1, 0])

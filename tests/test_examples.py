@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from repo.data.rule_pairs import true_preferences
 from repo.train.config import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -274,10 +275,9 @@ def test_one_annotator_lora_traces_both_runs(tmp_path):
 def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_path, capsys):
     example = _load("scorer_strength")
     rows = [{"clean": True}, {"clean": False}, {"clean": True}, {"clean": False}]
-    labels = torch.tensor([1.0, 1.0, 0.0, 0.0])  # A better where a clean label says so
-    # the rows' truths, as the measure reads them (one_annotator_lora's)
-    truths = _load("one_annotator_lora").truths
-    assert truths(rows, labels).tolist() == [1.0, 0.0, 0.0, 1.0]
+    labels = [1, 1, 0, 0]  # A better where a clean label says so
+    # the rows' truths, as the measure reads them
+    assert true_preferences(rows, labels).tolist() == [1.0, 0.0, 0.0, 1.0]
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--pairs", "64", "--epochs", "2", "--seeds", "1", "--runs", str(runs)]
     frame = example.main([*args, "--out", str(out)])

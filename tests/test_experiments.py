@@ -3,6 +3,7 @@ and their helpers in repo.experiments, on grids small enough for seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import repo
 from repo.experiments import Method, annotator_pool, t_interval, with_fields
@@ -137,6 +139,41 @@ def test_noise_sweep_grid_table_and_figure(tmp_path):
     )
     log_loss = frame.set_index("method").log_loss
     assert log_loss["DPO"] < math.log(2) and 0 <= frame.ece.min() <= frame.ece.max() < 0.5
+    assert frame.scorer_accuracy.isna().all()  # no run was cross-fitted
+    # a cross-fitted run records how far its scorers tell the truths (clean labels: the
+    # scorers, each trained on the other half, learn the rule)
+    crossed = sweep.run_grid(
+        dataclasses.replace(grid, only=('RE-DPO em.cross_fit=true em.cross_fit_scorer="ipo"',)),
+        tmp_path / "runs.csv",
+    )
+    (row,) = crossed.to_dict("records")
+    assert row["cross_fit"] and row["cross_fit_scorer"] == "ipo"
+    assert row["scorer_accuracy"] > 0.75, row
+    assert pd.read_csv(tmp_path / "runs.csv").scorer_accuracy.notna().sum() == 1
+
+
+def test_noise_sweep_rows_gain_a_new_column_and_keep_the_old_rows_as_written(tmp_path):
+    # a CSV from before a column was added: the column is added, blank in the old rows,
+    # whose text is kept as written; a row without the column is appended in place
+    sweep = load_example("noise_sweep")
+    path = tmp_path / "runs.csv"
+    path.write_text("seed,accuracy,eta_low\n20,0.950,\n", encoding="utf-8")
+    sweep._append_row(path, {"seed": 21, "accuracy": 0.9, "eta_low": 0.5, "scorer_accuracy": 0.8})
+    sweep._append_row(path, {"seed": 22, "accuracy": 0.7, "eta_low": None})
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        "seed,accuracy,eta_low,scorer_accuracy",
+        "20,0.950,,",
+        "21,0.9,0.5,0.8",
+        "22,0.7,,",
+    ]
+
+
+def test_scorer_accuracy_is_the_share_of_signs_that_are_the_truth():
+    sweep = load_example("noise_sweep")
+    logits = torch.tensor([2.0, -1.0, 0.5, -0.2])
+    assert sweep.scorer_accuracy(logits, np.array([1.0, 0.0, 0.0, 0.0])) == 0.75
+    with pytest.raises(ValueError, match="4 scores against 3 items"):
+        sweep.scorer_accuracy(logits, np.ones(3))
 
 
 def test_noise_sweep_method_variants():

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BAD_WORDS", "FILLER_WORDS", "GOOD_WORDS", "RulePairs", "rule_pairs"]
+__all__ = [
+    "BAD_WORDS",
+    "FILLER_WORDS",
+    "GOOD_WORDS",
+    "RulePairs",
+    "rule_pairs",
+    "true_preferences",
+]
 
 GOOD_WORDS = (
     "light meet given about with your have that for and the are you is it of on to in by".split()
@@ -64,6 +71,19 @@ class RulePairs:
             )
             out.append({**r, "chosen": chosen, "rejected": rejected, "clean": True})
         return out
+
+
+def true_preferences(rows: Sequence[dict], labels: Sequence[int]) -> np.ndarray:
+    """``(n,)`` 1.0 where response A of a pair is truly the better, 0.0 where B is.
+
+    ``rows`` are rule-pair rows (:class:`RulePairs`) and ``labels`` their labels as
+    loaded (1: A preferred; :class:`repo.data.records.PreferenceRecord`), one a row in
+    the same order: A is truly better where the label is 1 and clean, or 0 and not.
+    """
+    if len(rows) != len(labels):
+        raise ValueError(f"{len(rows)} rows against {len(labels)} labels")
+    clean = np.array([bool(r["clean"]) for r in rows])
+    return (clean == (np.asarray(labels) == 1)).astype(np.float64)
 
 
 def _sentence(rng: np.random.Generator, length: int, marker: str | None) -> str:
