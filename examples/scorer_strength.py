@@ -1,8 +1,10 @@
-"""How strong DPO's cross-fitted scorers are, seed by seed, and what that allows for eta.
+"""How strong RE-DPO's cross-fitted scorers are, seed by seed, and what that allows for eta.
 
 One annotator, LoRA, four passes (``one_annotator_lora.py --epochs 4``): RE-DPO's E-step
 reads cross-fitted scores (``docs/math.md`` section 13; asked for, ``[em] cross_fit =
-true``, which is what ``"auto"`` gives from 4,096 pairs up), and ``eta`` is identified only as
+true``, which is what ``"auto"`` gives from 4,096 pairs up), by the default's scorers
+(DPO's on two folds when the committed tables ran; IPO's over several passes since
+2026-12-07, on four folds since later that day), and ``eta`` is identified only as
 far as those scores tell the truths apart (section 9). This script measures, for each
 seed, the scorers that ``re-po train`` trained, against the truths the rule task knows:
 

@@ -173,10 +173,14 @@ def test_cross_fit_settings():
     off = cfg.replace("em", cross_fit=False)
     reading = estep_settings(off, ipo, SymmetricFlip(1), 8192, 4)
     assert not reading.cross_fit and reading.noise_test == 0.05
-    # the folds: "auto" 2 over several passes, 4 in one; as many as asked for; fewer than
-    # two refused by name
+    # the folds: "auto" 4 in one pass, and over several the scorers' loss's (IPO's 4,
+    # others 2); as many as asked for; fewer than two refused by name
     assert cfg.em.cross_fit_folds == "auto"
-    assert settings.cross_fit_folds == 2 and reading.cross_fit_folds == 0
+    assert settings.cross_fit_folds == 4 and reading.cross_fit_folds == 0
+    assert ipo.several_pass_folds == 4 and get_likelihood("dpo").several_pass_folds == 2
+    by_dpo = cfg.replace("em", cross_fit_scorer="dpo")
+    assert estep_settings(by_dpo, ipo, SymmetricFlip(1), 8192, 4).cross_fit_folds == 2
+    assert estep_settings(by_dpo, ipo, SymmetricFlip(1), 8192, 1).cross_fit_folds == 4
     assert estep_settings(cfg, ipo, SymmetricFlip(1), 8192, 1).cross_fit_folds == 4
     four = estep_settings(cfg.replace("em", cross_fit_folds=4), ipo, SymmetricFlip(1), 8192, 4)
     assert four.cross_fit_folds == 4
@@ -314,8 +318,8 @@ def test_several_passes_of_dpo_cross_fit_by_default_with_ipos_scorers(tmp_path, 
     trainer = Trainer(cfg, records=records)
     trainer.train()
     assert trainer.estep.cross_fit and trainer.estep.cross_fit_scorer == "ipo"
-    assert trainer.estep.cross_fit_folds == 2  # "auto" over several passes
-    for k in range(2):
+    assert trainer.estep.cross_fit_folds == 4  # "auto" over several passes: IPO's scorers'
+    for k in range(4):
         written = json.loads((trainer.run_dir.cross_fit_scorer(k) / "config.json").read_text())
         assert written["config"]["loss"]["family"] == "ipo"
         assert written["config"]["em"]["enabled"] is False
@@ -397,9 +401,13 @@ def test_cross_fit_gives_way_to_fields_asked_for_and_refuses_to_mix_with_them():
     dpo = get_likelihood("dpo")
     assert (dpo.cross_fit_scorer(1), dpo.cross_fit_scorer(2)) == ("dpo", "ipo")
     several = estep_settings(dpo_run, dpo, SymmetricFlip(1), 8192, 4)
-    assert several.cross_fit_scorer == "ipo" and several.cross_fit_folds == 2
-    own = dpo_run.replace("em", cross_fit_scorer="dpo")
-    assert estep_settings(own, dpo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "dpo"
+    assert several.cross_fit_scorer == "ipo" and several.cross_fit_folds == 4
+    own = estep_settings(
+        dpo_run.replace("em", cross_fit_scorer="dpo"), dpo, SymmetricFlip(1), 8192, 4
+    )
+    assert own.cross_fit_scorer == "dpo" and own.cross_fit_folds == 2
+    cpo_run = rule_config("unused", Method("RE-CPO", "cpo", True, {}), seed=0)
+    assert estep_settings(cpo_run, cpo, SymmetricFlip(1), 8192, 4).cross_fit_folds == 2
     settings = estep_settings(auto, cpo, SymmetricFlip(1), 8192, 4)
     assert settings.cross_fit and settings.held_out == 0 and settings.cross_fit_scorer == "dpo"
     assert estep_settings(auto, ipo, SymmetricFlip(1), 8192, 4).cross_fit_scorer == "ipo"

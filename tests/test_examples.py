@@ -228,7 +228,7 @@ def test_one_annotator_lora_runs_another_family_beside_dpos_rows(tmp_path, monke
     (cut,) = [r for r in folds if r.get("cross_fit_folds_option") == "3"]
     assert [r for r in folds if r is not cut] == other
     assert cut["cross_fit"] is True and cut["cross_fit_folds"] == 3  # as the run reports
-    assert new["cross_fit_folds"] == 2  # "auto" over several passes
+    assert new["cross_fit_folds"] == 4  # "auto" over several passes: IPO's scorers, 4
     assert 0 <= cut["scorer_accuracy"] <= 1
     for bad in ("1", "two"):  # what [em] cross_fit_folds refuses is refused as parsed
         with pytest.raises(SystemExit):
@@ -284,10 +284,10 @@ def test_scorer_strength_measures_the_cross_fitted_scorers_of_a_kept_run(tmp_pat
     (row,) = frame.to_dict("records")
     assert 0 <= row["scorer_accuracy"] <= 1 and 0 <= row["top_accuracy"] <= 1
     assert row["spread"] > 0
-    # two passes: two folds ("auto"; four in one pass), a scorer each
-    assert len(row["fold_accuracy"]) == 2 and all(0 <= a <= 1 for a in row["fold_accuracy"])
+    # two passes of RE-DPO: IPO's scorers on four folds ("auto"), a scorer each
+    assert len(row["fold_accuracy"]) == 4 and all(0 <= a <= 1 for a in row["fold_accuracy"])
     assert 0 < row["eta"] < 1 and 0.5 <= row["eta_true"] <= 1
-    assert (runs / "s1" / "run" / "cross-fit" / "scorer-1").is_dir()  # kept
+    assert (runs / "s1" / "run" / "cross-fit" / "scorer-3").is_dir()  # kept
     assert pd.read_csv(out / "scorer-strength.csv").seed.tolist() == [1]
     assert "| seed | scorer_accuracy | top_accuracy | spread |" in capsys.readouterr().out
     # the calibration table: each tenth by |c|, the scores' sign against truths and labels

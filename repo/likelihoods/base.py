@@ -111,6 +111,16 @@ class PreferenceLikelihood:
     needs_reference: bool = False
     default_variant: str = "mixture"
     default_temperature: float = 1.0
+    several_pass_folds: int = 2
+    r"""The folds ``[em] cross_fit_folds = "auto"`` splits the items in over several
+    passes where the cross-fitted scorers train by this loss
+    (:func:`~repo.train.build.auto_cross_fit_folds`; one pass takes four whatever the
+    loss). With :math:`K` folds each scorer trains on a share :math:`1 - 1/K` of the
+    labels, for that share of the run's steps, at :math:`K - 1` runs' compute in all: a
+    scorer nearer the policy, but one that also learns more of the flipped labels where
+    the loss keeps widening the margins it has fitted. Two by default (DPO's scorers,
+    LoRA, four passes, 8 marker words: ``eta`` 0.182 off with four folds, 0.031 with
+    two; ``docs/math.md`` section 13)."""
 
     # ------------------------------------------------------------------ the family
     def loss(self, stats: PairLogps) -> Tensor:

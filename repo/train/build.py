@@ -51,7 +51,7 @@ from repo.data.loaders import is_dataset_name, load_preferences
 from repo.data.records import PreferenceData
 from repo.fit import NoiseFit, parse_prior
 from repo.inference.online import OnlineEM
-from repo.likelihoods import PreferenceLikelihood, get_likelihood
+from repo.likelihoods import LIKELIHOODS, PreferenceLikelihood, get_likelihood
 from repo.noise import NoiseModel, make_noise_model
 from repo.noise.layout import LabelData
 from repo.policy import (
@@ -653,9 +653,13 @@ ONE_PASS_FOLDS = 4
 (:func:`auto_cross_fit_folds`): each scorer then trains on three quarters of them."""
 
 
-def auto_cross_fit_folds(passes: int) -> int:
+def auto_cross_fit_folds(
+    passes: int, scorer: PreferenceLikelihood | type[PreferenceLikelihood]
+) -> int:
     r"""``[em] cross_fit_folds = "auto"``: :data:`ONE_PASS_FOLDS` in a run of one pass
-    (``passes``), 2 over several.
+    (``passes``); over several, the ``several_pass_folds`` of the loss the scorers
+    train by (``scorer``: :attr:`~repo.likelihoods.base.PreferenceLikelihood.several_pass_folds`;
+    two, IPO's four).
 
     The posterior of cross-fitted scores teaches the policy the scorers' errors as well
     as the flipped labels it finds, and a scorer's errors are shared by similar pairs,
@@ -670,20 +674,17 @@ def auto_cross_fit_folds(passes: int) -> int:
     0.017 (every seed above); on tasks no default was chosen on, from -0.045 ± 0.062 to
     +0.013 ± 0.053 with 6 marker words (scorers 0.67-0.76 to 0.72-0.84) and level with 8
     (-0.010 against -0.009, scorers 0.71-0.74, where four folds' test rejects more often
-    and `eta` comes from 0.080 to 0.019 off). Over several passes the plain loss
-    memorises the flipped labels, which the posterior of even weak scorers undoes
-    (four-pass RE-DPO with two folds gained +0.092 ± 0.073 over five seeds with 6 marker
-    words), and four folds triple the scorers' compute of a run that already makes
-    several passes. There DPO's scorers learn the flips too: with 8 marker words, four
-    passes, four folds left RE-DPO's ``eta`` 0.182 off on average (two folds: 0.031) and
-    RE-DPO +0.014 ± 0.055 over DPO (+0.055 ± 0.099), so two are kept. (IPO's scorers,
-    which regress each margin to a finite target, did better with four: RE-IPO +0.076 ±
-    0.045 over IPO, ``eta`` 0.012 off, against -0.005 ± 0.015 and 0.018,
-    ``docs/experiments/one-annotator.md``, "Four folds over several passes"; not the
-    default on one task, with LoRA only.) RE-DPO's scorers over several passes are
-    IPO's now (:meth:`~repo.likelihoods.dpo.DPOLikelihood.cross_fit_scorer`), chosen
-    and checked at two folds; four folds of IPO's scorers for RE-DPO are not measured."""
-    return ONE_PASS_FOLDS if passes <= 1 else 2
+    and `eta` comes from 0.080 to 0.019 off). Over several passes the scorers' loss
+    decides it: more folds give each scorer more labels for more steps, and a loss that
+    keeps widening the margins it has fitted learns the flipped ones among them, where
+    one that regresses each margin onto a finite target does not. With 8 marker words,
+    four passes, four folds of DPO's scorers left RE-DPO's ``eta`` 0.182 off on average
+    (two folds: 0.031); four folds of IPO's put RE-IPO +0.076 ± 0.045 above IPO (two:
+    -0.005 ± 0.015) and RE-DPO, whose scorers over several passes are IPO's
+    (:meth:`~repo.likelihoods.dpo.DPOLikelihood.cross_fit_scorer`), above DPO by more
+    at every seed of three tasks (``docs/experiments/one-annotator.md``, "Four folds of
+    IPO's scorers over several passes")."""
+    return ONE_PASS_FOLDS if passes <= 1 else scorer.several_pass_folds
 
 
 MIN_PASS_REFIT = 4096
@@ -837,7 +838,9 @@ def estep_settings(
                 "false)"
             )
         folds = em.cross_fit_folds
-        folds = auto_cross_fit_folds(passes) if folds == "auto" else folds
+        if folds == "auto":  # the scorers' loss: the run's own, or a registered family
+            family = likelihood if scorer == likelihood.name else LIKELIHOODS[scorer]
+            folds = auto_cross_fit_folds(passes, family)
         if 0 < num_items < folds:  # 0: not known yet (the fields' check at build time)
             raise ConfigError(
                 f"[em] cross_fit_folds: {folds} folds of {num_items} items would leave a "

@@ -442,7 +442,10 @@ class EMSection:
             "fold trains on the items of the others and scores that fold's, so each trains "
             "on a share 1 - 1/folds of the items and the scorers cost folds - 1 runs' "
             "compute (docs/math.md, section 13); 'auto': 4 in a run of one epoch, where "
-            "scorers on half the items are much weaker than the policy, 2 over several"
+            "scorers on half the items are much weaker than the policy; over several, the "
+            "scorers' loss's PreferenceLikelihood.several_pass_folds: 4 for IPO's scorers "
+            "(RE-IPO's, and RE-DPO's), whose margins regress to a finite target, 2 for the "
+            "others, which learn the flipped labels on more of them"
         ),
     )
     noise_lr: float = field(

@@ -5,7 +5,8 @@ policy's logits then finds the label plausible; with a policy step that follows 
 posterior it can also train the policy on its own beliefs (``docs/math.md`` sections 5
 and 8). Cross-fitting breaks the loop. The items are split at random (from ``[run]
 seed``) into :math:`K` folds :math:`F_0, \dots, F_{K-1}` (``[em] cross_fit_folds``; by
-default four in a run of one pass, two over several); the scorer :math:`s_k` of fold
+default four in a run of one pass, over several two or four as the scorers' loss says,
+:func:`~repo.train.build.auto_cross_fit_folds`); the scorer :math:`s_k` of fold
 :math:`k` is trained on the labels of the items outside it by a plain loss (the run's
 configuration with ``[em] enabled = false``: same model, recipe, LoRA or full
 fine-tuning, passes; the loss the family's own, or the family
