@@ -73,10 +73,12 @@ class DPOLikelihood(PreferenceLikelihood):
         against +0.079 ± 0.039, +0.092 ± 0.073 and +0.055 ± 0.099 with DPO's own scorers
         (paired, +0.062 ± 0.020, +0.140 ± 0.102, +0.128 ± 0.037), and ``eta`` 0.016,
         0.012 and 0.018 off on average against 0.015, 0.098 and 0.031. Fully fine-tuned
-        (8,192 pairs, four epochs, ten seeds) DPO's own scorers did a little better:
-        RE-DPO +0.023 ± 0.022 over DPO with IPO's, +0.032 ± 0.021 with DPO's (paired
-        -0.009 ± 0.013; ``docs/experiments/noise-sweep.md``); the default follows LoRA,
-        ``re-po train``'s. In one pass nothing is
+        (8,192 pairs, four epochs, ten seeds) DPO's own scorers did a little better on
+        two folds: RE-DPO +0.023 ± 0.022 over DPO with IPO's, +0.032 ± 0.021 with DPO's
+        (paired -0.009 ± 0.013; ``docs/experiments/noise-sweep.md``); on four, IPO's
+        :attr:`~repo.likelihoods.ipo.IPOLikelihood.several_pass_folds`, RE-DPO is
+        +0.029 ± 0.016 over DPO, level with DPO's scorers (paired -0.003 ± 0.013). In
+        one pass nothing is
         revisited, and DPO's run reads its policy's scores
         (:func:`~repo.train.build.auto_cross_fit`): IPO's scorers, cross-fitting it,
         were level with DPO on 8 marker words (-0.034, +0.016 and -0.028 at three
