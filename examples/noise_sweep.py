@@ -65,6 +65,7 @@ from repo.experiments import (
     Method,
     annotator_pool,
     method_from_text,
+    scorer_accuracy,
     t_interval,
     train_and_score,
 )
@@ -289,15 +290,6 @@ def run_grid(
                     flush=True,
                 )
     return pd.DataFrame(rows)
-
-
-def scorer_accuracy(logits: torch.Tensor, truth: np.ndarray) -> float:
-    """The share of the items whose cross-fitted score's sign is the true preference
-    (``truth``: 1.0 where response A is truly better, by item)."""
-    if len(logits) != len(truth):
-        raise ValueError(f"{len(logits)} scores against {len(truth)} items")
-    said = (logits > 0).numpy()
-    return round(float(np.mean(said == (truth == 1.0))), 4)
 
 
 def complete(frame: pd.DataFrame, min_seeds: int) -> pd.DataFrame:

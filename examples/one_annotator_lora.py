@@ -73,6 +73,7 @@ import torch
 from safetensors.torch import load_file
 
 from repo.data.rule_pairs import RulePairs, rule_pairs, true_preferences
+from repo.experiments import scorer_accuracy
 from repo.train.config import EMSection
 from repo.train.run_dir import RunDir
 
@@ -317,10 +318,9 @@ def scorer_strength(run: Path, data: RulePairs) -> dict:
     score's sign is the label (what a fit can see: under the symmetric flip it is
     ``(1 - eta) + (2 eta - 1) * scorer_accuracy``)."""
     c, labels, truth = cross_fitted_scores(run, data.rows)
-    said = (c > 0).to(torch.float64)
     return {
-        "scorer_accuracy": round(float((said == truth).double().mean()), 4),
-        "scorer_agreement": round(float((said == labels).double().mean()), 4),
+        "scorer_accuracy": scorer_accuracy(c, truth.numpy()),
+        "scorer_agreement": scorer_accuracy(c, labels.numpy()),
     }
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "annotator_pool",
     "held_out_scores",
     "rule_config",
+    "scorer_accuracy",
     "t_interval",
     "method_from_text",
     "train_and_score",
@@ -273,6 +274,16 @@ def train_and_score(
         eta_interval=eta_interval,
         cross_fit_logits=None if crossed is None else crossed.detach().cpu().clone(),
     )
+
+
+def scorer_accuracy(logits: torch.Tensor, truth: Sequence[float] | np.ndarray) -> float:
+    """The share of the items whose score's sign says what ``truth`` says (1.0: response
+    A is the better, 0.0: B), rounded to 4 places: against the true preferences, how
+    often cross-fitted scorers are right; against the labels, how often they agree."""
+    if len(logits) != len(truth):
+        raise ValueError(f"{len(logits)} scores against {len(truth)} items")
+    said = (logits > 0).cpu().numpy()
+    return round(float(np.mean(said == (np.asarray(truth) == 1.0))), 4)
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:

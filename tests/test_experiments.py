@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import repo
-from repo.experiments import Method, annotator_pool, t_interval, with_fields
+from repo.experiments import Method, annotator_pool, scorer_accuracy, t_interval, with_fields
 
 ROOT = Path(repo.__file__).resolve().parents[1]
 
@@ -169,11 +169,10 @@ def test_noise_sweep_rows_gain_a_new_column_and_keep_the_old_rows_as_written(tmp
 
 
 def test_scorer_accuracy_is_the_share_of_signs_that_are_the_truth():
-    sweep = load_example("noise_sweep")
     logits = torch.tensor([2.0, -1.0, 0.5, -0.2])
-    assert sweep.scorer_accuracy(logits, np.array([1.0, 0.0, 0.0, 0.0])) == 0.75
+    assert scorer_accuracy(logits, np.array([1.0, 0.0, 0.0, 0.0])) == 0.75
     with pytest.raises(ValueError, match="4 scores against 3 items"):
-        sweep.scorer_accuracy(logits, np.ones(3))
+        scorer_accuracy(logits, np.ones(3))
 
 
 def test_noise_sweep_method_variants():
