@@ -76,7 +76,7 @@ class IPOLikelihood(PreferenceLikelihood):
     higher at every seed of three tasks (``docs/experiments/one-annotator.md``, "Four
     folds of IPO's scorers over several passes"); fully fine-tuned, four epochs, RE-DPO
     +0.029 ± 0.016 above DPO over ten seeds (two folds: +0.023 ± 0.022) and RE-IPO
-    +0.076 ± 0.034 above IPO over five (two: +0.066 ± 0.036), at a lower held-out log
+    +0.089 ± 0.020 above IPO over ten (two: +0.080 ± 0.023), at a lower held-out log
     loss (``docs/experiments/noise-sweep.md``, "Four folds of IPO's scorers over
     several epochs"). It costs about twice a run's compute: three scorers' runs over
     the data where two folds take one."""
